@@ -1,0 +1,2 @@
+//! The one module that knows bollard. (Being written.)
+pub struct DockerEngine;

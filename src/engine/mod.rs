@@ -1,0 +1,181 @@
+//! The engine boundary. The rest of stowage talks to Docker only through the
+//! [`Engine`] trait; `docker.rs` is the one module that knows bollard, and
+//! `fake.rs` is an in-memory engine for planner and loop tests.
+
+pub mod docker;
+pub mod fake;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+
+pub use docker::DockerEngine;
+
+/// One local image as the engine lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    /// `sha256:...` image (config) id.
+    pub id: String,
+    /// `repository:tag` references; empty for a dangling image.
+    pub repo_tags: Vec<String>,
+    /// `repository@sha256:...` manifest digests known for this image.
+    pub repo_digests: Vec<String>,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: i64,
+    /// Total size in bytes, layers shared with other images included.
+    pub size: u64,
+}
+
+/// One container, in any state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    pub id: String,
+    /// First name without the leading `/`, if any.
+    pub name: String,
+    /// `sha256:...` id of the image the container was created from.
+    pub image_id: String,
+    /// The image as the container was created with (reference or id).
+    pub image: String,
+    /// `created`, `running`, `exited`, ...
+    pub state: String,
+}
+
+/// What the engine reports about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineInfo {
+    /// The engine's data root (`DockerRootDir`).
+    pub data_root: String,
+    pub server_version: String,
+    pub api_version: String,
+}
+
+/// The engine's disk usage summary.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskUsage {
+    /// Unique bytes of all layers of all images.
+    pub layers_size: u64,
+    pub images: u64,
+    pub build_cache_size: u64,
+}
+
+/// Registry credentials for one registry. `Debug` never shows the secret.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub identity_token: Option<String>,
+    pub server: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("server", &self.server)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One progress message of a pull or push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub id: Option<String>,
+    pub status: String,
+    pub current: Option<u64>,
+    pub total: Option<u64>,
+}
+
+/// An event from the engine's event stream that stowage cares about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// `container` or `image`.
+    pub kind: String,
+    /// `create`, `start`, `pull`, `load`, `tag`, `delete`, ...
+    pub action: String,
+    /// The object id (container id, or image reference/id for image events).
+    pub id: String,
+    /// For container events: the image as given (`image` attribute).
+    pub image: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub time: i64,
+}
+
+/// Outcome of removing one reference.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// References that were untagged.
+    pub untagged: Vec<String>,
+    /// Image/layer ids that were deleted.
+    pub deleted: Vec<String>,
+}
+
+/// Typed engine errors. Messages never contain credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot reach the Docker engine at {address}: {message}")]
+    Unreachable { address: String, message: String },
+    #[error("no such image or reference: {0}")]
+    NotFound(String),
+    /// The engine refused because of a conflict, e.g. an image used by a
+    /// container; stowage never forces.
+    #[error("refused by the engine: {0}")]
+    Conflict(String),
+    #[error("registry error for {reference}: {message}")]
+    Registry { reference: String, message: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type EngineResult<T> = Result<T, EngineError>;
+pub type BoxStream<'a, T> = Pin<Box<dyn Stream<Item = T> + Send + 'a>>;
+
+/// What stowage needs from a container engine.
+///
+/// Removal is never forced: an image used by any container is refused by the
+/// engine and reported as [`EngineError::Conflict`].
+pub trait Engine: Send + Sync {
+    /// Every image, dangling ones included.
+    fn list_images(&self) -> impl Future<Output = EngineResult<Vec<Image>>> + Send;
+    /// Every container in every state.
+    fn list_containers(&self) -> impl Future<Output = EngineResult<Vec<Container>>> + Send;
+    /// Remove one reference (or an image id). Untags when the image keeps
+    /// other references; never forced, never prunes stopped-container images.
+    fn remove(&self, reference: &str) -> impl Future<Output = EngineResult<Removed>> + Send;
+    /// Point `target` (`repo:tag`) at `source` (reference or id).
+    fn tag(&self, source: &str, target: &str) -> impl Future<Output = EngineResult<()>> + Send;
+    /// Pull a reference; `on_progress` sees every progress message. An error
+    /// reported inside the stream is an error.
+    fn pull(
+        &self,
+        reference: &str,
+        platform: Option<&str>,
+        credentials: Option<&Credentials>,
+        on_progress: &mut (dyn FnMut(&Progress) + Send),
+    ) -> impl Future<Output = EngineResult<()>> + Send;
+    /// Push a local reference to its registry.
+    fn push(
+        &self,
+        reference: &str,
+        credentials: Option<&Credentials>,
+        on_progress: &mut (dyn FnMut(&Progress) + Send),
+    ) -> impl Future<Output = EngineResult<()>> + Send;
+    /// The manifest digest a registry holds for `reference`, without pulling.
+    fn remote_digest(
+        &self,
+        reference: &str,
+        credentials: Option<&Credentials>,
+    ) -> impl Future<Output = EngineResult<String>> + Send;
+    /// Load a `docker save`/docker-archive tarball; returns the loaded references or ids.
+    fn load(&self, archive: Bytes) -> impl Future<Output = EngineResult<Vec<String>>> + Send;
+    /// Save images as a docker-archive tarball.
+    fn save(&self, references: &[String]) -> impl Future<Output = EngineResult<Bytes>> + Send;
+    /// The engine's event stream (container and image events), from now on.
+    fn events(&self) -> BoxStream<'_, EngineResult<Event>>;
+    fn info(&self) -> impl Future<Output = EngineResult<EngineInfo>> + Send;
+    fn disk_usage(&self) -> impl Future<Output = EngineResult<DiskUsage>> + Send;
+    /// Prune the build cache down to `keep_bytes`; returns bytes reclaimed.
+    fn prune_build_cache(&self, keep_bytes: u64) -> impl Future<Output = EngineResult<u64>> + Send;
+}

@@ -1,0 +1,21 @@
+//! stowage: a declarative image-lifecycle daemon for Docker hosts.
+//!
+//! A reconcile is a pure function between two kinds of I/O:
+//! observe (engine, state, clock) -> `plan` -> execute -> audit log.
+//!
+//! - [`policy`]: raw TOML -> validated [`policy::Policy`] with diagnostics.
+//! - [`engine`]: the [`engine::Engine`] trait; `engine::docker` is the one module
+//!   that knows bollard; `engine::fake` is an in-memory engine for tests.
+//! - [`refs`]: parsing `repository:tag` references.
+//! - [`state`]: crash-safe persistent state (first seen, last used, backoff).
+//! - [`audit`]: the JSON-lines audit log.
+//! - [`fixture`]: docker-archive fixture images for tests, demos and benchmarks.
+//! - [`cli`]: the command line.
+
+pub mod audit;
+pub mod cli;
+pub mod engine;
+pub mod fixture;
+pub mod policy;
+pub mod refs;
+pub mod state;

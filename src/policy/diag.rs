@@ -1,0 +1,3 @@
+//! (being written)
+pub struct Diagnostic;
+pub struct Diagnostics;

@@ -1,0 +1,210 @@
+//! The policy: raw TOML (`raw`), validated into [`Policy`] (`validate`), with
+//! diagnostics that carry `FILE:LINE:COL` (`diag`).
+//!
+//! Everything here is pure: parsing takes a string, never touches the engine,
+//! and never reads the clock.
+
+mod diag;
+mod raw;
+mod validate;
+
+pub use diag::{Diagnostic, Diagnostics};
+pub use validate::{load, parse};
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use globset::GlobSet;
+use regex::{Regex, RegexSet};
+
+/// A validated policy. Every regex, glob, cron expression, duration and size is
+/// compiled; nothing here can fail at reconcile time.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Where the policy was read from (for messages and reload).
+    pub source: PathBuf,
+    pub daemon: Daemon,
+    pub retain: Vec<Retain>,
+    pub protect: Vec<Protect>,
+    pub tags: Vec<TagRule>,
+    pub float: Vec<Float>,
+    pub prepull: Vec<Prepull>,
+    pub mirror: Vec<Mirror>,
+    pub storage: Option<Storage>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Daemon {
+    pub schedule: Cron,
+    pub watch: bool,
+    pub state_dir: PathBuf,
+    pub audit_log: PathBuf,
+    pub dry_run: bool,
+    pub min_age: Duration,
+    pub max_removals: usize,
+    pub concurrency: usize,
+    pub retry_max: Duration,
+    /// `None`: every registry is allowed.
+    pub allowed_registries: Option<Vec<String>>,
+    pub control_socket: PathBuf,
+    /// `host:port` for Prometheus text metrics.
+    pub metrics: Option<String>,
+    /// Docker `config.json`-format credentials, instead of the engine user's.
+    pub credentials_file: Option<PathBuf>,
+}
+
+/// A compiled cron schedule together with its source text (for display).
+#[derive(Debug, Clone)]
+pub struct Cron {
+    pub source: String,
+    pub schedule: cron::Schedule,
+}
+
+/// Repository globs (`*` within one `/` segment, `**` across) plus optional
+/// whole-tag regexes: the scope shared by every rule kind.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub images: Globs,
+    /// `None`: every tag is in scope.
+    pub tags: Option<Patterns>,
+}
+
+impl Scope {
+    pub fn matches(&self, repository: &str, tag: &str) -> bool {
+        self.images.is_match(repository) && self.tags.as_ref().is_none_or(|t| t.is_match(tag))
+    }
+}
+
+/// Compiled repository globs with their source text.
+#[derive(Debug, Clone)]
+pub struct Globs {
+    pub sources: Vec<String>,
+    pub set: GlobSet,
+}
+
+impl Globs {
+    pub fn is_match(&self, repository: &str) -> bool {
+        self.set.is_match(repository)
+    }
+}
+
+/// Compiled, implicitly anchored tag regexes with their source text.
+#[derive(Debug, Clone)]
+pub struct Patterns {
+    pub sources: Vec<String>,
+    pub set: RegexSet,
+}
+
+impl Patterns {
+    pub fn is_match(&self, tag: &str) -> bool {
+        self.set.is_match(tag)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Retain {
+    pub name: String,
+    pub scope: RetainScope,
+    pub keep_last: Option<usize>,
+    pub order: Order,
+    /// Anchored regex with exactly one capture group over the tag.
+    pub group_by: Option<Regex>,
+    pub keep_within: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub enum RetainScope {
+    Tagged(Scope),
+    /// The rule scopes dangling images (`<none>:<none>`).
+    Untagged,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    Created,
+    Semver,
+    LastUsed,
+}
+
+#[derive(Debug, Clone)]
+pub struct Protect {
+    /// The given name, or `protect[N]` (1-based) when none was given.
+    pub name: String,
+    pub scope: Scope,
+}
+
+#[derive(Debug, Clone)]
+pub struct TagRule {
+    pub name: String,
+    pub images: Globs,
+    pub allow: Patterns,
+    pub on_violation: OnViolation,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnViolation {
+    Warn,
+    Untag,
+}
+
+#[derive(Debug, Clone)]
+pub struct Float {
+    pub name: String,
+    pub images: Globs,
+    pub tag: String,
+    /// Anchored regex over candidate tags.
+    pub follow: Regex,
+    pub order: FloatOrder,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloatOrder {
+    Semver,
+    Created,
+}
+
+#[derive(Debug, Clone)]
+pub struct Prepull {
+    /// The reference as written (`repo:tag` or `repo@sha256:...`).
+    pub image: String,
+    pub digest: Option<String>,
+    pub platform: Option<String>,
+    pub refresh: Refresh,
+    /// Registries (`host[:port]`) tried in order before the image's own.
+    pub sources: Vec<String>,
+    pub keep_previous: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum Refresh {
+    /// Follow `[daemon].schedule`.
+    Daemon,
+    Never,
+    Cron(Cron),
+}
+
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    pub name: String,
+    pub registry: String,
+    pub scope: Scope,
+    pub prefix: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Storage {
+    /// Bytes.
+    pub max_size: Option<u64>,
+    /// Percent of the filesystem holding the engine's data root, `0.0..=100.0`.
+    pub high_watermark: Option<f64>,
+    pub low_watermark: Option<f64>,
+    pub order: EvictOrder,
+    /// Bytes.
+    pub build_cache_max: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvictOrder {
+    Lru,
+    Created,
+}
