@@ -209,7 +209,7 @@ mod tests {
         let a = FixtureImage::new(7, 1_700_000_000, 1000).tag("x/a:1");
         let b = FixtureImage::new(7, 1_700_000_000, 1000).tag("x/b:2");
         assert_eq!(a.id(), b.id(), "tags are not part of the image id");
-        assert_eq!(archive(&[a.clone()]), archive(&[a]));
+        assert_eq!(archive(std::slice::from_ref(&a)), archive(&[a]));
     }
 
     #[test]
