@@ -1,0 +1,140 @@
+//! Shared helpers for tests against the real private engine and registry that
+//! `scripts/test` starts (see `scripts/lib.sh`).
+//!
+//! Outside CI a missing engine skips the test loudly; in CI it fails, so a
+//! broken harness can never pass as green.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use stowage::engine::{DockerEngine, Engine};
+use stowage::fixture::{self, FixtureImage};
+
+/// `unix:///.../docker.sock` of the private engine.
+pub const ENGINE_VAR: &str = "STOWAGE_TEST_ENGINE";
+/// `127.0.0.1:PORT` of the private registry.
+pub const REGISTRY_VAR: &str = "STOWAGE_TEST_REGISTRY";
+/// A scratch folder tests may write into.
+pub const DIR_VAR: &str = "STOWAGE_TEST_DIR";
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// The value of `var`, or `None` after a loud SKIP line (a panic in CI).
+fn required(var: &str, test: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(value) if !value.is_empty() => Some(value),
+        _ if in_ci() => panic!("{var} is not set: run scripts/test"),
+        _ => {
+            eprintln!("SKIP {test}: {var} is not set (run scripts/test for real-engine tests)");
+            None
+        }
+    }
+}
+
+/// Address of the private engine, if the harness started one.
+pub fn engine_addr() -> Option<String> {
+    let addr = required(ENGINE_VAR, "real-engine test")?;
+    // Tests remove images: never let them near the machine-wide engine.
+    assert!(
+        !addr.contains("/var/run/docker.sock") && !addr.contains("/run/docker.sock"),
+        "{ENGINE_VAR}={addr} is the machine-wide engine; tests need a private one"
+    );
+    Some(addr)
+}
+
+/// A connection to the private engine, or `None` (after a SKIP line) outside CI.
+pub async fn engine() -> Option<DockerEngine> {
+    let addr = engine_addr()?;
+    match DockerEngine::connect(Some(&addr)).await {
+        Ok(engine) => Some(engine),
+        Err(e) => panic!("{ENGINE_VAR} is set but the engine does not answer: {e}"),
+    }
+}
+
+/// `127.0.0.1:PORT` of the private registry, or `None` (after a SKIP line) outside CI.
+pub fn registry() -> Option<String> {
+    required(REGISTRY_VAR, "real-registry test")
+}
+
+/// A scratch folder for this run.
+pub fn scratch_dir() -> std::path::PathBuf {
+    std::env::var_os(DIR_VAR).map_or_else(std::env::temp_dir, Into::into)
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// A repository namespace no other test (or earlier run) uses, e.g.
+/// `stowage-test/list-images-4711-3-1a2b3c`: parallel tests share one engine.
+pub fn unique_ns(test_name: &str) -> String {
+    let name: String = test_name
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    format!(
+        "stowage-test/{name}-{}-{}-{:x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        nanos() & 0xff_ffff
+    )
+}
+
+/// A fixture seed no other test uses, so image ids never collide across tests.
+pub fn unique_seed() -> u64 {
+    nanos()
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(u64::from(std::process::id()) << 32)
+        .wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A fixture image with a unique seed.
+pub fn image(tags: &[&str], created: i64, size: usize) -> FixtureImage {
+    let mut image = FixtureImage::new(unique_seed(), created, size);
+    image.tags = tags.iter().map(|t| (*t).to_owned()).collect();
+    image
+}
+
+/// Loads `images` with one `Engine::load`; returns what the engine reported.
+pub async fn load(engine: &DockerEngine, images: &[FixtureImage]) -> Vec<String> {
+    engine
+        .load(Bytes::from(fixture::archive(images)))
+        .await
+        .expect("loading fixture images")
+}
+
+/// Runs the docker CLI against the PRIVATE engine at `engine_addr`.
+pub fn docker(engine_addr: &str, args: &[&str]) -> String {
+    let output = Command::new("docker")
+        .args(args)
+        .env("DOCKER_HOST", engine_addr)
+        .output()
+        .expect("running the docker CLI");
+    assert!(
+        output.status.success(),
+        "docker {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Creates (does not start) a container from `image`; returns its id.
+pub fn create_container(engine_addr: &str, image: &str) -> String {
+    docker(engine_addr, &["create", "--network", "none", image])
+}
+
+/// Removes a container created by [`create_container`].
+pub fn remove_container(engine_addr: &str, id: &str) {
+    docker(engine_addr, &["rm", "--force", id]);
+}
