@@ -1,4 +1,407 @@
-//! The command line. (Being written.)
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+//! The command line: `check`, `plan`, `apply`, `status`, `history`.
+//!
+//! Exit codes follow the spec: 0 success; `plan --exit-code` 1 when actions
+//! are pending; `apply` 1 when some actions failed; 2 when a command could not
+//! run (invalid policy, unreachable engine, unreadable files).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit;
+use crate::engine::DockerEngine;
+use crate::plan::{self, Decision};
+use crate::policy::{self, Policy};
+use crate::reconcile::{self, Clock, SystemClock};
+use crate::refs::split_tag;
+use crate::state::StateStore;
+
+const DEFAULT_POLICY: &str = "/etc/stowage/policy.toml";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "stowage",
+    version,
+    about = "Declarative image lifecycle for Docker hosts"
+)]
+struct Cli {
+    /// Policy file [default: $STOWAGE_POLICY, then /etc/stowage/policy.toml]
+    #[arg(short = 'p', long = "policy", global = true, env = "STOWAGE_POLICY")]
+    policy: Option<PathBuf>,
+    /// Engine address (unix:///path or tcp://host:port) [default: $DOCKER_HOST, then the local socket]
+    #[arg(long, global = true)]
+    engine: Option<String>,
+    /// Log format on stderr
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate the policy: every error as FILE:LINE:COL, exit 2 when invalid
+    Check,
+    /// Show what a reconcile would do, with reasons, and what is protected
+    Plan {
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 when actions are pending
+        #[arg(long)]
+        exit_code: bool,
+    },
+    /// Run one reconcile
+    Apply {
+        /// Plan and record, change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Every reference on the host with its verdict and the rule behind it
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The audit log, readable
+    History {
+        /// Only records newer than this (e.g. 2h, 7d)
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let policy_path = cli
+        .policy
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_POLICY));
+    if let Command::Check = cli.command {
+        return check(&policy_path);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    runtime.block_on(run(cli, policy_path))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STOWAGE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.with_target(false).try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// A failure that ends a command with exit 2, printed as one line.
+struct Fatal(String);
+
+impl<E: std::fmt::Display> From<E> for Fatal {
+    fn from(e: E) -> Self {
+        Fatal(e.to_string())
+    }
+}
+
+async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
+    let result = match cli.command {
+        Command::Check => unreachable!("handled before the runtime starts"),
+        Command::Plan { json, exit_code } => {
+            cmd_plan(&policy_path, cli.engine.as_deref(), json, exit_code).await
+        }
+        Command::Apply { dry_run } => cmd_apply(&policy_path, cli.engine.as_deref(), dry_run).await,
+        Command::Status { json } => cmd_status(&policy_path, cli.engine.as_deref(), json).await,
+        Command::History { since, json } => cmd_history(&policy_path, since, json),
+    };
+    match result {
+        Ok(code) => code,
+        Err(Fatal(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match policy::load(path) {
+        Ok(p) => {
+            println!("{}: {}", path.display(), p.summary());
+            ExitCode::SUCCESS
+        }
+        Err(diags) => {
+            eprint!("{diags}");
+            if !diags.to_string().ends_with('\n') {
+                eprintln!();
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Load and validate the policy; an invalid one ends the command (exit 2)
+/// with every diagnostic printed, before anything touches the engine.
+fn load_policy(path: &Path) -> Result<Policy, Fatal> {
+    policy::load(path).map_err(|d| {
+        let text = d.to_string();
+        Fatal(format!(
+            "invalid policy, nothing done:\n{}",
+            text.trim_end()
+        ))
+    })
+}
+
+async fn connect(engine: Option<&str>) -> Result<DockerEngine, Fatal> {
+    Ok(DockerEngine::connect(engine).await?)
+}
+
+fn load_state(policy: &Policy, now: DateTime<Utc>) -> crate::state::State {
+    let loaded = StateStore::new(&policy.daemon.state_dir).load_readonly(now.timestamp());
+    if let Some(w) = loaded.warning {
+        tracing::warn!("{w}");
+    }
+    loaded.state
+}
+
+async fn cmd_plan(
+    path: &Path,
+    engine: Option<&str>,
+    json: bool,
+    exit_code: bool,
+) -> Result<ExitCode, Fatal> {
+    let policy = load_policy(path)?;
+    let engine = connect(engine).await?;
+    let now = SystemClock.now();
+    let state = load_state(&policy, now);
+    let (_, plan) = reconcile::plan_now(&engine, &policy, &state, now).await?;
+    if json {
+        print_json(&plan)?;
+    } else {
+        print!("{}", plan::render(&plan));
+    }
+    Ok(if exit_code && !plan.is_empty() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn cmd_apply(path: &Path, engine: Option<&str>, dry_run: bool) -> Result<ExitCode, Fatal> {
+    let policy = load_policy(path)?;
+    let engine = connect(engine).await?;
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    // Ctrl-C finishes the action in flight, then stops.
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            stop.cancel();
+        }
+    });
+    let (plan, report) =
+        reconcile::reconcile(&engine, &policy, &SystemClock, dry_run, &shutdown).await?;
+    print!("{}", plan::render(&plan));
+    println!("run {}: {}", report.run, report.summary());
+    Ok(if report.failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+#[derive(Serialize)]
+struct StatusRow {
+    #[serde(rename = "ref")]
+    reference: Option<String>,
+    image: String,
+    size: u64,
+    created: DateTime<Utc>,
+    last_activity: Option<DateTime<Utc>>,
+    last_used: Option<DateTime<Utc>>,
+    verdict: Decision,
+    rule: Option<String>,
+    reason: String,
+}
+
+async fn cmd_status(path: &Path, engine: Option<&str>, json: bool) -> Result<ExitCode, Fatal> {
+    let policy = load_policy(path)?;
+    let engine = connect(engine).await?;
+    let now = SystemClock.now();
+    let state = load_state(&policy, now);
+    let (observed, plan) = reconcile::plan_now(&engine, &policy, &state, now).await?;
+    let ts = |t: i64| DateTime::from_timestamp(t, 0);
+    let mut rows: Vec<StatusRow> = plan
+        .verdicts
+        .iter()
+        .filter_map(|v| {
+            let img = observed.images.iter().find(|i| i.id == v.image)?;
+            let st = state.images.get(&img.id);
+            let activity = [
+                Some(img.created),
+                st.map(|s| s.first_seen),
+                st.and_then(|s| s.last_used),
+                st.and_then(|s| s.last_pulled),
+            ]
+            .into_iter()
+            .flatten()
+            .max();
+            Some(StatusRow {
+                reference: v.reference.clone(),
+                image: v.image.clone(),
+                size: img.size,
+                created: ts(img.created).unwrap_or_default(),
+                last_activity: activity.and_then(ts),
+                last_used: st.and_then(|s| s.last_used).and_then(ts),
+                verdict: v.decision,
+                rule: v.rule.clone(),
+                reason: v.reason.clone(),
+            })
+        })
+        .collect();
+    rows.sort_by(|a, b| a.reference.cmp(&b.reference).then(a.image.cmp(&b.image)));
+    if json {
+        print_json(&serde_json::json!({
+            "policy": policy.source,
+            "engine": engine.address(),
+            "references": rows,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<48} {:>9} {:>8} {:>8}  {:<10} {}\n",
+        "REFERENCE", "SIZE", "AGE", "ACTIVE", "VERDICT", "RULE: REASON"
+    ));
+    let ago = |t: Option<DateTime<Utc>>| {
+        t.map_or("-".to_string(), |t| human_age((now - t).num_seconds()))
+    };
+    for r in &rows {
+        let name = r.reference.clone().unwrap_or_else(|| {
+            format!(
+                "<none> {}",
+                &r.image.trim_start_matches("sha256:")[..12.min(r.image.len())]
+            )
+        });
+        out.push_str(&format!(
+            "{:<48} {:>9} {:>8} {:>8}  {:<10} {}{}\n",
+            name,
+            plan::human_bytes(r.size),
+            ago(Some(r.created)),
+            ago(r.last_activity),
+            r.verdict.as_str(),
+            r.rule
+                .as_deref()
+                .map(|x| format!("{x}: "))
+                .unwrap_or_default(),
+            r.reason
+        ));
+    }
+    let repos: std::collections::BTreeSet<&str> = rows
+        .iter()
+        .filter_map(|r| r.reference.as_deref().map(|x| split_tag(x).0))
+        .collect();
+    out.push_str(&format!(
+        "{} references in {} repositories, {} images; policy {}\n",
+        rows.iter().filter(|r| r.reference.is_some()).count(),
+        repos.len(),
+        observed.images.len(),
+        policy.source.display()
+    ));
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human_age(secs: i64) -> String {
+    let s = secs.max(0);
+    match s {
+        s if s >= 2 * 86_400 => format!("{}d", s / 86_400),
+        s if s >= 3_600 => format!("{}h", s / 3_600),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn cmd_history(
+    path: &Path,
+    since: Option<std::time::Duration>,
+    json: bool,
+) -> Result<ExitCode, Fatal> {
+    let policy = load_policy(path)?;
+    let history = audit::read(&policy.daemon.audit_log)?;
+    let cutoff = since.and_then(|d| {
+        chrono::Duration::from_std(d)
+            .ok()
+            .map(|d| SystemClock.now() - d)
+    });
+    let records: Vec<&audit::Record> = history
+        .records
+        .iter()
+        .filter(|r| cutoff.is_none_or(|c| r.ts >= c))
+        .collect();
+    if history.unreadable > 0 {
+        tracing::warn!(
+            "{} unreadable line(s) in {} skipped (a torn line after a crash?)",
+            history.unreadable,
+            policy.daemon.audit_log.display()
+        );
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if json {
+        for r in records {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    for r in records {
+        let mut line = format!(
+            "{} {:<8} {:<11} {:<8} {}",
+            r.ts.format("%Y-%m-%d %H:%M:%S"),
+            r.run.rsplit('-').next().unwrap_or(&r.run),
+            r.action.as_str(),
+            r.outcome.as_str(),
+            r.reference.as_deref().or(r.image.as_deref()).unwrap_or("-"),
+        );
+        if let Some(rule) = &r.rule {
+            line.push_str(&format!("  ({rule}: {})", r.reason));
+        } else {
+            line.push_str(&format!("  ({})", r.reason));
+        }
+        if let Some(b) = r.bytes {
+            line.push_str(&format!(" [{}]", plan::human_bytes(b)));
+        }
+        if let Some(e) = &r.error {
+            line.push_str(&format!(" error: {e}"));
+        }
+        writeln!(out, "{line}")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_json<T: Serialize>(value: &T) -> Result<(), Fatal> {
+    let text = serde_json::to_string_pretty(value)?;
+    println!("{text}");
+    Ok(())
 }

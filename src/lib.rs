@@ -10,12 +10,16 @@
 //! - [`state`]: crash-safe persistent state (first seen, last used, backoff).
 //! - [`audit`]: the JSON-lines audit log.
 //! - [`fixture`]: docker-archive fixture images for tests, demos and benchmarks.
+//! - [`plan`]: the pure planner and its rendering.
+//! - [`reconcile`]: observe, plan, execute through the audit log.
 //! - [`cli`]: the command line.
 
 pub mod audit;
 pub mod cli;
 pub mod engine;
 pub mod fixture;
+pub mod plan;
 pub mod policy;
+pub mod reconcile;
 pub mod refs;
 pub mod state;

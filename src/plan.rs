@@ -1,0 +1,984 @@
+//! The planner: `plan(&Policy, &Observed, &State, now) -> Plan`.
+//!
+//! Pure: no I/O, no clock. Same input, same plan, in a stable order whatever
+//! the order of the input. Every action and every protected reference carries
+//! the rule behind it and a reason a person can read.
+//!
+//! Order of decisions:
+//! 1. absolute protections per image (in use, `[[prepull]]`, `min_age`) and per
+//!    reference (`[[protect]]`, floating tags);
+//! 2. `[[float]]` moves (tags);
+//! 3. `[[retain]]`: a reference in scope of a rule and kept by none goes;
+//! 4. `[[tags]]` conventions (warn, or untag where the image keeps a name);
+//! 5. protections veto removals; `max_removals` defers the rest.
+//!
+//! Planning repeats on the store as it would be after the plan (at most a few
+//! rounds) so that, for instance, an image left dangling by a float move is
+//! handled in the same reconcile and applying a plan then planning again
+//! gives an empty plan.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::engine::{Container, Image};
+use crate::policy::{FloatOrder, Order, Policy, RetainScope};
+use crate::refs::split_tag;
+use crate::state::State;
+
+/// What the engine showed: the input of a plan besides policy, state and time.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Observed {
+    pub images: Vec<Image>,
+    pub containers: Vec<Container>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Point a reference at an image (floating tags).
+    Tag,
+    /// Remove a reference; the image keeps another one.
+    Untag,
+    /// Remove the image's last reference (or a dangling image): the image goes.
+    Remove,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Tag => "tag",
+            Kind::Untag => "untag",
+            Kind::Remove => "remove",
+        }
+    }
+    fn is_removal(self) -> bool {
+        matches!(self, Kind::Untag | Kind::Remove)
+    }
+}
+
+/// One change the executor will make.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Action {
+    pub kind: Kind,
+    /// The reference acted on; `None` for a dangling image.
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    /// The image id (for `tag`: the image the reference will point at).
+    pub image: String,
+    pub rule: String,
+    pub reason: String,
+    /// Bytes freed (only for `remove`): the image's size.
+    pub bytes: Option<u64>,
+}
+
+/// A reference (or dangling image) that a protection keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Protected {
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    pub image: String,
+    pub rule: String,
+    pub reason: String,
+    /// The action the protection prevented, if any.
+    pub prevented: Option<String>,
+}
+
+/// Something to report that changes nothing (`[[tags]]` with `warn`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Warning {
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    pub image: String,
+    pub rule: String,
+    pub reason: String,
+}
+
+/// What the plan decided for one reference: for `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// No rule scopes it: never touched by retention.
+    Unmanaged,
+    Keep,
+    Protected,
+    Untag,
+    Remove,
+    Deferred,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Unmanaged => "unmanaged",
+            Decision::Keep => "keep",
+            Decision::Protected => "protected",
+            Decision::Untag => "untag",
+            Decision::Remove => "remove",
+            Decision::Deferred => "deferred",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    pub image: String,
+    pub decision: Decision,
+    pub rule: Option<String>,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// In execution order: tags first, then removals.
+    pub actions: Vec<Action>,
+    /// Removals held back by `max_removals`, for the next reconcile.
+    pub deferred: Vec<Action>,
+    pub protected: Vec<Protected>,
+    pub warnings: Vec<Warning>,
+    /// One per reference (and per dangling image) present before the plan.
+    pub verdicts: Vec<Verdict>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty() && self.deferred.is_empty()
+    }
+}
+
+/// Plan one reconcile. `now` is Unix seconds.
+pub fn plan(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Plan {
+    let mut result = plan_once(policy, observed, state, now);
+    let mut store = observed.clone();
+    simulate(&mut store, &result.actions);
+    // Later rounds see the store as the plan leaves it; only images that the
+    // earlier changes left dangling can add work. Bounded: each round removes
+    // images, and floats are settled after the first.
+    for _ in 0..3 {
+        let next = plan_once(policy, &store, state, now);
+        let already = |a: &Action| {
+            result
+                .deferred
+                .iter()
+                .any(|d| d.reference == a.reference && d.image == a.image)
+        };
+        let fresh: Vec<Action> = next
+            .actions
+            .into_iter()
+            .chain(next.deferred)
+            .filter(|a| !already(a))
+            .collect();
+        if fresh.is_empty() {
+            break;
+        }
+        let budget = policy
+            .daemon
+            .max_removals
+            .saturating_sub(count_removals(&result.actions));
+        let (now_actions, later) = split_budget(fresh, budget);
+        simulate(&mut store, &now_actions);
+        for a in now_actions.iter().chain(&later) {
+            let decision = if later.contains(a) {
+                Decision::Deferred
+            } else {
+                decision_of(a.kind)
+            };
+            result.verdicts.push(Verdict {
+                reference: a.reference.clone(),
+                image: a.image.clone(),
+                decision,
+                rule: Some(a.rule.clone()),
+                reason: format!("{} (after the changes above)", a.reason),
+            });
+        }
+        result.actions.extend(now_actions);
+        result.deferred.extend(later);
+    }
+    result
+}
+
+fn decision_of(k: Kind) -> Decision {
+    match k {
+        Kind::Tag => Decision::Keep,
+        Kind::Untag => Decision::Untag,
+        Kind::Remove => Decision::Remove,
+    }
+}
+
+fn count_removals(actions: &[Action]) -> usize {
+    actions.iter().filter(|a| a.kind.is_removal()).count()
+}
+
+/// Keep the first `budget` removals; the rest are deferred. Tags always pass.
+fn split_budget(actions: Vec<Action>, budget: usize) -> (Vec<Action>, Vec<Action>) {
+    let mut now = Vec::new();
+    let mut later = Vec::new();
+    let mut used = 0;
+    for a in actions {
+        if a.kind.is_removal() {
+            if used < budget {
+                used += 1;
+                now.push(a);
+            } else {
+                later.push(a);
+            }
+        } else {
+            now.push(a);
+        }
+    }
+    (now, later)
+}
+
+/// Apply actions to an observed store the way the engine would.
+pub fn simulate(store: &mut Observed, actions: &[Action]) {
+    for a in actions {
+        match a.kind {
+            Kind::Tag => {
+                let Some(r) = &a.reference else { continue };
+                for img in &mut store.images {
+                    img.repo_tags.retain(|t| t != r);
+                }
+                if let Some(img) = store.images.iter_mut().find(|i| i.id == a.image) {
+                    img.repo_tags.push(r.clone());
+                }
+            }
+            Kind::Untag | Kind::Remove => {
+                if let Some(r) = &a.reference {
+                    for img in &mut store.images {
+                        img.repo_tags.retain(|t| t != r);
+                    }
+                    if a.kind == Kind::Remove {
+                        store
+                            .images
+                            .retain(|i| !(i.id == a.image && i.repo_tags.is_empty()));
+                    }
+                } else {
+                    store.images.retain(|i| i.id != a.image);
+                }
+            }
+        }
+    }
+}
+
+/// One reference (or a dangling image) in the store.
+struct Entry<'a> {
+    reference: Option<&'a str>,
+    repository: &'a str,
+    tag: &'a str,
+    img: usize,
+}
+
+/// Per-image facts derived once.
+struct ImageFacts {
+    /// Latest of creation, first seen, last used, last pulled.
+    activity: i64,
+    /// Image-level protection: (rule, reason).
+    protection: Option<(String, String)>,
+}
+
+fn short(id: &str) -> &str {
+    let hex = id.strip_prefix("sha256:").unwrap_or(id);
+    &hex[..hex.len().min(12)]
+}
+
+/// Compact durations for reasons: the largest whole unit (`45d`, `5h`, `10m`).
+pub fn human_duration(secs: i64) -> String {
+    match secs.max(0) {
+        s if s >= 86_400 => format!("{}d", s / 86_400),
+        s if s >= 3_600 => format!("{}h", s / 3_600),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn parse_semver(tag: &str) -> Option<semver::Version> {
+    let t = tag.strip_prefix('v').unwrap_or(tag);
+    if let Ok(v) = semver::Version::parse(t) {
+        return Some(v);
+    }
+    // Common image tags have one or two components (`1.25`): pad them.
+    let (core, rest) = match t.find(['-', '+']) {
+        Some(i) => (&t[..i], &t[i..]),
+        None => (t, ""),
+    };
+    let parts = core.split('.').count();
+    if !(1..=2).contains(&parts) || !core.split('.').all(|p| p.parse::<u64>().is_ok()) {
+        return None;
+    }
+    let padded = format!("{core}{}{rest}", ".0".repeat(3 - parts));
+    semver::Version::parse(&padded).ok()
+}
+
+/// Newest first: by semver (non-semver last), then created, then name.
+fn cmp_semver(a: (&str, i64, &str), b: (&str, i64, &str)) -> Ordering {
+    match (parse_semver(a.0), parse_semver(b.0)) {
+        (Some(x), Some(y)) => y.cmp(&x),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => Ordering::Equal,
+    }
+    .then(b.1.cmp(&a.1))
+    .then(a.2.cmp(b.2))
+}
+
+fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Plan {
+    // Sort images by id so that input order never matters.
+    let mut images: Vec<&Image> = observed.images.iter().collect();
+    images.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut tags_sorted: Vec<Vec<&str>> = images
+        .iter()
+        .map(|i| i.repo_tags.iter().map(String::as_str).collect())
+        .collect();
+    for t in &mut tags_sorted {
+        t.sort_unstable();
+        t.dedup();
+    }
+
+    let mut entries: Vec<Entry> = Vec::new();
+    for (idx, tags) in tags_sorted.iter().enumerate() {
+        if tags.is_empty() {
+            entries.push(Entry {
+                reference: None,
+                repository: "",
+                tag: "",
+                img: idx,
+            });
+        }
+        for r in tags {
+            let (repository, tag) = split_tag(r);
+            entries.push(Entry {
+                reference: Some(r),
+                repository,
+                tag: tag.unwrap_or(""),
+                img: idx,
+            });
+        }
+    }
+    entries.sort_by(|a, b| {
+        a.reference
+            .cmp(&b.reference)
+            .then_with(|| images[a.img].id.cmp(&images[b.img].id))
+    });
+
+    let facts = image_facts(policy, &images, observed, state, now);
+    let by_ref: HashMap<&str, usize> = entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| e.reference.map(|r| (r, i)))
+        .collect();
+
+    // Reference-level protection: [[protect]] entries.
+    let mut ref_protection: Vec<Option<(String, String)>> = vec![None; entries.len()];
+    for (i, e) in entries.iter().enumerate() {
+        if e.reference.is_none() {
+            continue;
+        }
+        if let Some(p) = policy
+            .protect
+            .iter()
+            .find(|p| p.scope.matches(e.repository, e.tag))
+        {
+            ref_protection[i] = Some((
+                p.name.clone(),
+                format!("matches [[protect]] \"{}\"", p.name),
+            ));
+        }
+    }
+
+    let mut plan = Plan::default();
+
+    // Floating tags: never removed by retention; moved to the newest candidate.
+    let mut floating: HashMap<usize, String> = HashMap::new();
+    let mut repos_by_name: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        if e.reference.is_some() {
+            repos_by_name.entry(e.repository).or_default().push(i);
+        }
+    }
+    // The set of floating references that are planned to point at some image.
+    let mut float_targets: HashMap<String, (usize, String, String)> = HashMap::new();
+    for f in &policy.float {
+        for (repo, idxs) in &repos_by_name {
+            if !f.images.is_match(repo) {
+                continue;
+            }
+            let float_ref = format!("{repo}:{}", f.tag);
+            let candidates: Vec<usize> = idxs
+                .iter()
+                .copied()
+                .filter(|&i| entries[i].tag != f.tag && f.follow.is_match(entries[i].tag))
+                .collect();
+            if let Some(&cur) = by_ref.get(float_ref.as_str()) {
+                floating.insert(cur, f.name.clone());
+            }
+            let newest = candidates.iter().copied().min_by(|&a, &b| {
+                let (ea, eb) = (&entries[a], &entries[b]);
+                let (ca, cb) = (images[ea.img].created, images[eb.img].created);
+                match f.order {
+                    FloatOrder::Semver => cmp_semver((ea.tag, ca, ea.tag), (eb.tag, cb, eb.tag)),
+                    FloatOrder::Created => cb.cmp(&ca).then(ea.tag.cmp(eb.tag)),
+                }
+            });
+            let Some(newest) = newest else { continue };
+            let target_img = entries[newest].img;
+            let order = match f.order {
+                FloatOrder::Semver => "semver",
+                FloatOrder::Created => "created",
+            };
+            let reason = format!(
+                "{float_ref} -> {} (newest by {order} of {} candidate{})",
+                entries[newest].reference.unwrap_or(""),
+                candidates.len(),
+                if candidates.len() == 1 { "" } else { "s" }
+            );
+            float_targets.insert(float_ref.clone(), (target_img, f.name.clone(), reason));
+        }
+    }
+    let mut float_refs: Vec<&String> = float_targets.keys().collect();
+    float_refs.sort();
+    for fr in float_refs {
+        let (target_img, rule, reason) = &float_targets[fr];
+        let already = by_ref
+            .get(fr.as_str())
+            .is_some_and(|&i| entries[i].img == *target_img);
+        if !already {
+            plan.actions.push(Action {
+                kind: Kind::Tag,
+                reference: Some(fr.clone()),
+                image: images[*target_img].id.clone(),
+                rule: rule.clone(),
+                reason: reason.clone(),
+                bytes: None,
+            });
+        }
+    }
+
+    // Retention: per rule, per group, decide keep / remove.
+    // For each entry: kept_by (rule, reason), removed_by (rule, reason).
+    let mut kept_by: Vec<Option<(String, String)>> = vec![None; entries.len()];
+    let mut removed_by: Vec<Option<(String, String)>> = vec![None; entries.len()];
+    for rule in &policy.retain {
+        let mut scoped: Vec<usize> = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            let in_scope = match &rule.scope {
+                RetainScope::Untagged => e.reference.is_none(),
+                RetainScope::Tagged(s) => {
+                    e.reference.is_some()
+                        && !floating.contains_key(&i)
+                        && s.matches(e.repository, e.tag)
+                }
+            };
+            if in_scope {
+                scoped.push(i);
+            }
+        }
+        // Group by repository (or "dangling"), plus the group_by capture.
+        let mut groups: BTreeMap<(&str, Option<&str>), Vec<usize>> = BTreeMap::new();
+        for &i in &scoped {
+            let e = &entries[i];
+            let cap = rule
+                .group_by
+                .as_ref()
+                .and_then(|g| g.captures(e.tag).and_then(|c| c.get(1)).map(|m| m.as_str()));
+            groups.entry((e.repository, cap)).or_default().push(i);
+        }
+        let order_name = match rule.order {
+            Order::Created => "created",
+            Order::Semver => "semver",
+            Order::LastUsed => "last_used",
+        };
+        for ((repo, cap), mut members) in groups {
+            members.sort_by(|&a, &b| {
+                let (ea, eb) = (&entries[a], &entries[b]);
+                let (ia, ib) = (images[ea.img], images[eb.img]);
+                let (ra, rb) = (
+                    ea.reference.unwrap_or(&ia.id),
+                    eb.reference.unwrap_or(&ib.id),
+                );
+                match rule.order {
+                    Order::Created => ib.created.cmp(&ia.created).then(ra.cmp(rb)),
+                    Order::LastUsed => facts[eb.img]
+                        .activity
+                        .cmp(&facts[ea.img].activity)
+                        .then(ib.created.cmp(&ia.created))
+                        .then(ra.cmp(rb)),
+                    Order::Semver => cmp_semver((ea.tag, ia.created, ra), (eb.tag, ib.created, rb)),
+                }
+            });
+            let group_name = match (repo, cap) {
+                ("", _) => "dangling images".to_string(),
+                (r, Some(c)) => format!("{r} group {c:?}"),
+                (r, None) => r.to_string(),
+            };
+            for (pos, &i) in members.iter().enumerate() {
+                let e = &entries[i];
+                let act = facts[e.img].activity;
+                let keep_last_keeps = rule.keep_last.is_some_and(|n| pos < n);
+                let within_keeps = rule.keep_within.is_some_and(|w| {
+                    now.saturating_sub(act) <= i64::try_from(w.as_secs()).unwrap_or(i64::MAX)
+                });
+                if keep_last_keeps {
+                    kept_by[i].get_or_insert_with(|| {
+                        (
+                            rule.name.clone(),
+                            format!(
+                                "within keep_last={} by {order_name} in {group_name} (#{})",
+                                rule.keep_last.unwrap_or(0),
+                                pos + 1
+                            ),
+                        )
+                    });
+                } else if within_keeps {
+                    kept_by[i].get_or_insert_with(|| {
+                        (
+                            rule.name.clone(),
+                            format!(
+                                "active within keep_within={} (last activity {} ago)",
+                                human_duration(
+                                    i64::try_from(rule.keep_within.unwrap_or_default().as_secs())
+                                        .unwrap_or(i64::MAX)
+                                ),
+                                human_duration(now - act)
+                            ),
+                        )
+                    });
+                } else {
+                    let mut why = Vec::new();
+                    if let Some(n) = rule.keep_last {
+                        why.push(format!(
+                            "beyond keep_last={n} by {order_name} in {group_name} (#{})",
+                            pos + 1
+                        ));
+                    }
+                    if let Some(w) = rule.keep_within {
+                        why.push(format!(
+                            "inactive for {} (keep_within={})",
+                            human_duration(now - act),
+                            human_duration(i64::try_from(w.as_secs()).unwrap_or(i64::MAX))
+                        ));
+                    }
+                    if why.is_empty() {
+                        why.push(format!(
+                            "in scope of \"{}\", which keeps nothing",
+                            rule.name
+                        ));
+                    }
+                    removed_by[i].get_or_insert_with(|| (rule.name.clone(), why.join("; ")));
+                }
+            }
+        }
+    }
+
+    // Candidate removals from retention (keep wins), then tag conventions.
+    let mut remove: BTreeSet<usize> = BTreeSet::new();
+    let mut remove_reason: HashMap<usize, (String, String)> = HashMap::new();
+    for i in 0..entries.len() {
+        if kept_by[i].is_none()
+            && let Some(r) = &removed_by[i]
+        {
+            remove.insert(i);
+            remove_reason.insert(i, r.clone());
+        }
+    }
+
+    // Veto by protection.
+    let protection_of = |i: usize| -> Option<(String, String)> {
+        facts[entries[i].img]
+            .protection
+            .clone()
+            .or_else(|| ref_protection[i].clone())
+    };
+    let mut vetoed: HashSet<usize> = HashSet::new();
+    for &i in &remove {
+        if let Some((rule, reason)) = protection_of(i) {
+            vetoed.insert(i);
+            let (prule, preason) = &remove_reason[&i];
+            plan.protected.push(Protected {
+                reference: entries[i].reference.map(str::to_string),
+                image: images[entries[i].img].id.clone(),
+                rule,
+                reason,
+                prevented: Some(format!("{prule}: {preason}")),
+            });
+        }
+    }
+    remove.retain(|i| !vetoed.contains(i));
+
+    // Which references stay on each image after the plan (for untag vs remove,
+    // and for tag conventions' "keeps another reference").
+    let mut remaining: Vec<usize> = vec![0; images.len()];
+    for (i, e) in entries.iter().enumerate() {
+        if e.reference.is_some() && !remove.contains(&i) {
+            remaining[e.img] += 1;
+        }
+    }
+    for (fr, (img, _, _)) in &float_targets {
+        let existing_on_img = by_ref
+            .get(fr.as_str())
+            .is_some_and(|&i| entries[i].img == *img);
+        if !existing_on_img {
+            remaining[*img] += 1;
+            if let Some(&cur) = by_ref.get(fr.as_str()) {
+                remaining[entries[cur].img] = remaining[entries[cur].img].saturating_sub(1);
+            }
+        }
+    }
+
+    for rule in &policy.tags {
+        for (i, e) in entries.iter().enumerate() {
+            let Some(r) = e.reference else { continue };
+            // Floating tags are stowage's own; they are not held to conventions.
+            if remove.contains(&i)
+                || floating.contains_key(&i)
+                || !rule.images.is_match(e.repository)
+                || rule.allow.is_match(e.tag)
+            {
+                continue;
+            }
+            let img = &images[e.img];
+            let base = format!(
+                "tag {:?} does not match allow [{}]",
+                e.tag,
+                rule.allow.sources.join(", ")
+            );
+            let untag = rule.on_violation == crate::policy::OnViolation::Untag;
+            if untag && remaining[e.img] > 1 && protection_of(i).is_none() {
+                remove.insert(i);
+                remaining[e.img] -= 1;
+                remove_reason.insert(i, (rule.name.clone(), base));
+            } else {
+                let why = if !untag {
+                    base
+                } else if let Some((pr, _)) = protection_of(i) {
+                    format!("{base}; not untagged: protected by {pr}")
+                } else {
+                    format!("{base}; not untagged: it is the image's only reference")
+                };
+                plan.warnings.push(Warning {
+                    reference: Some(r.to_string()),
+                    image: img.id.clone(),
+                    rule: rule.name.clone(),
+                    reason: why,
+                });
+            }
+        }
+    }
+
+    // Removals in a stable order; an image's last reference goes last, as `remove`.
+    let mut removals: Vec<usize> = remove.into_iter().collect();
+    removals.sort_by(|&a, &b| {
+        let (ea, eb) = (&entries[a], &entries[b]);
+        ea.reference
+            .is_none()
+            .cmp(&eb.reference.is_none())
+            .then(ea.reference.cmp(&eb.reference))
+            .then(images[ea.img].id.cmp(&images[eb.img].id))
+    });
+    let mut left: Vec<usize> = vec![0; images.len()];
+    for &i in &removals {
+        left[entries[i].img] += 1;
+    }
+    let mut removal_actions = Vec::new();
+    for &i in &removals {
+        let e = &entries[i];
+        left[e.img] -= 1;
+        let img = images[e.img];
+        let last = left[e.img] == 0 && remaining[e.img] == 0;
+        let (rule, reason) = remove_reason[&i].clone();
+        removal_actions.push(Action {
+            kind: if last { Kind::Remove } else { Kind::Untag },
+            reference: e.reference.map(str::to_string),
+            image: img.id.clone(),
+            rule,
+            reason,
+            bytes: last.then_some(img.size),
+        });
+    }
+    let (now_actions, deferred) = split_budget(removal_actions, policy.daemon.max_removals);
+    plan.actions.extend(now_actions);
+    plan.deferred = deferred;
+
+    // Verdicts for every reference and dangling image.
+    let decided: HashMap<(Option<&str>, &str), (Decision, &Action)> = plan
+        .actions
+        .iter()
+        .filter(|a| a.kind.is_removal())
+        .map(|a| {
+            (
+                (a.reference.as_deref(), a.image.as_str()),
+                (decision_of(a.kind), a),
+            )
+        })
+        .chain(plan.deferred.iter().map(|a| {
+            (
+                (a.reference.as_deref(), a.image.as_str()),
+                (Decision::Deferred, a),
+            )
+        }))
+        .collect();
+    for (i, e) in entries.iter().enumerate() {
+        let img = images[e.img];
+        let key = (e.reference, img.id.as_str());
+        let (decision, rule, reason) = if let Some((d, a)) = decided.get(&key) {
+            (*d, Some(a.rule.clone()), a.reason.clone())
+        } else if let Some((r, why)) = protection_of(i) {
+            (Decision::Protected, Some(r), why)
+        } else if let Some(f) = floating.get(&i) {
+            (
+                Decision::Keep,
+                Some(f.clone()),
+                "floating tag, never removed by retention".to_string(),
+            )
+        } else if let Some((r, why)) = &kept_by[i] {
+            (Decision::Keep, Some(r.clone()), why.clone())
+        } else {
+            (
+                Decision::Unmanaged,
+                None,
+                "no retention rule scopes it".to_string(),
+            )
+        };
+        plan.verdicts.push(Verdict {
+            reference: e.reference.map(str::to_string),
+            image: img.id.clone(),
+            decision,
+            rule,
+            reason,
+        });
+    }
+    // Protected references in some rule's scope that nothing tried to remove
+    // are worth showing too: a person reading the plan wants to see them.
+    let shown: HashSet<(Option<String>, String)> = plan
+        .protected
+        .iter()
+        .map(|p| (p.reference.clone(), p.image.clone()))
+        .collect();
+    for (i, e) in entries.iter().enumerate() {
+        if (kept_by[i].is_some() || removed_by[i].is_some())
+            && let Some((rule, reason)) = protection_of(i)
+        {
+            let key = (e.reference.map(str::to_string), images[e.img].id.clone());
+            if !shown.contains(&key) {
+                plan.protected.push(Protected {
+                    reference: key.0,
+                    image: key.1,
+                    rule,
+                    reason,
+                    prevented: None,
+                });
+            }
+        }
+    }
+    plan.protected.sort_by(|a, b| {
+        a.reference
+            .cmp(&b.reference)
+            .then_with(|| a.image.cmp(&b.image))
+    });
+    plan
+}
+
+fn image_facts(
+    policy: &Policy,
+    images: &[&Image],
+    observed: &Observed,
+    state: &State,
+    now: i64,
+) -> Vec<ImageFacts> {
+    let mut users: HashMap<&str, Vec<&Container>> = HashMap::new();
+    for c in &observed.containers {
+        users.entry(c.image_id.as_str()).or_default().push(c);
+    }
+    for v in users.values_mut() {
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+    }
+    // Images that a [[prepull]] entry names (by tag or by digest).
+    let mut prepulled: HashMap<&str, &str> = HashMap::new();
+    for p in &policy.prepull {
+        for img in images {
+            let hit = img.repo_tags.contains(&p.image) || img.repo_digests.contains(&p.image);
+            if hit {
+                prepulled.entry(img.id.as_str()).or_insert(p.image.as_str());
+            }
+        }
+    }
+    let min_age = i64::try_from(policy.daemon.min_age.as_secs()).unwrap_or(i64::MAX);
+    images
+        .iter()
+        .map(|img| {
+            let st = state.images.get(&img.id);
+            let first_seen = st.map_or(img.created.min(now), |s| s.first_seen);
+            let activity = [
+                Some(img.created),
+                Some(first_seen),
+                st.and_then(|s| s.last_used),
+                st.and_then(|s| s.last_pulled),
+            ]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(img.created);
+            let protection = if let Some(cs) = users.get(img.id.as_str()) {
+                let c = cs[0];
+                let more = if cs.len() > 1 {
+                    format!(" and {} more", cs.len() - 1)
+                } else {
+                    String::new()
+                };
+                let name = if c.name.is_empty() {
+                    String::new()
+                } else {
+                    format!(" \"{}\"", c.name)
+                };
+                Some((
+                    "in-use".to_string(),
+                    format!(
+                        "in use by container {}{name} ({}){more}",
+                        short(&c.id),
+                        c.state
+                    ),
+                ))
+            } else if let Some(p) = prepulled.get(img.id.as_str()) {
+                Some((
+                    format!("prepull:{p}"),
+                    format!("current image of [[prepull]] {p}"),
+                ))
+            } else if now.saturating_sub(first_seen) < min_age {
+                Some((
+                    "min_age".to_string(),
+                    format!(
+                        "seen on this host {} ago, younger than min_age={}",
+                        human_duration(now - first_seen),
+                        human_duration(min_age)
+                    ),
+                ))
+            } else {
+                None
+            };
+            ImageFacts {
+                activity,
+                protection,
+            }
+        })
+        .collect()
+}
+
+/// Render a plan for people: actions grouped by repository, then what is
+/// protected and why, then warnings. Stable, so tests can compare text.
+pub fn render(plan: &Plan) -> String {
+    let mut out = String::new();
+    // Dangling images sort after every repository ("~" > any name character).
+    let repo_of = |r: &Option<String>| -> String {
+        r.as_deref()
+            .map_or("~".to_string(), |r| split_tag(r).0.to_string())
+    };
+    let fmt_ref = |r: &Option<String>, img: &str| -> String {
+        r.clone()
+            .unwrap_or_else(|| format!("<none> {}", short(img)))
+    };
+    if plan.actions.is_empty() && plan.deferred.is_empty() {
+        out.push_str("nothing to do\n");
+    } else {
+        let mut groups: BTreeMap<String, Vec<(&Action, bool)>> = BTreeMap::new();
+        for a in &plan.actions {
+            groups
+                .entry(repo_of(&a.reference))
+                .or_default()
+                .push((a, false));
+        }
+        for a in &plan.deferred {
+            groups
+                .entry(repo_of(&a.reference))
+                .or_default()
+                .push((a, true));
+        }
+        for (repo, actions) in groups {
+            let _ = writeln!(out, "{}", if repo == "~" { "<dangling>" } else { &repo });
+            for (a, deferred) in actions {
+                let what = if deferred {
+                    format!("{} (deferred)", a.kind.as_str())
+                } else {
+                    a.kind.as_str().to_string()
+                };
+                let bytes = a
+                    .bytes
+                    .map(|b| format!(" [{}]", human_bytes(b)))
+                    .unwrap_or_default();
+                let target = if a.kind == Kind::Tag {
+                    format!(" -> {}", short(&a.image))
+                } else {
+                    String::new()
+                };
+                let _ = writeln!(
+                    out,
+                    "  {what:<8} {}{target}{bytes}  ({}: {})",
+                    fmt_ref(&a.reference, &a.image),
+                    a.rule,
+                    a.reason
+                );
+            }
+        }
+    }
+    if !plan.protected.is_empty() {
+        out.push_str("protected\n");
+        for p in &plan.protected {
+            let prevented = p
+                .prevented
+                .as_ref()
+                .map(|x| format!(" (would otherwise go: {x})"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  {}  ({}: {}){prevented}",
+                fmt_ref(&p.reference, &p.image),
+                p.rule,
+                p.reason
+            );
+        }
+    }
+    if !plan.warnings.is_empty() {
+        out.push_str("warnings\n");
+        for w in &plan.warnings {
+            let _ = writeln!(
+                out,
+                "  {}  ({}: {})",
+                fmt_ref(&w.reference, &w.image),
+                w.rule,
+                w.reason
+            );
+        }
+    }
+    let removed: u64 = plan.actions.iter().filter_map(|a| a.bytes).sum();
+    let count = |k: Kind| plan.actions.iter().filter(|a| a.kind == k).count();
+    let _ = writeln!(
+        out,
+        "summary: {} tag, {} untag, {} remove ({} freed), {} deferred, {} protected, {} warnings",
+        count(Kind::Tag),
+        count(Kind::Untag),
+        count(Kind::Remove),
+        human_bytes(removed),
+        plan.deferred.len(),
+        plan.protected.len(),
+        plan.warnings.len()
+    );
+    out
+}
+
+/// `1.5 GB`-style sizes (decimal units, as `docker images` shows them).
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

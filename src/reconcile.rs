@@ -1,0 +1,322 @@
+//! One reconcile: observe the engine and the state, plan, execute, record.
+//!
+//! Every change to the engine goes through [`execute`], which applies a plan
+//! in a safe order (floating tags move before anything is removed), re-checks
+//! right before each removal that no container has started using the image,
+//! never forces, goes on after a failed action, and writes one audit record per
+//! action.
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{self, AuditError, AuditLog, Outcome, Record};
+use crate::engine::{Engine, EngineError};
+use crate::plan::{self, Action, Kind, Observed, Plan};
+use crate::policy::Policy;
+use crate::state::{State, StateError, StateStore};
+
+/// Why a reconcile could not run at all (exit 2).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// What one execution did, for the exit code, logs and `STATUS=`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub run: String,
+    pub ok: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub deferred: usize,
+    pub dry_run: usize,
+    pub warnings: usize,
+    pub removed: usize,
+    pub untagged: usize,
+    pub tagged: usize,
+    pub bytes_freed: u64,
+    /// Set when shutdown stopped the execution between two actions.
+    pub interrupted: bool,
+}
+
+impl Report {
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "removed {}, untagged {}, tagged {}, failed {}, skipped {}, deferred {}",
+            self.removed, self.untagged, self.tagged, self.failed, self.skipped, self.deferred
+        );
+        if self.dry_run > 0 {
+            s.push_str(&format!(", dry-run {}", self.dry_run));
+        }
+        s.push_str(&format!(", freed {}", plan::human_bytes(self.bytes_freed)));
+        if self.interrupted {
+            s.push_str(" (interrupted by shutdown)");
+        }
+        s
+    }
+}
+
+/// A source of time, so tests can fix it. The planner never reads it.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// A reconcile id: time plus process id, readable and unique enough per host.
+pub fn run_id(now: DateTime<Utc>) -> String {
+    format!(
+        "{}-{:x}",
+        now.format("%Y%m%dT%H%M%S%.3fZ"),
+        std::process::id()
+    )
+}
+
+/// Observe the engine: one image listing and one container listing, whatever
+/// the number of images.
+pub async fn observe<E: Engine>(engine: &E) -> Result<Observed, EngineError> {
+    let (images, containers) = tokio::try_join!(engine.list_images(), engine.list_containers())?;
+    Ok(Observed { images, containers })
+}
+
+/// Update the state with what is on the host now (first-seen times), and
+/// forget images that are gone.
+pub fn note_observed(state: &mut State, observed: &Observed, now: i64) {
+    for img in &observed.images {
+        state.observe(&img.id, img.created, now);
+    }
+    state.retain_images(observed.images.iter().map(|i| i.id.as_str()));
+    state.initialized = true;
+}
+
+/// Observe, plan: the read-only half of a reconcile (`stowage plan`).
+pub async fn plan_now<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    state: &State,
+    now: DateTime<Utc>,
+) -> Result<(Observed, Plan), EngineError> {
+    let observed = observe(engine).await?;
+    let mut state = state.clone();
+    note_observed(&mut state, &observed, now.timestamp());
+    let plan = plan::plan(policy, &observed, &state, now.timestamp());
+    Ok((observed, plan))
+}
+
+/// One whole reconcile: load state, observe, plan, execute, save state.
+pub async fn reconcile<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    clock: &dyn Clock,
+    dry_run: bool,
+    shutdown: &CancellationToken,
+) -> Result<(Plan, Report), ReconcileError> {
+    let store = StateStore::new(&policy.daemon.state_dir);
+    let now = clock.now();
+    let loaded = store.load(now.timestamp());
+    if let Some(w) = &loaded.warning {
+        tracing::warn!("{w}");
+    }
+    let mut state = loaded.state;
+    let observed = observe(engine).await?;
+    note_observed(&mut state, &observed, now.timestamp());
+    let plan = plan::plan(policy, &observed, &state, now.timestamp());
+    let mut audit = AuditLog::open(&policy.daemon.audit_log)?;
+    let report = execute(
+        engine,
+        &plan,
+        &mut audit,
+        &run_id(now),
+        dry_run || policy.daemon.dry_run,
+        clock,
+        shutdown,
+    )
+    .await?;
+    if !(dry_run || policy.daemon.dry_run) {
+        // Forget what is gone; the next observation adds what is new.
+        let gone: Vec<&str> = plan
+            .actions
+            .iter()
+            .filter(|a| a.kind == Kind::Remove)
+            .map(|a| a.image.as_str())
+            .collect();
+        state.images.retain(|id, _| !gone.contains(&id.as_str()));
+        store.save(&state)?;
+    }
+    Ok((plan, report))
+}
+
+/// Apply a plan: tags first (the plan is already in that order), then
+/// removals, each re-checked against the containers right before it.
+pub async fn execute<E: Engine>(
+    engine: &E,
+    plan: &Plan,
+    audit: &mut AuditLog,
+    run: &str,
+    dry_run: bool,
+    clock: &dyn Clock,
+    shutdown: &CancellationToken,
+) -> Result<Report, ReconcileError> {
+    let mut report = Report {
+        run: run.to_string(),
+        ..Report::default()
+    };
+    for w in &plan.warnings {
+        tracing::warn!(rule = %w.rule, "{}: {}", w.reference.as_deref().unwrap_or(&w.image), w.reason);
+        audit.append(&Record {
+            ts: clock.now(),
+            run: run.to_string(),
+            action: audit::Action::Warn,
+            reference: w.reference.clone(),
+            image: Some(w.image.clone()),
+            rule: Some(w.rule.clone()),
+            reason: w.reason.clone(),
+            outcome: Outcome::Ok,
+            error: None,
+            bytes: None,
+            duration_ms: None,
+        })?;
+        report.warnings += 1;
+    }
+    for a in &plan.actions {
+        // Shutdown is heard between actions, never inside one.
+        if shutdown.is_cancelled() {
+            report.interrupted = true;
+            break;
+        }
+        let started = clock.now();
+        let mut rec = record(a, run, started);
+        if dry_run {
+            rec.outcome = Outcome::DryRun;
+            report.dry_run += 1;
+            tracing::info!(action = a.kind.as_str(), rule = %a.rule, "dry-run {}", describe(a));
+            audit.append(&rec)?;
+            continue;
+        }
+        let result = match a.kind {
+            Kind::Tag => match &a.reference {
+                Some(r) => engine.tag(&a.image, r).await.map(|()| None),
+                None => Ok(None),
+            },
+            Kind::Untag | Kind::Remove => match still_free(engine, a).await {
+                Ok(None) => {
+                    let target = a.reference.as_deref().unwrap_or(&a.image);
+                    engine.remove(target).await.map(|_| None)
+                }
+                Ok(Some(skip)) => Ok(Some(skip)),
+                Err(e) => Err(e),
+            },
+        };
+        rec.duration_ms =
+            Some(u64::try_from((clock.now() - started).num_milliseconds()).unwrap_or_default());
+        match result {
+            Ok(None) => {
+                rec.outcome = Outcome::Ok;
+                report.ok += 1;
+                match a.kind {
+                    Kind::Tag => report.tagged += 1,
+                    Kind::Untag => report.untagged += 1,
+                    Kind::Remove => {
+                        report.removed += 1;
+                        report.bytes_freed += a.bytes.unwrap_or(0);
+                    }
+                }
+                tracing::info!(action = a.kind.as_str(), rule = %a.rule, "{}", describe(a));
+            }
+            Ok(Some(why)) => {
+                rec.action = audit::Action::Skip;
+                rec.outcome = Outcome::Ok;
+                rec.reason = format!("{why}; planned: {}", a.reason);
+                rec.bytes = None;
+                report.skipped += 1;
+                tracing::info!(rule = %a.rule, "skip {}: {why}", describe(a));
+            }
+            Err(e) => {
+                rec.outcome = Outcome::Failed;
+                rec.error = Some(e.to_string());
+                rec.bytes = None;
+                report.failed += 1;
+                tracing::warn!(action = a.kind.as_str(), rule = %a.rule, "failed {}: {e}", describe(a));
+            }
+        }
+        audit.append(&rec)?;
+    }
+    for a in &plan.deferred {
+        let mut rec = record(a, run, clock.now());
+        rec.outcome = Outcome::Deferred;
+        rec.reason = format!("{} (deferred: max_removals reached)", a.reason);
+        rec.bytes = None;
+        audit.append(&rec)?;
+        report.deferred += 1;
+    }
+    audit.sync()?;
+    Ok(report)
+}
+
+/// `None` when the image may still go; `Some(reason)` to skip: a container
+/// created since planning uses it, or the reference now names another image.
+async fn still_free<E: Engine>(engine: &E, a: &Action) -> Result<Option<String>, EngineError> {
+    let containers = engine.list_containers().await?;
+    if let Some(c) = containers.iter().find(|c| c.image_id == a.image) {
+        return Ok(Some(format!(
+            "image is now used by container {} (created since planning); never forced",
+            &c.id[..c.id.len().min(12)]
+        )));
+    }
+    if let Some(r) = &a.reference {
+        let images = engine.list_images().await?;
+        let now_on = images.iter().find(|i| i.repo_tags.iter().any(|t| t == r));
+        match now_on {
+            Some(i) if i.id != a.image => {
+                return Ok(Some(format!(
+                    "{r} now points at another image {} (changed since planning)",
+                    &i.id
+                )));
+            }
+            None => return Ok(Some(format!("{r} is already gone"))),
+            Some(_) => {}
+        }
+    }
+    Ok(None)
+}
+
+fn describe(a: &Action) -> String {
+    match (&a.reference, a.kind) {
+        (Some(r), Kind::Tag) => format!("tag {r} -> {}", a.image),
+        (Some(r), k) => format!("{} {r}", k.as_str()),
+        (None, k) => format!("{} dangling {}", k.as_str(), a.image),
+    }
+}
+
+fn record(a: &Action, run: &str, ts: DateTime<Utc>) -> Record {
+    Record {
+        ts,
+        run: run.to_string(),
+        action: match a.kind {
+            Kind::Tag => audit::Action::Tag,
+            Kind::Untag => audit::Action::Untag,
+            Kind::Remove => audit::Action::Remove,
+        },
+        reference: a.reference.clone(),
+        image: Some(a.image.clone()),
+        rule: Some(a.rule.clone()),
+        reason: a.reason.clone(),
+        outcome: Outcome::Ok,
+        error: None,
+        bytes: a.bytes,
+        duration_ms: None,
+    }
+}

@@ -1,0 +1,473 @@
+//! Planner table tests, snapshot style: policy + observed store -> rendered
+//! plan. Snapshots live in `tests/snapshots/plan/NAME.txt`; each was read and
+//! checked by hand. `STOWAGE_BLESS=1 cargo test --test plan_table` rewrites
+//! them after an intended change (then read the diff).
+
+mod support;
+
+use std::path::PathBuf;
+
+use stowage::engine::{Container, Image};
+use stowage::plan::{self, Observed};
+use stowage::state::{ImageState, State};
+use support::{DAY, NOW, container, id, img, policy};
+
+fn snapshot(name: &str, body: &str, images: Vec<Image>, containers: Vec<Container>) {
+    snapshot_with_state(name, body, images, containers, State::default());
+}
+
+fn snapshot_with_state(
+    name: &str,
+    body: &str,
+    images: Vec<Image>,
+    containers: Vec<Container>,
+    state: State,
+) {
+    let p = policy(body);
+    let observed = Observed { images, containers };
+    let got = plan::render(&plan::plan(&p, &observed, &state, NOW));
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/snapshots/plan")
+        .join(format!("{name}.txt"));
+    if std::env::var_os("STOWAGE_BLESS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &got).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("missing snapshot {}: {e}", path.display()));
+    assert_eq!(got, want, "plan for case {name} differs from its snapshot");
+}
+
+const APP5: [(&str, f64, &str); 5] = [
+    ("a1", 50.0, "app:1.0.0"),
+    ("a2", 40.0, "app:1.1.0"),
+    ("a3", 30.0, "app:1.2.0"),
+    ("a4", 20.0, "app:2.0.0"),
+    ("a5", 10.0, "app:2.1.0"),
+];
+
+fn app5() -> Vec<Image> {
+    APP5.iter().map(|(n, d, t)| img(n, *d, &[t])).collect()
+}
+
+#[test]
+fn keep_last_by_created() {
+    snapshot(
+        "keep_last_by_created",
+        "[[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 2\n",
+        app5(),
+        vec![],
+    );
+}
+
+#[test]
+fn keep_last_by_semver_sorts_non_semver_oldest() {
+    snapshot(
+        "keep_last_by_semver",
+        "[[retain]]\nname = \"rel\"\nimages = [\"team/app\"]\nkeep_last = 3\norder = \"semver\"\n",
+        vec![
+            img("b1", 1.0, &["team/app:v1.2.0"]),
+            img("b2", 2.0, &["team/app:v1.10.0"]),
+            img("b3", 3.0, &["team/app:v1.9.0"]),
+            img("b4", 0.5, &["team/app:latest"]),
+            img("b5", 0.2, &["team/app:dev"]),
+            img("b6", 4.0, &["team/app:1.11"]),
+            img("b7", 5.0, &["team/app:v2.0.0-rc.1"]),
+        ],
+        vec![],
+    );
+}
+
+#[test]
+fn keep_last_by_last_used() {
+    let mut state = State::default();
+    state.images.insert(
+        id("a1"),
+        ImageState {
+            first_seen: NOW - 60 * DAY,
+            last_used: Some(NOW - DAY),
+            last_pulled: None,
+        },
+    );
+    snapshot_with_state(
+        "keep_last_by_last_used",
+        "[[retain]]\nname = \"used\"\nimages = [\"app\"]\nkeep_last = 2\norder = \"last_used\"\n",
+        app5(),
+        vec![],
+        state,
+    );
+}
+
+#[test]
+fn group_by_counts_per_capture() {
+    snapshot(
+        "group_by",
+        "[[retain]]\nname = \"branches\"\nimages = [\"ci/app\"]\nkeep_last = 1\ngroup_by = '^([a-z]+)-\\d+$'\n",
+        vec![
+            img("c1", 5.0, &["ci/app:main-12"]),
+            img("c2", 4.0, &["ci/app:main-13"]),
+            img("c3", 3.0, &["ci/app:feat-3"]),
+            img("c4", 2.0, &["ci/app:feat-4"]),
+            img("c5", 1.0, &["ci/app:feat-5"]),
+            img("c6", 6.0, &["ci/app:odd"]),
+        ],
+        vec![],
+    );
+}
+
+#[test]
+fn keep_within_keeps_recent_activity() {
+    snapshot(
+        "keep_within",
+        "[[retain]]\nname = \"recent\"\nimages = [\"app\"]\nkeep_within = \"25d\"\n",
+        app5(),
+        vec![],
+    );
+}
+
+#[test]
+fn keep_last_or_keep_within_either_keeps() {
+    snapshot(
+        "keep_last_or_within",
+        "[[retain]]\nname = \"both\"\nimages = [\"app\"]\nkeep_last = 1\nkeep_within = \"35d\"\n",
+        app5(),
+        vec![],
+    );
+}
+
+#[test]
+fn keep_wins_across_rules() {
+    snapshot(
+        "keep_wins",
+        "[[retain]]\nname = \"few\"\nimages = [\"app\"]\nkeep_last = 1\n\n\
+         [[retain]]\nname = \"majors\"\nimages = [\"app\"]\ntags = ['\\d+\\.0\\.0']\nkeep_last = 5\n",
+        app5(),
+        vec![],
+    );
+}
+
+#[test]
+fn untagged_rule_scopes_dangling_images() {
+    snapshot(
+        "untagged",
+        "[[retain]]\nname = \"dangling\"\nuntagged = true\nkeep_within = \"2d\"\n",
+        vec![
+            img("d1", 5.0, &[]),
+            img("d2", 1.0, &[]),
+            img("d3", 9.0, &["keep:me"]),
+        ],
+        vec![],
+    );
+}
+
+#[test]
+fn references_outside_every_rule_are_untouched() {
+    snapshot(
+        "unscoped_untouched",
+        "[[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 1\n",
+        vec![
+            img("a1", 50.0, &["app:1"]),
+            img("a2", 40.0, &["app:2"]),
+            img("e1", 90.0, &["other:1"]),
+            img("e2", 90.0, &["app/sub:1"]),
+            img("e3", 90.0, &[]),
+        ],
+        vec![],
+    );
+}
+
+#[test]
+fn stopped_container_protects_its_image() {
+    snapshot(
+        "in_use",
+        "[[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 1\n",
+        app5(),
+        vec![container("f00d", "a1"), container("beef", "a1")],
+    );
+}
+
+#[test]
+fn protect_entry_protects_references() {
+    snapshot(
+        "protect",
+        "[[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 1\n\n\
+         [[protect]]\nname = \"golden\"\nimages = [\"app\"]\ntags = ['1\\.1\\..*']\n",
+        app5(),
+        vec![],
+    );
+}
+
+#[test]
+fn prepull_images_are_protected() {
+    snapshot(
+        "prepull_protected",
+        "[[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 1\n\n\
+         [[prepull]]\nimage = \"app:1.0.0\"\nrefresh = \"never\"\n",
+        app5(),
+        vec![],
+    );
+}
+
+#[test]
+fn min_age_protects_new_images() {
+    let mut state = State {
+        initialized: true,
+        ..State::default()
+    };
+    state.images.insert(
+        id("a1"),
+        ImageState {
+            first_seen: NOW - 600,
+            last_used: None,
+            last_pulled: None,
+        },
+    );
+    snapshot_with_state(
+        "min_age",
+        "[[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 1\n",
+        app5(),
+        vec![],
+        state,
+    );
+}
+
+#[test]
+fn multi_tag_image_untags_then_removes() {
+    snapshot(
+        "multi_tag",
+        "[[retain]]\nname = \"app\"\nimages = [\"app\", \"mirror/app\"]\nkeep_last = 1\n",
+        vec![
+            img("m1", 30.0, &["app:1", "mirror/app:1"]),
+            img("m2", 20.0, &["app:2", "mirror/app:old"]),
+            img("m3", 10.0, &["app:3"]),
+            img("m4", 5.0, &["mirror/app:4"]),
+        ],
+        vec![],
+    );
+}
+
+#[test]
+fn float_moves_to_newest_semver() {
+    snapshot(
+        "float_semver",
+        "[[float]]\nname = \"stable\"\nimages = [\"app\"]\ntag = \"stable\"\nfollow = '\\d+\\.\\d+\\.\\d+'\n",
+        {
+            let mut v = app5();
+            v[1].repo_tags.push("app:stable".into());
+            v
+        },
+        vec![],
+    );
+}
+
+#[test]
+fn float_already_in_place_is_quiet() {
+    snapshot(
+        "float_in_place",
+        "[[float]]\nname = \"stable\"\nimages = [\"app\"]\ntag = \"stable\"\nfollow = '\\d.*'\n\n\
+         [[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 2\n",
+        {
+            let mut v = app5();
+            v[4].repo_tags.push("app:stable".into());
+            v
+        },
+        vec![],
+    );
+}
+
+#[test]
+fn float_by_created() {
+    snapshot(
+        "float_created",
+        "[[float]]\nname = \"edge\"\nimages = [\"**\"]\ntag = \"edge\"\nfollow = 'build-.*'\norder = \"created\"\n",
+        vec![
+            img("g1", 3.0, &["team/svc:build-9"]),
+            img("g2", 1.0, &["team/svc:build-10"]),
+            img("g3", 2.0, &["team/svc:build-8"]),
+            img("g4", 1.0, &["team/svc:release"]),
+        ],
+        vec![],
+    );
+}
+
+#[test]
+fn floating_reference_is_never_removed_by_retention() {
+    snapshot(
+        "float_vs_retention",
+        "[[float]]\nname = \"stable\"\nimages = [\"app\"]\ntag = \"stable\"\nfollow = '1\\..*'\n\n\
+         [[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 1\n",
+        app5(),
+        vec![],
+    );
+}
+
+#[test]
+fn float_move_leaves_old_image_dangling_and_it_goes_in_the_same_plan() {
+    snapshot(
+        "float_leaves_dangling",
+        "[[float]]\nname = \"stable\"\nimages = [\"app\"]\ntag = \"stable\"\nfollow = '\\d.*'\n\n\
+         [[retain]]\nname = \"dangling\"\nuntagged = true\n",
+        vec![
+            img("h1", 30.0, &["app:stable"]),
+            img("h2", 20.0, &["app:1.0.0"]),
+            img("h3", 10.0, &["app:1.1.0"]),
+        ],
+        vec![],
+    );
+}
+
+#[test]
+fn tag_convention_warns() {
+    snapshot(
+        "tags_warn",
+        "[[tags]]\nname = \"semver-only\"\nimages = [\"team/**\"]\nallow = ['v\\d+\\.\\d+\\.\\d+', 'latest']\n",
+        vec![
+            img("t1", 3.0, &["team/app:v1.0.0"]),
+            img("t2", 2.0, &["team/app:my-hack"]),
+            img("t3", 1.0, &["team/sub/app:latest", "team/sub/app:wip"]),
+            img("t4", 1.0, &["other:anything"]),
+        ],
+        vec![],
+    );
+}
+
+#[test]
+fn tag_convention_untags_only_where_a_name_remains() {
+    snapshot(
+        "tags_untag",
+        "[[tags]]\nname = \"clean\"\nimages = [\"team/**\"]\nallow = ['v\\d+\\.\\d+\\.\\d+', 'latest']\non_violation = \"untag\"\n",
+        vec![
+            img(
+                "t1",
+                3.0,
+                &["team/app:v1.0.0", "team/app:tmp", "team/app:tmp2"],
+            ),
+            img("t2", 2.0, &["team/app:my-hack"]),
+            img("t3", 1.0, &["team/app:v1.1.0", "team/app:scratch"]),
+        ],
+        vec![container("cafe", "t3")],
+    );
+}
+
+#[test]
+fn max_removals_defers_the_rest() {
+    snapshot(
+        "max_removals",
+        "[daemon]\nmin_age = \"1h\"\nmax_removals = 2\n\n\
+         [[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 1\n",
+        app5(),
+        vec![],
+    );
+}
+
+#[test]
+fn retain_tags_narrow_the_scope() {
+    snapshot(
+        "retain_tags_scope",
+        "[[retain]]\nname = \"prs\"\nimages = [\"app\"]\ntags = ['pr-\\d+']\nkeep_last = 1\n",
+        vec![
+            img("p1", 5.0, &["app:pr-1"]),
+            img("p2", 4.0, &["app:pr-2"]),
+            img("p3", 3.0, &["app:pr-3"]),
+            img("p4", 9.0, &["app:main"]),
+            img("p5", 9.0, &["app:pr-x"]),
+        ],
+        vec![],
+    );
+}
+
+#[test]
+fn single_star_stays_in_one_segment() {
+    snapshot(
+        "glob_segments",
+        "[[retain]]\nname = \"one-level\"\nimages = [\"team/*\"]\n\n\
+         [[retain]]\nname = \"deep\"\nimages = [\"deep/**\"]\n",
+        vec![
+            img("s1", 5.0, &["team/app:1"]),
+            img("s2", 5.0, &["team/app/sub:1"]),
+            img("s3", 5.0, &["deep/a/b/c:1"]),
+            img("s4", 5.0, &["deep:1"]),
+        ],
+        vec![],
+    );
+}
+
+#[test]
+fn registry_host_is_part_of_the_repository() {
+    snapshot(
+        "registry_host",
+        "[[retain]]\nname = \"local-registry\"\nimages = [\"127.0.0.1:5000/**\"]\nkeep_last = 1\norder = \"semver\"\n",
+        vec![
+            img("r1", 5.0, &["127.0.0.1:5000/team/app:v1.0.0"]),
+            img("r2", 4.0, &["127.0.0.1:5000/team/app:v1.1.0"]),
+            img("r3", 3.0, &["team/app:v0.1.0"]),
+        ],
+        vec![],
+    );
+}
+
+#[test]
+fn in_use_image_keeps_all_its_references() {
+    snapshot(
+        "in_use_multi_tag",
+        "[[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 1\n",
+        vec![
+            img("u1", 30.0, &["app:1", "app:one"]),
+            img("u2", 10.0, &["app:2"]),
+        ],
+        vec![container("d00d", "u1")],
+    );
+}
+
+#[test]
+fn nothing_to_do() {
+    snapshot(
+        "nothing",
+        "[[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 10\n",
+        app5(),
+        vec![],
+    );
+}
+
+#[test]
+fn semver_prereleases_sort_below_releases() {
+    snapshot(
+        "semver_prerelease",
+        "[[retain]]\nname = \"rel\"\nimages = [\"app\"]\nkeep_last = 2\norder = \"semver\"\n",
+        vec![
+            img("q1", 1.0, &["app:2.0.0-rc.1"]),
+            img("q2", 2.0, &["app:2.0.0"]),
+            img("q3", 3.0, &["app:1.9.9"]),
+            img("q4", 0.5, &["app:2.0.0-beta"]),
+        ],
+        vec![],
+    );
+}
+
+#[test]
+fn everything_together() {
+    snapshot(
+        "combined",
+        "[daemon]\nmin_age = \"1h\"\nmax_removals = 4\n\n\
+         [[retain]]\nname = \"releases\"\nimages = [\"team/*\"]\ntags = ['v.*']\nkeep_last = 2\norder = \"semver\"\n\n\
+         [[retain]]\nname = \"dev\"\nimages = [\"team/*\"]\ntags = ['dev-.*']\nkeep_within = \"3d\"\n\n\
+         [[retain]]\nname = \"dangling\"\nuntagged = true\nkeep_within = \"1d\"\n\n\
+         [[protect]]\nimages = [\"team/db\"]\n\n\
+         [[float]]\nname = \"stable\"\nimages = [\"team/*\"]\ntag = \"stable\"\nfollow = 'v\\d+\\.\\d+\\.\\d+'\n\n\
+         [[tags]]\nname = \"conventions\"\nimages = [\"team/**\"]\nallow = ['v.*', 'dev-.*', 'stable']\n",
+        vec![
+            img("w1", 40.0, &["team/web:v1.0.0"]),
+            img("w2", 30.0, &["team/web:v1.1.0"]),
+            img("w3", 20.0, &["team/web:v1.2.0", "team/web:hotfix"]),
+            img("w4", 5.0, &["team/web:dev-a"]),
+            img("w5", 1.0, &["team/web:dev-b"]),
+            img("x1", 40.0, &["team/db:v0.9.0"]),
+            img("x2", 30.0, &["team/db:v1.0.0"]),
+            img("x3", 20.0, &["team/db:v1.0.1"]),
+            img("y1", 3.0, &[]),
+            img("y2", 0.5, &[]),
+        ],
+        vec![container("abcd", "w1")],
+    );
+}
