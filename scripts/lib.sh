@@ -87,8 +87,14 @@ stowage_start_engine() {
     mkdir -p "$dir/data" "$dir/exec"
     local sock="$dir/docker.sock"
     stowage_log "starting a private dockerd at unix://$sock"
+    # Own containerd namespaces: should dockerd attach to a system containerd
+    # (it does when /run/containerd/containerd.sock exists), its containers
+    # still never mix with the machine-wide engine's.
+    local ns="${dir##*/}"
+    ns="stowage-${ns#stowage-}"
     dockerd --data-root "$dir/data" --exec-root "$dir/exec" --pidfile "$dir/docker.pid" \
         -H "unix://$sock" --bridge=none --iptables=false \
+        --containerd-namespace "$ns" --containerd-plugins-namespace "$ns-plugins" \
         >"$dir/dockerd.log" 2>&1 &
     local pid=$!
     STOWAGE_PIDS_ENGINE+=("$pid")

@@ -5,6 +5,7 @@
 //! broken harness can never pass as green.
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::io::Write;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -25,12 +26,19 @@ fn in_ci() -> bool {
 }
 
 /// The value of `var`, or `None` after a loud SKIP line (a panic in CI).
-fn required(var: &str, test: &str) -> Option<String> {
+fn required(var: &str, what: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(value) if !value.is_empty() => Some(value),
         _ if in_ci() => panic!("{var} is not set: run scripts/test"),
         _ => {
-            eprintln!("SKIP {test}: {var} is not set (run scripts/test for real-engine tests)");
+            // Straight to stderr: libtest captures `eprintln!` of passing tests,
+            // and a skip must be seen.
+            // libtest names each test's thread after the test.
+            let name = std::thread::current().name().unwrap_or(what).to_owned();
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIP {name}: {var} is not set (run scripts/test for real-engine tests)"
+            );
             None
         }
     }
