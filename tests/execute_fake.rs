@@ -1,0 +1,152 @@
+//! The executor on the in-memory engine: order, failures that do not stop the
+//! others, removals racing a new container, dry runs, one record per action.
+
+mod support;
+
+use chrono::{DateTime, Utc};
+use stowage::audit::{self, Action as AuditAction, AuditLog, Outcome};
+use stowage::engine::fake::FakeEngine;
+use stowage::plan::{self, Kind, Observed};
+use stowage::reconcile::{self, Clock};
+use stowage::state::State;
+use support::{NOW, container, img, policy};
+use tokio_util::sync::CancellationToken;
+
+struct Fixed;
+impl Clock for Fixed {
+    fn now(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp(NOW, 0).unwrap()
+    }
+}
+
+const POLICY: &str = "[[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 1\n\n\
+    [[float]]\nname = \"stable\"\nimages = [\"app\"]\ntag = \"stable\"\nfollow = '\\d+'\n";
+
+fn store() -> Vec<stowage::engine::Image> {
+    vec![
+        img("a1", 30.0, &["app:1", "app:stable"]),
+        img("a2", 20.0, &["app:2"]),
+        img("a3", 10.0, &["app:3"]),
+        img("z1", 10.0, &["other:1"]),
+    ]
+}
+
+fn run(
+    engine: &FakeEngine,
+    dry_run: bool,
+    shutdown: &CancellationToken,
+) -> (plan::Plan, reconcile::Report, Vec<audit::Record>) {
+    let p = policy(POLICY);
+    let observed = Observed {
+        images: engine.images(),
+        containers: vec![],
+    };
+    let pl = plan::plan(&p, &observed, &State::default(), NOW);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let mut log = AuditLog::open(&path).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let report = rt
+        .block_on(reconcile::execute(
+            engine, &pl, &mut log, "run-1", dry_run, &Fixed, shutdown,
+        ))
+        .unwrap();
+    let records = audit::read(&path).unwrap().records;
+    (pl, report, records)
+}
+
+#[test]
+fn floating_tag_moves_before_anything_is_removed() {
+    let engine = FakeEngine::new(store(), vec![]);
+    let (pl, report, records) = run(&engine, false, &CancellationToken::new());
+    assert_eq!(pl.actions[0].kind, Kind::Tag);
+    let calls = engine.calls();
+    let tag_at = calls.iter().position(|c| c.starts_with("tag ")).unwrap();
+    let first_remove = calls.iter().position(|c| c.starts_with("remove ")).unwrap();
+    assert!(tag_at < first_remove, "{calls:?}");
+    assert_eq!(report.failed, 0);
+    assert_eq!(engine.references(), vec!["app:3", "app:stable", "other:1"]);
+    assert_eq!(records.len(), pl.actions.len());
+    assert!(
+        records
+            .iter()
+            .all(|r| r.outcome == Outcome::Ok && r.run == "run-1")
+    );
+}
+
+#[test]
+fn a_failed_removal_does_not_stop_the_others() {
+    let engine = FakeEngine::new(store(), vec![]);
+    engine.fail_removal_of("app:1");
+    let (_, report, records) = run(&engine, false, &CancellationToken::new());
+    assert_eq!(report.failed, 1);
+    assert!(report.ok >= 2);
+    let failed: Vec<_> = records
+        .iter()
+        .filter(|r| r.outcome == Outcome::Failed)
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].reference.as_deref(), Some("app:1"));
+    assert!(failed[0].error.as_deref().unwrap().contains("injected"));
+    // app:2 was still removed after app:1 failed.
+    assert!(!engine.references().contains(&"app:2".to_string()));
+}
+
+#[test]
+fn removal_racing_a_new_container_is_skipped_not_forced() {
+    let engine = FakeEngine::new(store(), vec![]);
+    // The first container listing is the plan's; the race shows up after it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use stowage::engine::Engine;
+        engine.list_containers().await.unwrap();
+    });
+    engine.add_container_later(container("race", "a2"));
+    let (_, report, records) = run(&engine, false, &CancellationToken::new());
+    assert_eq!(report.skipped, 1);
+    assert_eq!(report.failed, 0);
+    let skip = records
+        .iter()
+        .find(|r| r.action == AuditAction::Skip)
+        .expect("a skip record");
+    assert_eq!(skip.reference.as_deref(), Some("app:2"));
+    assert!(
+        skip.reason.contains("created since planning"),
+        "{}",
+        skip.reason
+    );
+    assert!(engine.references().contains(&"app:2".to_string()));
+}
+
+#[test]
+fn dry_run_changes_nothing_and_records_every_action() {
+    let engine = FakeEngine::new(store(), vec![]);
+    let before = engine.references();
+    let (pl, report, records) = run(&engine, true, &CancellationToken::new());
+    assert_eq!(engine.references(), before);
+    assert_eq!(report.dry_run, pl.actions.len());
+    assert!(!pl.actions.is_empty());
+    assert_eq!(records.len(), pl.actions.len());
+    assert!(records.iter().all(|r| r.outcome == Outcome::DryRun));
+    assert!(
+        engine
+            .calls()
+            .iter()
+            .all(|c| !c.starts_with("remove") && !c.starts_with("tag"))
+    );
+}
+
+#[test]
+fn shutdown_stops_between_actions() {
+    let engine = FakeEngine::new(store(), vec![]);
+    let token = CancellationToken::new();
+    token.cancel();
+    let (_, report, records) = run(&engine, false, &token);
+    assert!(report.interrupted);
+    assert!(records.is_empty());
+    assert_eq!(engine.references().len(), 5);
+}
