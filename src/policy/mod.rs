@@ -175,6 +175,9 @@ pub struct Prepull {
     pub keep_previous: usize,
 }
 
+// A policy holds a handful of these; boxing the schedule would only make
+// matching on it clumsier for the planner.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Refresh {
     /// Follow `[daemon].schedule`.

@@ -185,9 +185,9 @@ impl<'s, 'a> Validator<'s, 'a> {
         };
         let daemon = daemon?;
 
-        self.prepull_duplicates(&raw, &prepull);
+        self.prepull_duplicates(&raw);
         if let Some(allowed) = &daemon.allowed_registries {
-            self.allowed(allowed, &raw, &prepull, &mirror);
+            self.allowed(allowed, &raw);
         }
 
         if !ok {
@@ -579,9 +579,8 @@ impl<'s, 'a> Validator<'s, 'a> {
         let refresh = match &r.refresh {
             Some(v) if v.get_ref().trim() == "never" => Some(Refresh::Never),
             Some(v) => match Cron::parse(v.get_ref()) {
-                Ok(c) if by_digest => {
-                    // A digest never changes: there is nothing to check for.
-                    let _ = c;
+                // A digest never changes: there is nothing to check for.
+                Ok(_) if by_digest => {
                     self.err(
                         v.span(),
                         format!("{at}.refresh: an image pinned by digest never changes; use \"never\" or drop `refresh`"),
@@ -616,7 +615,7 @@ impl<'s, 'a> Validator<'s, 'a> {
             None => Some(0),
         };
         let (reference, refresh, keep_previous) = (reference?, refresh?, keep_previous?);
-        ok.then(|| Prepull {
+        ok.then_some(Prepull {
             image: reference.text,
             digest,
             platform,
@@ -745,8 +744,7 @@ impl<'s, 'a> Validator<'s, 'a> {
 
     // ---- cross-rule checks ----
 
-    fn prepull_duplicates(&mut self, raw: &RawPolicy, prepull: &[Prepull]) {
-        let _ = prepull;
+    fn prepull_duplicates(&mut self, raw: &RawPolicy) {
         let mut seen: HashMap<(String, String), usize> = HashMap::new();
         for s in &raw.prepull {
             let Some(image) = &s.raw.image else { continue };
@@ -772,14 +770,7 @@ impl<'s, 'a> Validator<'s, 'a> {
 
     /// Registries outside `allowed_registries` are refused at run time; say
     /// so now rather than fail every reconcile.
-    fn allowed(
-        &mut self,
-        allowed: &[String],
-        raw: &RawPolicy,
-        prepull: &[Prepull],
-        mirror: &[Mirror],
-    ) {
-        let _ = (prepull, mirror);
+    fn allowed(&mut self, allowed: &[String], raw: &RawPolicy) {
         let is_allowed = |h: &str| allowed.iter().any(|a| *a == canonical_registry(h));
         for s in &raw.prepull {
             let sources: Vec<&Spanned<String>> = s
