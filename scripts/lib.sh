@@ -40,7 +40,7 @@ stowage_install_deps() {
     fi
     stowage_log "installing ${missing[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 }
 
 # Print a free TCP port on 127.0.0.1.
