@@ -1241,6 +1241,17 @@ pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (number, unit) = (&t[..split], t[split..].trim());
+    let (whole, frac) = number.split_once('.').unwrap_or((number, ""));
+    let valid = !whole.is_empty()
+        && whole.chars().all(|c| c.is_ascii_digit())
+        && frac.chars().all(|c| c.is_ascii_digit())
+        && !(number.ends_with('.'));
+    if !valid {
+        return Err(
+            r#"expected a number with an optional unit, e.g. "500MB", "20GiB" or "1.5GB""#
+                .to_owned(),
+        );
+    }
     let multiplier: u128 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "kb" => 1000,
@@ -1257,20 +1268,11 @@ pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
             ));
         }
     };
-    let (whole, frac) = number.split_once('.').unwrap_or((number, ""));
-    let valid = !whole.is_empty()
-        && whole.chars().all(|c| c.is_ascii_digit())
-        && frac.chars().all(|c| c.is_ascii_digit())
-        && !(number.ends_with('.'));
-    if !valid {
-        return Err(
-            r#"expected a number with an optional unit, e.g. "500MB", "20GiB" or "1.5GB""#
-                .to_owned(),
-        );
-    }
     // Exact integer arithmetic: 1.5GB is exactly 1_500_000_000 bytes.
     let too_large = || "too large".to_owned();
-    if whole.len() > 30 || frac.len() > 18 {
+    // u64::MAX has 20 digits; sub-byte precision beyond 18 decimals is moot.
+    let frac = &frac[..frac.len().min(18)];
+    if whole.len() > 20 {
         return Err(too_large());
     }
     let digits: u128 = format!("{whole}{frac}").parse().map_err(|_| too_large())?;
@@ -1542,6 +1544,12 @@ mod tests {
         assert!(parse_size("5 parsecs").is_err());
         assert!(parse_size("99999999999TiB").is_err());
         assert!(parse_size("-5MB").is_err());
+        assert_eq!(parse_size("1.0000000000000000000001KB"), Ok(1000));
+        assert!(
+            parse_size("lots")
+                .unwrap_err()
+                .starts_with("expected a number")
+        );
     }
 
     #[test]
