@@ -191,6 +191,15 @@ fn wrong_type_is_not_also_missing() {
 }
 
 #[test]
+fn mistyped_untagged_is_not_also_missing_images() {
+    one_error(
+        "version = 1\n[[retain]]\nname = \"d\"\nuntagged = \"yes\"\n",
+        "4:12",
+        "retain[1].untagged: invalid type: string \"yes\", expected a boolean",
+    );
+}
+
+#[test]
 fn daemon_as_array_of_tables() {
     one_error(
         "version = 1\n[[daemon]]\nwatch = true\n",
@@ -918,6 +927,7 @@ const KEYS: &[&str] = &[
     "control_socket",
     "metrics",
     "credentials_file",
+    "stall_timeout",
     "name",
     "images",
     "tags",

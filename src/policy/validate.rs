@@ -28,6 +28,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/stowage";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/stowage/control.sock";
 const DEFAULT_MIN_AGE: Duration = Duration::from_secs(3600);
 const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(15 * 60);
+const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(2 * 60);
 const DEFAULT_MAX_REMOVALS: usize = 100;
 const DEFAULT_CONCURRENCY: usize = 2;
 /// More parallel pulls than this only thrashes the uplink and the disk.
@@ -231,6 +232,7 @@ impl<'s, 'a> Validator<'s, 'a> {
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
             metrics: None,
             credentials_file: None,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
         }
     }
 
@@ -269,6 +271,12 @@ impl<'s, 'a> Validator<'s, 'a> {
         }
         if let Some(v) = &r.retry_max {
             ok &= set(&mut d.retry_max, self.duration(v, "daemon.retry_max", true));
+        }
+        if let Some(v) = &r.stall_timeout {
+            ok &= set(
+                &mut d.stall_timeout,
+                self.duration(v, "daemon.stall_timeout", true),
+            );
         }
         if let Some(v) = &r.max_removals {
             ok &= set(
@@ -337,7 +345,8 @@ impl<'s, 'a> Validator<'s, 'a> {
             }
             Some(RetainScope::Untagged)
         } else {
-            if !s.written(&r.images, "images") {
+            // A mistyped `untagged` was reported already; do not guess.
+            if !s.written(&r.images, "images") && !s.bad.contains("untagged") {
                 self.err(
                     s.span.clone(),
                     format!("{at}: missing `images` (repository globs); or set `untagged = true` to scope dangling images"),
@@ -1506,7 +1515,7 @@ fn has_port(text: &str) -> bool {
 }
 
 /// Docker Hub answers to several names; `allowed_registries` treats them as one.
-fn canonical_registry(host: &str) -> String {
+pub(crate) fn canonical_registry(host: &str) -> String {
     match host {
         "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
             DOCKER_HUB.to_owned()
