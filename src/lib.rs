@@ -9,6 +9,7 @@
 //! - [`refs`]: parsing `repository:tag` references.
 //! - [`state`]: crash-safe persistent state (first seen, last used, backoff).
 //! - [`audit`]: the JSON-lines audit log.
+//! - [`credentials`]: registry credentials from Docker's `config.json`.
 //! - [`fixture`]: docker-archive fixture images for tests, demos and benchmarks.
 //! - [`plan`]: the pure planner and its rendering.
 //! - [`reconcile`]: observe, plan, execute through the audit log.
@@ -16,6 +17,7 @@
 
 pub mod audit;
 pub mod cli;
+pub mod credentials;
 pub mod engine;
 pub mod fixture;
 pub mod plan;

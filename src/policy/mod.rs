@@ -9,6 +9,7 @@ mod raw;
 mod validate;
 
 pub use diag::{Diagnostic, Diagnostics};
+pub(crate) use validate::canonical_registry;
 pub use validate::{load, parse};
 
 use std::path::PathBuf;
@@ -51,6 +52,10 @@ pub struct Daemon {
     pub metrics: Option<String>,
     /// Docker `config.json`-format credentials, instead of the engine user's.
     pub credentials_file: Option<PathBuf>,
+    /// A pull or push with no progress for this long is abandoned (and
+    /// retried with backoff): a stalled uplink must not hold a transfer slot
+    /// forever. Also bounds each registry digest lookup.
+    pub stall_timeout: Duration,
 }
 
 /// A compiled cron schedule together with its source text (for display).
@@ -173,6 +178,18 @@ pub struct Prepull {
     /// Registries (`host[:port]`) tried in order before the image's own.
     pub sources: Vec<String>,
     pub keep_previous: usize,
+}
+
+impl Prepull {
+    /// The key of this entry in the persistent state (previous images, last
+    /// refresh check, backoff): the image, plus the platform when one is set,
+    /// since the same image may be listed once per platform.
+    pub fn key(&self) -> String {
+        match &self.platform {
+            Some(p) => format!("{} {p}", self.image),
+            None => self.image.clone(),
+        }
+    }
 }
 
 // A policy holds a handful of these; boxing the schedule would only make

@@ -41,6 +41,7 @@ pub(super) struct RawDaemon {
     pub control_socket: Opt<String>,
     pub metrics: Opt<String>,
     pub credentials_file: Opt<String>,
+    pub stall_timeout: Opt<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
