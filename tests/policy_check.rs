@@ -686,6 +686,7 @@ fn minimal_policy_gets_every_default() {
     assert_eq!(d.max_removals, 100);
     assert_eq!(d.concurrency, 2);
     assert_eq!(d.retry_max, Duration::from_secs(900));
+    assert_eq!(d.stall_timeout, Duration::from_secs(120));
     assert_eq!(d.allowed_registries, None);
     assert_eq!(d.control_socket, PathBuf::from("/run/stowage/control.sock"));
     assert_eq!(d.metrics, None);
