@@ -805,6 +805,17 @@ fn image_facts(
             }
         }
     }
+    // Earlier images of a [[prepull]] entry, kept for rollback (newest first).
+    let mut previous: HashMap<&str, (&str, usize)> = HashMap::new();
+    for p in &policy.prepull {
+        if let Some(ps) = state.prepull.get(&p.key()) {
+            for id in ps.previous.iter().take(p.keep_previous) {
+                previous
+                    .entry(id.as_str())
+                    .or_insert((p.image.as_str(), p.keep_previous));
+            }
+        }
+    }
     let min_age = i64::try_from(policy.daemon.min_age.as_secs()).unwrap_or(i64::MAX);
     images
         .iter()
@@ -845,6 +856,11 @@ fn image_facts(
                 Some((
                     format!("prepull:{p}"),
                     format!("current image of [[prepull]] {p}"),
+                ))
+            } else if let Some((p, n)) = previous.get(img.id.as_str()) {
+                Some((
+                    format!("prepull:{p}"),
+                    format!("previous image of [[prepull]] {p}, kept for rollback (keep_previous={n})"),
                 ))
             } else if now.saturating_sub(first_seen) < min_age {
                 Some((

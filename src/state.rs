@@ -41,6 +41,20 @@ pub struct Backoff {
     pub last_error: String,
 }
 
+/// What stowage remembers about one `[[prepull]]` entry (keyed by
+/// [`crate::policy::Prepull::key`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepullState {
+    /// Image ids this reference pointed at before stowage moved it, newest
+    /// first: the planner protects the first `keep_previous` for rollback.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous: Vec<String>,
+    /// Last time the registry was asked for the tag's digest (Unix seconds):
+    /// the `refresh` schedule counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checked: Option<i64>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     /// Format version of the file, for future migrations.
@@ -55,6 +69,9 @@ pub struct State {
     /// Keyed by `action reference`, e.g. `pull nginx:1.25`.
     #[serde(default)]
     pub backoff: BTreeMap<String, Backoff>,
+    /// Per `[[prepull]]` entry: previous images and refresh bookkeeping.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub prepull: BTreeMap<String, PrepullState>,
 }
 
 impl State {
@@ -94,6 +111,10 @@ impl State {
     pub fn retain_images<'a>(&mut self, present: impl IntoIterator<Item = &'a str>) {
         let keep: std::collections::HashSet<&str> = present.into_iter().collect();
         self.images.retain(|id, _| keep.contains(id.as_str()));
+        // A previous image removed by hand cannot be rolled back to.
+        for p in self.prepull.values_mut() {
+            p.previous.retain(|id| keep.contains(id.as_str()));
+        }
     }
 }
 
