@@ -196,13 +196,22 @@ async fn cmd_plan(
     let engine = connect(engine).await?;
     let now = SystemClock.now();
     let state = load_state(&policy, now);
-    let (_, plan) = reconcile::plan_now(&engine, &policy, &state, now).await?;
+    let (observed, plan) = reconcile::plan_now(&engine, &policy, &state, now).await?;
+    // Pending pulls and pushes: read-only registry lookups; an unreachable
+    // registry shows up in the plan instead of failing it.
+    let transfers =
+        crate::transfer::preview(&engine, &policy, &observed, &state, now.timestamp()).await;
     if json {
-        print_json(&plan)?;
+        let mut value = serde_json::to_value(&plan)?;
+        if let Some(map) = value.as_object_mut() {
+            map.insert("transfers".into(), serde_json::to_value(&transfers.items)?);
+        }
+        print_json(&value)?;
     } else {
+        print!("{}", transfers.render());
         print!("{}", plan::render(&plan));
     }
-    Ok(if exit_code && !plan.is_empty() {
+    Ok(if exit_code && !(plan.is_empty() && transfers.is_empty()) {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
@@ -220,11 +229,17 @@ async fn cmd_apply(path: &Path, engine: Option<&str>, dry_run: bool) -> Result<E
             stop.cancel();
         }
     });
+    // A one-shot apply checks pre-pull refreshes now, not on their schedule.
+    let options = reconcile::Options {
+        dry_run,
+        force_refresh: true,
+    };
     let (plan, report) =
-        reconcile::reconcile(&engine, &policy, &SystemClock, dry_run, &shutdown).await?;
+        reconcile::reconcile_with(&engine, &policy, &SystemClock, options, &shutdown).await?;
     print!("{}", plan::render(&plan));
     println!("run {}: {}", report.run, report.summary());
-    Ok(if report.failed > 0 {
+    // A reference backing off after earlier failures is not as declared yet.
+    Ok(if report.failed > 0 || report.backing_off > 0 {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

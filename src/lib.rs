@@ -13,6 +13,8 @@
 //! - [`fixture`]: docker-archive fixture images for tests, demos and benchmarks.
 //! - [`plan`]: the pure planner and its rendering.
 //! - [`reconcile`]: observe, plan, execute through the audit log.
+//! - [`transfer`]: pre-pulls and mirror pushes: pure decisions, then pulls and
+//!   pushes with bounded concurrency, stall watchdog and persistent backoff.
 //! - [`cli`]: the command line.
 
 pub mod audit;
@@ -25,3 +27,4 @@ pub mod policy;
 pub mod reconcile;
 pub mod refs;
 pub mod state;
+pub mod transfer;

@@ -14,6 +14,7 @@ use crate::engine::{Engine, EngineError};
 use crate::plan::{self, Action, Kind, Observed, Plan};
 use crate::policy::Policy;
 use crate::state::{State, StateError, StateStore};
+use crate::transfer;
 
 /// Why a reconcile could not run at all (exit 2).
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,13 @@ pub struct Report {
     pub untagged: usize,
     pub tagged: usize,
     pub bytes_freed: u64,
+    /// Images pre-pulled (`[[prepull]]`).
+    pub pulled: usize,
+    /// References pushed to mirrors (`[[mirror]]`).
+    pub pushed: usize,
+    /// Transfers not attempted because their reference backs off after
+    /// earlier failures: the host is not yet as declared.
+    pub backing_off: usize,
     /// Set when shutdown stopped the execution between two actions.
     pub interrupted: bool,
 }
@@ -50,6 +58,12 @@ impl Report {
             "removed {}, untagged {}, tagged {}, failed {}, skipped {}, deferred {}",
             self.removed, self.untagged, self.tagged, self.failed, self.skipped, self.deferred
         );
+        if self.pulled + self.pushed + self.backing_off > 0 {
+            s.push_str(&format!(
+                ", pulled {}, pushed {}, backing off {}",
+                self.pulled, self.pushed, self.backing_off
+            ));
+        }
         if self.dry_run > 0 {
             s.push_str(&format!(", dry-run {}", self.dry_run));
         }
@@ -116,7 +130,8 @@ pub async fn plan_now<E: Engine>(
     Ok((observed, plan))
 }
 
-/// One whole reconcile: load state, observe, plan, execute, save state.
+/// One whole reconcile as the daemon runs it: pre-pull refreshes follow
+/// their schedules. See [`reconcile_with`].
 pub async fn reconcile<E: Engine>(
     engine: &E,
     policy: &Policy,
@@ -124,6 +139,33 @@ pub async fn reconcile<E: Engine>(
     dry_run: bool,
     shutdown: &CancellationToken,
 ) -> Result<(Plan, Report), ReconcileError> {
+    let options = Options {
+        dry_run,
+        force_refresh: false,
+    };
+    reconcile_with(engine, policy, clock, options, shutdown).await
+}
+
+/// How one reconcile runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Plan and record, change nothing (also `[daemon].dry_run`).
+    pub dry_run: bool,
+    /// Treat every pre-pull `refresh` as due: a one-shot `stowage apply`
+    /// checks the registries now rather than waiting for a schedule.
+    pub force_refresh: bool,
+}
+
+/// One whole reconcile: load state, observe, transfers (pre-pulls, then
+/// mirror pushes), observe again, plan retention, execute, save state.
+pub async fn reconcile_with<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    clock: &dyn Clock,
+    options: Options,
+    shutdown: &CancellationToken,
+) -> Result<(Plan, Report), ReconcileError> {
+    let dry_run = options.dry_run;
     let store = StateStore::new(&policy.daemon.state_dir);
     let now = clock.now();
     let loaded = store.load(now.timestamp());
@@ -131,20 +173,55 @@ pub async fn reconcile<E: Engine>(
         tracing::warn!("{w}");
     }
     let mut state = loaded.state;
-    let observed = observe(engine).await?;
-    note_observed(&mut state, &observed, now.timestamp());
-    let plan = plan::plan(policy, &observed, &state, now.timestamp());
+    let run = run_id(now);
     let mut audit = AuditLog::open(&policy.daemon.audit_log)?;
-    let report = execute(
+    let mut observed = observe(engine).await?;
+    note_observed(&mut state, &observed, now.timestamp());
+    // Transfers come first so that retention plans on the store as the
+    // pulls left it (a freshly pulled image is never a removal candidate).
+    let transfers = transfer::run(
+        engine,
+        policy,
+        &observed,
+        &mut state,
+        &mut audit,
+        &run,
+        transfer::RunOptions {
+            dry_run: dry_run || policy.daemon.dry_run,
+            force_refresh: options.force_refresh,
+        },
+        clock,
+        shutdown,
+    )
+    .await?;
+    let has_transfers = !policy.prepull.is_empty() || !policy.mirror.is_empty();
+    if !(dry_run || policy.daemon.dry_run) && has_transfers {
+        // Backoff must survive a crash later in this reconcile.
+        store.save(&state)?;
+    }
+    if transfers.changed {
+        observed = observe(engine).await?;
+        note_observed(&mut state, &observed, clock.now().timestamp());
+    }
+    let plan = plan::plan(policy, &observed, &state, now.timestamp());
+    let mut report = execute(
         engine,
         &plan,
         &mut audit,
-        &run_id(now),
+        &run,
         dry_run || policy.daemon.dry_run,
         clock,
         shutdown,
     )
     .await?;
+    report.pulled = transfers.pulled;
+    report.pushed = transfers.pushed;
+    report.backing_off = transfers.backing_off;
+    report.tagged += transfers.tagged;
+    report.failed += transfers.failed;
+    report.ok += transfers.pulled + transfers.pushed + transfers.tagged;
+    report.dry_run += transfers.dry_run;
+    report.interrupted |= transfers.interrupted;
     if !(dry_run || policy.daemon.dry_run) {
         // Forget what is gone; the next observation adds what is new.
         let gone: Vec<&str> = plan

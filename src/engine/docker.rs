@@ -61,13 +61,7 @@ impl DockerEngine {
     /// Accepts `unix:///path`, a bare `/path`, `tcp://host:port` and
     /// `http://host:port`.
     pub async fn connect(uri: Option<&str>) -> EngineResult<DockerEngine> {
-        let address = match uri {
-            Some(uri) => uri.to_owned(),
-            None => std::env::var("DOCKER_HOST")
-                .ok()
-                .filter(|v| !v.trim().is_empty())
-                .unwrap_or_else(|| DEFAULT_ADDRESS.to_owned()),
-        };
+        let address = resolve_address(uri);
         let unreachable = |message: String| EngineError::Unreachable {
             address: address.clone(),
             message,
@@ -222,6 +216,19 @@ impl DockerEngine {
             });
         }
         Ok(value)
+    }
+}
+
+/// The address [`DockerEngine::connect`] uses for `uri`: itself, else
+/// `DOCKER_HOST`, else the local socket (the daemon shows it while the
+/// engine is unreachable).
+pub fn resolve_address(uri: Option<&str>) -> String {
+    match uri {
+        Some(uri) => uri.to_owned(),
+        None => std::env::var("DOCKER_HOST")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_ADDRESS.to_owned()),
     }
 }
 

@@ -23,6 +23,9 @@ struct Inner {
     race_containers: Vec<Container>,
     /// Every call made, for assertions on call counts.
     calls: Vec<String>,
+    /// How long each image listing takes (a slow engine, for loop tests
+    /// under paused tokio time).
+    list_delay: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -72,6 +75,11 @@ impl FakeEngine {
         self.lock().race_containers.push(c);
     }
 
+    /// Makes every image listing take `delay` (tokio time).
+    pub fn set_list_delay(&self, delay: std::time::Duration) {
+        self.lock().list_delay = Some(delay);
+    }
+
     pub fn calls(&self) -> Vec<String> {
         self.lock().calls.clone()
     }
@@ -86,6 +94,10 @@ fn find<'a>(images: &'a mut [Image], reference: &str) -> Option<&'a mut Image> {
 
 impl Engine for FakeEngine {
     async fn list_images(&self) -> EngineResult<Vec<Image>> {
+        let delay = self.lock().list_delay;
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
         let mut g = self.lock();
         g.calls.push("list_images".into());
         Ok(g.images.clone())

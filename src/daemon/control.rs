@@ -1,0 +1,304 @@
+//! The control socket: line-delimited JSON over a local unix socket.
+//!
+//! Each request is one JSON object on one line, each answer likewise; a
+//! connection may carry several requests in turn.
+//!
+//! ```text
+//! -> {"request":"status"}
+//! <- {"response":"status","daemon":{...},"references":[...],"images":12}
+//! -> {"request":"reconcile"}
+//! <- {"response":"reconcile","result":{"run":"...","failed":0,"summary":"removed 3, ..."}}
+//! <- {"response":"error","message":"..."}          (any request)
+//! ```
+//!
+//! The socket is created mode 0600: only its owner (root, for the packaged
+//! unit) may ask for status or reconciles.
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::status::{DaemonStatus, ReconcileResult, StatusRow};
+
+/// A client silent for this long between requests is dropped.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A request line longer than this is refused (requests are tiny).
+const MAX_LINE: u64 = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    /// The daemon's view and every reference's verdict.
+    Status,
+    /// Reconcile now and answer with the result (waits for it).
+    Reconcile,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case")]
+pub enum Response {
+    Status {
+        /// Boxed: the other answers are a few words.
+        daemon: Box<DaemonStatus>,
+        /// Verdicts under the policy in force; `None` when the engine could
+        /// not be asked (see `references_error`).
+        references: Option<Vec<StatusRow>>,
+        /// Images on the engine.
+        images: Option<usize>,
+        references_error: Option<String>,
+    },
+    Reconcile {
+        result: ReconcileResult,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// What the daemon answers; implemented by the daemon loop's shared handle.
+pub trait Handler: Send + Sync + 'static {
+    fn status(&self) -> impl Future<Output = Response> + Send;
+    fn reconcile(&self) -> impl Future<Output = Response> + Send;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot create the control socket folder {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("another stowage daemon already answers at {0}")]
+    AlreadyRunning(PathBuf),
+    #[error("cannot bind the control socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Binds the control socket at `path`, creating its folder. A stale socket
+/// file (left by a crash) is replaced; a live one means another daemon runs.
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| ControlError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    if std::fs::symlink_metadata(path).is_ok() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ControlError::AlreadyRunning(path.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let bind_err = |source| ControlError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    Ok(listener)
+}
+
+/// Answers requests until `shutdown`; then removes the socket file.
+pub async fn serve<H: Handler>(
+    listener: UnixListener,
+    path: PathBuf,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                backoff = Duration::from_millis(10);
+                let handler = handler.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = shutdown.cancelled() => {}
+                        r = connection(stream, &*handler) => if let Err(e) = r {
+                            tracing::debug!("control socket client: {e}");
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("control socket: accept failed: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn connection<H: Handler>(stream: UnixStream, handler: &H) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    loop {
+        let mut line = String::new();
+        let n = tokio::time::timeout(
+            IDLE_TIMEOUT,
+            (&mut read).take(MAX_LINE).read_line(&mut line),
+        )
+        .await
+        .map_err(|_| std::io::ErrorKind::TimedOut)??;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Status) => handler.status().await,
+            Ok(Request::Reconcile) => handler.reconcile().await,
+            Err(e) => Response::Error {
+                message: format!(
+                    "bad request ({e}); send one JSON object per line: {{\"request\":\"status\"}} or {{\"request\":\"reconcile\"}}"
+                ),
+            },
+        };
+        let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no stowage daemon answers at {path} ({source})")]
+    NoDaemon {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: unexpected answer: {message}")]
+    Protocol { path: PathBuf, message: String },
+}
+
+/// Sends one request to the daemon at `path` and reads its answer.
+pub async fn request(path: &Path, request: &Request) -> Result<Response, ClientError> {
+    let io = |source| ClientError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let stream = UnixStream::connect(path).await.map_err(|source| {
+        use std::io::ErrorKind::{ConnectionRefused, NotFound};
+        match source.kind() {
+            NotFound | ConnectionRefused => ClientError::NoDaemon {
+                path: path.to_path_buf(),
+                source,
+            },
+            _ => io(source),
+        }
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(request).map_err(|e| io(std::io::Error::other(e)))?;
+    line.push(b'\n');
+    write.write_all(&line).await.map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(read)
+        .read_line(&mut answer)
+        .await
+        .map_err(io)?;
+    if answer.is_empty() {
+        return Err(ClientError::Protocol {
+            path: path.to_path_buf(),
+            message: "the daemon closed the connection without answering (shutting down?)".into(),
+        });
+    }
+    serde_json::from_str(&answer).map_err(|e| ClientError::Protocol {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format_is_stable() {
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"request":"status"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"request":"reconcile"}"#).unwrap(),
+            Request::Reconcile
+        );
+        let e = Response::Error {
+            message: "x".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"response":"error","message":"x"}"#
+        );
+    }
+
+    struct Echo;
+    impl Handler for Echo {
+        async fn status(&self) -> Response {
+            Response::Error {
+                message: "status".into(),
+            }
+        }
+        async fn reconcile(&self) -> Response {
+            Response::Error {
+                message: "reconcile".into(),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trip_stale_socket_and_bad_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/control.sock");
+        // A stale socket file from a crashed daemon is replaced.
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let listener = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(bind(&path), Err(ControlError::AlreadyRunning(_))));
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, path.clone(), Arc::new(Echo), stop.clone()));
+        let answer = request(&path, &Request::Reconcile).await.unwrap();
+        assert_eq!(
+            answer,
+            Response::Error {
+                message: "reconcile".into()
+            }
+        );
+        // A malformed line gets an error answer, not a dropped connection.
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        s.write_all(b"hello\n").await.unwrap();
+        let mut line = String::new();
+        BufReader::new(&mut s).read_line(&mut line).await.unwrap();
+        assert!(line.contains("bad request"), "{line}");
+        stop.cancel();
+        server.await.unwrap();
+        assert!(!path.exists(), "socket file removed on shutdown");
+        assert!(matches!(
+            request(&path, &Request::Status).await,
+            Err(ClientError::NoDaemon { .. })
+        ));
+    }
+}

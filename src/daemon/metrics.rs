@@ -1,0 +1,364 @@
+//! Prometheus metrics: counters kept by the daemon loop, rendered in the text
+//! exposition format 0.0.4, served by a minimal HTTP/1.1 server (one request
+//! per connection) so no web framework is needed for one endpoint.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::Record;
+
+/// The content type Prometheus expects for the text format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// A request head larger than this is not a scrape.
+const MAX_REQUEST: usize = 8 * 1024;
+/// A client that sends nothing for this long is dropped.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+struct Values {
+    reconciles: u64,
+    failures: u64,
+    /// `(action, outcome)` -> count, from the audit records of each reconcile.
+    actions: BTreeMap<(String, String), u64>,
+    bytes_freed: u64,
+    last_timestamp: Option<f64>,
+    last_duration: Option<f64>,
+    images: Option<u64>,
+    image_bytes: Option<u64>,
+    reload_errors: u64,
+    engine_reachable: bool,
+}
+
+/// The daemon's metrics. Cheap to update; rendered on each scrape.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    values: Mutex<Values>,
+}
+
+impl Metrics {
+    fn with<T>(&self, f: impl FnOnce(&mut Values) -> T) -> T {
+        // A panic while holding the lock leaves plain numbers: still usable.
+        let mut guard = self.values.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut guard)
+    }
+
+    /// Counts one finished reconcile and the audit records it wrote.
+    pub fn reconciled(
+        &self,
+        finished_at: f64,
+        duration: Duration,
+        failed: bool,
+        records: &[Record],
+    ) {
+        self.with(|v| {
+            v.reconciles += 1;
+            if failed {
+                v.failures += 1;
+            }
+            v.last_timestamp = Some(finished_at);
+            v.last_duration = Some(duration.as_secs_f64());
+            for r in records {
+                *v.actions
+                    .entry((r.action.as_str().to_owned(), r.outcome.as_str().to_owned()))
+                    .or_default() += 1;
+                if r.outcome == crate::audit::Outcome::Ok {
+                    v.bytes_freed += freed(r);
+                }
+            }
+        });
+    }
+
+    pub fn images(&self, count: u64, bytes: u64) {
+        self.with(|v| {
+            v.images = Some(count);
+            v.image_bytes = Some(bytes);
+        });
+    }
+
+    pub fn reload_error(&self) {
+        self.with(|v| v.reload_errors += 1);
+    }
+
+    pub fn engine_reachable(&self, up: bool) {
+        self.with(|v| v.engine_reachable = up);
+    }
+
+    /// Finished reconciles so far (tests and status).
+    pub fn reconciles(&self) -> u64 {
+        self.with(|v| v.reconciles)
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        self.with(|v| {
+            let mut out = String::new();
+            let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
+                let _ = writeln!(out, "# HELP {name} {help}");
+                let _ = writeln!(out, "# TYPE {name} {kind}");
+                for (labels, value) in samples {
+                    let _ = writeln!(out, "{name}{labels} {value}");
+                }
+            };
+            let one = |value: String| vec![(String::new(), value)];
+            metric(
+                "stowage_reconciles_total",
+                "counter",
+                "Reconciles run (including those that failed).",
+                &one(v.reconciles.to_string()),
+            );
+            metric(
+                "stowage_reconcile_failures_total",
+                "counter",
+                "Reconciles that could not run or had failed actions.",
+                &one(v.failures.to_string()),
+            );
+            let actions: Vec<(String, String)> = v
+                .actions
+                .iter()
+                .map(|((kind, outcome), n)| {
+                    (
+                        format!(
+                            "{{kind=\"{}\",outcome=\"{}\"}}",
+                            escape(kind),
+                            escape(outcome)
+                        ),
+                        n.to_string(),
+                    )
+                })
+                .collect();
+            metric(
+                "stowage_actions_total",
+                "counter",
+                "Audit records written, by action kind and outcome.",
+                &actions,
+            );
+            metric(
+                "stowage_bytes_freed_total",
+                "counter",
+                "Bytes freed by removals, evictions and build-cache pruning.",
+                &one(v.bytes_freed.to_string()),
+            );
+            let optional = |x: Option<String>| x.map(one).unwrap_or_default();
+            metric(
+                "stowage_last_reconcile_timestamp_seconds",
+                "gauge",
+                "Unix time the last reconcile finished.",
+                &optional(v.last_timestamp.map(|t| format!("{t:.3}"))),
+            );
+            metric(
+                "stowage_last_reconcile_duration_seconds",
+                "gauge",
+                "How long the last reconcile took.",
+                &optional(v.last_duration.map(|t| format!("{t:.3}"))),
+            );
+            metric(
+                "stowage_images",
+                "gauge",
+                "Images on the engine after the last reconcile.",
+                &optional(v.images.map(|n| n.to_string())),
+            );
+            metric(
+                "stowage_image_bytes",
+                "gauge",
+                "Sum of image sizes as the engine lists them (shared layers counted per image).",
+                &optional(v.image_bytes.map(|n| n.to_string())),
+            );
+            metric(
+                "stowage_policy_reload_errors_total",
+                "counter",
+                "Policy reloads rejected as invalid (the old policy stayed in force).",
+                &one(v.reload_errors.to_string()),
+            );
+            metric(
+                "stowage_engine_reachable",
+                "gauge",
+                "1 when the Docker engine answers, else 0.",
+                &one(u8::from(v.engine_reachable).to_string()),
+            );
+            out
+        })
+    }
+}
+
+/// Bytes an audit record freed: removals, evictions and build-cache pruning.
+fn freed(r: &Record) -> u64 {
+    use crate::audit::Action;
+    match r.action {
+        Action::Remove | Action::Evict | Action::PruneBuild => r.bytes.unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Label values escape `\`, `"` and newlines.
+fn escape(v: &str) -> String {
+    v.replace('\\', r"\\")
+        .replace('"', "\\\"")
+        .replace('\n', r"\n")
+}
+
+/// Binds `addr` (`host:port`).
+pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves `GET /metrics` until `shutdown`. Accept errors (e.g. out of file
+/// descriptors) back off instead of spinning.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                backoff = Duration::from_millis(10);
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = answer(stream, &metrics).await {
+                        tracing::debug!("metrics request: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("metrics: accept failed: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buf))
+            .await
+            .map_err(|_| std::io::ErrorKind::TimedOut)??;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > MAX_REQUEST {
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "",
+            )
+            .await;
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let mut words = text.lines().next().unwrap_or_default().split_whitespace();
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET" | "HEAD", "/metrics") => {
+            let body = metrics.render();
+            let body = if method == "HEAD" {
+                String::new()
+            } else {
+                body
+            };
+            respond(&mut stream, "200 OK", CONTENT_TYPE, &body).await
+        }
+        ("GET" | "HEAD", "/") => {
+            respond(
+                &mut stream,
+                "200 OK",
+                "text/plain; charset=utf-8",
+                "stowage: metrics at /metrics\n",
+            )
+            .await
+        }
+        ("GET" | "HEAD", _) => {
+            respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await
+        }
+        _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", "").await,
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{Action, Outcome};
+
+    fn record(action: Action, outcome: Outcome, bytes: Option<u64>) -> Record {
+        Record {
+            ts: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            run: "r".into(),
+            action,
+            reference: None,
+            image: None,
+            rule: None,
+            reason: String::new(),
+            outcome,
+            error: None,
+            bytes,
+            duration_ms: None,
+        }
+    }
+
+    #[test]
+    fn renders_every_family_with_help_and_type() {
+        let m = Metrics::default();
+        m.reconciled(
+            1_700_000_000.5,
+            Duration::from_millis(1500),
+            true,
+            &[
+                record(Action::Remove, Outcome::Ok, Some(100)),
+                record(Action::Remove, Outcome::Ok, Some(50)),
+                record(Action::Remove, Outcome::Failed, None),
+                record(Action::Untag, Outcome::Ok, None),
+            ],
+        );
+        m.images(3, 4096);
+        m.engine_reachable(true);
+        m.reload_error();
+        let text = m.render();
+        for line in [
+            "stowage_reconciles_total 1",
+            "stowage_reconcile_failures_total 1",
+            "stowage_actions_total{kind=\"remove\",outcome=\"ok\"} 2",
+            "stowage_actions_total{kind=\"remove\",outcome=\"failed\"} 1",
+            "stowage_actions_total{kind=\"untag\",outcome=\"ok\"} 1",
+            "stowage_bytes_freed_total 150",
+            "stowage_last_reconcile_timestamp_seconds 1700000000.500",
+            "stowage_last_reconcile_duration_seconds 1.500",
+            "stowage_images 3",
+            "stowage_image_bytes 4096",
+            "stowage_policy_reload_errors_total 1",
+            "stowage_engine_reachable 1",
+            "# TYPE stowage_actions_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+}

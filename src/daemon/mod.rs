@@ -1,0 +1,897 @@
+//! The daemon (`stowage run`): one loop that owns the policy in force, the
+//! engine connection and the reconciles.
+//!
+//! - Triggers (cron schedule, policy-file changes, SIGHUP, SIGUSR1, control
+//!   requests, the engine coming back) all ask for the same thing: a
+//!   reconcile. At most one runs and at most one waits; triggers arriving
+//!   meanwhile coalesce into the waiting one. The reconciler is never told
+//!   why it runs.
+//! - A reload validates the whole new policy first; an invalid one is logged
+//!   (`FILE:LINE:COL`), reported by `status`, and the old one stays in force.
+//! - Engine events become activity marks, written to the state in batches
+//!   between reconciles (the loop is then the state's only writer).
+//! - The engine may be down at start or go away: the loop reconnects with
+//!   capped backoff, logs each change of reachability once, and reconciles
+//!   when the engine is back.
+//! - Shutdown (the `shutdown` future) lets the action in flight finish,
+//!   writes the state, and returns.
+//!
+//! Signal and file-watch sources live in [`sources`] and only feed the
+//! trigger channel, so tests drive the loop with a fake engine and injected
+//! triggers.
+
+pub mod control;
+pub mod events;
+pub mod metrics;
+pub mod notify;
+pub mod sources;
+
+use std::future::Future;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::Record;
+use crate::engine::{Engine, EngineError, EngineResult};
+use crate::policy::{self, Policy};
+use crate::reconcile::{self, Clock, ReconcileError};
+use crate::state::StateStore;
+use crate::status::{self, DaemonStatus, Dated, ReconcileResult};
+
+use self::control::{ControlError, Handler, Request, Response};
+use self::events::SharedMarks;
+use self::metrics::Metrics;
+use self::notify::Notifier;
+
+/// Quiet time after the last change in the policy folder before the file
+/// is read: editors write in several steps.
+pub const DEBOUNCE: Duration = Duration::from_millis(250);
+/// First retry after the engine is lost; doubles up to [`RETRY_CAP`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between two connection attempts.
+pub const RETRY_CAP: Duration = Duration::from_secs(10);
+/// Activity marks are written at most this long after they were seen.
+const FLUSH_EVERY: Duration = Duration::from_secs(15);
+/// Heartbeat without a systemd watchdog (it also bounds how late a missed
+/// wake-up is noticed).
+const HEARTBEAT: Duration = Duration::from_secs(10);
+/// The cron wait is cut into slices this long and re-checked against the
+/// wall clock, so clock jumps and suspend do not make it miss a fire time.
+const CRON_SLICE: Duration = Duration::from_secs(60);
+/// On shutdown, the reconcile in flight gets this long to finish its action
+/// (systemd's stop timeout in the unit is 15 s).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+/// `status` shows this many recent errors.
+const KEEP_ERRORS: usize = 10;
+/// `status` gives up on listing the engine after this long.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why the loop should look at something. Only `Reload` and
+/// `PolicyTouched` differ from "reconcile": they re-read the policy first.
+#[derive(Debug)]
+pub enum Trigger {
+    /// Reconcile now (SIGUSR1).
+    Reconcile,
+    /// Re-read the policy (SIGHUP); reconcile when it loaded.
+    Reload,
+    /// Something changed in the policy's folder; debounced by the loop, and
+    /// a reload only when the file's content changed.
+    PolicyTouched,
+    /// Reconcile, then send the result (control socket `reconcile`).
+    ReconcileAndReply(oneshot::Sender<ReconcileResult>),
+}
+
+/// What the daemon starts with.
+pub struct Config {
+    /// The validated policy (its `source` is the file reloads read).
+    pub policy: Policy,
+    /// The engine's address, for logs and `status`.
+    pub engine_address: String,
+    pub clock: Arc<dyn Clock>,
+    pub notifier: Notifier,
+    /// Shared so the caller (and tests) can read the counters.
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// What the loop shares with the control socket.
+struct Shared<E> {
+    view: Mutex<DaemonStatus>,
+    policy: Mutex<Arc<Policy>>,
+    engine: Mutex<Option<Arc<E>>>,
+    /// Control `reconcile` requests into the loop.
+    requests: mpsc::Sender<Trigger>,
+    clock: Arc<dyn Clock>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain data behind the lock: a panic elsewhere does not make it wrong.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<E: Engine + 'static> Handler for Shared<E> {
+    async fn status(&self) -> Response {
+        let mut daemon = lock(&self.view).clone();
+        let policy = lock(&self.policy).clone();
+        let engine = lock(&self.engine).clone();
+        let now = self.clock.now();
+        let state = StateStore::new(&policy.daemon.state_dir)
+            .load_readonly(now.timestamp())
+            .state;
+        daemon.backoffs = status::backoffs(&state);
+        let (references, images, references_error) = match engine {
+            None => (None, None, Some("the engine is unreachable".to_owned())),
+            Some(engine) => {
+                let planned = tokio::time::timeout(
+                    STATUS_TIMEOUT,
+                    reconcile::plan_now(&*engine, &policy, &state, now),
+                )
+                .await;
+                match planned {
+                    Ok(Ok((observed, plan))) => (
+                        Some(status::rows(&observed, &plan, &state)),
+                        Some(observed.images.len()),
+                        None,
+                    ),
+                    Ok(Err(e)) => (None, None, Some(e.to_string())),
+                    Err(_) => (None, None, Some("the engine did not answer in time".into())),
+                }
+            }
+        };
+        Response::Status {
+            daemon: Box::new(daemon),
+            references,
+            images,
+            references_error,
+        }
+    }
+
+    async fn reconcile(&self) -> Response {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .requests
+            .send(Trigger::ReconcileAndReply(tx))
+            .await
+            .is_err()
+        {
+            return shutting_down();
+        }
+        match rx.await {
+            Ok(result) => Response::Reconcile { result },
+            Err(_) => shutting_down(),
+        }
+    }
+}
+
+fn shutting_down() -> Response {
+    Response::Error {
+        message: "the daemon is shutting down".into(),
+    }
+}
+
+/// A finished reconcile task.
+struct Finished {
+    started: DateTime<Utc>,
+    elapsed: Duration,
+    result: Result<reconcile::Report, ReconcileError>,
+    /// Audit records this reconcile wrote.
+    records: Vec<Record>,
+    /// `(count, bytes)` of the images after it.
+    images: Option<(u64, u64)>,
+}
+
+/// The loop's own state.
+struct Daemon<E, F> {
+    shared: Arc<Shared<E>>,
+    connect: F,
+    notifier: Notifier,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    /// The policy file's bytes at the last load attempt (`None`: unreadable),
+    /// so folder noise and no-op saves do not reload.
+    last_bytes: Option<Vec<u8>>,
+    /// `Some`: a reconcile is wanted, with who waits for its result.
+    pending: Option<Vec<oneshot::Sender<ReconcileResult>>>,
+    running: Option<JoinHandle<Finished>>,
+    /// Who waits for the result of the running reconcile.
+    running_waiters: Vec<oneshot::Sender<ReconcileResult>>,
+    connecting: Option<JoinHandle<EngineResult<E>>>,
+    retry_at: Option<Instant>,
+    retry_delay: Duration,
+    /// Reachability as last logged (`None` before the first attempt).
+    reachable: Option<bool>,
+    events: Option<JoinHandle<Option<String>>>,
+    marks: SharedMarks,
+    last_flush: Instant,
+    next_fire: Option<DateTime<Utc>>,
+    debounce_at: Option<Instant>,
+    /// Cancelled at shutdown; the executor checks it between actions.
+    stop: CancellationToken,
+}
+
+/// Runs the daemon until `shutdown` completes. `connect` makes an engine
+/// connection (called again after the engine is lost); `triggers` carries
+/// signals and file-watch events. Binds the control socket and the metrics
+/// endpoint named by the policy; fails only when those cannot be bound.
+pub async fn run<E, F, Fut>(
+    config: Config,
+    connect: F,
+    mut triggers: mpsc::Receiver<Trigger>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError>
+where
+    E: Engine + 'static,
+    F: Fn() -> Fut,
+    Fut: Future<Output = EngineResult<E>> + Send + 'static,
+{
+    let Config {
+        policy,
+        engine_address,
+        clock,
+        notifier,
+        metrics,
+    } = config;
+    let now = clock.now();
+    let policy_path = policy.source.clone();
+    let control_path = policy.daemon.control_socket.clone();
+    let metrics_addr = policy.daemon.metrics.clone();
+    let (requests_tx, mut requests) = mpsc::channel(16);
+    let view = DaemonStatus {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        started: now,
+        policy: policy_path.clone(),
+        policy_loaded: now,
+        policy_summary: policy.summary(),
+        reload_error: None,
+        engine: engine_address,
+        engine_reachable: false,
+        engine_error: None,
+        reconciling: false,
+        reconcile_pending: false,
+        reconciles: 0,
+        last_reconcile: None,
+        next_scheduled: None,
+        errors: Vec::new(),
+        backoffs: Vec::new(),
+    };
+    let shared = Arc::new(Shared {
+        view: Mutex::new(view),
+        policy: Mutex::new(Arc::new(policy)),
+        engine: Mutex::new(None),
+        requests: requests_tx,
+        clock: clock.clone(),
+    });
+
+    let servers = CancellationToken::new();
+    let listener = control::bind(&control_path)?;
+    let control_task = tokio::spawn(control::serve(
+        listener,
+        control_path.clone(),
+        shared.clone(),
+        servers.clone(),
+    ));
+    let metrics_task = match &metrics_addr {
+        Some(addr) => {
+            let listener = metrics::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            tracing::info!("metrics at http://{addr}/metrics");
+            Some(tokio::spawn(metrics::serve(
+                listener,
+                metrics.clone(),
+                servers.clone(),
+            )))
+        }
+        None => None,
+    };
+    tracing::info!(
+        "stowage daemon started: policy {}, control socket {}",
+        policy_path.display(),
+        control_path.display()
+    );
+
+    let mut d = Daemon {
+        shared,
+        connect,
+        notifier,
+        metrics,
+        clock,
+        last_bytes: std::fs::read(&policy_path).ok(),
+        pending: Some(Vec::new()),
+        running: None,
+        running_waiters: Vec::new(),
+        connecting: None,
+        retry_at: None,
+        retry_delay: RETRY_FIRST,
+        reachable: None,
+        events: None,
+        marks: SharedMarks::default(),
+        last_flush: Instant::now(),
+        next_fire: None,
+        debounce_at: None,
+        stop: CancellationToken::new(),
+    };
+    d.schedule_next();
+    d.notifier.ready("policy loaded; connecting to the engine");
+    d.start_connect();
+
+    let mut heartbeat = tokio::time::interval(
+        d.notifier
+            .watchdog_interval()
+            .map_or(HEARTBEAT, |w| w.min(HEARTBEAT)),
+    );
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+
+    loop {
+        d.maybe_start_reconcile();
+        d.publish();
+        let cron_wait = d.cron_wait();
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(t) = triggers.recv() => d.on_trigger(t),
+            Some(t) = requests.recv() => d.on_trigger(t),
+            finished = join(&mut d.running) => d.on_finished(finished),
+            connected = join_connect(&mut d.connecting) => d.on_connected(connected),
+            why = join(&mut d.events) => d.on_events_ended(why),
+            () = sleep_until(d.retry_at) => {
+                d.retry_at = None;
+                d.start_connect();
+            }
+            () = sleep_until(d.debounce_at) => {
+                d.debounce_at = None;
+                d.on_policy_settled();
+            }
+            () = tokio::time::sleep(cron_wait) => d.on_cron_wake(),
+            _ = heartbeat.tick() => {
+                // Proof of progress from the loop itself, not a side task.
+                d.notifier.watchdog();
+                if d.running.is_none() && d.last_flush.elapsed() >= FLUSH_EVERY {
+                    d.flush_marks();
+                }
+            }
+        }
+    }
+
+    d.shutdown().await;
+    servers.cancel();
+    let _ = control_task.await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    tracing::info!("stowage daemon stopped");
+    Ok(())
+}
+
+/// Waits for an optional task; pending forever when there is none, so it
+/// can sit in a `select!`.
+async fn join<T>(task: &mut Option<JoinHandle<T>>) -> Option<T> {
+    match task {
+        Some(handle) => {
+            let out = handle.await.ok();
+            *task = None;
+            out
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn join_connect<E>(task: &mut Option<JoinHandle<EngineResult<E>>>) -> EngineResult<E> {
+    match join(task).await {
+        Some(r) => r,
+        None => Err(EngineError::Other("the connection attempt panicked".into())),
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl<E, F, Fut> Daemon<E, F>
+where
+    E: Engine + 'static,
+    F: Fn() -> Fut,
+    Fut: Future<Output = EngineResult<E>> + Send + 'static,
+{
+    fn policy(&self) -> Arc<Policy> {
+        lock(&self.shared.policy).clone()
+    }
+
+    fn view(&self) -> std::sync::MutexGuard<'_, DaemonStatus> {
+        lock(&self.shared.view)
+    }
+
+    fn engine(&self) -> Option<Arc<E>> {
+        lock(&self.shared.engine).clone()
+    }
+
+    /// Records an error for `status` (the log has it already).
+    fn note_error(&self, message: String) {
+        let at = self.clock.now();
+        let mut view = self.view();
+        view.errors.push(Dated { at, message });
+        let excess = view.errors.len().saturating_sub(KEEP_ERRORS);
+        view.errors.drain(..excess);
+    }
+
+    /// Mirrors the loop's state into the view `status` reads.
+    fn publish(&self) {
+        let engine_up = self.engine().is_some();
+        let mut view = self.view();
+        view.reconciling = self.running.is_some();
+        view.reconcile_pending = self.pending.is_some();
+        view.next_scheduled = self.next_fire;
+        if engine_up {
+            view.engine_reachable = true;
+            view.engine_error = None;
+        }
+    }
+
+    fn request(&mut self, waiter: Option<oneshot::Sender<ReconcileResult>>) {
+        let pending = self.pending.get_or_insert_with(Vec::new);
+        pending.extend(waiter);
+    }
+
+    fn on_trigger(&mut self, trigger: Trigger) {
+        match trigger {
+            Trigger::Reconcile => {
+                tracing::info!("reconcile requested (SIGUSR1)");
+                self.request(None);
+            }
+            Trigger::ReconcileAndReply(tx) => {
+                tracing::info!("reconcile requested on the control socket");
+                self.request(Some(tx));
+            }
+            Trigger::Reload => {
+                if self.reload("SIGHUP") {
+                    self.request(None);
+                }
+            }
+            Trigger::PolicyTouched => {
+                if self.policy().daemon.watch {
+                    self.debounce_at = Some(Instant::now() + DEBOUNCE);
+                }
+            }
+        }
+    }
+
+    /// The policy folder has been quiet for [`DEBOUNCE`]: reload if the
+    /// file's content changed since the last attempt.
+    fn on_policy_settled(&mut self) {
+        let path = self.policy().source.clone();
+        let bytes = std::fs::read(&path).ok();
+        if bytes == self.last_bytes {
+            return;
+        }
+        if self.reload("policy file changed") {
+            self.request(None);
+        }
+    }
+
+    /// Reads and validates the whole policy; only a valid one replaces the
+    /// one in force. Returns whether it did.
+    fn reload(&mut self, why: &str) -> bool {
+        let old = self.policy();
+        let path = old.source.clone();
+        self.notifier.reloading();
+        let bytes = std::fs::read(&path);
+        self.last_bytes = bytes.as_ref().ok().cloned();
+        let loaded = match bytes {
+            Ok(b) => policy::parse(&String::from_utf8_lossy(&b), &path),
+            // `load` turns the read error into a diagnostic naming the file.
+            Err(_) => policy::load(&path),
+        };
+        let now = self.clock.now();
+        let ok = match loaded {
+            Ok(new) => {
+                tracing::info!(
+                    "policy reloaded ({why}): {}: {}",
+                    path.display(),
+                    new.summary()
+                );
+                for (what, changed) in [
+                    (
+                        "control_socket",
+                        new.daemon.control_socket != old.daemon.control_socket,
+                    ),
+                    ("metrics", new.daemon.metrics != old.daemon.metrics),
+                ] {
+                    if changed {
+                        tracing::warn!(
+                            "daemon.{what} changed: it takes effect when the daemon restarts"
+                        );
+                    }
+                }
+                {
+                    let mut view = self.view();
+                    view.policy_loaded = now;
+                    view.policy_summary = new.summary();
+                    view.reload_error = None;
+                }
+                *lock(&self.shared.policy) = Arc::new(new);
+                self.schedule_next();
+                true
+            }
+            Err(diags) => {
+                let text = diags.to_string().trim_end().to_owned();
+                tracing::error!(
+                    "policy reload ({why}) rejected; the policy loaded at {} stays in force:\n{text}",
+                    self.view().policy_loaded.format("%H:%M:%S")
+                );
+                self.metrics.reload_error();
+                self.view().reload_error = Some(Dated {
+                    at: now,
+                    message: text.clone(),
+                });
+                self.note_error(format!("policy reload rejected: {text}"));
+                false
+            }
+        };
+        let status = if ok {
+            "policy reloaded".to_owned()
+        } else {
+            "policy reload FAILED; the old policy stays in force".to_owned()
+        };
+        self.notifier.ready(&status);
+        ok
+    }
+
+    fn schedule_next(&mut self) {
+        let now = self.clock.now();
+        self.next_fire = self.policy().daemon.schedule.schedule.after(&now).next();
+    }
+
+    /// How long to sleep before looking at the schedule again.
+    fn cron_wait(&self) -> Duration {
+        match self.next_fire {
+            Some(next) => (next - self.clock.now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .min(CRON_SLICE),
+            None => CRON_SLICE,
+        }
+    }
+
+    fn on_cron_wake(&mut self) {
+        if let Some(next) = self.next_fire
+            && self.clock.now() >= next
+        {
+            tracing::debug!(
+                "scheduled reconcile ({})",
+                self.policy().daemon.schedule.source
+            );
+            self.request(None);
+            self.schedule_next();
+        }
+    }
+
+    fn start_connect(&mut self) {
+        if self.connecting.is_none() {
+            self.connecting = Some(tokio::spawn((self.connect)()));
+        }
+    }
+
+    fn on_connected(&mut self, result: EngineResult<E>) {
+        match result {
+            Ok(engine) => {
+                let engine = Arc::new(engine);
+                if self.reachable != Some(true) {
+                    tracing::info!("engine {} reachable", self.view().engine);
+                } else {
+                    tracing::debug!("engine connection re-established");
+                }
+                self.reachable = Some(true);
+                self.retry_delay = RETRY_FIRST;
+                self.metrics.engine_reachable(true);
+                *lock(&self.shared.engine) = Some(engine.clone());
+                self.events = Some(tokio::spawn(events::watch(
+                    engine,
+                    self.marks.clone(),
+                    self.clock.clone(),
+                )));
+                // Whatever happened while it was away, look again.
+                self.request(None);
+            }
+            Err(e) => self.engine_lost(&e.to_string()),
+        }
+    }
+
+    /// The engine is gone (or never came): drop the connection, log the
+    /// change once, retry with capped backoff.
+    fn engine_lost(&mut self, why: &str) {
+        *lock(&self.shared.engine) = None;
+        if let Some(events) = self.events.take() {
+            events.abort();
+        }
+        self.metrics.engine_reachable(false);
+        let delay = self.retry_delay;
+        if self.reachable != Some(false) {
+            tracing::warn!(
+                "engine unreachable: {why}; retrying with backoff up to {}s (logged once until it is back)",
+                RETRY_CAP.as_secs()
+            );
+            self.note_error(format!("engine unreachable: {why}"));
+            self.notifier
+                .status(&format!("engine unreachable: {why}; retrying"));
+        } else {
+            tracing::debug!("engine still unreachable: {why}; next attempt in {delay:?}");
+        }
+        self.reachable = Some(false);
+        {
+            let mut view = self.view();
+            view.engine_reachable = false;
+            view.engine_error = Some(why.to_owned());
+        }
+        self.retry_at = Some(Instant::now() + delay);
+        self.retry_delay = (delay * 2).min(RETRY_CAP);
+    }
+
+    fn on_events_ended(&mut self, why: Option<Option<String>>) {
+        let why = why
+            .flatten()
+            .unwrap_or_else(|| "the engine closed it".into());
+        tracing::debug!("engine event stream ended ({why}); reconnecting");
+        // Reconnect at once: a reachable engine gets a new stream, and one
+        // that went away is reported by the failed attempt.
+        *lock(&self.shared.engine) = None;
+        self.start_connect();
+    }
+
+    fn maybe_start_reconcile(&mut self) {
+        if self.running.is_some() || self.stop.is_cancelled() {
+            return;
+        }
+        let Some(engine) = self.engine() else { return };
+        let Some(waiters) = self.pending.take() else {
+            return;
+        };
+        // The loop is the state's only writer: marks first, then the
+        // reconcile, which loads what was just written.
+        self.flush_marks();
+        let policy = self.policy();
+        let clock = self.clock.clone();
+        let stop = self.stop.clone();
+        self.notifier.status("reconciling");
+        let task = tokio::spawn(async move {
+            let started = clock.now();
+            let t0 = Instant::now();
+            let audit_path = policy.daemon.audit_log.clone();
+            let offset = std::fs::metadata(&audit_path).map_or(0, |m| m.len());
+            let result = reconcile::reconcile(&*engine, &policy, &*clock, false, &stop)
+                .await
+                .map(|(_, report)| report);
+            let elapsed = t0.elapsed();
+            let records = records_since(&audit_path, offset);
+            let images = match &result {
+                // Shutting down: the gauge is not worth the wait.
+                Ok(_) if stop.is_cancelled() => None,
+                Ok(_) => engine
+                    .list_images()
+                    .await
+                    .ok()
+                    .map(|i| (i.len() as u64, i.iter().map(|i| i.size).sum())),
+                Err(_) => None,
+            };
+            Finished {
+                started,
+                elapsed,
+                result,
+                records,
+                images,
+            }
+        });
+        self.running = Some(task);
+        self.running_waiters = waiters;
+    }
+
+    fn on_finished(&mut self, finished: Option<Finished>) {
+        self.running = None;
+        let waiters = std::mem::take(&mut self.running_waiters);
+        let now = self.clock.now();
+        let Some(f) = finished else {
+            let message = "the reconcile task panicked".to_owned();
+            tracing::error!("{message}");
+            self.note_error(message);
+            return;
+        };
+        let duration_ms = u64::try_from(f.elapsed.as_millis()).unwrap_or(u64::MAX);
+        let result = match &f.result {
+            Ok(report) => {
+                tracing::info!(
+                    "reconcile {} done in {duration_ms} ms: {}",
+                    report.run,
+                    report.summary()
+                );
+                if report.failed > 0 {
+                    self.note_error(format!(
+                        "reconcile {}: {} action(s) failed (see `stowage history`)",
+                        report.run, report.failed
+                    ));
+                }
+                ReconcileResult {
+                    run: report.run.clone(),
+                    started: f.started,
+                    finished: now,
+                    duration_ms,
+                    failed: report.failed,
+                    summary: report.summary(),
+                    error: None,
+                }
+            }
+            Err(e) => {
+                tracing::error!("reconcile could not run: {e}");
+                self.note_error(format!("reconcile could not run: {e}"));
+                ReconcileResult {
+                    run: String::new(),
+                    started: f.started,
+                    finished: now,
+                    duration_ms,
+                    failed: 0,
+                    summary: format!("could not run: {e}"),
+                    error: Some(e.to_string()),
+                }
+            }
+        };
+        let failed = result.error.is_some() || result.failed > 0;
+        self.metrics.reconciled(
+            now.timestamp_millis() as f64 / 1000.0,
+            f.elapsed,
+            failed,
+            &f.records,
+        );
+        if let Some((count, bytes)) = f.images {
+            self.metrics.images(count, bytes);
+        }
+        self.notifier.status(&format!(
+            "last reconcile {}: {}",
+            now.with_timezone(&chrono::Local).format("%H:%M:%S"),
+            result.summary
+        ));
+        {
+            let mut view = self.view();
+            view.reconciles += 1;
+            view.last_reconcile = Some(result.clone());
+        }
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+        if let Err(ReconcileError::Engine(e @ EngineError::Unreachable { .. })) = &f.result {
+            self.engine_lost(&e.to_string());
+        }
+    }
+
+    /// Writes pending activity marks into the state file (load, apply, save).
+    /// Called only while no reconcile runs.
+    fn flush_marks(&mut self) {
+        self.last_flush = Instant::now();
+        let marks = events::take(&self.marks);
+        if marks.is_empty() {
+            return;
+        }
+        let policy = self.policy();
+        let store = StateStore::new(&policy.daemon.state_dir);
+        let loaded = store.load(self.clock.now().timestamp());
+        if let Some(w) = &loaded.warning {
+            tracing::warn!("{w}");
+        }
+        let mut state = loaded.state;
+        marks.apply(&mut state);
+        match store.save(&state) {
+            Ok(()) => tracing::debug!("wrote {} activity mark(s) to the state", marks.len()),
+            Err(e) => {
+                tracing::warn!("cannot write activity marks: {e}; keeping them for the next try");
+                events::put_back(&self.marks, marks);
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        self.notifier.stopping();
+        self.stop.cancel();
+        if let Some(task) = self.running.take() {
+            tracing::info!("waiting for the action in flight to finish");
+            let abort = task.abort_handle();
+            match tokio::time::timeout(SHUTDOWN_GRACE, task).await {
+                Ok(finished) => self.on_finished(finished.ok()),
+                Err(_) => {
+                    abort.abort();
+                    tracing::warn!(
+                        "the reconcile did not stop within {}s; abandoned (the next start converges)",
+                        SHUTDOWN_GRACE.as_secs()
+                    );
+                }
+            }
+        }
+        if let Some(events) = self.events.take() {
+            events.abort();
+        }
+        if let Some(connecting) = self.connecting.take() {
+            connecting.abort();
+        }
+        self.flush_marks();
+        // Waiters of a reconcile that will not run hear it: their sender drops.
+        self.pending = None;
+    }
+}
+
+/// The audit records appended after byte `offset` (torn lines skipped).
+fn records_since(path: &Path, offset: u64) -> Vec<Record> {
+    let read = || -> std::io::Result<String> {
+        let mut f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        // The log was rotated or truncated meanwhile: read it whole.
+        f.seek(SeekFrom::Start(if offset <= len { offset } else { 0 }))?;
+        let mut text = String::new();
+        f.read_to_string(&mut text)?;
+        Ok(text)
+    };
+    read()
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Where a `status`/`reconcile` client finds the daemon's control socket
+/// for the policy at `path`, even when the file no longer validates (a
+/// broken edit is exactly when `status` matters): the validated value,
+/// else `daemon.control_socket` read leniently, else the default.
+pub fn control_socket_for(path: &Path) -> PathBuf {
+    if let Ok(p) = policy::load(path) {
+        return p.daemon.control_socket;
+    }
+    let lenient = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .and_then(|t| {
+            t.get("daemon")?
+                .get("control_socket")?
+                .as_str()
+                .map(PathBuf::from)
+        });
+    match lenient {
+        // Relative paths are relative to the policy's folder, as in `policy`.
+        Some(p) if p.is_relative() => sources::policy_folder(path).join(p),
+        Some(p) => p,
+        // The default, as a minimal policy gets it.
+        None => policy::parse("version = 1\n", path)
+            .map(|p| p.daemon.control_socket)
+            .unwrap_or_else(|_| PathBuf::from("/run/stowage/control.sock")),
+    }
+}
+
+/// Asks the daemon at `socket` for something; `None` when no daemon answers.
+pub async fn ask(
+    socket: &Path,
+    request: &Request,
+) -> Result<Option<Response>, control::ClientError> {
+    match control::request(socket, request).await {
+        Ok(r) => Ok(Some(r)),
+        Err(control::ClientError::NoDaemon { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
