@@ -15,11 +15,15 @@
 //! - [`reconcile`]: observe, plan, execute through the audit log.
 //! - [`transfer`]: pre-pulls and mirror pushes: pure decisions, then pulls and
 //!   pushes with bounded concurrency, stall watchdog and persistent backoff.
+//! - [`daemon`]: `stowage run`: triggers, reload, engine events, control
+//!   socket, metrics, systemd notifications.
+//! - [`status`]: what `stowage status` shows, with or without a daemon.
 //! - [`cli`]: the command line.
 
 pub mod audit;
 pub mod cli;
 pub mod credentials;
+pub mod daemon;
 pub mod engine;
 pub mod fixture;
 pub mod plan;
@@ -27,4 +31,5 @@ pub mod policy;
 pub mod reconcile;
 pub mod refs;
 pub mod state;
+pub mod status;
 pub mod transfer;
