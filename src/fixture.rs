@@ -137,6 +137,12 @@ fn config_json(created: i64, diff_ids: &[String]) -> Vec<u8> {
         // `docker create` needs a command; the binary need not exist.
         "config": { "Cmd": ["/bin/true"], "Env": ["PATH=/bin"] },
         "rootfs": { "type": "layers", "diff_ids": diff_ids },
+        // One history entry per layer, as `docker build` writes: the engine's
+        // history API (per-layer sizes) reads layers through it.
+        "history": diff_ids.iter().map(|_| json!({
+            "created": created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            "created_by": "stowage fixture layer",
+        })).collect::<Vec<_>>(),
     });
     serde_json::to_vec(&config).expect("a JSON value always serializes")
 }

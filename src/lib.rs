@@ -18,6 +18,7 @@
 //! - [`daemon`]: `stowage run`: triggers, reload, engine events, control
 //!   socket, metrics, systemd notifications.
 //! - [`status`]: what `stowage status` shows, with or without a daemon.
+//! - [`storage`]: disk pressure: eviction by last use over unique layer bytes.
 //! - [`cli`]: the command line.
 
 pub mod audit;
@@ -32,4 +33,5 @@ pub mod reconcile;
 pub mod refs;
 pub mod state;
 pub mod status;
+pub mod storage;
 pub mod transfer;

@@ -23,16 +23,27 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::engine::{Container, Image};
+use crate::engine::{Container, Image, Layer};
 use crate::policy::{FloatOrder, Order, Policy, RetainScope};
 use crate::refs::split_tag;
 use crate::state::State;
+use crate::storage::{self, Disk, Pressure};
 
 /// What the engine showed: the input of a plan besides policy, state and time.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Observed {
     pub images: Vec<Image>,
     pub containers: Vec<Container>,
+    /// Layers per image id; gathered only when `[storage]` is set. Images
+    /// without an entry count as one layer of their size.
+    #[serde(skip)]
+    pub layers: HashMap<String, Vec<Layer>>,
+    /// The filesystem holding the engine's data root, when on this host.
+    pub disk: Option<Disk>,
+    /// Why `disk` is unknown, for the plan and status.
+    pub disk_error: Option<String>,
+    /// Build cache bytes; gathered only with `build_cache_max`.
+    pub build_cache: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -44,6 +55,10 @@ pub enum Kind {
     Untag,
     /// Remove the image's last reference (or a dangling image): the image goes.
     Remove,
+    /// Disk pressure: remove the image with all its references.
+    Evict,
+    /// Prune the engine's build cache.
+    PruneBuild,
 }
 
 impl Kind {
@@ -52,10 +67,13 @@ impl Kind {
             Kind::Tag => "tag",
             Kind::Untag => "untag",
             Kind::Remove => "remove",
+            Kind::Evict => "evict",
+            Kind::PruneBuild => "prune_build",
         }
     }
-    fn is_removal(self) -> bool {
-        matches!(self, Kind::Untag | Kind::Remove)
+    /// Counts against `max_removals`.
+    pub fn is_removal(self) -> bool {
+        matches!(self, Kind::Untag | Kind::Remove | Kind::Evict)
     }
 }
 
@@ -70,8 +88,12 @@ pub struct Action {
     pub image: String,
     pub rule: String,
     pub reason: String,
-    /// Bytes freed (only for `remove`): the image's size.
+    /// Bytes freed (`remove`: the image's size; `evict`: its unique layers;
+    /// `prune_build`: cache bytes above the maximum).
     pub bytes: Option<u64>,
+    /// For `prune_build`: the build-cache bytes to keep.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_bytes: Option<u64>,
 }
 
 /// A reference (or dangling image) that a protection keeps.
@@ -106,6 +128,7 @@ pub enum Decision {
     Protected,
     Untag,
     Remove,
+    Evict,
     Deferred,
 }
 
@@ -117,6 +140,7 @@ impl Decision {
             Decision::Protected => "protected",
             Decision::Untag => "untag",
             Decision::Remove => "remove",
+            Decision::Evict => "evict",
             Decision::Deferred => "deferred",
         }
     }
@@ -132,7 +156,7 @@ pub struct Verdict {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Plan {
     /// In execution order: tags first, then removals.
     pub actions: Vec<Action>,
@@ -142,6 +166,8 @@ pub struct Plan {
     pub warnings: Vec<Warning>,
     /// One per reference (and per dangling image) present before the plan.
     pub verdicts: Vec<Verdict>,
+    /// Disk pressure, when `[storage]` is set.
+    pub pressure: Option<Pressure>,
 }
 
 impl Plan {
@@ -198,14 +224,92 @@ pub fn plan(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Pl
         result.actions.extend(now_actions);
         result.deferred.extend(later);
     }
+    if let Some(storage) = &policy.storage {
+        evict(policy, storage, observed, &store, state, now, &mut result);
+    }
     result
+}
+
+/// Disk pressure on the store as retention leaves it: evictions go after
+/// every retention action, within what is left of `max_removals`.
+fn evict(
+    policy: &Policy,
+    storage: &crate::policy::Storage,
+    observed: &Observed,
+    after: &Observed,
+    state: &State,
+    now: i64,
+    result: &mut Plan,
+) {
+    let mut images: Vec<&Image> = after.images.iter().collect();
+    images.sort_by(|a, b| a.id.cmp(&b.id));
+    let facts = image_facts(policy, &images, after, state, now);
+    let candidates: Vec<storage::Candidate> = images
+        .iter()
+        .zip(facts)
+        .map(|(img, f)| {
+            // Eviction takes the whole image: a [[protect]] match on any of
+            // its references protects it.
+            let protection = f.protection.or_else(|| {
+                img.repo_tags.iter().find_map(|r| {
+                    let (repo, tag) = split_tag(r);
+                    policy
+                        .protect
+                        .iter()
+                        .find(|p| p.scope.matches(repo, tag.unwrap_or("")))
+                        .map(|p| {
+                            (
+                                p.name.clone(),
+                                format!("matches [[protect]] \"{}\"", p.name),
+                            )
+                        })
+                })
+            });
+            storage::Candidate {
+                image: img,
+                activity: f.activity,
+                protection,
+            }
+        })
+        .collect();
+    let inputs = storage::Inputs {
+        storage,
+        layers: &observed.layers,
+        disk: observed.disk.as_ref(),
+        disk_error: observed.disk_error.as_deref(),
+        build_cache: observed.build_cache,
+        image_bytes_before: storage::unique_bytes(&observed.layers, &observed.images),
+        now,
+    };
+    let (actions, pressure) = storage::plan(&inputs, &candidates);
+    let budget = policy
+        .daemon
+        .max_removals
+        .saturating_sub(count_removals(&result.actions));
+    let (now_actions, later) = split_budget(actions, budget);
+    for a in now_actions.iter().chain(&later) {
+        let decision = if later.contains(a) {
+            Decision::Deferred
+        } else {
+            decision_of(a.kind)
+        };
+        for v in result.verdicts.iter_mut().filter(|v| v.image == a.image) {
+            v.decision = decision;
+            v.rule = Some(a.rule.clone());
+            v.reason.clone_from(&a.reason);
+        }
+    }
+    result.actions.extend(now_actions);
+    result.deferred.extend(later);
+    result.pressure = Some(pressure);
 }
 
 fn decision_of(k: Kind) -> Decision {
     match k {
-        Kind::Tag => Decision::Keep,
+        Kind::Tag | Kind::PruneBuild => Decision::Keep,
         Kind::Untag => Decision::Untag,
         Kind::Remove => Decision::Remove,
+        Kind::Evict => Decision::Evict,
     }
 }
 
@@ -246,6 +350,8 @@ pub fn simulate(store: &mut Observed, actions: &[Action]) {
                     img.repo_tags.push(r.clone());
                 }
             }
+            Kind::Evict => store.images.retain(|i| i.id != a.image),
+            Kind::PruneBuild => {}
             Kind::Untag | Kind::Remove => {
                 if let Some(r) = &a.reference {
                     for img in &mut store.images {
@@ -453,6 +559,7 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
                 rule: rule.clone(),
                 reason: reason.clone(),
                 bytes: None,
+                keep_bytes: None,
             });
         }
     }
@@ -696,6 +803,7 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
             rule,
             reason,
             bytes: last.then_some(img.size),
+            keep_bytes: None,
         });
     }
     let (now_actions, deferred) = split_budget(removal_actions, policy.daemon.max_removals);
@@ -860,7 +968,9 @@ fn image_facts(
             } else if let Some((p, n)) = previous.get(img.id.as_str()) {
                 Some((
                     format!("prepull:{p}"),
-                    format!("previous image of [[prepull]] {p}, kept for rollback (keep_previous={n})"),
+                    format!(
+                        "previous image of [[prepull]] {p}, kept for rollback (keep_previous={n})"
+                    ),
                 ))
             } else if now.saturating_sub(first_seen) < min_age {
                 Some((
@@ -886,10 +996,14 @@ fn image_facts(
 /// protected and why, then warnings. Stable, so tests can compare text.
 pub fn render(plan: &Plan) -> String {
     let mut out = String::new();
-    // Dangling images sort after every repository ("~" > any name character).
-    let repo_of = |r: &Option<String>| -> String {
-        r.as_deref()
-            .map_or("~".to_string(), |r| split_tag(r).0.to_string())
+    // Dangling images and the build cache sort after every repository
+    // ("~" > any name character).
+    let group_of = |a: &Action| -> String {
+        match (&a.reference, a.kind) {
+            (_, Kind::PruneBuild) => "~~".to_string(),
+            (Some(r), _) => split_tag(r).0.to_string(),
+            (None, _) => "~".to_string(),
+        }
     };
     let fmt_ref = |r: &Option<String>, img: &str| -> String {
         r.clone()
@@ -900,19 +1014,18 @@ pub fn render(plan: &Plan) -> String {
     } else {
         let mut groups: BTreeMap<String, Vec<(&Action, bool)>> = BTreeMap::new();
         for a in &plan.actions {
-            groups
-                .entry(repo_of(&a.reference))
-                .or_default()
-                .push((a, false));
+            groups.entry(group_of(a)).or_default().push((a, false));
         }
         for a in &plan.deferred {
-            groups
-                .entry(repo_of(&a.reference))
-                .or_default()
-                .push((a, true));
+            groups.entry(group_of(a)).or_default().push((a, true));
         }
         for (repo, actions) in groups {
-            let _ = writeln!(out, "{}", if repo == "~" { "<dangling>" } else { &repo });
+            let heading = match repo.as_str() {
+                "~" => "<dangling>",
+                "~~" => "<build cache>",
+                r => r,
+            };
+            let _ = writeln!(out, "{heading}");
             for (a, deferred) in actions {
                 let what = if deferred {
                     format!("{} (deferred)", a.kind.as_str())
@@ -928,14 +1041,51 @@ pub fn render(plan: &Plan) -> String {
                 } else {
                     String::new()
                 };
+                let name = if a.kind == Kind::PruneBuild {
+                    "build cache".to_string()
+                } else {
+                    fmt_ref(&a.reference, &a.image)
+                };
                 let _ = writeln!(
                     out,
-                    "  {what:<8} {}{target}{bytes}  ({}: {})",
-                    fmt_ref(&a.reference, &a.image),
-                    a.rule,
-                    a.reason
+                    "  {what:<8} {name}{target}{bytes}  ({}: {})",
+                    a.rule, a.reason
                 );
             }
+        }
+    }
+    if let Some(p) = &plan.pressure {
+        let _ = writeln!(
+            out,
+            "storage: images {} (unique bytes); {}",
+            human_bytes(p.image_bytes),
+            p.summary
+        );
+        if p.to_free > 0 {
+            let evicted: u64 = plan
+                .actions
+                .iter()
+                .filter(|a| a.kind == Kind::Evict)
+                .filter_map(|a| a.bytes)
+                .sum();
+            let _ = writeln!(
+                out,
+                "  to free {}: retention frees {}, eviction {}",
+                human_bytes(p.to_free + p.freed_by_retention),
+                human_bytes(p.freed_by_retention),
+                human_bytes(evicted)
+            );
+        }
+        if let Some(msg) = p.shortfall_message() {
+            let _ = writeln!(out, "  {msg}");
+        }
+        if let Some((size, max)) = p.build_cache {
+            let _ = writeln!(
+                out,
+                "  build cache {} (build_cache_max {})",
+                human_bytes(size),
+                human_bytes(max)
+            );
         }
     }
     if !plan.protected.is_empty() {
@@ -969,9 +1119,14 @@ pub fn render(plan: &Plan) -> String {
     }
     let removed: u64 = plan.actions.iter().filter_map(|a| a.bytes).sum();
     let count = |k: Kind| plan.actions.iter().filter(|a| a.kind == k).count();
+    let evict = if plan.pressure.is_some() {
+        format!(", {} evict", count(Kind::Evict))
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         out,
-        "summary: {} tag, {} untag, {} remove ({} freed), {} deferred, {} protected, {} warnings",
+        "summary: {} tag, {} untag, {} remove{evict} ({} freed), {} deferred, {} protected, {} warnings",
         count(Kind::Tag),
         count(Kind::Untag),
         count(Kind::Remove),

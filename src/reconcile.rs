@@ -103,7 +103,94 @@ pub fn run_id(now: DateTime<Utc>) -> String {
 /// the number of images.
 pub async fn observe<E: Engine>(engine: &E) -> Result<Observed, EngineError> {
     let (images, containers) = tokio::try_join!(engine.list_images(), engine.list_containers())?;
-    Ok(Observed { images, containers })
+    Ok(Observed {
+        images,
+        containers,
+        ..Observed::default()
+    })
+}
+
+/// Observe everything the policy needs: images and containers, plus layers,
+/// the data root's filesystem and the build cache when `[storage]` is set.
+/// Notes first-seen times in `state`.
+pub async fn observe_for<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    state: &mut State,
+    now: i64,
+) -> Result<Observed, EngineError> {
+    let mut observed = observe(engine).await?;
+    note_observed(state, &observed, now);
+    add_storage(engine, policy, state, &mut observed).await?;
+    Ok(observed)
+}
+
+/// Add what `[storage]` needs to an observation: layers (from the state's
+/// cache; new ones are added to it), the data root's filesystem, the build
+/// cache. Nothing without `[storage]`.
+pub async fn add_storage<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    state: &mut State,
+    observed: &mut Observed,
+) -> Result<(), EngineError> {
+    let Some(storage) = &policy.storage else {
+        return Ok(());
+    };
+    // Owned ids, and no borrow of `state` across an await: the future must
+    // stay `Send` for the daemon's spawned reconcile.
+    let ids: Vec<String> = observed.images.iter().map(|i| i.id.clone()).collect();
+    for id in ids {
+        let cached: Vec<crate::engine::Layer> = match state.images.get(&id) {
+            Some(s) => s.layers.clone(),
+            None => Vec::new(),
+        };
+        let layers = if cached.is_empty() {
+            match engine.image_layers(&id).await {
+                Ok(l) => {
+                    if let Some(s) = state.images.get_mut(&id) {
+                        s.layers.clone_from(&l);
+                    }
+                    l
+                }
+                // Removed meanwhile: it counts as one pseudo-layer this time.
+                Err(EngineError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        } else {
+            cached
+        };
+        observed.layers.insert(id, layers);
+    }
+    if storage.high_watermark.is_some() {
+        let info = engine.info().await?;
+        if !engine.is_local() {
+            observed.disk_error = Some(format!(
+                "the engine is not on this host, so its data root {} cannot be measured here",
+                info.data_root
+            ));
+        } else {
+            match rustix::fs::statvfs(info.data_root.as_str()) {
+                Ok(st) => {
+                    observed.disk = Some(crate::storage::Disk {
+                        path: info.data_root.clone(),
+                        total: st.f_blocks.saturating_mul(st.f_frsize),
+                        available: st.f_bavail.saturating_mul(st.f_frsize),
+                    });
+                }
+                Err(e) => {
+                    observed.disk_error = Some(format!(
+                        "the engine's data root {} is not readable on this host ({e}); is the engine in another mount namespace or on another machine?",
+                        info.data_root
+                    ));
+                }
+            }
+        }
+    }
+    if storage.build_cache_max.is_some() {
+        observed.build_cache = Some(engine.disk_usage().await?.build_cache_size);
+    }
+    Ok(())
 }
 
 /// Update the state with what is on the host now (first-seen times), and
@@ -123,9 +210,8 @@ pub async fn plan_now<E: Engine>(
     state: &State,
     now: DateTime<Utc>,
 ) -> Result<(Observed, Plan), EngineError> {
-    let observed = observe(engine).await?;
     let mut state = state.clone();
-    note_observed(&mut state, &observed, now.timestamp());
+    let observed = observe_for(engine, policy, &mut state, now.timestamp()).await?;
     let plan = plan::plan(policy, &observed, &state, now.timestamp());
     Ok((observed, plan))
 }
@@ -203,6 +289,7 @@ pub async fn reconcile_with<E: Engine>(
         observed = observe(engine).await?;
         note_observed(&mut state, &observed, clock.now().timestamp());
     }
+    add_storage(engine, policy, &mut state, &mut observed).await?;
     let plan = plan::plan(policy, &observed, &state, now.timestamp());
     let mut report = execute(
         engine,
@@ -227,7 +314,7 @@ pub async fn reconcile_with<E: Engine>(
         let gone: Vec<&str> = plan
             .actions
             .iter()
-            .filter(|a| a.kind == Kind::Remove)
+            .filter(|a| matches!(a.kind, Kind::Remove | Kind::Evict))
             .map(|a| a.image.as_str())
             .collect();
         state.images.retain(|id, _| !gone.contains(&id.as_str()));
@@ -268,6 +355,25 @@ pub async fn execute<E: Engine>(
         })?;
         report.warnings += 1;
     }
+    // Disk pressure out of reach is said once per reconcile, not retried as
+    // a failure.
+    if let Some(msg) = plan.pressure.as_ref().and_then(|p| p.shortfall_message()) {
+        tracing::warn!(rule = "storage", "{msg}");
+        audit.append(&Record {
+            ts: clock.now(),
+            run: run.to_string(),
+            action: audit::Action::Warn,
+            reference: None,
+            image: None,
+            rule: Some("storage".to_string()),
+            reason: msg,
+            outcome: Outcome::Ok,
+            error: None,
+            bytes: None,
+            duration_ms: None,
+        })?;
+        report.warnings += 1;
+    }
     for a in &plan.actions {
         // Shutdown is heard between actions, never inside one.
         if shutdown.is_cancelled() {
@@ -296,6 +402,11 @@ pub async fn execute<E: Engine>(
                 Ok(Some(skip)) => Ok(Some(skip)),
                 Err(e) => Err(e),
             },
+            Kind::Evict => evict(engine, a).await,
+            Kind::PruneBuild => engine
+                .prune_build_cache(a.keep_bytes.unwrap_or(0))
+                .await
+                .map(|_| None),
         };
         rec.duration_ms =
             Some(u64::try_from((clock.now() - started).num_milliseconds()).unwrap_or_default());
@@ -306,10 +417,11 @@ pub async fn execute<E: Engine>(
                 match a.kind {
                     Kind::Tag => report.tagged += 1,
                     Kind::Untag => report.untagged += 1,
-                    Kind::Remove => {
+                    Kind::Remove | Kind::Evict => {
                         report.removed += 1;
                         report.bytes_freed += a.bytes.unwrap_or(0);
                     }
+                    Kind::PruneBuild => report.bytes_freed += a.bytes.unwrap_or(0),
                 }
                 tracing::info!(action = a.kind.as_str(), rule = %a.rule, "{}", describe(a));
             }
@@ -341,6 +453,31 @@ pub async fn execute<E: Engine>(
     }
     audit.sync()?;
     Ok(report)
+}
+
+/// Evict one image with all its references: re-check containers, then
+/// untag each reference (the last one removes the image), never forced.
+async fn evict<E: Engine>(engine: &E, a: &Action) -> Result<Option<String>, EngineError> {
+    let containers = engine.list_containers().await?;
+    if let Some(c) = containers.iter().find(|c| c.image_id == a.image) {
+        return Ok(Some(format!(
+            "image is now used by container {} (created since planning); never forced",
+            &c.id[..c.id.len().min(12)]
+        )));
+    }
+    let images = engine.list_images().await?;
+    let Some(img) = images.iter().find(|i| i.id == a.image) else {
+        return Ok(Some(format!("{} is already gone", a.image)));
+    };
+    let mut refs = img.repo_tags.clone();
+    refs.sort();
+    if refs.is_empty() {
+        engine.remove(&a.image).await?;
+    }
+    for r in &refs {
+        engine.remove(r).await?;
+    }
+    Ok(None)
 }
 
 /// `None` when the image may still go; `Some(reason)` to skip: a container
@@ -386,6 +523,8 @@ fn record(a: &Action, run: &str, ts: DateTime<Utc>) -> Record {
             Kind::Tag => audit::Action::Tag,
             Kind::Untag => audit::Action::Untag,
             Kind::Remove => audit::Action::Remove,
+            Kind::Evict => audit::Action::Evict,
+            Kind::PruneBuild => audit::Action::PruneBuild,
         },
         reference: a.reference.clone(),
         image: Some(a.image.clone()),

@@ -28,6 +28,10 @@ pub struct ImageState {
     /// Last time it was pulled or loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_pulled: Option<i64>,
+    /// Its layers with sizes, cached (an image id never changes content) so
+    /// disk accounting asks the engine once per image, not per reconcile.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<crate::engine::Layer>,
 }
 
 /// Retry bookkeeping for one failing reference (pull or push).

@@ -40,6 +40,7 @@ fn run(
     let observed = Observed {
         images: engine.images(),
         containers: vec![],
+        ..Observed::default()
     };
     let pl = plan::plan(&p, &observed, &State::default(), NOW);
     let dir = tempfile::tempdir().unwrap();

@@ -95,6 +95,7 @@ fn store() -> impl Strategy<Value = Store> {
                     first_seen: image.created,
                     last_used: last_used.map(|d| NOW - i64::from(d) * DAY / 3),
                     last_pulled: None,
+                    ..ImageState::default()
                 },
             );
             images.push(image);
@@ -143,7 +144,7 @@ proptest! {
         s in store(), which in 0usize..3, n in 1usize..4, days in 1u64..30,
     ) {
         let p = &policies(n, days, 1000)[which];
-        let observed = Observed { images: s.images.clone(), containers: s.containers.clone() };
+        let observed = Observed { images: s.images.clone(), containers: s.containers.clone(), ..Observed::default() };
         let plan = plan::plan(p, &observed, &s.state, NOW);
         for a in plan.actions.iter().chain(&plan.deferred) {
             if a.kind == Kind::Tag {
@@ -162,7 +163,7 @@ proptest! {
         s in store(), which in 0usize..3, n in 1usize..4, days in 1u64..30, seed in any::<u64>(),
     ) {
         let p = &policies(n, days, 5)[which];
-        let observed = Observed { images: s.images.clone(), containers: s.containers.clone() };
+        let observed = Observed { images: s.images.clone(), containers: s.containers.clone(), ..Observed::default() };
         let want = plan::plan(p, &observed, &s.state, NOW);
         let mut shuffled = observed.clone();
         // A cheap deterministic shuffle: rotate and reverse, and reverse tag lists.
@@ -185,7 +186,7 @@ proptest! {
     ) {
         let p = &policies(n, days, 1000)[which];
         let engine = FakeEngine::new(s.images.clone(), s.containers.clone());
-        let observed = Observed { images: s.images.clone(), containers: s.containers.clone() };
+        let observed = Observed { images: s.images.clone(), containers: s.containers.clone(), ..Observed::default() };
         let first = plan::plan(p, &observed, &s.state, NOW);
         let dir = tempfile::tempdir().unwrap();
         let mut audit = AuditLog::open(&dir.path().join("audit.jsonl")).unwrap();
@@ -195,7 +196,7 @@ proptest! {
         )).unwrap();
         prop_assert_eq!(report.failed, 0);
         prop_assert_eq!(report.skipped, 0);
-        let after = Observed { images: engine.images(), containers: s.containers.clone() };
+        let after = Observed { images: engine.images(), containers: s.containers.clone(), ..Observed::default() };
         let second = plan::plan(p, &after, &s.state, NOW);
         prop_assert!(second.actions.is_empty(), "second plan not empty: {:#?}\nfirst: {}", second.actions, plan::render(&first));
         prop_assert!(second.deferred.is_empty());

@@ -24,7 +24,11 @@ fn snapshot_with_state(
     state: State,
 ) {
     let p = policy(body);
-    let observed = Observed { images, containers };
+    let observed = Observed {
+        images,
+        containers,
+        ..Observed::default()
+    };
     let got = plan::render(&plan::plan(&p, &observed, &state, NOW));
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/snapshots/plan")
@@ -88,6 +92,7 @@ fn keep_last_by_last_used() {
             first_seen: NOW - 60 * DAY,
             last_used: Some(NOW - DAY),
             last_pulled: None,
+            ..ImageState::default()
         },
     );
     snapshot_with_state(
@@ -221,6 +226,7 @@ fn min_age_protects_new_images() {
             first_seen: NOW - 600,
             last_used: None,
             last_pulled: None,
+            ..ImageState::default()
         },
     );
     snapshot_with_state(
@@ -469,5 +475,186 @@ fn everything_together() {
             img("y2", 0.5, &[]),
         ],
         vec![container("abcd", "w1")],
+    );
+}
+
+// ---- disk pressure ([storage]) ----
+
+use std::collections::HashMap;
+use stowage::engine::Layer;
+use stowage::storage::Disk;
+
+const MB: u64 = 1_000_000;
+
+fn layer(name: &str, mb: u64) -> Layer {
+    Layer {
+        chain_id: format!("sha256:{name}"),
+        size: mb * MB,
+    }
+}
+
+/// Images with layers: (name, days old, tags, layers).
+fn layered(
+    specs: &[(&str, f64, &[&str], Vec<Layer>)],
+) -> (Vec<Image>, HashMap<String, Vec<Layer>>) {
+    let mut images = Vec::new();
+    let mut layers = HashMap::new();
+    for (name, days, tags, ls) in specs {
+        let mut i = img(name, *days, tags);
+        i.size = ls.iter().map(|l| l.size).sum();
+        layers.insert(i.id.clone(), ls.clone());
+        images.push(i);
+    }
+    (images, layers)
+}
+
+fn snapshot_observed(name: &str, body: &str, observed: Observed, state: State) {
+    let p = policy(body);
+    let got = plan::render(&plan::plan(&p, &observed, &state, NOW));
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/snapshots/plan")
+        .join(format!("{name}.txt"));
+    if std::env::var_os("STOWAGE_BLESS").is_some() {
+        std::fs::write(&path, &got).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("missing snapshot {}: {e}", path.display()));
+    assert_eq!(got, want, "plan for case {name} differs from its snapshot");
+}
+
+fn used(state: &mut State, name: &str, days_ago: f64) {
+    state.images.insert(
+        id(name),
+        ImageState {
+            first_seen: NOW - 400 * DAY,
+            last_used: Some(NOW - (days_ago * DAY as f64) as i64),
+            ..ImageState::default()
+        },
+    );
+}
+
+#[test]
+fn max_size_counts_shared_layers_once_and_evicts_by_last_use() {
+    let (images, layers) = layered(&[
+        (
+            "k1",
+            90.0,
+            &["web:1"],
+            vec![layer("base", 100), layer("k1", 10)],
+        ),
+        (
+            "k2",
+            80.0,
+            &["web:2"],
+            vec![layer("base", 100), layer("k2", 10)],
+        ),
+        ("k3", 70.0, &["api:1"], vec![layer("k3", 50)]),
+        ("k4", 60.0, &["api:2", "api:latest"], vec![layer("k4", 50)]),
+    ]);
+    // Unique bytes: 100 + 10 + 10 + 50 + 50 = 220 MB; max 150 MB: free 70.
+    let mut state = State::default();
+    used(&mut state, "k1", 50.0);
+    used(&mut state, "k2", 1.0);
+    used(&mut state, "k3", 40.0);
+    used(&mut state, "k4", 2.0);
+    snapshot_observed(
+        "storage_max_size",
+        "[storage]\nmax_size = \"150MB\"\n",
+        Observed {
+            images,
+            layers,
+            ..Observed::default()
+        },
+        state,
+    );
+}
+
+#[test]
+fn watermarks_evict_unprotected_images_down_to_low() {
+    let (images, layers) = layered(&[
+        ("n1", 90.0, &["old:1"], vec![layer("n1", 100)]),
+        ("n2", 80.0, &["used:1"], vec![layer("n2", 100)]),
+        ("n3", 70.0, &["keep:1"], vec![layer("n3", 100)]),
+        ("n4", 60.0, &["old:2"], vec![layer("n4", 100)]),
+        ("n5", 5.0, &["new:1"], vec![layer("n5", 100)]),
+    ]);
+    snapshot_observed(
+        "storage_watermarks",
+        "[storage]\nhigh_watermark = \"90%\"\nlow_watermark = \"75%\"\n\n\
+         [[protect]]\nname = \"pinned\"\nimages = [\"keep\"]\n",
+        Observed {
+            images,
+            layers,
+            containers: vec![container("c1", "n2")],
+            disk: Some(Disk {
+                path: "/var/lib/docker".into(),
+                total: 1000 * MB,
+                available: 50 * MB,
+            }),
+            ..Observed::default()
+        },
+        State::default(),
+    );
+}
+
+#[test]
+fn unreachable_target_reports_protected_bytes() {
+    let (images, layers) = layered(&[
+        ("o1", 90.0, &["db:1"], vec![layer("o1", 300)]),
+        ("o2", 80.0, &["db:2"], vec![layer("o2", 200)]),
+        ("o3", 80.0, &["tmp:1"], vec![layer("o3", 50)]),
+    ]);
+    snapshot_observed(
+        "storage_unreachable",
+        "[storage]\nmax_size = \"100MB\"\n\n[[protect]]\nname = \"databases\"\nimages = [\"db\"]\n",
+        Observed {
+            images,
+            layers,
+            containers: vec![container("c2", "o2")],
+            ..Observed::default()
+        },
+        State::default(),
+    );
+}
+
+#[test]
+fn retention_frees_first_then_eviction_and_build_cache() {
+    let (images, layers) = layered(&[
+        ("r1", 90.0, &["app:1"], vec![layer("r1", 100)]),
+        ("r2", 80.0, &["app:2"], vec![layer("r2", 100)]),
+        ("r3", 70.0, &["app:3"], vec![layer("r3", 100)]),
+        ("r4", 60.0, &["tool:1"], vec![layer("r4", 100)]),
+    ]);
+    snapshot_observed(
+        "storage_after_retention",
+        "[[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 2\n\n\
+         [storage]\nmax_size = \"250MB\"\nbuild_cache_max = \"1GB\"\n",
+        Observed {
+            images,
+            layers,
+            build_cache: Some(3_000 * MB),
+            ..Observed::default()
+        },
+        State::default(),
+    );
+}
+
+#[test]
+fn watermarks_without_a_local_data_root_say_so() {
+    let (images, layers) = layered(&[("p1", 90.0, &["x:1"], vec![layer("p1", 100)])]);
+    snapshot_observed(
+        "storage_remote_engine",
+        "[storage]\nhigh_watermark = \"90%\"\nlow_watermark = \"75%\"\n",
+        Observed {
+            images,
+            layers,
+            disk_error: Some(
+                "the engine is not on this host, so its data root /var/lib/docker cannot be measured here"
+                    .into(),
+            ),
+            ..Observed::default()
+        },
+        State::default(),
     );
 }

@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{
     BoxStream, Container, Credentials, DiskUsage, Engine, EngineError, EngineInfo, EngineResult,
-    Event, Image, Progress, Removed,
+    Event, Image, Layer, Progress, Removed,
 };
 
 /// The engine's address when neither an explicit URI nor `DOCKER_HOST` is given.
@@ -345,6 +345,47 @@ fn real_refs(refs: Vec<String>) -> Vec<String> {
         .collect()
 }
 
+/// Pair diff ids with history sizes. Sizes map onto layers in order when the
+/// history has one entry per layer, or when its non-zero entries match the
+/// layers one to one; otherwise the image is one pseudo-layer of `total`
+/// bytes, which is exact for the image alone and only loses sharing.
+fn layers_from(id: &str, diff_ids: &[&str], sizes: &[u64], total: u64) -> Vec<Layer> {
+    let nonzero: Vec<u64> = sizes.iter().copied().filter(|s| *s > 0).collect();
+    let mapped = if sizes.len() == diff_ids.len() {
+        Some(sizes.to_vec())
+    } else if nonzero.len() == diff_ids.len() {
+        Some(nonzero)
+    } else {
+        None
+    };
+    let Some(mapped) = mapped.filter(|_| !diff_ids.is_empty()) else {
+        return vec![Layer {
+            chain_id: id.to_owned(),
+            size: total,
+        }];
+    };
+    let mut chain = String::new();
+    diff_ids
+        .iter()
+        .zip(mapped)
+        .map(|(diff, size)| {
+            chain = if chain.is_empty() {
+                (*diff).to_owned()
+            } else {
+                use sha2::{Digest, Sha256};
+                format!(
+                    "sha256:{}",
+                    hex::encode(Sha256::digest(format!("{chain} {diff}")))
+                )
+            };
+            Layer {
+                chain_id: chain.clone(),
+                size,
+            }
+        })
+        .collect()
+}
+
 fn as_u64(value: &serde_json::Value) -> u64 {
     value.as_u64().unwrap_or(0)
 }
@@ -576,6 +617,35 @@ impl Engine for DockerEngine {
             })
         });
         Box::pin(stream)
+    }
+
+    async fn image_layers(&self, id: &str) -> EngineResult<Vec<Layer>> {
+        let inspect = self.raw_json("GET", &format!("/images/{id}/json")).await?;
+        let history = self
+            .raw_json("GET", &format!("/images/{id}/history"))
+            .await?;
+        let diff_ids: Vec<&str> = inspect["RootFS"]["Layers"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        // History comes newest first; entries of non-empty layers carry the
+        // layer's size, empty ones 0.
+        let mut sizes: Vec<u64> = history
+            .as_array()
+            .map(|a| a.iter().map(|h| as_u64(&h["Size"])).collect())
+            .unwrap_or_default();
+        sizes.reverse();
+        Ok(layers_from(id, &diff_ids, &sizes, as_u64(&inspect["Size"])))
+    }
+
+    fn is_local(&self) -> bool {
+        match &self.endpoint {
+            Endpoint::Unix(_) => true,
+            Endpoint::Tcp(host) => {
+                let h = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
+                matches!(h, "127.0.0.1" | "localhost" | "[::1]")
+            }
+        }
     }
 
     async fn info(&self) -> EngineResult<EngineInfo> {

@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::{
     BoxStream, Container, Credentials, DiskUsage, Engine, EngineError, EngineInfo, EngineResult,
-    Event, Image, Progress, Removed,
+    Event, Image, Layer, Progress, Removed,
 };
 
 #[derive(Debug, Default)]
@@ -26,6 +26,8 @@ struct Inner {
     /// How long each image listing takes (a slow engine, for loop tests
     /// under paused tokio time).
     list_delay: Option<std::time::Duration>,
+    /// Per-image layers; images without an entry are one pseudo-layer.
+    layers: std::collections::HashMap<String, Vec<Layer>>,
 }
 
 #[derive(Debug, Default)]
@@ -73,6 +75,11 @@ impl FakeEngine {
     /// that lists containers after planning (simulates a race).
     pub fn add_container_later(&self, c: Container) {
         self.lock().race_containers.push(c);
+    }
+
+    /// Give an image explicit layers (for shared-layer accounting).
+    pub fn set_layers(&self, image: &str, layers: Vec<Layer>) {
+        self.lock().layers.insert(image.to_string(), layers);
     }
 
     /// Makes every image listing take `delay` (tokio time).
@@ -217,6 +224,21 @@ impl Engine for FakeEngine {
 
     fn events(&self) -> BoxStream<'_, EngineResult<Event>> {
         Box::pin(futures_util::stream::pending())
+    }
+
+    async fn image_layers(&self, id: &str) -> EngineResult<Vec<Layer>> {
+        let g = self.lock();
+        let img = g
+            .images
+            .iter()
+            .find(|i| i.id == id)
+            .ok_or_else(|| EngineError::NotFound(id.to_string()))?;
+        Ok(g.layers.get(id).cloned().unwrap_or_else(|| {
+            vec![Layer {
+                chain_id: id.to_string(),
+                size: img.size,
+            }]
+        }))
     }
 
     async fn info(&self) -> EngineResult<EngineInfo> {

@@ -29,6 +29,16 @@ pub struct Image {
     pub size: u64,
 }
 
+/// One layer of an image, as far as disk accounting needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Layer {
+    /// Chain id: identifies the layer together with everything below it, so
+    /// images sharing a base share these ids.
+    pub chain_id: String,
+    /// Bytes on disk (uncompressed diff size).
+    pub size: u64,
+}
+
 /// One container, in any state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Container {
@@ -174,7 +184,16 @@ pub trait Engine: Send + Sync {
     fn save(&self, references: &[String]) -> impl Future<Output = EngineResult<Bytes>> + Send;
     /// The engine's event stream (container and image events), from now on.
     fn events(&self) -> BoxStream<'_, EngineResult<Event>>;
+    /// The layers of an image, bottom first, with their sizes. When the
+    /// engine cannot tell per-layer sizes (no history), one pseudo-layer named
+    /// after the image carries its whole size.
+    fn image_layers(&self, id: &str) -> impl Future<Output = EngineResult<Vec<Layer>>> + Send;
     fn info(&self) -> impl Future<Output = EngineResult<EngineInfo>> + Send;
+    /// Whether the engine runs on this host, so that its data root can be
+    /// measured here (false for a remote `tcp://` engine).
+    fn is_local(&self) -> bool {
+        true
+    }
     fn disk_usage(&self) -> impl Future<Output = EngineResult<DiskUsage>> + Send;
     /// Prune the build cache down to `keep_bytes`; returns bytes reclaimed.
     fn prune_build_cache(&self, keep_bytes: u64) -> impl Future<Output = EngineResult<u64>> + Send;

@@ -5,6 +5,8 @@
 //! broken harness can never pass as green.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod net;
+
 use std::io::Write;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -145,4 +147,117 @@ pub fn create_container(engine_addr: &str, image: &str) -> String {
 /// Removes a container created by [`create_container`].
 pub fn remove_container(engine_addr: &str, id: &str) {
     docker(engine_addr, &["rm", "--force", id]);
+}
+
+/// A throwaway dockerd of a test's own, apart from the harness engine: for
+/// tests that must own the whole engine (disk pressure on a small data root,
+/// stopping the engine under the daemon). Stopped, unmounted and removed on
+/// drop. Needs root and `dockerd`, like the harness.
+pub struct PrivateEngine {
+    pub dir: std::path::PathBuf,
+    /// `unix://DIR/docker.sock`.
+    pub addr: String,
+    /// The data root; a tmpfs of the requested size when one was asked for.
+    pub data_root: std::path::PathBuf,
+    child: Option<std::process::Child>,
+    mounted: bool,
+}
+
+impl PrivateEngine {
+    /// Start a dockerd; with `data_root_mib`, its data root is a tmpfs of that
+    /// size. `None` (after a SKIP line) outside CI when the harness is absent.
+    pub fn start(data_root_mib: Option<u64>) -> Option<Self> {
+        // The harness variables say the machine can run engines at all.
+        engine_addr()?;
+        // Short path: unix socket paths are limited to 108 bytes.
+        let dir = std::path::PathBuf::from(format!("/tmp/se-{:x}", unique_seed() & 0xff_ffff_ffff));
+        let data_root = dir.join("data");
+        std::fs::create_dir_all(&data_root).expect("creating the engine folder");
+        let mut engine = PrivateEngine {
+            addr: format!("unix://{}/docker.sock", dir.display()),
+            data_root: data_root.clone(),
+            dir: dir.clone(),
+            child: None,
+            mounted: false,
+        };
+        if let Some(mib) = data_root_mib {
+            let status = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+                .arg(&data_root)
+                .status()
+                .expect("running mount");
+            assert!(
+                status.success(),
+                "mounting a {mib} MiB tmpfs failed (needs root)"
+            );
+            engine.mounted = true;
+        }
+        engine.spawn();
+        Some(engine)
+    }
+
+    /// Start dockerd on the existing folders and wait until it answers.
+    pub fn spawn(&mut self) {
+        let dir = &self.dir;
+        let ns = format!("stowage-{}", dir.file_name().unwrap().to_string_lossy());
+        let log = std::fs::File::create(dir.join("dockerd.log")).expect("dockerd log");
+        let child = Command::new("dockerd")
+            .arg("--data-root")
+            .arg(&self.data_root)
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("docker.pid"))
+            .args(["-H", &self.addr, "--bridge=none", "--iptables=false"])
+            .args(["--containerd-namespace", &ns])
+            .args(["--containerd-plugins-namespace", &format!("{ns}-plugins")])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting dockerd");
+        self.child = Some(child);
+        for _ in 0..300 {
+            let ok = Command::new("docker")
+                .arg("version")
+                .env("DOCKER_HOST", &self.addr)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let log = std::fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default();
+        panic!("the test's own dockerd did not answer within 30 s:\n{log}");
+    }
+
+    /// Stop dockerd (SIGTERM, then wait); the folders stay for `spawn`.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+    }
+
+    /// (total, available) bytes of the data root's filesystem.
+    pub fn disk(&self) -> (u64, u64) {
+        let st = rustix::fs::statvfs(&self.data_root).expect("statvfs of the data root");
+        (st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize)
+    }
+}
+
+impl Drop for PrivateEngine {
+    fn drop(&mut self) {
+        self.stop();
+        if self.mounted {
+            // Lazy: overlay mounts dockerd left below must not keep it busy.
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.data_root)
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -1,0 +1,302 @@
+//! Disk pressure, pure: which images eviction takes, in order, to bring the
+//! images under `max_size` (unique bytes) or the data root's filesystem under
+//! `low_watermark` once it is above `high_watermark`; and whether the build
+//! cache needs pruning.
+//!
+//! Freed bytes come from layers: a layer's bytes are freed when the last image
+//! holding it goes, so images sharing a base count it once, and no engine call
+//! is needed after each removal to know where we stand.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::engine::{Image, Layer};
+use crate::plan::{Action, Kind, human_bytes, human_duration};
+use crate::policy::{EvictOrder, Storage};
+
+/// The filesystem holding the engine's data root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Disk {
+    pub path: String,
+    pub total: u64,
+    pub available: u64,
+}
+
+impl Disk {
+    pub fn used(&self) -> u64 {
+        self.total.saturating_sub(self.available)
+    }
+    pub fn percent(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.used() as f64 * 100.0 / self.total as f64
+        }
+    }
+}
+
+/// What the planner found about disk pressure: for `plan`, `status` and logs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Pressure {
+    /// Unique bytes of all images before the plan.
+    pub image_bytes: u64,
+    /// Bytes the retention actions of the same plan free.
+    pub freed_by_retention: u64,
+    pub disk: Option<Disk>,
+    /// Why watermarks could not be evaluated (data root not on this host...).
+    pub disk_error: Option<String>,
+    /// Bytes that must go to meet the targets, after retention.
+    pub to_free: u64,
+    /// Human description of the targets and why eviction runs (or not).
+    pub summary: String,
+    /// Bytes still missing when every unprotected image is taken, and the
+    /// protected bytes by rule: reported once per reconcile.
+    pub shortfall: Option<Shortfall>,
+    /// Build cache size and the configured maximum.
+    pub build_cache: Option<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Shortfall {
+    pub bytes: u64,
+    pub protected_bytes: u64,
+    /// (rule, unique bytes it protects), largest first.
+    pub protected_by: Vec<(String, u64)>,
+}
+
+/// One image as eviction sees it.
+pub struct Candidate<'a> {
+    pub image: &'a Image,
+    /// Latest activity on this host (Unix seconds).
+    pub activity: i64,
+    /// Image-level protection: (rule, reason).
+    pub protection: Option<(String, String)>,
+}
+
+/// Everything eviction needs besides the candidates.
+pub struct Inputs<'a> {
+    pub storage: &'a Storage,
+    pub layers: &'a HashMap<String, Vec<Layer>>,
+    pub disk: Option<&'a Disk>,
+    pub disk_error: Option<&'a str>,
+    pub build_cache: Option<u64>,
+    /// Unique image bytes before the plan's retention actions.
+    pub image_bytes_before: u64,
+    pub now: i64,
+}
+
+/// Unique bytes of a set of images: each layer counted once.
+pub fn unique_bytes<'a>(
+    layers: &HashMap<String, Vec<Layer>>,
+    images: impl IntoIterator<Item = &'a Image>,
+) -> u64 {
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    for img in images {
+        for (id, size) in layer_list(layers, img) {
+            seen.insert(id, size);
+        }
+    }
+    seen.values().sum()
+}
+
+fn layer_list(layers: &HashMap<String, Vec<Layer>>, img: &Image) -> Vec<(String, u64)> {
+    match layers.get(&img.id) {
+        Some(ls) => ls.iter().map(|l| (l.chain_id.clone(), l.size)).collect(),
+        None => vec![(img.id.clone(), img.size)],
+    }
+}
+
+/// Plan evictions over the store as retention leaves it. Returns eviction
+/// actions in order (`evict`, then a build-cache `prune_build` if due) and
+/// the pressure report. `budget` is how many removals are still allowed.
+pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure) {
+    let s = inputs.storage;
+    let layers = inputs.layers;
+    let now_bytes = unique_bytes(layers, candidates.iter().map(|c| c.image));
+    let freed_by_retention = inputs.image_bytes_before.saturating_sub(now_bytes);
+    let mut pressure = Pressure {
+        image_bytes: inputs.image_bytes_before,
+        freed_by_retention,
+        disk: inputs.disk.cloned(),
+        disk_error: inputs.disk_error.map(str::to_string),
+        ..Pressure::default()
+    };
+
+    let mut why = Vec::new();
+    let mut to_free = 0u64;
+    if let Some(max) = s.max_size {
+        if now_bytes > max {
+            to_free = to_free.max(now_bytes - max);
+            why.push(format!(
+                "images take {} > max_size {}",
+                human_bytes(now_bytes),
+                human_bytes(max)
+            ));
+        } else {
+            why.push(format!(
+                "images take {} of max_size {}",
+                human_bytes(now_bytes),
+                human_bytes(max)
+            ));
+        }
+    }
+    if let (Some(high), Some(low)) = (s.high_watermark, s.low_watermark) {
+        match inputs.disk {
+            Some(d) if d.total > 0 => {
+                let used_after = d.used().saturating_sub(freed_by_retention);
+                let pct = used_after as f64 * 100.0 / d.total as f64;
+                if pct > high {
+                    let low_bytes = (low / 100.0 * d.total as f64) as u64;
+                    to_free = to_free.max(used_after.saturating_sub(low_bytes));
+                    why.push(format!(
+                        "{} at {pct:.1}% > high_watermark {high}%: down to low_watermark {low}%",
+                        d.path
+                    ));
+                } else {
+                    why.push(format!("{} at {pct:.1}% (high_watermark {high}%)", d.path));
+                }
+            }
+            _ => why.push(format!(
+                "watermarks not evaluated: {}",
+                inputs.disk_error.unwrap_or("no filesystem information")
+            )),
+        }
+    }
+    pressure.to_free = to_free;
+
+    let mut actions = Vec::new();
+    if to_free > 0 {
+        // Reference counts of layers over the images that stay.
+        let mut refs: HashMap<String, usize> = HashMap::new();
+        for c in candidates {
+            for (id, _) in layer_list(layers, c.image) {
+                *refs.entry(id).or_default() += 1;
+            }
+        }
+        let mut order: Vec<&Candidate> = candidates
+            .iter()
+            .filter(|c| c.protection.is_none())
+            .collect();
+        order.sort_by(|a, b| match s.order {
+            EvictOrder::Lru => a
+                .activity
+                .cmp(&b.activity)
+                .then(a.image.created.cmp(&b.image.created))
+                .then(a.image.id.cmp(&b.image.id)),
+            EvictOrder::Created => a
+                .image
+                .created
+                .cmp(&b.image.created)
+                .then(a.image.id.cmp(&b.image.id)),
+        });
+        let mut freed = 0u64;
+        for c in order {
+            if freed >= to_free {
+                break;
+            }
+            let mut gain = 0;
+            for (id, size) in layer_list(layers, c.image) {
+                let n = refs.entry(id).or_default();
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    gain += size;
+                }
+            }
+            freed += gain;
+            let mut tags = c.image.repo_tags.clone();
+            tags.sort();
+            let by = match s.order {
+                EvictOrder::Lru => format!(
+                    "least recently active (last activity {} ago)",
+                    human_duration(inputs.now - c.activity)
+                ),
+                EvictOrder::Created => format!(
+                    "oldest created ({} ago)",
+                    human_duration(inputs.now - c.image.created)
+                ),
+            };
+            let more = if tags.len() > 1 {
+                format!(", with {} more reference(s)", tags.len() - 1)
+            } else {
+                String::new()
+            };
+            actions.push(Action {
+                kind: Kind::Evict,
+                reference: tags.first().cloned(),
+                image: c.image.id.clone(),
+                rule: "storage".to_string(),
+                reason: format!("{by}{more}; {}", why.join("; ")),
+                bytes: Some(gain),
+                keep_bytes: None,
+            });
+        }
+        if freed < to_free {
+            let mut by_rule: HashMap<String, u64> = HashMap::new();
+            let mut protected_bytes = 0;
+            for c in candidates {
+                if let Some((rule, _)) = &c.protection {
+                    // Bytes only this image holds among the remaining ones.
+                    let own: u64 = layer_list(layers, c.image)
+                        .into_iter()
+                        .filter(|(id, _)| refs.get(id).copied().unwrap_or(0) <= 1)
+                        .map(|(_, s)| s)
+                        .sum();
+                    *by_rule.entry(rule.clone()).or_default() += own;
+                    protected_bytes += own;
+                }
+            }
+            let mut protected_by: Vec<(String, u64)> = by_rule.into_iter().collect();
+            protected_by.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            pressure.shortfall = Some(Shortfall {
+                bytes: to_free - freed,
+                protected_bytes,
+                protected_by,
+            });
+        }
+    }
+    if let Some(max) = s.build_cache_max
+        && let Some(size) = inputs.build_cache
+    {
+        pressure.build_cache = Some((size, max));
+        if size > max {
+            actions.push(Action {
+                kind: Kind::PruneBuild,
+                reference: None,
+                image: String::new(),
+                rule: "storage".to_string(),
+                reason: format!(
+                    "build cache {} > build_cache_max {}",
+                    human_bytes(size),
+                    human_bytes(max)
+                ),
+                bytes: Some(size - max),
+                keep_bytes: Some(max),
+            });
+        }
+    }
+    pressure.summary = why.join("; ");
+    (actions, pressure)
+}
+
+impl Pressure {
+    /// One line for logs and the audit log when the target is out of reach.
+    pub fn shortfall_message(&self) -> Option<String> {
+        let s = self.shortfall.as_ref()?;
+        let by: Vec<String> = s
+            .protected_by
+            .iter()
+            .map(|(rule, b)| format!("{rule}: {}", human_bytes(*b)))
+            .collect();
+        Some(format!(
+            "storage target out of reach: {} still to free after evicting every unprotected image; {} protected ({})",
+            human_bytes(s.bytes),
+            human_bytes(s.protected_bytes),
+            if by.is_empty() {
+                "none".to_string()
+            } else {
+                by.join(", ")
+            }
+        ))
+    }
+}
