@@ -1,4 +1,5 @@
-//! The command line: `check`, `plan`, `apply`, `status`, `history`.
+//! The command line: `check`, `plan`, `apply`, `run`, `reconcile`, `status`,
+//! `history`.
 //!
 //! Exit codes follow the spec: 0 success; `plan --exit-code` 1 when actions
 //! are pending; `apply` 1 when some actions failed; 2 when a command could not
@@ -14,12 +15,13 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit;
+use crate::daemon::{self, control};
 use crate::engine::DockerEngine;
-use crate::plan::{self, Decision};
+use crate::plan;
 use crate::policy::{self, Policy};
 use crate::reconcile::{self, Clock, SystemClock};
-use crate::refs::split_tag;
 use crate::state::StateStore;
+use crate::status;
 
 const DEFAULT_POLICY: &str = "/etc/stowage/policy.toml";
 
@@ -68,10 +70,22 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Every reference on the host with its verdict and the rule behind it
+    /// The daemon: reconcile on schedule, policy changes and signals
+    Run,
+    /// Ask the running daemon to reconcile now and wait for the result
+    Reconcile {
+        /// The daemon's control socket [default: daemon.control_socket of the policy]
+        #[arg(long, env = "STOWAGE_CONTROL_SOCKET")]
+        control_socket: Option<PathBuf>,
+    },
+    /// Every reference on the host with its verdict and the rule behind it,
+    /// and the daemon's view when one runs
     Status {
         #[arg(long)]
         json: bool,
+        /// The daemon's control socket [default: daemon.control_socket of the policy]
+        #[arg(long, env = "STOWAGE_CONTROL_SOCKET")]
+        control_socket: Option<PathBuf>,
     },
     /// The audit log, readable
     History {
@@ -109,8 +123,11 @@ pub fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STOWAGE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // No colour codes in journald or a log file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.with_target(false).try_init(),
@@ -134,7 +151,12 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
             cmd_plan(&policy_path, cli.engine.as_deref(), json, exit_code).await
         }
         Command::Apply { dry_run } => cmd_apply(&policy_path, cli.engine.as_deref(), dry_run).await,
-        Command::Status { json } => cmd_status(&policy_path, cli.engine.as_deref(), json).await,
+        Command::Run => cmd_run(&policy_path, cli.engine.as_deref()).await,
+        Command::Reconcile { control_socket } => cmd_reconcile(&policy_path, control_socket).await,
+        Command::Status {
+            json,
+            control_socket,
+        } => cmd_status(&policy_path, cli.engine.as_deref(), json, control_socket).await,
         Command::History { since, json } => cmd_history(&policy_path, since, json),
     };
     match result {
@@ -246,116 +268,146 @@ async fn cmd_apply(path: &Path, engine: Option<&str>, dry_run: bool) -> Result<E
     })
 }
 
-#[derive(Serialize)]
-struct StatusRow {
-    #[serde(rename = "ref")]
-    reference: Option<String>,
-    image: String,
-    size: u64,
-    created: DateTime<Utc>,
-    last_activity: Option<DateTime<Utc>>,
-    last_used: Option<DateTime<Utc>>,
-    verdict: Decision,
-    rule: Option<String>,
-    reason: String,
+async fn cmd_run(path: &Path, engine: Option<&str>) -> Result<ExitCode, Fatal> {
+    let policy = load_policy(path)?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    // Handlers first: a SIGHUP right after start must reload, not kill.
+    let shutdown = daemon::sources::signals(tx.clone())?;
+    // Kept alive for the daemon's lifetime; without it SIGHUP still reloads.
+    let _watcher = match daemon::sources::watch_policy(path, tx) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(
+                "cannot watch {} for changes ({e}); reload with SIGHUP",
+                daemon::sources::policy_folder(path).display()
+            );
+            None
+        }
+    };
+    let config = daemon::Config {
+        policy,
+        engine_address: crate::engine::docker::resolve_address(engine),
+        clock: std::sync::Arc::new(SystemClock),
+        notifier: daemon::notify::Notifier::from_env(),
+        metrics: std::sync::Arc::default(),
+    };
+    let engine = engine.map(str::to_owned);
+    daemon::run(
+        config,
+        move || {
+            let engine = engine.clone();
+            async move { DockerEngine::connect(engine.as_deref()).await }
+        },
+        rx,
+        shutdown,
+    )
+    .await?;
+    Ok(ExitCode::SUCCESS)
 }
 
-async fn cmd_status(path: &Path, engine: Option<&str>, json: bool) -> Result<ExitCode, Fatal> {
+/// The control socket to use: `--control-socket`, else the policy's.
+fn control_socket(path: &Path, given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| daemon::control_socket_for(path))
+}
+
+async fn cmd_reconcile(path: &Path, socket: Option<PathBuf>) -> Result<ExitCode, Fatal> {
+    let socket = control_socket(path, socket);
+    match daemon::ask(&socket, &control::Request::Reconcile).await? {
+        None => Err(Fatal(format!(
+            "no stowage daemon answers at {} (is `stowage run` running? `stowage apply` reconciles without one)",
+            socket.display()
+        ))),
+        Some(control::Response::Reconcile { result }) => {
+            if let Some(e) = &result.error {
+                eprintln!("error: the reconcile could not run: {e}");
+            } else {
+                println!("run {}: {}", result.run, result.summary);
+            }
+            Ok(ExitCode::from(result.exit_code()))
+        }
+        Some(control::Response::Error { message }) => Err(Fatal(message)),
+        Some(other) => Err(Fatal(format!(
+            "unexpected answer from the daemon: {other:?}"
+        ))),
+    }
+}
+
+async fn cmd_status(
+    path: &Path,
+    engine: Option<&str>,
+    json: bool,
+    socket: Option<PathBuf>,
+) -> Result<ExitCode, Fatal> {
+    let socket = control_socket(path, socket);
+    match daemon::ask(&socket, &control::Request::Status).await? {
+        Some(control::Response::Status {
+            daemon,
+            references,
+            images,
+            references_error,
+        }) => {
+            if json {
+                print_json(&serde_json::json!({
+                    "daemon": daemon,
+                    "policy": daemon.policy,
+                    "engine": daemon.engine,
+                    "references": references,
+                    "references_error": references_error,
+                }))?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let now = SystemClock.now();
+            let mut out = status::render_daemon(&daemon, now);
+            out.push('\n');
+            match (references, references_error) {
+                (Some(rows), _) => out.push_str(&status::render_table(
+                    &rows,
+                    images.unwrap_or_default(),
+                    &daemon.policy,
+                    now,
+                )),
+                (None, e) => out.push_str(&format!(
+                    "references not shown: {}\n",
+                    e.unwrap_or_else(|| "unknown reason".into())
+                )),
+            }
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(control::Response::Error { message }) => Err(Fatal(message)),
+        Some(other) => Err(Fatal(format!(
+            "unexpected answer from the daemon: {other:?}"
+        ))),
+        // No daemon: work from the engine directly.
+        None => cmd_status_direct(path, engine, json).await,
+    }
+}
+
+async fn cmd_status_direct(
+    path: &Path,
+    engine: Option<&str>,
+    json: bool,
+) -> Result<ExitCode, Fatal> {
     let policy = load_policy(path)?;
     let engine = connect(engine).await?;
     let now = SystemClock.now();
     let state = load_state(&policy, now);
     let (observed, plan) = reconcile::plan_now(&engine, &policy, &state, now).await?;
-    let ts = |t: i64| DateTime::from_timestamp(t, 0);
-    let mut rows: Vec<StatusRow> = plan
-        .verdicts
-        .iter()
-        .filter_map(|v| {
-            let img = observed.images.iter().find(|i| i.id == v.image)?;
-            let st = state.images.get(&img.id);
-            let activity = [
-                Some(img.created),
-                st.map(|s| s.first_seen),
-                st.and_then(|s| s.last_used),
-                st.and_then(|s| s.last_pulled),
-            ]
-            .into_iter()
-            .flatten()
-            .max();
-            Some(StatusRow {
-                reference: v.reference.clone(),
-                image: v.image.clone(),
-                size: img.size,
-                created: ts(img.created).unwrap_or_default(),
-                last_activity: activity.and_then(ts),
-                last_used: st.and_then(|s| s.last_used).and_then(ts),
-                verdict: v.decision,
-                rule: v.rule.clone(),
-                reason: v.reason.clone(),
-            })
-        })
-        .collect();
-    rows.sort_by(|a, b| a.reference.cmp(&b.reference).then(a.image.cmp(&b.image)));
+    let rows = status::rows(&observed, &plan, &state);
     if json {
         print_json(&serde_json::json!({
+            "daemon": null,
             "policy": policy.source,
             "engine": engine.address(),
             "references": rows,
         }))?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut out = String::new();
-    out.push_str(&format!(
-        "{:<48} {:>9} {:>8} {:>8}  {:<10} {}\n",
-        "REFERENCE", "SIZE", "AGE", "ACTIVE", "VERDICT", "RULE: REASON"
-    ));
-    let ago = |t: Option<DateTime<Utc>>| {
-        t.map_or("-".to_string(), |t| human_age((now - t).num_seconds()))
-    };
-    for r in &rows {
-        let name = r.reference.clone().unwrap_or_else(|| {
-            format!(
-                "<none> {}",
-                &r.image.trim_start_matches("sha256:")[..12.min(r.image.len())]
-            )
-        });
-        out.push_str(&format!(
-            "{:<48} {:>9} {:>8} {:>8}  {:<10} {}{}\n",
-            name,
-            plan::human_bytes(r.size),
-            ago(Some(r.created)),
-            ago(r.last_activity),
-            r.verdict.as_str(),
-            r.rule
-                .as_deref()
-                .map(|x| format!("{x}: "))
-                .unwrap_or_default(),
-            r.reason
-        ));
-    }
-    let repos: std::collections::BTreeSet<&str> = rows
-        .iter()
-        .filter_map(|r| r.reference.as_deref().map(|x| split_tag(x).0))
-        .collect();
-    out.push_str(&format!(
-        "{} references in {} repositories, {} images; policy {}\n",
-        rows.iter().filter(|r| r.reference.is_some()).count(),
-        repos.len(),
-        observed.images.len(),
-        policy.source.display()
-    ));
-    print!("{out}");
+    print!(
+        "daemon: not running\n\n{}",
+        status::render_table(&rows, observed.images.len(), &policy.source, now)
+    );
     Ok(ExitCode::SUCCESS)
-}
-
-fn human_age(secs: i64) -> String {
-    let s = secs.max(0);
-    match s {
-        s if s >= 2 * 86_400 => format!("{}d", s / 86_400),
-        s if s >= 3_600 => format!("{}h", s / 3_600),
-        s if s >= 60 => format!("{}m", s / 60),
-        s => format!("{s}s"),
-    }
 }
 
 fn cmd_history(
