@@ -29,6 +29,8 @@ stowage_install_deps() {
     command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
     [ -x /bin/busybox ] || command -v busybox >/dev/null 2>&1 || missing+=(busybox-static)
     command -v skopeo >/dev/null 2>&1 || missing+=(skopeo)
+    # systemd-analyze: tests/systemd_unit.rs verifies systemd/stowage.service.
+    command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
     if [ ${#missing[@]} -eq 0 ]; then
         return 0
     fi
