@@ -20,7 +20,7 @@ STOWAGE_PIDS_REGISTRY=()
 
 stowage_log() { printf '==> %s\n' "$*" >&2; }
 
-# Install docker.io, docker-registry, busybox-static and skopeo when any of
+# Install docker.io, docker-registry, busybox-static, skopeo and apache2-utils when any of
 # their commands is missing (CI runs on a fresh Debian machine as root).
 stowage_install_deps() {
     local missing=()
@@ -31,6 +31,8 @@ stowage_install_deps() {
     command -v skopeo >/dev/null 2>&1 || missing+=(skopeo)
     # systemd-analyze: tests/systemd_unit.rs verifies systemd/stowage.service.
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+    # htpasswd: bcrypt users for the registry with auth in the credentials tests.
+    command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
     if [ ${#missing[@]} -eq 0 ]; then
         return 0
     fi

@@ -59,6 +59,17 @@ pub struct PrepullState {
     pub last_checked: Option<i64>,
 }
 
+/// What stowage pushed to one mirror target. The engine forgets the target's
+/// digest once the temporary tag is removed, so stowage remembers it: the next
+/// reconcile compares the registry's digest with it and pushes nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mirrored {
+    /// The local image id that was pushed.
+    pub image: String,
+    /// The manifest digest the target got.
+    pub digest: String,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     /// Format version of the file, for future migrations.
@@ -76,6 +87,9 @@ pub struct State {
     /// Per `[[prepull]]` entry: previous images and refresh bookkeeping.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub prepull: BTreeMap<String, PrepullState>,
+    /// Per mirror target reference: what was pushed there.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mirrored: BTreeMap<String, Mirrored>,
 }
 
 impl State {
@@ -119,6 +133,7 @@ impl State {
         for p in self.prepull.values_mut() {
             p.previous.retain(|id| keep.contains(id.as_str()));
         }
+        self.mirrored.retain(|_, m| keep.contains(m.image.as_str()));
     }
 }
 

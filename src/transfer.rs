@@ -56,8 +56,10 @@ pub struct Candidate {
 /// What one `[[prepull]]` entry needs this reconcile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PullIntent {
-    /// State and backoff key ([`Prepull::key`]).
+    /// State key ([`Prepull::key`]).
     pub key: String,
+    /// Backoff key ([`pull_key`]).
+    pub backoff_key: String,
     /// The canonical reference as written in the policy.
     pub reference: String,
     /// `repo:tag` to point at the result; `None` for an image given by digest.
@@ -214,9 +216,14 @@ fn backing_off(
     })
 }
 
-/// The backoff key of a pre-pull.
+/// The backoff key of a pre-pull. The pin is part of it: changing the pin
+/// is a new request, and its first attempt does not wait for the old one's
+/// backoff.
 pub fn pull_key(p: &Prepull) -> String {
-    format!("pull {}", p.key())
+    match &p.digest {
+        Some(pin) => format!("pull {} {pin}", p.key()),
+        None => format!("pull {}", p.key()),
+    }
 }
 
 /// What each `[[prepull]]` entry needs. `force_refresh`: treat every refresh
@@ -287,6 +294,7 @@ pub fn pull_intents(
             repository: parsed.repository.clone(),
         });
         out.due.push(PullIntent {
+            backoff_key: key,
             key: p.key(),
             reference: p.image.clone(),
             tag_ref,
@@ -345,11 +353,17 @@ pub fn push_intents(policy: &Policy, observed: &Observed, state: &State, now: i6
                 out.waiting.push(w);
                 continue;
             }
+            // The engine drops the target's digest with the temporary tag;
+            // the state remembers what was pushed.
+            let mut digests = digests_of(image);
+            if let Some(m) = state.mirrored.get(&target).filter(|m| m.image == image.id) {
+                digests.push(m.digest.clone());
+            }
             out.due.push(PushIntent {
                 key,
                 source: reference.to_owned(),
                 image: image.id.clone(),
-                digests: digests_of(image),
+                digests,
                 target_tagged: image.repo_tags.contains(&target),
                 target,
                 registry: m.registry.clone(),
@@ -639,6 +653,8 @@ struct JobResult {
     moved: Option<(String, Option<String>, String, usize)>,
     pulled: Option<String>,
     pushed: bool,
+    /// `(target, image, digest)` after a push whose digest the engine showed.
+    mirrored: Option<(String, String, String)>,
     tagged: bool,
     dry_run: bool,
 }
@@ -651,6 +667,7 @@ impl JobResult {
             moved: None,
             pulled: None,
             pushed: false,
+            mirrored: None,
             tagged: false,
             dry_run: false,
         }
@@ -703,6 +720,11 @@ pub async fn run<E: Engine>(
     let now = clock.now().timestamp();
 
     let pulls = pull_intents(policy, observed, state, now, options.force_refresh);
+    // Entries the policy no longer asks for (a pin or an image changed) go.
+    let wanted: std::collections::HashSet<String> = policy.prepull.iter().map(pull_key).collect();
+    state
+        .backoff
+        .retain(|k, _| !k.starts_with("pull ") || wanted.contains(k));
     write_waiting(&pulls.waiting, audit, run_id, clock, &mut report)?;
     for key in &pulls.checked {
         if !options.dry_run {
@@ -750,6 +772,21 @@ pub async fn run<E: Engine>(
         observed
     };
     let pushes = push_intents(policy, observed, state, now);
+    // Backoff of targets no mirror maps to any more (policy or store changed) goes.
+    let targets: std::collections::HashSet<String> = pushes
+        .due
+        .iter()
+        .map(|p| p.key.clone())
+        .chain(
+            pushes
+                .waiting
+                .iter()
+                .map(|w| format!("push {}", w.reference)),
+        )
+        .collect();
+    state
+        .backoff
+        .retain(|k, _| !k.starts_with("push ") || targets.contains(k));
     write_waiting(&pushes.waiting, audit, run_id, clock, &mut report)?;
     let jobs: Vec<_> = pushes
         .due
@@ -859,6 +896,11 @@ fn apply_result(
     if r.pushed {
         report.pushed += 1;
     }
+    if let Some((target, image, digest)) = r.mirrored {
+        state
+            .mirrored
+            .insert(target, crate::state::Mirrored { image, digest });
+    }
     if r.dry_run {
         report.dry_run += 1;
     }
@@ -918,7 +960,7 @@ async fn pull_once<E: Engine>(
         rec.duration_ms = elapsed_ms(clock, started);
         tracing::warn!(rule = %intent.rule, "pull {} failed: {error}", intent.reference);
         result.records.push(rec);
-        result.backoff = Some((format!("pull {}", intent.key), Err(error)));
+        result.backoff = Some((intent.backoff_key.clone(), Err(error)));
         result
     };
     if let Some(e) = &ctx.creds_error {
@@ -960,7 +1002,7 @@ async fn pull_once<E: Engine>(
                     intent.reference,
                     short_digest(&digest)
                 );
-                result.backoff = Some((format!("pull {}", intent.key), Ok(())));
+                result.backoff = Some((intent.backoff_key.clone(), Ok(())));
                 return result;
             }
             PullStep::Retag { image } => {
@@ -1052,7 +1094,7 @@ async fn pull_once<E: Engine>(
         rec.duration_ms = elapsed_ms(clock, started);
         tracing::info!(rule = %intent.rule, "{} {}: {}", rec.action.as_str(), intent.reference, rec.reason);
         result.records.push(rec);
-        result.backoff = Some((format!("pull {}", intent.key), Ok(())));
+        result.backoff = Some((intent.backoff_key.clone(), Ok(())));
         return result;
     }
     fail(result, causes)
@@ -1145,6 +1187,24 @@ async fn push_once<E: Engine>(
         return result;
     }
     let pushed = ctx.push(&intent.registry, &intent.target).await;
+    if pushed.is_ok() {
+        // Read the target digest before the temporary tag (and with it the
+        // engine's record of that digest) goes.
+        let repo = split_tag(&intent.target).0;
+        let prefix = format!("{repo}@");
+        if let Ok(listed) = ctx.engine.list_images().await
+            && let Some(digest) = listed
+                .iter()
+                .find(|i| i.id == intent.image)
+                .and_then(|i| i.repo_digests.iter().find_map(|d| d.strip_prefix(&prefix)))
+        {
+            result.mirrored = Some((
+                intent.target.clone(),
+                intent.image.clone(),
+                digest.to_owned(),
+            ));
+        }
+    }
     // The temporary tag goes whatever happened: it is no one's reference.
     if !intent.target_tagged
         && let Err(e) = ctx.engine.remove(&intent.target).await
