@@ -21,6 +21,12 @@ use stowage::fixture::FixtureImage;
 
 const DAY: i64 = 86_400;
 
+/// Tests of this binary run in parallel on one engine. A pull by digest leaves
+/// its image dangling until the reference is tagged, and the one test with a
+/// rule for dangling images would take other tests' images in that window: it
+/// runs alone (write), the others together (read).
+static ENGINE_WIDE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// Runs the stowage binary; `DOCKER_CONFIG` points at an empty folder so the
 /// machine's own Docker credentials never take part.
 async fn stowage(engine: &str, policy: &Path, args: &[&str]) -> Output {
@@ -155,6 +161,7 @@ async fn pull_missing_image_then_nothing_to_do() {
     let Some(engine) = common::engine().await else {
         return;
     };
+    let _engine_wide = ENGINE_WIDE.read().await;
     let (addr, reg) = (common::engine_addr().unwrap(), common::registry().unwrap());
     let ns = common::unique_ns("pull-missing");
     let reference = format!("{reg}/{ns}/app:1");
@@ -173,6 +180,12 @@ async fn pull_missing_image_then_nothing_to_do() {
     );
     assert!(shown.contains("missing on this host"), "{shown}");
 
+    // A dry run records what it would pull and pulls nothing.
+    let dry = stowage(&addr, &policy, &["apply", "--dry-run"]).await;
+    assert_eq!(dry.status.code(), Some(0), "{}", text(&dry));
+    assert!(!has_image(&engine, &image.id()).await);
+    assert_eq!(records(dir.audit(), Action::Pull, Outcome::DryRun).len(), 1);
+
     let apply = stowage(&addr, &policy, &["apply"]).await;
     assert_eq!(apply.status.code(), Some(0), "{}", text(&apply));
     assert!(
@@ -190,7 +203,7 @@ async fn pull_missing_image_then_nothing_to_do() {
     // Refresh is due on every apply; the digest is unchanged: nothing moves.
     let again = stowage(&addr, &policy, &["apply"]).await;
     assert_eq!(again.status.code(), Some(0), "{}", text(&again));
-    assert_eq!(dir.audit().len(), 1, "{:#?}", dir.audit());
+    assert_eq!(dir.audit().len(), 2, "{:#?}", dir.audit());
     let plan = stowage(&addr, &policy, &["plan", "--exit-code"]).await;
     assert_eq!(plan.status.code(), Some(0), "{}", text(&plan));
 }
@@ -200,6 +213,7 @@ async fn registry_down_keeps_cache_backs_off_and_catches_up() {
     let Some(engine) = common::engine().await else {
         return;
     };
+    let _engine_wide = ENGINE_WIDE.read().await;
     let addr = common::engine_addr().unwrap();
     let dir = Dir::new();
     let mut registry = TestRegistry::start(&dir.path().join("registry"), None);
@@ -287,6 +301,7 @@ async fn cut_transfer_leaves_host_as_it_was_then_heals() {
     let Some(engine) = common::engine().await else {
         return;
     };
+    let _engine_wide = ENGINE_WIDE.read().await;
     let (addr, reg) = (common::engine_addr().unwrap(), common::registry().unwrap());
     let proxy = Proxy::start(&reg).await;
     let ns = common::unique_ns("cut");
@@ -319,19 +334,25 @@ async fn stall_is_abandoned_within_its_timeout() {
     let Some(engine) = common::engine().await else {
         return;
     };
+    let _engine_wide = ENGINE_WIDE.read().await;
     let (addr, reg) = (common::engine_addr().unwrap(), common::registry().unwrap());
     let proxy = Proxy::start(&reg).await;
     let ns = common::unique_ns("stall");
     let a = common::image(&[&format!("{reg}/{ns}/a:1")], now() - DAY, 1 << 20);
     let b = common::image(&[&format!("{reg}/{ns}/b:1")], now() - DAY, 1 << 20);
+    let healthy = format!("{reg}/{ns}/c:1");
+    let c = common::image(&[&healthy], now() - DAY, 4096);
     publish(&engine, &a, None).await;
     let b_digest = publish(&engine, &b, None).await;
+    publish(&engine, &c, None).await;
     let dir = Dir::new();
-    // `a` needs a digest lookup first; `b` is pinned and goes straight to the pull.
+    // `a` needs a digest lookup first; `b` is pinned and goes straight to the
+    // pull; `c` comes straight from the registry and must not wait for them.
     let policy = dir.policy(&format!(
-        "stall_timeout = \"3s\"\nconcurrency = 2\n\
+        "stall_timeout = \"3s\"\nconcurrency = 3\n\
          [[prepull]]\nimage = \"{p}/{ns}/a:1\"\n\
-         [[prepull]]\nimage = \"{p}/{ns}/b:1\"\ndigest = \"{b_digest}\"\n",
+         [[prepull]]\nimage = \"{p}/{ns}/b:1\"\ndigest = \"{b_digest}\"\n\
+         [[prepull]]\nimage = \"{healthy}\"\n",
         p = proxy.addr
     ));
     proxy.set(Mode::Stall);
@@ -361,6 +382,12 @@ async fn stall_is_abandoned_within_its_timeout() {
         error_of("/b:1")
     );
     assert!(!has_image(&engine, &a.id()).await && !has_image(&engine, &b.id()).await);
+    // One failing reference never blocks the others.
+    assert_eq!(holder(&engine, &healthy).await, Some(c.id()));
+    let ok = records(dir.audit(), Action::Pull, Outcome::Ok);
+    assert_eq!(ok.len(), 1, "{:#?}", dir.audit());
+    let done_after = ok[0].duration_ms.unwrap();
+    assert!(done_after < 3000, "the healthy pull took {done_after} ms");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,6 +395,7 @@ async fn sources_fall_back_in_order_and_tag_the_canonical_reference() {
     let Some(engine) = common::engine().await else {
         return;
     };
+    let _engine_wide = ENGINE_WIDE.read().await;
     let addr = common::engine_addr().unwrap();
     let dir = Dir::new();
     let second = TestRegistry::start(&dir.path().join("second"), None);
@@ -402,7 +430,7 @@ async fn sources_fall_back_in_order_and_tag_the_canonical_reference() {
         .filter(|i| i.id == image.id())
         .flat_map(|i| i.repo_tags)
         .collect();
-    assert_eq!(tags, [reference.clone()]);
+    assert_eq!(tags, std::slice::from_ref(&reference));
     let pulls = records(dir.audit(), Action::Pull, Outcome::Ok);
     assert_eq!(pulls.len(), 1, "{:#?}", dir.audit());
     assert!(pulls[0].reason.contains(&second.addr), "{:?}", pulls[0]);
@@ -413,6 +441,7 @@ async fn digest_pin_mismatch_is_rejected_and_the_image_stays() {
     let Some(engine) = common::engine().await else {
         return;
     };
+    let _engine_wide = ENGINE_WIDE.read().await;
     let (addr, reg) = (common::engine_addr().unwrap(), common::registry().unwrap());
     let ns = common::unique_ns("pin");
     let reference = format!("{reg}/{ns}/app:1");
@@ -454,6 +483,7 @@ async fn refresh_picks_up_a_new_digest_and_keeps_the_previous_one() {
     let Some(engine) = common::engine().await else {
         return;
     };
+    let _engine_wide = ENGINE_WIDE.write().await;
     let (addr, reg) = (common::engine_addr().unwrap(), common::registry().unwrap());
     let ns = common::unique_ns("refresh");
     let reference = format!("{reg}/{ns}/app:1");
@@ -535,6 +565,7 @@ async fn mirror_pushes_once_verified_by_skopeo() {
     let Some(engine) = common::engine().await else {
         return;
     };
+    let _engine_wide = ENGINE_WIDE.read().await;
     let addr = common::engine_addr().unwrap();
     let dir = Dir::new();
     let target = TestRegistry::start(&dir.path().join("mirror"), None);
@@ -593,6 +624,7 @@ async fn allowed_registries_refuse_the_fallback() {
     let Some(engine) = common::engine().await else {
         return;
     };
+    let _engine_wide = ENGINE_WIDE.read().await;
     let (addr, reg) = (common::engine_addr().unwrap(), common::registry().unwrap());
     let ns = common::unique_ns("allowed");
     let reference = format!("{reg}/{ns}/app:1");
@@ -626,6 +658,7 @@ async fn credentials_are_used_and_never_shown() {
     let Some(engine) = common::engine().await else {
         return;
     };
+    let _engine_wide = ENGINE_WIDE.read().await;
     let addr = common::engine_addr().unwrap();
     let dir = Dir::new();
     let secret = format!("s3cret-{:x}", common::unique_seed());
