@@ -182,21 +182,26 @@ pub fn plan(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Pl
     let mut store = observed.clone();
     simulate(&mut store, &result.actions);
     // Later rounds see the store as the plan leaves it; only images that the
-    // earlier changes left dangling can add work. Bounded: each round removes
-    // images, and floats are settled after the first.
+    // earlier changes left dangling (a floating tag moved off their last
+    // name) can add work. Bounded: each round removes images.
+    let mut dangling: HashSet<String> = dangling_ids(observed);
     for _ in 0..3 {
+        let now_dangling = dangling_ids(&store);
+        if now_dangling.iter().all(|id| dangling.contains(id)) {
+            break;
+        }
+        dangling = now_dangling;
         let next = plan_once(policy, &store, state, now);
-        let already = |a: &Action| {
-            result
-                .deferred
-                .iter()
-                .any(|d| d.reference == a.reference && d.image == a.image)
-        };
+        let deferred: HashSet<(Option<&str>, &str)> = result
+            .deferred
+            .iter()
+            .map(|d| (d.reference.as_deref(), d.image.as_str()))
+            .collect();
         let fresh: Vec<Action> = next
             .actions
             .into_iter()
             .chain(next.deferred)
-            .filter(|a| !already(a))
+            .filter(|a| !deferred.contains(&(a.reference.as_deref(), a.image.as_str())))
             .collect();
         if fresh.is_empty() {
             break;
@@ -207,12 +212,11 @@ pub fn plan(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Pl
             .saturating_sub(count_removals(&result.actions));
         let (now_actions, later) = split_budget(fresh, budget);
         simulate(&mut store, &now_actions);
-        for a in now_actions.iter().chain(&later) {
-            let decision = if later.contains(a) {
-                Decision::Deferred
-            } else {
-                decision_of(a.kind)
-            };
+        for (a, decision) in now_actions
+            .iter()
+            .map(|a| (a, decision_of(a.kind)))
+            .chain(later.iter().map(|a| (a, Decision::Deferred)))
+        {
             result.verdicts.push(Verdict {
                 reference: a.reference.clone(),
                 image: a.image.clone(),
@@ -228,6 +232,15 @@ pub fn plan(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Pl
         evict(policy, storage, observed, &store, state, now, &mut result);
     }
     result
+}
+
+fn dangling_ids(store: &Observed) -> HashSet<String> {
+    store
+        .images
+        .iter()
+        .filter(|i| i.repo_tags.is_empty())
+        .map(|i| i.id.clone())
+        .collect()
 }
 
 /// Disk pressure on the store as retention leaves it: evictions go after
@@ -287,14 +300,18 @@ fn evict(
         .max_removals
         .saturating_sub(count_removals(&result.actions));
     let (now_actions, later) = split_budget(actions, budget);
-    for a in now_actions.iter().chain(&later) {
-        let decision = if later.contains(a) {
-            Decision::Deferred
-        } else {
-            decision_of(a.kind)
-        };
-        for v in result.verdicts.iter_mut().filter(|v| v.image == a.image) {
-            v.decision = decision;
+    let decided: HashMap<&str, (Decision, &Action)> = now_actions
+        .iter()
+        .map(|a| (a.image.as_str(), (decision_of(a.kind), a)))
+        .chain(
+            later
+                .iter()
+                .map(|a| (a.image.as_str(), (Decision::Deferred, a))),
+        )
+        .collect();
+    for v in &mut result.verdicts {
+        if let Some((decision, a)) = decided.get(v.image.as_str()) {
+            v.decision = *decision;
             v.rule = Some(a.rule.clone());
             v.reason.clone_from(&a.reason);
         }
@@ -337,37 +354,47 @@ fn split_budget(actions: Vec<Action>, budget: usize) -> (Vec<Action>, Vec<Action
     (now, later)
 }
 
-/// Apply actions to an observed store the way the engine would.
+/// Apply actions to an observed store the way the engine would. Linear in
+/// images plus actions: removed references and images are collected first,
+/// then the store is rewritten once.
 pub fn simulate(store: &mut Observed, actions: &[Action]) {
+    // Reference -> the image it ends on (`None`: removed), in action order.
+    let mut moved: HashMap<&str, Option<&str>> = HashMap::new();
+    let mut gone: HashSet<&str> = HashSet::new();
+    let mut remove_if_untagged: HashSet<&str> = HashSet::new();
     for a in actions {
-        match a.kind {
-            Kind::Tag => {
-                let Some(r) = &a.reference else { continue };
-                for img in &mut store.images {
-                    img.repo_tags.retain(|t| t != r);
-                }
-                if let Some(img) = store.images.iter_mut().find(|i| i.id == a.image) {
-                    img.repo_tags.push(r.clone());
-                }
+        match (a.kind, a.reference.as_deref()) {
+            (Kind::Tag, Some(r)) => {
+                moved.insert(r, Some(a.image.as_str()));
             }
-            Kind::Evict => store.images.retain(|i| i.id != a.image),
-            Kind::PruneBuild => {}
-            Kind::Untag | Kind::Remove => {
-                if let Some(r) = &a.reference {
-                    for img in &mut store.images {
-                        img.repo_tags.retain(|t| t != r);
-                    }
-                    if a.kind == Kind::Remove {
-                        store
-                            .images
-                            .retain(|i| !(i.id == a.image && i.repo_tags.is_empty()));
-                    }
-                } else {
-                    store.images.retain(|i| i.id != a.image);
+            (Kind::Tag | Kind::PruneBuild, _) => {}
+            (Kind::Evict, _) | (Kind::Untag | Kind::Remove, None) => {
+                gone.insert(a.image.as_str());
+            }
+            (Kind::Untag | Kind::Remove, Some(r)) => {
+                moved.insert(r, None);
+                if a.kind == Kind::Remove {
+                    remove_if_untagged.insert(a.image.as_str());
                 }
             }
         }
     }
+    let mut added: HashMap<&str, Vec<String>> = HashMap::new();
+    for (r, to) in &moved {
+        if let Some(img) = to {
+            added.entry(img).or_default().push((*r).to_string());
+        }
+    }
+    for img in &mut store.images {
+        img.repo_tags.retain(|t| !moved.contains_key(t.as_str()));
+        if let Some(new) = added.get(img.id.as_str()) {
+            img.repo_tags.extend(new.iter().cloned());
+        }
+    }
+    store.images.retain(|i| {
+        !gone.contains(i.id.as_str())
+            && !(i.repo_tags.is_empty() && remove_if_untagged.contains(i.id.as_str()))
+    });
 }
 
 /// One reference (or a dangling image) in the store.
@@ -505,62 +532,14 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
             repos_by_name.entry(e.repository).or_default().push(i);
         }
     }
-    // The set of floating references that are planned to point at some image.
-    let mut float_targets: HashMap<String, (usize, String, String)> = HashMap::new();
+    // Existing floating references: excluded from retention and conventions.
     for f in &policy.float {
-        for (repo, idxs) in &repos_by_name {
-            if !f.images.is_match(repo) {
-                continue;
-            }
-            let float_ref = format!("{repo}:{}", f.tag);
-            let candidates: Vec<usize> = idxs
-                .iter()
-                .copied()
-                .filter(|&i| entries[i].tag != f.tag && f.follow.is_match(entries[i].tag))
-                .collect();
-            if let Some(&cur) = by_ref.get(float_ref.as_str()) {
+        for repo in repos_by_name.keys() {
+            if f.images.is_match(repo)
+                && let Some(&cur) = by_ref.get(format!("{repo}:{}", f.tag).as_str())
+            {
                 floating.insert(cur, f.name.clone());
             }
-            let newest = candidates.iter().copied().min_by(|&a, &b| {
-                let (ea, eb) = (&entries[a], &entries[b]);
-                let (ca, cb) = (images[ea.img].created, images[eb.img].created);
-                match f.order {
-                    FloatOrder::Semver => cmp_semver((ea.tag, ca, ea.tag), (eb.tag, cb, eb.tag)),
-                    FloatOrder::Created => cb.cmp(&ca).then(ea.tag.cmp(eb.tag)),
-                }
-            });
-            let Some(newest) = newest else { continue };
-            let target_img = entries[newest].img;
-            let order = match f.order {
-                FloatOrder::Semver => "semver",
-                FloatOrder::Created => "created",
-            };
-            let reason = format!(
-                "{float_ref} -> {} (newest by {order} of {} candidate{})",
-                entries[newest].reference.unwrap_or(""),
-                candidates.len(),
-                if candidates.len() == 1 { "" } else { "s" }
-            );
-            float_targets.insert(float_ref.clone(), (target_img, f.name.clone(), reason));
-        }
-    }
-    let mut float_refs: Vec<&String> = float_targets.keys().collect();
-    float_refs.sort();
-    for fr in float_refs {
-        let (target_img, rule, reason) = &float_targets[fr];
-        let already = by_ref
-            .get(fr.as_str())
-            .is_some_and(|&i| entries[i].img == *target_img);
-        if !already {
-            plan.actions.push(Action {
-                kind: Kind::Tag,
-                reference: Some(fr.clone()),
-                image: images[*target_img].id.clone(),
-                rule: rule.clone(),
-                reason: reason.clone(),
-                bytes: None,
-                keep_bytes: None,
-            });
         }
     }
 
@@ -715,6 +694,70 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
     }
     remove.retain(|i| !vetoed.contains(i));
 
+    // Floating tags follow the newest candidate that stays: choosing one that
+    // retention removes would move the tag again on the next reconcile.
+    // The chosen candidates (`anchors`) are not untagged by conventions.
+    let mut anchors: HashSet<usize> = HashSet::new();
+    let mut float_targets: HashMap<String, (usize, String, String)> = HashMap::new();
+    for f in &policy.float {
+        for (repo, idxs) in &repos_by_name {
+            if !f.images.is_match(repo) {
+                continue;
+            }
+            let float_ref = format!("{repo}:{}", f.tag);
+            let candidates: Vec<usize> = idxs
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    entries[i].tag != f.tag
+                        && !remove.contains(&i)
+                        && f.follow.is_match(entries[i].tag)
+                })
+                .collect();
+            let newest = candidates.iter().copied().min_by(|&a, &b| {
+                let (ea, eb) = (&entries[a], &entries[b]);
+                let (ca, cb) = (images[ea.img].created, images[eb.img].created);
+                match f.order {
+                    FloatOrder::Semver => cmp_semver((ea.tag, ca, ea.tag), (eb.tag, cb, eb.tag)),
+                    FloatOrder::Created => cb.cmp(&ca).then(ea.tag.cmp(eb.tag)),
+                }
+            });
+            let Some(newest) = newest else { continue };
+            anchors.insert(newest);
+            let target_img = entries[newest].img;
+            let order = match f.order {
+                FloatOrder::Semver => "semver",
+                FloatOrder::Created => "created",
+            };
+            let reason = format!(
+                "{float_ref} -> {} (newest by {order} of {} candidate{})",
+                entries[newest].reference.unwrap_or(""),
+                candidates.len(),
+                if candidates.len() == 1 { "" } else { "s" }
+            );
+            float_targets.insert(float_ref.clone(), (target_img, f.name.clone(), reason));
+        }
+    }
+    let mut float_refs: Vec<&String> = float_targets.keys().collect();
+    float_refs.sort();
+    for fr in float_refs {
+        let (target_img, rule, reason) = &float_targets[fr];
+        let already = by_ref
+            .get(fr.as_str())
+            .is_some_and(|&i| entries[i].img == *target_img);
+        if !already {
+            plan.actions.push(Action {
+                kind: Kind::Tag,
+                reference: Some(fr.clone()),
+                image: images[*target_img].id.clone(),
+                rule: rule.clone(),
+                reason: reason.clone(),
+                bytes: None,
+                keep_bytes: None,
+            });
+        }
+    }
+
     // Which references stay on each image after the plan (for untag vs remove,
     // and for tag conventions' "keeps another reference").
     let mut remaining: Vec<usize> = vec![0; images.len()];
@@ -741,6 +784,7 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
             // Floating tags are stowage's own; they are not held to conventions.
             if remove.contains(&i)
                 || floating.contains_key(&i)
+                || anchors.contains(&i)
                 || !rule.images.is_match(e.repository)
                 || rule.allow.is_match(e.tag)
             {

@@ -299,10 +299,29 @@ fn float_by_created() {
 
 #[test]
 fn floating_reference_is_never_removed_by_retention() {
+    // Every 1.x candidate goes by retention: `stable` stays where it is (its
+    // image keeps that name) rather than following a tag about to vanish.
     snapshot(
         "float_vs_retention",
         "[[float]]\nname = \"stable\"\nimages = [\"app\"]\ntag = \"stable\"\nfollow = '1\\..*'\n\n\
          [[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 1\n",
+        {
+            let mut v = app5();
+            v[1].repo_tags.push("app:stable".into());
+            v
+        },
+        vec![],
+    );
+}
+
+#[test]
+fn float_follows_the_newest_candidate_that_stays() {
+    // 2.0.0 goes by retention, so it is no candidate (4, not 5): the float
+    // only ever points at a tag that stays.
+    snapshot(
+        "float_follows_survivor",
+        "[[float]]\nname = \"stable\"\nimages = [\"app\"]\ntag = \"stable\"\nfollow = '\\d.*'\n\n\
+         [[retain]]\nname = \"app\"\nimages = [\"app\"]\ntags = ['2\\..*']\nkeep_last = 1\norder = \"semver\"\n",
         app5(),
         vec![],
     );
