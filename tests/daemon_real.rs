@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use rustix::process::{Pid, Signal, kill_process};
 use serde_json::Value;
 use stowage::engine::{DockerEngine, Engine};
 
@@ -62,14 +63,8 @@ impl Daemon {
         self.child.id()
     }
 
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig} {}", self.pid());
+    fn signal(&self, sig: Signal) {
+        send(self.pid(), sig);
     }
 
     fn log(&self) -> String {
@@ -140,6 +135,12 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Sends `sig` to `pid` (no dependency on a `kill` binary).
+fn send(pid: u32, sig: Signal) {
+    let pid = Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
+    kill_process(pid, sig).unwrap_or_else(|e| panic!("kill {pid:?}: {e}"));
 }
 
 /// Polls `cond` every 50 ms for up to `secs`; panics with `what` otherwise.
@@ -294,7 +295,7 @@ async fn sighup_with_a_broken_policy_keeps_the_old_one_and_status_says_why() {
     write_policy(dir.path(), &broken);
     let line = broken.lines().position(|l| l.starts_with("tags")).unwrap() + 1;
     let at = format!("policy.toml:{line}:");
-    d.signal("HUP");
+    d.signal(Signal::HUP);
     // STATUS= messages of the start come first.
     let mut reloading = next_message();
     while !reloading.starts_with("RELOADING=1") {
@@ -325,7 +326,7 @@ async fn sighup_with_a_broken_policy_keeps_the_old_one_and_status_says_why() {
     // The old policy is still in force: it acts on new images.
     load_app(&engine, &ns, 3).await;
     let before = d.reconciles();
-    d.signal("USR1");
+    d.signal(Signal::USR1);
     d.wait_reconciles(before + 1, 30);
     assert_eq!(refs(&engine, &ns).await, vec![format!("{ns}/app:2")]);
 }
@@ -351,7 +352,7 @@ async fn sigusr1_reconciles_and_engine_events_mark_images_used() {
     );
     // Give the event watcher its batching window.
     std::thread::sleep(Duration::from_millis(500));
-    d.signal("USR1");
+    d.signal(Signal::USR1);
     d.wait_reconciles(2, 30);
     assert_eq!(refs(&engine, &ns).await, vec![format!("{ns}/app:2")]);
     assert!(d.log().contains("reconcile requested (SIGUSR1)"));
@@ -393,7 +394,7 @@ async fn control_socket_reconcile_round_trip() {
     let bad = d.ask("not json").unwrap();
     assert_eq!(bad["response"], "error");
 
-    d.signal("TERM");
+    d.signal(Signal::TERM);
     assert_eq!(d.wait_exit(10).map(|s| s.code()), Some(Some(0)));
     assert!(!d.socket().exists(), "socket removed at exit");
     let out = d.cli(&["reconcile"]);
@@ -494,7 +495,7 @@ async fn kill_9_mid_apply_then_restart_converges() {
     wait(60, "the audit log to grow", || {
         audit_lines(dir.path()) >= 10
     });
-    d.signal("KILL");
+    d.signal(Signal::KILL);
     d.wait_exit(10).expect("killed");
     let done = audit_lines(dir.path());
     assert!(
@@ -551,7 +552,7 @@ async fn sigterm_mid_apply_exits_zero_within_ten_seconds() {
     let mut d = Daemon::start(dir.path(), &addr, &[]);
     wait(60, "the audit log to grow", || audit_lines(dir.path()) >= 3);
     let sent = Instant::now();
-    d.signal("TERM");
+    d.signal(Signal::TERM);
     let status = d.wait_exit(10).expect("exited within 10 s");
     assert_eq!(status.code(), Some(0), "{}", d.log());
     assert!(sent.elapsed() < Duration::from_secs(10));
@@ -630,7 +631,7 @@ impl OwnEngine {
 
     fn stop(&mut self) {
         let Some(pid) = self.pid.take() else { return };
-        let _ = Command::new("kill").arg(pid.to_string()).status();
+        send(pid, Signal::TERM);
         wait(60, "the own dockerd to exit", || {
             // A zombie child still has /proc/PID; its state is Z.
             std::fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -606,6 +606,12 @@ where
                 }
                 self.reachable = Some(true);
                 self.retry_delay = RETRY_FIRST;
+                // A retry still scheduled from before would connect twice,
+                // and an old watcher would report every event twice.
+                self.retry_at = None;
+                if let Some(old) = self.events.take() {
+                    old.abort();
+                }
                 self.metrics.engine_reachable(true);
                 *lock(&self.shared.engine) = Some(engine.clone());
                 self.events = Some(tokio::spawn(events::watch(
