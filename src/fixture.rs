@@ -190,6 +190,369 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// A synthetic image store, built in memory for planner benchmarks
+/// (`benches/planner.rs`, `examples/plan_scale.rs`): never loaded into an
+/// engine, so it can hold 100k references.
+#[derive(Debug, Clone)]
+pub struct SyntheticStore {
+    /// Images, containers and per-image layers, as `reconcile::observe_for`
+    /// would gather them.
+    pub observed: crate::plan::Observed,
+    /// First-seen and last-used times, as after earlier reconciles.
+    pub state: crate::state::State,
+    /// References plus dangling images: what `n` counts.
+    pub references: usize,
+    /// Unique bytes of all layers (what `[storage] max_size` limits).
+    pub unique_bytes: u64,
+}
+
+/// The "now" of synthetic stores (2026-01-01T00:00:00Z): fixed so that
+/// runs are comparable.
+pub const SYNTHETIC_NOW: i64 = 1_767_225_600;
+
+/// A store of about `references` references (tags plus dangling images) with
+/// the shapes seen on CI runners and build hosts, deterministic per `seed`:
+///
+/// - release repositories `registry.example.com/teamT/svcR` with semver tags,
+///   some images carrying a second `vX.Y` tag, the newest also `latest`;
+/// - CI repositories `ci/appR` with `branch-build` tags on a few branches,
+///   some `pr-N` and rule-breaking tags (`debug`, `tmp-N`);
+/// - `library/*` images with `1.25`, `1.25-alpine`, `latest` tags;
+/// - `tools/*` images ordered by last use;
+/// - about 5% dangling images;
+/// - containers on about 5% of images; last-use times on some more;
+/// - a base layer shared by every image of a repository (`Observed.layers`).
+pub fn synthetic_store(references: usize, seed: u64) -> SyntheticStore {
+    use crate::engine::{Container, Image, Layer};
+    use crate::state::{ImageState, State};
+
+    const DAY: i64 = 86_400;
+    const MB: u64 = 1_000_000;
+    let mut rng = seed ^ 0x5359_4e54_4845_5449; // "SYNTHETI"
+    let mut next = move || splitmix64(&mut rng);
+    let mut images: Vec<Image> = Vec::new();
+    let mut layers: std::collections::HashMap<String, Vec<Layer>> =
+        std::collections::HashMap::new();
+    let mut count = 0usize;
+    let mut serial = 0u64;
+    let new_id = |serial: &mut u64| {
+        *serial += 1;
+        let mut s = seed.wrapping_add(*serial);
+        format!(
+            "sha256:{:016x}{:016x}{:016x}{:016x}",
+            splitmix64(&mut s),
+            splitmix64(&mut s),
+            splitmix64(&mut s),
+            splitmix64(&mut s)
+        )
+    };
+    let push = |images: &mut Vec<Image>,
+                layers: &mut std::collections::HashMap<String, Vec<Layer>>,
+                id: String,
+                tags: Vec<String>,
+                created: i64,
+                base: &Layer,
+                own: u64| {
+        layers.insert(
+            id.clone(),
+            vec![
+                base.clone(),
+                Layer {
+                    chain_id: format!("{id}-own"),
+                    size: own,
+                },
+            ],
+        );
+        images.push(Image {
+            id,
+            repo_tags: tags,
+            repo_digests: Vec::new(),
+            created,
+            size: base.size + own,
+        });
+    };
+
+    let mut repo = 0u64;
+    while count < references {
+        repo += 1;
+        let base = Layer {
+            chain_id: format!("sha256:base-{seed:x}-{repo}"),
+            size: (20 + next() % 60) * MB,
+        };
+        let kind = next() % 100;
+        // (tags, created) of each image of this repository, oldest first.
+        let mut repo_images: Vec<(Vec<String>, i64)> = Vec::new();
+        let start = SYNTHETIC_NOW - (30 + (next() % 400) as i64) * DAY;
+        let span = (SYNTHETIC_NOW - start).max(DAY);
+        if kind < 45 {
+            let name = format!("registry.example.com/team{}/svc{repo}", repo % 40);
+            let releases = 10 + (next() % 50) as usize;
+            let (mut major, mut minor, mut patch) = (1u64, 0u64, 0u64);
+            for r in 0..releases {
+                match next() % 10 {
+                    0 => (major, minor, patch) = (major + 1, 0, 0),
+                    1..=3 => (minor, patch) = (minor + 1, 0),
+                    _ => patch += 1,
+                }
+                let mut tags = vec![format!("{name}:v{major}.{minor}.{patch}")];
+                if next() % 5 == 0 {
+                    tags.push(format!("{name}:v{major}.{minor}"));
+                }
+                if r + 1 == releases {
+                    tags.push(format!("{name}:latest"));
+                }
+                let created = start + span * r as i64 / releases as i64;
+                repo_images.push((tags, created));
+            }
+            // A float left behind on an older release, for `[[float]]` to move.
+            if next() % 3 == 0 && releases > 2 {
+                repo_images[releases - 2].0.push(format!("{name}:stable"));
+            }
+        } else if kind < 80 {
+            let name = format!("ci/app{repo}");
+            let branches = 2 + (next() % 6) as usize;
+            for b in 0..branches {
+                let branch = match b {
+                    0 => "main".to_string(),
+                    1 => "develop".to_string(),
+                    _ => format!("feat-{}", next() % 1000),
+                };
+                let builds = 2 + (next() % 14) as i64;
+                for n in 0..builds {
+                    let created = start + span * n / builds + (b as i64) * 600;
+                    let mut tags = vec![format!("{name}:{branch}-{}", 100 + n)];
+                    // CI also tags by commit: against the tag convention.
+                    if next() % 4 == 0 {
+                        tags.push(format!("{name}:git-{:07x}", next() % 0xfff_ffff));
+                    }
+                    repo_images.push((tags, created));
+                }
+            }
+            for _ in 0..(next() % 4) {
+                let created = start + (next() % span as u64) as i64;
+                let tag = match next() % 3 {
+                    0 => format!("pr-{}", next() % 5000),
+                    1 => "debug".to_string(),
+                    _ => format!("tmp-{}", next() % 100),
+                };
+                repo_images.push((vec![format!("{name}:{tag}")], created));
+            }
+        } else if kind < 90 {
+            let name = format!("library/lib{repo}");
+            let versions = 2 + (next() % 10) as i64;
+            for v in 0..versions {
+                let created = start + span * v / versions;
+                let mut tags = vec![format!("{name}:1.{v}")];
+                if next() % 2 == 0 {
+                    tags.push(format!("{name}:1.{v}-alpine"));
+                }
+                if v + 1 == versions {
+                    tags.push(format!("{name}:latest"));
+                }
+                repo_images.push((tags, created));
+            }
+        } else {
+            let name = format!("tools/tool{repo}");
+            for t in 0..(2 + (next() % 8) as i64) {
+                let created = start + (next() % span as u64) as i64;
+                repo_images.push((vec![format!("{name}:v{t}")], created));
+            }
+        }
+        for (mut tags, created) in repo_images {
+            if count >= references {
+                break;
+            }
+            tags.truncate(references - count);
+            count += tags.len();
+            let id = new_id(&mut serial);
+            let own = (1 + next() % 30) * MB;
+            push(&mut images, &mut layers, id, tags, created, &base, own);
+            // About one dangling image per twenty references: old builds
+            // whose tag moved on, on the same base.
+            if count < references && next() % 20 == 0 {
+                count += 1;
+                let id = new_id(&mut serial);
+                let own = (1 + next() % 30) * MB;
+                push(
+                    &mut images,
+                    &mut layers,
+                    id,
+                    Vec::new(),
+                    created - DAY,
+                    &base,
+                    own,
+                );
+            }
+        }
+    }
+
+    let mut containers = Vec::new();
+    let mut state = State {
+        initialized: true,
+        ..State::default()
+    };
+    for (i, img) in images.iter().enumerate() {
+        let mut st = ImageState {
+            first_seen: img.created,
+            ..ImageState::default()
+        };
+        let roll = next() % 100;
+        if roll < 5 {
+            let id = format!("{:016x}{:016x}", next(), next());
+            containers.push(Container {
+                name: format!("c{i}"),
+                image_id: img.id.clone(),
+                image: img
+                    .repo_tags
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| img.id.clone()),
+                state: ["running", "exited", "created"][(next() % 3) as usize].to_string(),
+                id,
+            });
+        }
+        if roll < 15 {
+            let since = (SYNTHETIC_NOW - img.created).max(1) as u64;
+            st.last_used = Some(img.created + (next() % since) as i64);
+        }
+        state.images.insert(img.id.clone(), st);
+    }
+    let observed = crate::plan::Observed {
+        images,
+        containers,
+        layers,
+        ..crate::plan::Observed::default()
+    };
+    let unique_bytes = crate::storage::unique_bytes(&observed.layers, &observed.images);
+    SyntheticStore {
+        observed,
+        state,
+        references: count,
+        unique_bytes,
+    }
+}
+
+/// The benchmark policy for [`synthetic_store`]: about twenty rules of every
+/// kind (retention with `keep_last`, `semver`, `group_by`, `keep_within`,
+/// `last_used`, untagged; protect; tag conventions; floats; pre-pulls) and a
+/// `[storage] max_size` of 80% of `unique_bytes`, so eviction has work.
+/// `max_removals` stays at its default: what a host runs with.
+pub fn synthetic_policy(unique_bytes: u64) -> String {
+    let max_size = unique_bytes / 10 * 8;
+    format!(
+        r#"version = 1
+[daemon]
+state_dir = "/nonexistent/stowage-bench"
+min_age = "1h"
+
+[[retain]]
+name = "releases"
+images = ["registry.example.com/**"]
+tags = ['v\d+\.\d+\.\d+']
+keep_last = 15
+order = "semver"
+
+[[retain]]
+name = "releases-recent"
+images = ["registry.example.com/**"]
+tags = ['v\d+\.\d+\.\d+', 'v\d+\.\d+']
+keep_within = "30d"
+
+[[retain]]
+name = "minor-aliases"
+images = ["registry.example.com/**"]
+tags = ['v\d+\.\d+']
+keep_last = 3
+order = "semver"
+
+[[retain]]
+name = "branch-builds"
+images = ["ci/*"]
+tags = ['.+-\d+']
+keep_last = 3
+group_by = '(.+)-\d+'
+keep_within = "7d"
+
+[[retain]]
+name = "pull-requests"
+images = ["ci/*"]
+tags = ['pr-\d+']
+keep_within = "3d"
+
+[[retain]]
+name = "library"
+images = ["library/*"]
+keep_last = 4
+order = "created"
+
+[[retain]]
+name = "tools"
+images = ["tools/*"]
+keep_last = 2
+order = "last_used"
+keep_within = "14d"
+
+[[retain]]
+name = "dangling"
+untagged = true
+keep_within = "2d"
+
+[[protect]]
+name = "production"
+images = ["registry.example.com/team0/**"]
+tags = ["latest", "stable"]
+
+[[protect]]
+name = "base-images"
+images = ["library/lib1*"]
+
+[[protect]]
+name = "debug-images"
+images = ["ci/*"]
+tags = ["debug"]
+
+[[tags]]
+name = "ci-tag-style"
+images = ["ci/*"]
+allow = ['(main|develop|feat-\d+)-\d+', 'pr-\d+', "debug"]
+on_violation = "untag"
+
+[[tags]]
+name = "release-tag-style"
+images = ["registry.example.com/**"]
+allow = ['v\d+\.\d+\.\d+', 'v\d+\.\d+', "latest", "stable"]
+on_violation = "warn"
+
+[[float]]
+name = "stable"
+images = ["registry.example.com/**"]
+tag = "stable"
+follow = 'v\d+\.\d+\.\d+'
+order = "semver"
+
+[[float]]
+name = "ci-latest"
+images = ["ci/*"]
+tag = "latest"
+follow = 'main-\d+'
+order = "created"
+
+[[prepull]]
+image = "registry.example.com/team1/svc2:latest"
+refresh = "never"
+
+[[prepull]]
+image = "library/lib3:latest"
+refresh = "never"
+keep_previous = 1
+
+[storage]
+max_size = {max_size}
+order = "lru"
+"#
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -268,6 +631,32 @@ mod tests {
             );
         }
         assert_eq!(tagged.total_size(), 2048 + 4096);
+    }
+
+    #[test]
+    fn synthetic_store_has_the_asked_references_and_a_valid_policy() {
+        let a = synthetic_store(2_000, 1);
+        assert_eq!(a.references, 2_000);
+        let refs: usize = a
+            .observed
+            .images
+            .iter()
+            .map(|i| i.repo_tags.len().max(1))
+            .sum();
+        assert_eq!(refs, 2_000);
+        assert!(a.observed.images.iter().any(|i| i.repo_tags.is_empty()));
+        assert!(!a.observed.containers.is_empty());
+        let b = synthetic_store(2_000, 1);
+        assert_eq!(
+            a.observed.images, b.observed.images,
+            "deterministic per seed"
+        );
+        let policy = synthetic_policy(a.unique_bytes);
+        let policy = crate::policy::parse(&policy, std::path::Path::new("bench.toml"))
+            .expect("the benchmark policy is valid");
+        assert!(policy.storage.is_some());
+        let plan = crate::plan::plan(&policy, &a.observed, &a.state, SYNTHETIC_NOW);
+        assert!(!plan.actions.is_empty(), "the store gives the planner work");
     }
 
     #[test]
