@@ -355,8 +355,8 @@ async fn sigusr1_reconciles_and_engine_events_mark_images_used() {
         &addr,
         &["image", "inspect", "-f", "{{.Id}}", &format!("{ns}/app:2")],
     );
-    // Give the event watcher its batching window.
-    std::thread::sleep(Duration::from_millis(500));
+    // Give the event watcher its batching window (100 ms) and its listing.
+    std::thread::sleep(Duration::from_millis(1500));
     d.signal(Signal::USR1);
     d.wait_reconciles(2, 30);
     assert_eq!(refs(&engine, &ns).await, vec![format!("{ns}/app:2")]);
