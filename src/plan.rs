@@ -18,13 +18,13 @@
 //! gives an empty plan.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
 use crate::engine::{Container, Image, Layer};
-use crate::policy::{FloatOrder, Order, Policy, RetainScope};
+use crate::policy::{FloatOrder, Globs, Order, Policy, RetainScope, Scope};
 use crate::refs::split_tag;
 use crate::state::State;
 use crate::storage::{self, Disk, Pressure};
@@ -392,8 +392,8 @@ pub fn simulate(store: &mut Observed, actions: &[Action]) {
         }
     }
     store.images.retain(|i| {
-        !gone.contains(i.id.as_str())
-            && !(i.repo_tags.is_empty() && remove_if_untagged.contains(i.id.as_str()))
+        let untagged_away = i.repo_tags.is_empty() && remove_if_untagged.contains(i.id.as_str());
+        !gone.contains(i.id.as_str()) && !untagged_away
     });
 }
 
@@ -447,8 +447,11 @@ fn parse_semver(tag: &str) -> Option<semver::Version> {
 }
 
 /// Newest first: by semver (non-semver last), then created, then name.
-fn cmp_semver(a: (&str, i64, &str), b: (&str, i64, &str)) -> Ordering {
-    match (parse_semver(a.0), parse_semver(b.0)) {
+fn cmp_semver(
+    a: (Option<&semver::Version>, i64, &str),
+    b: (Option<&semver::Version>, i64, &str),
+) -> Ordering {
+    match (a.0, b.0) {
         (Some(x), Some(y)) => y.cmp(&x),
         (Some(_), None) => Ordering::Less,
         (None, Some(_)) => Ordering::Greater,
@@ -497,6 +500,31 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
             .then_with(|| images[a.img].id.cmp(&images[b.img].id))
     });
 
+    // Globs match repositories, and there are far fewer repositories than
+    // references: match each rule's globs once per repository.
+    let mut repo_index: HashMap<&str, usize> = HashMap::new();
+    let mut repos: Vec<&str> = Vec::new();
+    let repo_of: Vec<usize> = entries
+        .iter()
+        .map(|e| {
+            *repo_index.entry(e.repository).or_insert_with(|| {
+                repos.push(e.repository);
+                repos.len() - 1
+            })
+        })
+        .collect();
+    let mask = |globs: &Globs| -> Vec<bool> { repos.iter().map(|r| globs.is_match(r)).collect() };
+    let in_scope = |scope: &Scope, m: &[bool], i: usize| -> bool {
+        m[repo_of[i]]
+            && scope
+                .tags
+                .as_ref()
+                .is_none_or(|t| t.is_match(entries[i].tag))
+    };
+    // Parsed once: comparisons during sorting would otherwise parse again.
+    let semvers: Vec<Option<semver::Version>> =
+        entries.iter().map(|e| parse_semver(e.tag)).collect();
+
     let facts = image_facts(policy, &images, observed, state, now);
     let by_ref: HashMap<&str, usize> = entries
         .iter()
@@ -506,6 +534,11 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
 
     // Reference-level protection: [[protect]] entries.
     let mut ref_protection: Vec<Option<(String, String)>> = vec![None; entries.len()];
+    let protect_masks: Vec<Vec<bool>> = policy
+        .protect
+        .iter()
+        .map(|p| mask(&p.scope.images))
+        .collect();
     for (i, e) in entries.iter().enumerate() {
         if e.reference.is_none() {
             continue;
@@ -513,7 +546,9 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
         if let Some(p) = policy
             .protect
             .iter()
-            .find(|p| p.scope.matches(e.repository, e.tag))
+            .zip(&protect_masks)
+            .find(|(p, m)| in_scope(&p.scope, m, i))
+            .map(|(p, _)| p)
         {
             ref_protection[i] = Some((
                 p.name.clone(),
@@ -548,17 +583,21 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
     let mut kept_by: Vec<Option<(String, String)>> = vec![None; entries.len()];
     let mut removed_by: Vec<Option<(String, String)>> = vec![None; entries.len()];
     for rule in &policy.retain {
+        let rule_mask = match &rule.scope {
+            RetainScope::Tagged(s) => mask(&s.images),
+            RetainScope::Untagged => Vec::new(),
+        };
         let mut scoped: Vec<usize> = Vec::new();
         for (i, e) in entries.iter().enumerate() {
-            let in_scope = match &rule.scope {
+            let scoped_here = match &rule.scope {
                 RetainScope::Untagged => e.reference.is_none(),
                 RetainScope::Tagged(s) => {
                     e.reference.is_some()
                         && !floating.contains_key(&i)
-                        && s.matches(e.repository, e.tag)
+                        && in_scope(s, &rule_mask, i)
                 }
             };
-            if in_scope {
+            if scoped_here {
                 scoped.push(i);
             }
         }
@@ -592,7 +631,10 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
                         .cmp(&facts[ea.img].activity)
                         .then(ib.created.cmp(&ia.created))
                         .then(ra.cmp(rb)),
-                    Order::Semver => cmp_semver((ea.tag, ia.created, ra), (eb.tag, ib.created, rb)),
+                    Order::Semver => cmp_semver(
+                        (semvers[a].as_ref(), ia.created, ra),
+                        (semvers[b].as_ref(), ib.created, rb),
+                    ),
                 }
             });
             let group_name = match (repo, cap) {
@@ -660,14 +702,13 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
     }
 
     // Candidate removals from retention (keep wins), then tag conventions.
-    let mut remove: BTreeSet<usize> = BTreeSet::new();
-    let mut remove_reason: HashMap<usize, (String, String)> = HashMap::new();
+    // Per entry: removed in this plan, and by which rule and why.
+    let mut remove: Vec<bool> = vec![false; entries.len()];
+    let mut remove_reason: Vec<Option<(String, String)>> = vec![None; entries.len()];
     for i in 0..entries.len() {
-        if kept_by[i].is_none()
-            && let Some(r) = &removed_by[i]
-        {
-            remove.insert(i);
-            remove_reason.insert(i, r.clone());
+        if kept_by[i].is_none() && removed_by[i].is_some() {
+            remove[i] = true;
+            remove_reason[i].clone_from(&removed_by[i]);
         }
     }
 
@@ -678,11 +719,13 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
             .clone()
             .or_else(|| ref_protection[i].clone())
     };
-    let mut vetoed: HashSet<usize> = HashSet::new();
-    for &i in &remove {
+    for i in 0..entries.len() {
+        if !remove[i] {
+            continue;
+        }
         if let Some((rule, reason)) = protection_of(i) {
-            vetoed.insert(i);
-            let (prule, preason) = &remove_reason[&i];
+            remove[i] = false;
+            let (prule, preason) = remove_reason[i].as_ref().expect("set with remove");
             plan.protected.push(Protected {
                 reference: entries[i].reference.map(str::to_string),
                 image: images[entries[i].img].id.clone(),
@@ -692,7 +735,6 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
             });
         }
     }
-    remove.retain(|i| !vetoed.contains(i));
 
     // Floating tags follow the newest candidate that stays: choosing one that
     // retention removes would move the tag again on the next reconcile.
@@ -709,16 +751,17 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
                 .iter()
                 .copied()
                 .filter(|&i| {
-                    entries[i].tag != f.tag
-                        && !remove.contains(&i)
-                        && f.follow.is_match(entries[i].tag)
+                    entries[i].tag != f.tag && !remove[i] && f.follow.is_match(entries[i].tag)
                 })
                 .collect();
             let newest = candidates.iter().copied().min_by(|&a, &b| {
                 let (ea, eb) = (&entries[a], &entries[b]);
                 let (ca, cb) = (images[ea.img].created, images[eb.img].created);
                 match f.order {
-                    FloatOrder::Semver => cmp_semver((ea.tag, ca, ea.tag), (eb.tag, cb, eb.tag)),
+                    FloatOrder::Semver => cmp_semver(
+                        (semvers[a].as_ref(), ca, ea.tag),
+                        (semvers[b].as_ref(), cb, eb.tag),
+                    ),
                     FloatOrder::Created => cb.cmp(&ca).then(ea.tag.cmp(eb.tag)),
                 }
             });
@@ -762,7 +805,7 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
     // and for tag conventions' "keeps another reference").
     let mut remaining: Vec<usize> = vec![0; images.len()];
     for (i, e) in entries.iter().enumerate() {
-        if e.reference.is_some() && !remove.contains(&i) {
+        if e.reference.is_some() && !remove[i] {
             remaining[e.img] += 1;
         }
     }
@@ -779,13 +822,14 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
     }
 
     for rule in &policy.tags {
+        let rule_mask = mask(&rule.images);
         for (i, e) in entries.iter().enumerate() {
             let Some(r) = e.reference else { continue };
             // Floating tags are stowage's own; they are not held to conventions.
-            if remove.contains(&i)
+            if remove[i]
                 || floating.contains_key(&i)
                 || anchors.contains(&i)
-                || !rule.images.is_match(e.repository)
+                || !rule_mask[repo_of[i]]
                 || rule.allow.is_match(e.tag)
             {
                 continue;
@@ -798,9 +842,9 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
             );
             let untag = rule.on_violation == crate::policy::OnViolation::Untag;
             if untag && remaining[e.img] > 1 && protection_of(i).is_none() {
-                remove.insert(i);
+                remove[i] = true;
                 remaining[e.img] -= 1;
-                remove_reason.insert(i, (rule.name.clone(), base));
+                remove_reason[i] = Some((rule.name.clone(), base));
             } else {
                 let why = if !untag {
                     base
@@ -820,7 +864,7 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
     }
 
     // Removals in a stable order; an image's last reference goes last, as `remove`.
-    let mut removals: Vec<usize> = remove.into_iter().collect();
+    let mut removals: Vec<usize> = (0..entries.len()).filter(|&i| remove[i]).collect();
     removals.sort_by(|&a, &b| {
         let (ea, eb) = (&entries[a], &entries[b]);
         ea.reference
@@ -839,7 +883,7 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
         left[e.img] -= 1;
         let img = images[e.img];
         let last = left[e.img] == 0 && remaining[e.img] == 0;
-        let (rule, reason) = remove_reason[&i].clone();
+        let (rule, reason) = remove_reason[i].take().expect("set with remove");
         removal_actions.push(Action {
             kind: if last { Kind::Remove } else { Kind::Untag },
             reference: e.reference.map(str::to_string),
@@ -850,33 +894,21 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
             keep_bytes: None,
         });
     }
-    let (now_actions, deferred) = split_budget(removal_actions, policy.daemon.max_removals);
-    plan.actions.extend(now_actions);
-    plan.deferred = deferred;
-
-    // Verdicts for every reference and dangling image.
-    let decided: HashMap<(Option<&str>, &str), (Decision, &Action)> = plan
-        .actions
-        .iter()
-        .filter(|a| a.kind.is_removal())
-        .map(|a| {
-            (
-                (a.reference.as_deref(), a.image.as_str()),
-                (decision_of(a.kind), a),
-            )
-        })
-        .chain(plan.deferred.iter().map(|a| {
-            (
-                (a.reference.as_deref(), a.image.as_str()),
-                (Decision::Deferred, a),
-            )
-        }))
-        .collect();
+    // Every removal action is a removal: the first `max_removals` go now.
+    let now_count = removal_actions.len().min(policy.daemon.max_removals);
+    let mut decided: Vec<Option<(Decision, usize)>> = vec![None; entries.len()];
+    for (pos, &i) in removals.iter().enumerate() {
+        decided[i] = Some(if pos < now_count {
+            (decision_of(removal_actions[pos].kind), pos)
+        } else {
+            (Decision::Deferred, pos)
+        });
+    }
     for (i, e) in entries.iter().enumerate() {
         let img = images[e.img];
-        let key = (e.reference, img.id.as_str());
-        let (decision, rule, reason) = if let Some((d, a)) = decided.get(&key) {
-            (*d, Some(a.rule.clone()), a.reason.clone())
+        let (decision, rule, reason) = if let Some((d, pos)) = decided[i] {
+            let a = &removal_actions[pos];
+            (d, Some(a.rule.clone()), a.reason.clone())
         } else if let Some((r, why)) = protection_of(i) {
             (Decision::Protected, Some(r), why)
         } else if let Some(f) = floating.get(&i) {
@@ -902,6 +934,9 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
             reason,
         });
     }
+    let later = removal_actions.split_off(now_count);
+    plan.actions.extend(removal_actions);
+    plan.deferred = later;
     // Protected references in some rule's scope that nothing tried to remove
     // are worth showing too: a person reading the plan wants to see them.
     let shown: HashSet<(Option<String>, String)> = plan

@@ -91,7 +91,7 @@ pub fn unique_bytes<'a>(
     layers: &HashMap<String, Vec<Layer>>,
     images: impl IntoIterator<Item = &'a Image>,
 ) -> u64 {
-    let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut seen: HashMap<&str, u64> = HashMap::new();
     for img in images {
         for (id, size) in layer_list(layers, img) {
             seen.insert(id, size);
@@ -100,11 +100,19 @@ pub fn unique_bytes<'a>(
     seen.values().sum()
 }
 
-fn layer_list(layers: &HashMap<String, Vec<Layer>>, img: &Image) -> Vec<(String, u64)> {
-    match layers.get(&img.id) {
-        Some(ls) => ls.iter().map(|l| (l.chain_id.clone(), l.size)).collect(),
-        None => vec![(img.id.clone(), img.size)],
-    }
+/// An image's layers as (chain id, size); one pseudo-layer of its whole
+/// size when its layers are unknown.
+fn layer_list<'a>(
+    layers: &'a HashMap<String, Vec<Layer>>,
+    img: &'a Image,
+) -> impl Iterator<Item = (&'a str, u64)> + 'a {
+    let known = layers.get(&img.id);
+    let pseudo = known.is_none().then(|| (img.id.as_str(), img.size));
+    known
+        .into_iter()
+        .flatten()
+        .map(|l| (l.chain_id.as_str(), l.size))
+        .chain(pseudo)
 }
 
 /// Plan evictions over the store as retention leaves it. Returns eviction
@@ -168,7 +176,7 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure
     let mut actions = Vec::new();
     if to_free > 0 {
         // Reference counts of layers over the images that stay.
-        let mut refs: HashMap<String, usize> = HashMap::new();
+        let mut refs: HashMap<&str, usize> = HashMap::new();
         for c in candidates {
             for (id, _) in layer_list(layers, c.image) {
                 *refs.entry(id).or_default() += 1;
@@ -238,7 +246,6 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure
                 if let Some((rule, _)) = &c.protection {
                     // Bytes only this image holds among the remaining ones.
                     let own: u64 = layer_list(layers, c.image)
-                        .into_iter()
                         .filter(|(id, _)| refs.get(id).copied().unwrap_or(0) <= 1)
                         .map(|(_, s)| s)
                         .sum();
