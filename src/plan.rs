@@ -452,7 +452,7 @@ fn cmp_semver(
     b: (Option<&semver::Version>, i64, &str),
 ) -> Ordering {
     match (a.0, b.0) {
-        (Some(x), Some(y)) => y.cmp(&x),
+        (Some(x), Some(y)) => y.cmp(x),
         (Some(_), None) => Ordering::Less,
         (None, Some(_)) => Ordering::Greater,
         (None, None) => Ordering::Equal,

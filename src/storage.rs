@@ -107,7 +107,7 @@ fn layer_list<'a>(
     img: &'a Image,
 ) -> impl Iterator<Item = (&'a str, u64)> + 'a {
     let known = layers.get(&img.id);
-    let pseudo = known.is_none().then(|| (img.id.as_str(), img.size));
+    let pseudo = known.is_none().then_some((img.id.as_str(), img.size));
     known
         .into_iter()
         .flatten()
