@@ -18,7 +18,11 @@
 //! gives an empty plan.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+// Fx hashing: keys are short strings and indices hashed in the hot path;
+// no untrusted input can pick them to collide.
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::fmt::Write as _;
 
 use serde::Serialize;
@@ -37,7 +41,7 @@ pub struct Observed {
     /// Layers per image id; gathered only when `[storage]` is set. Images
     /// without an entry count as one layer of their size.
     #[serde(skip)]
-    pub layers: HashMap<String, Vec<Layer>>,
+    pub layers: std::collections::HashMap<String, Vec<Layer>>,
     /// The filesystem holding the engine's data root, when on this host.
     pub disk: Option<Disk>,
     /// Why `disk` is unknown, for the plan and status.
@@ -168,6 +172,10 @@ pub struct Plan {
     pub verdicts: Vec<Verdict>,
     /// Disk pressure, when `[storage]` is set.
     pub pressure: Option<Pressure>,
+    /// Some image keeps no name after this plan without being removed (a
+    /// floating tag moved off its last one): planning again may add work.
+    #[serde(skip)]
+    leaves_dangling: bool,
 }
 
 impl Plan {
@@ -179,11 +187,21 @@ impl Plan {
 /// Plan one reconcile. `now` is Unix seconds.
 pub fn plan(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Plan {
     let mut result = plan_once(policy, observed, state, now);
+    if result.leaves_dangling {
+        follow_up(policy, observed, state, now, &mut result);
+    }
+    if let Some(storage) = &policy.storage {
+        evict(policy, storage, observed, state, now, &mut result);
+    }
+    result
+}
+
+/// Later rounds see the store as the plan leaves it; only images that the
+/// earlier changes left dangling (a floating tag moved off their last name)
+/// can add work. Bounded: each round removes images.
+fn follow_up(policy: &Policy, observed: &Observed, state: &State, now: i64, result: &mut Plan) {
     let mut store = observed.clone();
     simulate(&mut store, &result.actions);
-    // Later rounds see the store as the plan leaves it; only images that the
-    // earlier changes left dangling (a floating tag moved off their last
-    // name) can add work. Bounded: each round removes images.
     let mut dangling: HashSet<String> = dangling_ids(observed);
     for _ in 0..3 {
         let now_dangling = dangling_ids(&store);
@@ -228,10 +246,6 @@ pub fn plan(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Pl
         result.actions.extend(now_actions);
         result.deferred.extend(later);
     }
-    if let Some(storage) = &policy.storage {
-        evict(policy, storage, observed, &store, state, now, &mut result);
-    }
-    result
 }
 
 fn dangling_ids(store: &Observed) -> HashSet<String> {
@@ -249,27 +263,62 @@ fn evict(
     policy: &Policy,
     storage: &crate::policy::Storage,
     observed: &Observed,
-    after: &Observed,
     state: &State,
     now: i64,
     result: &mut Plan,
 ) {
-    let mut images: Vec<&Image> = after.images.iter().collect();
-    images.sort_by(|a, b| a.id.cmp(&b.id));
-    let facts = image_facts(policy, &images, after, state, now);
+    // The store as the plan's retention leaves it, without copying it.
+    let mut removed_refs: HashSet<&str> = HashSet::default();
+    let mut gone: HashSet<&str> = HashSet::default();
+    for a in &result.actions {
+        match (a.kind, a.reference.as_deref()) {
+            (Kind::Untag, Some(r)) => {
+                removed_refs.insert(r);
+            }
+            (Kind::Remove, _) => {
+                gone.insert(a.image.as_str());
+            }
+            _ => {}
+        }
+    }
+    let mut images: Vec<&Image> = observed
+        .images
+        .iter()
+        .filter(|i| !gone.contains(i.id.as_str()))
+        .collect();
+    images.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+    let facts = image_facts(policy, &images, observed, state, now);
+    // [[protect]] entries whose globs match, per repository: globs once per
+    // repository, tag patterns per reference.
+    let mut protects_of_repo: HashMap<&str, Vec<&crate::policy::Protect>> = HashMap::default();
     let candidates: Vec<storage::Candidate> = images
         .iter()
         .zip(facts)
         .map(|(img, f)| {
+            let mut tags: Vec<&str> = img
+                .repo_tags
+                .iter()
+                .map(String::as_str)
+                .filter(|r| !removed_refs.contains(r))
+                .collect();
+            tags.sort_unstable();
             // Eviction takes the whole image: a [[protect]] match on any of
             // its references protects it.
             let protection = f.protection.or_else(|| {
-                img.repo_tags.iter().find_map(|r| {
+                tags.iter().find_map(|r| {
                     let (repo, tag) = split_tag(r);
-                    policy
-                        .protect
+                    let tag = tag.unwrap_or("");
+                    protects_of_repo
+                        .entry(repo)
+                        .or_insert_with(|| {
+                            policy
+                                .protect
+                                .iter()
+                                .filter(|p| p.scope.images.is_match(repo))
+                                .collect()
+                        })
                         .iter()
-                        .find(|p| p.scope.matches(repo, tag.unwrap_or("")))
+                        .find(|p| p.scope.tags.as_ref().is_none_or(|t| t.is_match(tag)))
                         .map(|p| {
                             (
                                 p.name.clone(),
@@ -280,6 +329,7 @@ fn evict(
             });
             storage::Candidate {
                 image: img,
+                tags,
                 activity: f.activity,
                 protection,
             }
@@ -359,9 +409,9 @@ fn split_budget(actions: Vec<Action>, budget: usize) -> (Vec<Action>, Vec<Action
 /// then the store is rewritten once.
 pub fn simulate(store: &mut Observed, actions: &[Action]) {
     // Reference -> the image it ends on (`None`: removed), in action order.
-    let mut moved: HashMap<&str, Option<&str>> = HashMap::new();
-    let mut gone: HashSet<&str> = HashSet::new();
-    let mut remove_if_untagged: HashSet<&str> = HashSet::new();
+    let mut moved: HashMap<&str, Option<&str>> = HashMap::default();
+    let mut gone: HashSet<&str> = HashSet::default();
+    let mut remove_if_untagged: HashSet<&str> = HashSet::default();
     for a in actions {
         match (a.kind, a.reference.as_deref()) {
             (Kind::Tag, Some(r)) => {
@@ -379,7 +429,7 @@ pub fn simulate(store: &mut Observed, actions: &[Action]) {
             }
         }
     }
-    let mut added: HashMap<&str, Vec<String>> = HashMap::new();
+    let mut added: HashMap<&str, Vec<String>> = HashMap::default();
     for (r, to) in &moved {
         if let Some(img) = to {
             added.entry(img).or_default().push((*r).to_string());
@@ -464,7 +514,7 @@ fn cmp_semver(
 fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Plan {
     // Sort images by id so that input order never matters.
     let mut images: Vec<&Image> = observed.images.iter().collect();
-    images.sort_by(|a, b| a.id.cmp(&b.id));
+    images.sort_unstable_by(|a, b| a.id.cmp(&b.id));
     let mut tags_sorted: Vec<Vec<&str>> = images
         .iter()
         .map(|i| i.repo_tags.iter().map(String::as_str).collect())
@@ -494,7 +544,7 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
             });
         }
     }
-    entries.sort_by(|a, b| {
+    entries.sort_unstable_by(|a, b| {
         a.reference
             .cmp(&b.reference)
             .then_with(|| images[a.img].id.cmp(&images[b.img].id))
@@ -502,7 +552,7 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
 
     // Globs match repositories, and there are far fewer repositories than
     // references: match each rule's globs once per repository.
-    let mut repo_index: HashMap<&str, usize> = HashMap::new();
+    let mut repo_index: HashMap<&str, usize> = HashMap::default();
     let mut repos: Vec<&str> = Vec::new();
     let repo_of: Vec<usize> = entries
         .iter()
@@ -560,7 +610,7 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
     let mut plan = Plan::default();
 
     // Floating tags: never removed by retention; moved to the newest candidate.
-    let mut floating: HashMap<usize, String> = HashMap::new();
+    let mut floating: HashMap<usize, String> = HashMap::default();
     let mut repos_by_name: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, e) in entries.iter().enumerate() {
         if e.reference.is_some() {
@@ -602,14 +652,15 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
             }
         }
         // Group by repository (or "dangling"), plus the group_by capture.
-        let mut groups: BTreeMap<(&str, Option<&str>), Vec<usize>> = BTreeMap::new();
+        // Groups are independent of each other, so their order is free.
+        let mut groups: HashMap<(usize, Option<&str>), Vec<usize>> = HashMap::default();
         for &i in &scoped {
             let e = &entries[i];
             let cap = rule
                 .group_by
                 .as_ref()
                 .and_then(|g| g.captures(e.tag).and_then(|c| c.get(1)).map(|m| m.as_str()));
-            groups.entry((e.repository, cap)).or_default().push(i);
+            groups.entry((repo_of[i], cap)).or_default().push(i);
         }
         let order_name = match rule.order {
             Order::Created => "created",
@@ -637,7 +688,7 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
                     ),
                 }
             });
-            let group_name = match (repo, cap) {
+            let group_name = match (repos[repo], cap) {
                 ("", _) => "dangling images".to_string(),
                 (r, Some(c)) => format!("{r} group {c:?}"),
                 (r, None) => r.to_string(),
@@ -674,7 +725,8 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
                             ),
                         )
                     });
-                } else {
+                } else if removed_by[i].is_none() {
+                    // Only the first rule that would remove it gives the reason.
                     let mut why = Vec::new();
                     if let Some(n) = rule.keep_last {
                         why.push(format!(
@@ -695,7 +747,7 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
                             rule.name
                         ));
                     }
-                    removed_by[i].get_or_insert_with(|| (rule.name.clone(), why.join("; ")));
+                    removed_by[i] = Some((rule.name.clone(), why.join("; ")));
                 }
             }
         }
@@ -739,8 +791,8 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
     // Floating tags follow the newest candidate that stays: choosing one that
     // retention removes would move the tag again on the next reconcile.
     // The chosen candidates (`anchors`) are not untagged by conventions.
-    let mut anchors: HashSet<usize> = HashSet::new();
-    let mut float_targets: HashMap<String, (usize, String, String)> = HashMap::new();
+    let mut anchors: HashSet<usize> = HashSet::default();
+    let mut float_targets: HashMap<String, (usize, String, String)> = HashMap::default();
     for f in &policy.float {
         for (repo, idxs) in &repos_by_name {
             if !f.images.is_match(repo) {
@@ -864,19 +916,20 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
     }
 
     // Removals in a stable order; an image's last reference goes last, as `remove`.
-    let mut removals: Vec<usize> = (0..entries.len()).filter(|&i| remove[i]).collect();
-    removals.sort_by(|&a, &b| {
-        let (ea, eb) = (&entries[a], &entries[b]);
-        ea.reference
-            .is_none()
-            .cmp(&eb.reference.is_none())
-            .then(ea.reference.cmp(&eb.reference))
-            .then(images[ea.img].id.cmp(&images[eb.img].id))
-    });
+    // Entries are sorted by reference (dangling first): references in that
+    // order, then dangling images.
+    let mut removals: Vec<usize> = (0..entries.len())
+        .filter(|&i| remove[i] && entries[i].reference.is_some())
+        .collect();
+    removals.extend((0..entries.len()).filter(|&i| remove[i] && entries[i].reference.is_none()));
     let mut left: Vec<usize> = vec![0; images.len()];
     for &i in &removals {
         left[entries[i].img] += 1;
     }
+    // An image with names before and none after, yet not removed: a float
+    // moved off its last name.
+    plan.leaves_dangling =
+        (0..images.len()).any(|k| !tags_sorted[k].is_empty() && remaining[k] == 0 && left[k] == 0);
     let mut removal_actions = Vec::new();
     for &i in &removals {
         let e = &entries[i];
@@ -975,7 +1028,7 @@ fn image_facts(
     state: &State,
     now: i64,
 ) -> Vec<ImageFacts> {
-    let mut users: HashMap<&str, Vec<&Container>> = HashMap::new();
+    let mut users: HashMap<&str, Vec<&Container>> = HashMap::default();
     for c in &observed.containers {
         users.entry(c.image_id.as_str()).or_default().push(c);
     }
@@ -983,7 +1036,7 @@ fn image_facts(
         v.sort_by(|a, b| a.id.cmp(&b.id));
     }
     // Images that a [[prepull]] entry names (by tag or by digest).
-    let mut prepulled: HashMap<&str, &str> = HashMap::new();
+    let mut prepulled: HashMap<&str, &str> = HashMap::default();
     for p in &policy.prepull {
         for img in images {
             let hit = img.repo_tags.contains(&p.image) || img.repo_digests.contains(&p.image);
@@ -993,7 +1046,7 @@ fn image_facts(
         }
     }
     // Earlier images of a [[prepull]] entry, kept for rollback (newest first).
-    let mut previous: HashMap<&str, (&str, usize)> = HashMap::new();
+    let mut previous: HashMap<&str, (&str, usize)> = HashMap::default();
     for p in &policy.prepull {
         if let Some(ps) = state.prepull.get(&p.key()) {
             for id in ps.previous.iter().take(p.keep_previous) {

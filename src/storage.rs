@@ -7,7 +7,9 @@
 //! holding it goes, so images sharing a base count it once, and no engine call
 //! is needed after each removal to know where we stand.
 
-use std::collections::HashMap;
+use std::collections::HashMap as StdHashMap;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use serde::Serialize;
 
@@ -68,6 +70,8 @@ pub struct Shortfall {
 /// One image as eviction sees it.
 pub struct Candidate<'a> {
     pub image: &'a Image,
+    /// Its references as the plan leaves them, sorted.
+    pub tags: Vec<&'a str>,
     /// Latest activity on this host (Unix seconds).
     pub activity: i64,
     /// Image-level protection: (rule, reason).
@@ -77,7 +81,7 @@ pub struct Candidate<'a> {
 /// Everything eviction needs besides the candidates.
 pub struct Inputs<'a> {
     pub storage: &'a Storage,
-    pub layers: &'a HashMap<String, Vec<Layer>>,
+    pub layers: &'a StdHashMap<String, Vec<Layer>>,
     pub disk: Option<&'a Disk>,
     pub disk_error: Option<&'a str>,
     pub build_cache: Option<u64>,
@@ -88,10 +92,10 @@ pub struct Inputs<'a> {
 
 /// Unique bytes of a set of images: each layer counted once.
 pub fn unique_bytes<'a>(
-    layers: &HashMap<String, Vec<Layer>>,
+    layers: &StdHashMap<String, Vec<Layer>>,
     images: impl IntoIterator<Item = &'a Image>,
 ) -> u64 {
-    let mut seen: HashMap<&str, u64> = HashMap::new();
+    let mut seen: HashMap<&str, u64> = HashMap::default();
     for img in images {
         for (id, size) in layer_list(layers, img) {
             seen.insert(id, size);
@@ -103,7 +107,7 @@ pub fn unique_bytes<'a>(
 /// An image's layers as (chain id, size); one pseudo-layer of its whole
 /// size when its layers are unknown.
 fn layer_list<'a>(
-    layers: &'a HashMap<String, Vec<Layer>>,
+    layers: &'a StdHashMap<String, Vec<Layer>>,
     img: &'a Image,
 ) -> impl Iterator<Item = (&'a str, u64)> + 'a {
     let known = layers.get(&img.id);
@@ -176,7 +180,7 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure
     let mut actions = Vec::new();
     if to_free > 0 {
         // Reference counts of layers over the images that stay.
-        let mut refs: HashMap<&str, usize> = HashMap::new();
+        let mut refs: HashMap<&str, usize> = HashMap::default();
         for c in candidates {
             for (id, _) in layer_list(layers, c.image) {
                 *refs.entry(id).or_default() += 1;
@@ -212,8 +216,7 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure
                 }
             }
             freed += gain;
-            let mut tags = c.image.repo_tags.clone();
-            tags.sort();
+            let tags = &c.tags;
             let by = match s.order {
                 EvictOrder::Lru => format!(
                     "least recently active (last activity {} ago)",
@@ -231,7 +234,7 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure
             };
             actions.push(Action {
                 kind: Kind::Evict,
-                reference: tags.first().cloned(),
+                reference: tags.first().map(|t| (*t).to_string()),
                 image: c.image.id.clone(),
                 rule: "storage".to_string(),
                 reason: format!("{by}{more}; {}", why.join("; ")),
@@ -240,7 +243,7 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure
             });
         }
         if freed < to_free {
-            let mut by_rule: HashMap<String, u64> = HashMap::new();
+            let mut by_rule: HashMap<String, u64> = HashMap::default();
             let mut protected_bytes = 0;
             for c in candidates {
                 if let Some((rule, _)) = &c.protection {
