@@ -458,8 +458,7 @@ pub async fn execute<E: Engine>(
 /// Evict one image with all its references: re-check containers, then
 /// untag each reference (the last one removes the image), never forced.
 async fn evict<E: Engine>(engine: &E, a: &Action) -> Result<Option<String>, EngineError> {
-    let containers = engine.list_containers().await?;
-    if let Some(c) = containers.iter().find(|c| c.image_id == a.image) {
+    if let Some(c) = engine.containers_using(&a.image).await?.first() {
         return Ok(Some(format!(
             "image is now used by container {} (created since planning); never forced",
             &c.id[..c.id.len().min(12)]
@@ -483,21 +482,18 @@ async fn evict<E: Engine>(engine: &E, a: &Action) -> Result<Option<String>, Engi
 /// `None` when the image may still go; `Some(reason)` to skip: a container
 /// created since planning uses it, or the reference now names another image.
 async fn still_free<E: Engine>(engine: &E, a: &Action) -> Result<Option<String>, EngineError> {
-    let containers = engine.list_containers().await?;
-    if let Some(c) = containers.iter().find(|c| c.image_id == a.image) {
+    // Two narrow questions, not two full listings: this runs per removal.
+    if let Some(c) = engine.containers_using(&a.image).await?.first() {
         return Ok(Some(format!(
             "image is now used by container {} (created since planning); never forced",
             &c.id[..c.id.len().min(12)]
         )));
     }
     if let Some(r) = &a.reference {
-        let images = engine.list_images().await?;
-        let now_on = images.iter().find(|i| i.repo_tags.iter().any(|t| t == r));
-        match now_on {
-            Some(i) if i.id != a.image => {
+        match engine.image_id_of(r).await? {
+            Some(id) if id != a.image => {
                 return Ok(Some(format!(
-                    "{r} now points at another image {} (changed since planning)",
-                    &i.id
+                    "{r} now points at another image {id} (changed since planning)"
                 )));
             }
             None => return Ok(Some(format!("{r} is already gone"))),

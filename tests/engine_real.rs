@@ -425,3 +425,40 @@ async fn push_of_a_missing_local_image_is_not_found() {
         .unwrap_err();
     assert!(matches!(err, EngineError::NotFound(_)), "{err:?}");
 }
+
+#[tokio::test]
+async fn narrow_lookups_used_right_before_each_removal() {
+    let Some(engine) = common::engine().await else {
+        return;
+    };
+    let addr = common::engine_addr().unwrap();
+    let ns = common::unique_ns("narrow");
+    let used = common::image(&[&format!("{ns}/app:used")], 1_700_000_000, 64);
+    let free = common::image(&[&format!("{ns}/app:free")], 1_700_000_000, 64);
+    common::load(&engine, &[used.clone(), free.clone()]).await;
+    let cid = common::create_container(&addr, &format!("{ns}/app:used"));
+
+    let users = engine.containers_using(&used.id()).await.unwrap();
+    assert_eq!(users.len(), 1);
+    assert!(cid.starts_with(&users[0].id[..12]) || users[0].id.starts_with(&cid));
+    assert!(
+        engine
+            .containers_using(&free.id())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    assert_eq!(
+        engine.image_id_of(&format!("{ns}/app:free")).await.unwrap(),
+        Some(free.id())
+    );
+    assert_eq!(
+        engine
+            .image_id_of(&format!("{ns}/app:missing"))
+            .await
+            .unwrap(),
+        None
+    );
+    common::remove_container(&addr, &cid);
+}

@@ -386,6 +386,20 @@ fn layers_from(id: &str, diff_ids: &[&str], sizes: &[u64], total: u64) -> Vec<La
         .collect()
 }
 
+fn container_of(c: bollard::models::ContainerSummary) -> Container {
+    Container {
+        id: c.id.unwrap_or_default(),
+        name: c
+            .names
+            .and_then(|names| names.into_iter().next())
+            .map(|name| name.trim_start_matches('/').to_owned())
+            .unwrap_or_default(),
+        image_id: c.image_id.unwrap_or_default(),
+        image: c.image.unwrap_or_default(),
+        state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+    }
+}
+
 fn as_u64(value: &serde_json::Value) -> u64 {
     value.as_u64().unwrap_or(0)
 }
@@ -420,20 +434,39 @@ impl Engine for DockerEngine {
             .list_containers(Some(options))
             .await
             .map_err(|e| self.error(e, "list containers"))?;
+        Ok(containers.into_iter().map(container_of).collect())
+    }
+
+    async fn containers_using(&self, image_id: &str) -> EngineResult<Vec<Container>> {
+        // Filtered by the engine: the answer stays small however many
+        // containers the host has. `ancestor` also matches containers of
+        // child images; only exact users count here.
+        let filters = std::collections::HashMap::from([("ancestor", vec![image_id])]);
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let containers = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| self.error(e, "list containers"))?;
         Ok(containers
             .into_iter()
-            .map(|c| Container {
-                id: c.id.unwrap_or_default(),
-                name: c
-                    .names
-                    .and_then(|names| names.into_iter().next())
-                    .map(|name| name.trim_start_matches('/').to_owned())
-                    .unwrap_or_default(),
-                image_id: c.image_id.unwrap_or_default(),
-                image: c.image.unwrap_or_default(),
-                state: c.state.map(|s| s.to_string()).unwrap_or_default(),
-            })
+            .map(container_of)
+            .filter(|c| c.image_id == image_id)
             .collect())
+    }
+
+    async fn image_id_of(&self, reference: &str) -> EngineResult<Option<String>> {
+        match self
+            .raw_json("GET", &format!("/images/{reference}/json"))
+            .await
+        {
+            Ok(v) => Ok(v["Id"].as_str().map(str::to_owned)),
+            Err(EngineError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     async fn remove(&self, reference: &str) -> EngineResult<Removed> {

@@ -151,6 +151,30 @@ pub trait Engine: Send + Sync {
     fn list_images(&self) -> impl Future<Output = EngineResult<Vec<Image>>> + Send;
     /// Every container in every state.
     fn list_containers(&self) -> impl Future<Output = EngineResult<Vec<Container>>> + Send;
+    /// Containers in any state created from exactly this image id. The
+    /// executor asks right before each removal, so it must be cheap.
+    fn containers_using(
+        &self,
+        image_id: &str,
+    ) -> impl Future<Output = EngineResult<Vec<Container>>> + Send {
+        async move {
+            let all = self.list_containers().await?;
+            Ok(all.into_iter().filter(|c| c.image_id == image_id).collect())
+        }
+    }
+    /// The image id a reference names now, `None` when it names nothing.
+    fn image_id_of(
+        &self,
+        reference: &str,
+    ) -> impl Future<Output = EngineResult<Option<String>>> + Send {
+        async move {
+            let images = self.list_images().await?;
+            Ok(images
+                .into_iter()
+                .find(|i| i.repo_tags.iter().any(|t| t == reference))
+                .map(|i| i.id))
+        }
+    }
     /// Remove one reference (or an image id). Untags when the image keeps
     /// other references; never forced, never prunes stopped-container images.
     fn remove(&self, reference: &str) -> impl Future<Output = EngineResult<Removed>> + Send;
