@@ -213,10 +213,13 @@ async fn resolve<E: Engine>(engine: &E, batch: &[Wanted], now: i64) -> Marks {
 
 /// Follows the engine's event stream until it ends or fails, adding marks.
 /// Returns why it ended (`None`: the engine closed the stream).
+/// `on_pulled` runs after a batch holding image pulls or loads: disk
+/// pressure is checked then, not only on the schedule.
 pub async fn watch<E: Engine>(
     engine: Arc<E>,
     marks: SharedMarks,
     clock: Arc<dyn Clock>,
+    on_pulled: Arc<dyn Fn() + Send + Sync>,
 ) -> Option<String> {
     let mut stream = engine.events();
     loop {
@@ -252,7 +255,11 @@ pub async fn watch<E: Engine>(
             batch.len(),
             found.len()
         );
+        let pulled = !found.pulled.is_empty();
         put_back(&marks, found);
+        if pulled {
+            on_pulled();
+        }
         if let Some(why) = ended {
             return why;
         }

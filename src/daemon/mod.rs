@@ -86,6 +86,8 @@ pub enum Trigger {
     PolicyTouched,
     /// Reconcile, then send the result (control socket `reconcile`).
     ReconcileAndReply(oneshot::Sender<ReconcileResult>),
+    /// Images were pulled or loaded and `[storage]` is set: check pressure.
+    ImagesArrived,
 }
 
 /// What the daemon starts with.
@@ -466,6 +468,10 @@ where
                 tracing::info!("reconcile requested on the control socket");
                 self.request(Some(tx));
             }
+            Trigger::ImagesArrived => {
+                tracing::info!("images pulled or loaded: checking disk pressure");
+                self.request(None);
+            }
             Trigger::Reload => {
                 if self.reload("SIGHUP") {
                     self.request(None);
@@ -614,10 +620,19 @@ where
                 }
                 self.metrics.engine_reachable(true);
                 *lock(&self.shared.engine) = Some(engine.clone());
+                // A large pull may put the disk under pressure: with
+                // `[storage]`, answer it within seconds, not at the next tick.
+                let shared = self.shared.clone();
+                let on_pulled: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+                    if lock(&shared.policy).storage.is_some() {
+                        let _ = shared.requests.try_send(Trigger::ImagesArrived);
+                    }
+                });
                 self.events = Some(tokio::spawn(events::watch(
                     engine,
                     self.marks.clone(),
                     self.clock.clone(),
+                    on_pulled,
                 )));
                 // Whatever happened while it was away, look again.
                 self.request(None);
