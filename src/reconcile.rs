@@ -458,11 +458,8 @@ pub async fn execute<E: Engine>(
 /// Evict one image with all its references: re-check containers, then
 /// untag each reference (the last one removes the image), never forced.
 async fn evict<E: Engine>(engine: &E, a: &Action) -> Result<Option<String>, EngineError> {
-    if let Some(c) = engine.containers_using(&a.image).await?.first() {
-        return Ok(Some(format!(
-            "image is now used by container {} (created since planning); never forced",
-            &c.id[..c.id.len().min(12)]
-        )));
+    if let Some(why) = now_in_use(engine, &a.image).await? {
+        return Ok(Some(why));
     }
     let images = engine.list_images().await?;
     let Some(img) = images.iter().find(|i| i.id == a.image) else {
@@ -479,15 +476,22 @@ async fn evict<E: Engine>(engine: &E, a: &Action) -> Result<Option<String>, Engi
     Ok(None)
 }
 
+/// Why an image may not go after all: a container created since planning.
+async fn now_in_use<E: Engine>(engine: &E, image: &str) -> Result<Option<String>, EngineError> {
+    Ok(engine.containers_using(image).await?.first().map(|c| {
+        format!(
+            "image is now used by container {} (created since planning); never forced",
+            &c.id[..c.id.len().min(12)]
+        )
+    }))
+}
+
 /// `None` when the image may still go; `Some(reason)` to skip: a container
 /// created since planning uses it, or the reference now names another image.
 async fn still_free<E: Engine>(engine: &E, a: &Action) -> Result<Option<String>, EngineError> {
     // Two narrow questions, not two full listings: this runs per removal.
-    if let Some(c) = engine.containers_using(&a.image).await?.first() {
-        return Ok(Some(format!(
-            "image is now used by container {} (created since planning); never forced",
-            &c.id[..c.id.len().min(12)]
-        )));
+    if let Some(why) = now_in_use(engine, &a.image).await? {
+        return Ok(Some(why));
     }
     if let Some(r) = &a.reference {
         match engine.image_id_of(r).await? {

@@ -7,34 +7,12 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
-
 use serde_json::Value;
 use stowage::engine::Engine;
 
 const DAY: i64 = 86_400;
 
-fn stowage(engine: &str, policy: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .arg("--engine")
-        .arg(engine)
-        .arg("-p")
-        .arg(policy)
-        .args(args)
-        .env_remove("DOCKER_HOST")
-        .output()
-        .expect("running stowage")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::{stowage, text};
 
 async fn refs_in(engine: &impl Engine, ns: &str) -> Vec<String> {
     let mut v: Vec<String> = engine

@@ -6,33 +6,14 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use stowage::engine::{DockerEngine, Engine};
 
 const DAY: i64 = 86_400;
 const MIB: usize = 1024 * 1024;
 
-fn stowage(engine: &str, policy: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .arg("--engine")
-        .arg(engine)
-        .arg("-p")
-        .arg(policy)
-        .args(args)
-        .env_remove("DOCKER_HOST")
-        .output()
-        .expect("running stowage")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::{stowage, text};
 
 fn write_policy(dir: &Path, body: &str) -> std::path::PathBuf {
     write_policy_aged(dir, "1h", body)
@@ -257,13 +238,7 @@ async fn a_large_load_is_answered_by_eviction_within_seconds() {
             25 * MIB
         ),
     );
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .arg("--engine")
-        .arg(&small.addr)
-        .arg("-p")
-        .arg(&policy)
-        .arg("run")
-        .env_remove("DOCKER_HOST")
+    let mut daemon = common::stowage_cmd(&small.addr, &policy, &["run"])
         .env_remove("NOTIFY_SOCKET")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("daemon.log")).unwrap())

@@ -14,6 +14,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::net::{Mode, Proxy, TestRegistry};
+use common::text;
 use serde_json::Value;
 use stowage::audit::{self, Action, Outcome, Record};
 use stowage::engine::{Credentials, DockerEngine, Engine};
@@ -43,15 +44,6 @@ async fn stowage(engine: &str, policy: &Path, args: &[&str]) -> Output {
         .output()
         .await
         .expect("running stowage")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// A test's folder: policy, state and audit log live here.

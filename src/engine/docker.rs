@@ -168,6 +168,25 @@ impl DockerEngine {
         }
     }
 
+    /// Containers in every state; with `ancestor`, filtered by the engine so
+    /// the answer stays small however many containers the host has.
+    async fn containers(&self, ancestor: Option<&str>) -> EngineResult<Vec<Container>> {
+        let filters: std::collections::HashMap<&str, Vec<&str>> = ancestor
+            .map(|a| ("ancestor", vec![a]))
+            .into_iter()
+            .collect();
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let containers = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| self.error(e, "list containers"))?;
+        Ok(containers.into_iter().map(container_of).collect())
+    }
+
     /// Sends one request without bollard and parses the JSON answer. HTTP/1.0
     /// keeps the answer unchunked and ends it by closing the connection.
     async fn raw_json(&self, method: &str, path: &str) -> EngineResult<serde_json::Value> {
@@ -428,34 +447,15 @@ impl Engine for DockerEngine {
     }
 
     async fn list_containers(&self) -> EngineResult<Vec<Container>> {
-        let options = ListContainersOptionsBuilder::new().all(true).build();
-        let containers = self
-            .docker
-            .list_containers(Some(options))
-            .await
-            .map_err(|e| self.error(e, "list containers"))?;
-        Ok(containers.into_iter().map(container_of).collect())
+        self.containers(None).await
     }
 
     async fn containers_using(&self, image_id: &str) -> EngineResult<Vec<Container>> {
-        // Filtered by the engine: the answer stays small however many
-        // containers the host has. `ancestor` also matches containers of
-        // child images; only exact users count here.
-        let filters = std::collections::HashMap::from([("ancestor", vec![image_id])]);
-        let options = ListContainersOptionsBuilder::new()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let containers = self
-            .docker
-            .list_containers(Some(options))
-            .await
-            .map_err(|e| self.error(e, "list containers"))?;
-        Ok(containers
-            .into_iter()
-            .map(container_of)
-            .filter(|c| c.image_id == image_id)
-            .collect())
+        // `ancestor` also matches containers of child images; only exact
+        // users count here.
+        let mut users = self.containers(Some(image_id)).await?;
+        users.retain(|c| c.image_id == image_id);
+        Ok(users)
     }
 
     async fn image_id_of(&self, reference: &str) -> EngineResult<Option<String>> {

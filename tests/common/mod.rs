@@ -261,3 +261,33 @@ impl Drop for PrivateEngine {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The stowage binary against `engine` with `policy`, as a user runs it
+/// (`DOCKER_HOST` removed so only `--engine` counts).
+pub fn stowage_cmd(engine: &str, policy: &std::path::Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stowage"));
+    cmd.arg("--engine")
+        .arg(engine)
+        .arg("-p")
+        .arg(policy)
+        .args(args)
+        .env_remove("DOCKER_HOST");
+    cmd
+}
+
+/// Run [`stowage_cmd`] to completion.
+pub fn stowage(engine: &str, policy: &std::path::Path, args: &[&str]) -> std::process::Output {
+    stowage_cmd(engine, policy, args)
+        .output()
+        .expect("running stowage")
+}
+
+/// Exit code, stdout and stderr, for assertion messages.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
