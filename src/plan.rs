@@ -765,24 +765,27 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
     }
 
     // Veto by protection.
-    let protection_of = |i: usize| -> Option<(String, String)> {
+    let protection_of = |i: usize| -> Option<&(String, String)> {
         facts[entries[i].img]
             .protection
-            .clone()
-            .or_else(|| ref_protection[i].clone())
+            .as_ref()
+            .or(ref_protection[i].as_ref())
     };
+    // Entries listed under "protected" already (a removal they prevented).
+    let mut shown: Vec<bool> = vec![false; entries.len()];
     for i in 0..entries.len() {
         if !remove[i] {
             continue;
         }
         if let Some((rule, reason)) = protection_of(i) {
             remove[i] = false;
+            shown[i] = true;
             let (prule, preason) = remove_reason[i].as_ref().expect("set with remove");
             plan.protected.push(Protected {
                 reference: entries[i].reference.map(str::to_string),
                 image: images[entries[i].img].id.clone(),
-                rule,
-                reason,
+                rule: rule.clone(),
+                reason: reason.clone(),
                 prevented: Some(format!("{prule}: {preason}")),
             });
         }
@@ -957,21 +960,26 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
             (Decision::Deferred, pos)
         });
     }
+    // In some retention rule's scope (kept or not), before the reasons move
+    // into the verdicts.
+    let scoped: Vec<bool> = (0..entries.len())
+        .map(|i| kept_by[i].is_some() || removed_by[i].is_some())
+        .collect();
     for (i, e) in entries.iter().enumerate() {
         let img = images[e.img];
         let (decision, rule, reason) = if let Some((d, pos)) = decided[i] {
             let a = &removal_actions[pos];
             (d, Some(a.rule.clone()), a.reason.clone())
         } else if let Some((r, why)) = protection_of(i) {
-            (Decision::Protected, Some(r), why)
+            (Decision::Protected, Some(r.clone()), why.clone())
         } else if let Some(f) = floating.get(&i) {
             (
                 Decision::Keep,
                 Some(f.clone()),
                 "floating tag, never removed by retention".to_string(),
             )
-        } else if let Some((r, why)) = &kept_by[i] {
-            (Decision::Keep, Some(r.clone()), why.clone())
+        } else if let Some((r, why)) = kept_by[i].take() {
+            (Decision::Keep, Some(r), why)
         } else {
             (
                 Decision::Unmanaged,
@@ -992,25 +1000,18 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
     plan.deferred = later;
     // Protected references in some rule's scope that nothing tried to remove
     // are worth showing too: a person reading the plan wants to see them.
-    let shown: HashSet<(Option<String>, String)> = plan
-        .protected
-        .iter()
-        .map(|p| (p.reference.clone(), p.image.clone()))
-        .collect();
     for (i, e) in entries.iter().enumerate() {
-        if (kept_by[i].is_some() || removed_by[i].is_some())
+        if scoped[i]
+            && !shown[i]
             && let Some((rule, reason)) = protection_of(i)
         {
-            let key = (e.reference.map(str::to_string), images[e.img].id.clone());
-            if !shown.contains(&key) {
-                plan.protected.push(Protected {
-                    reference: key.0,
-                    image: key.1,
-                    rule,
-                    reason,
-                    prevented: None,
-                });
-            }
+            plan.protected.push(Protected {
+                reference: e.reference.map(str::to_string),
+                image: images[e.img].id.clone(),
+                rule: rule.clone(),
+                reason: reason.clone(),
+                prevented: None,
+            });
         }
     }
     plan.protected.sort_by(|a, b| {
