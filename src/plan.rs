@@ -6,16 +6,16 @@
 //!
 //! Order of decisions:
 //! 1. absolute protections per image (in use, `[[prepull]]`, `min_age`) and per
-//!    reference (`[[protect]]`, floating tags);
-//! 2. `[[float]]` moves (tags);
-//! 3. `[[retain]]`: a reference in scope of a rule and kept by none goes;
-//! 4. `[[tags]]` conventions (warn, or untag where the image keeps a name);
-//! 5. protections veto removals; `max_removals` defers the rest.
-//!
-//! Planning repeats on the store as it would be after the plan (at most a few
-//! rounds) so that, for instance, an image left dangling by a float move is
-//! handled in the same reconcile and applying a plan then planning again
-//! gives an empty plan.
+//!    reference (`[[protect]]`); existing floating references are set aside;
+//! 2. `[[retain]]`: a reference in scope of a rule and kept by none goes;
+//! 3. protections veto removals;
+//! 4. `[[float]]` moves (tags) to the newest candidate that stays;
+//! 5. `[[tags]]` conventions (warn, or untag where the image keeps a name);
+//! 6. `max_removals` defers the rest;
+//! 7. a second pass over the dangling images, when a float move leaves an
+//!    image without a name, so applying a plan then planning again gives an
+//!    empty plan;
+//! 8. `[storage]` eviction on the store as all that leaves it.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -172,10 +172,10 @@ pub struct Plan {
     pub verdicts: Vec<Verdict>,
     /// Disk pressure, when `[storage]` is set.
     pub pressure: Option<Pressure>,
-    /// Some image keeps no name after this plan without being removed (a
-    /// floating tag moved off its last one): planning again may add work.
+    /// Images that keep no name after this plan without being removed (a
+    /// floating tag moved off their last one), in id order.
     #[serde(skip)]
-    leaves_dangling: bool,
+    dangling_after: Vec<String>,
 }
 
 impl Plan {
@@ -187,7 +187,7 @@ impl Plan {
 /// Plan one reconcile. `now` is Unix seconds.
 pub fn plan(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Plan {
     let mut result = plan_once(policy, observed, state, now);
-    if result.leaves_dangling {
+    if !result.dangling_after.is_empty() {
         follow_up(policy, observed, state, now, &mut result);
     }
     if let Some(storage) = &policy.storage {
@@ -196,65 +196,75 @@ pub fn plan(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Pl
     result
 }
 
-/// Later rounds see the store as the plan leaves it; only images that the
-/// earlier changes left dangling (a floating tag moved off their last name)
-/// can add work. Bounded: each round removes images.
+/// Images that a floating tag leaves without a name (its other references
+/// all go) become dangling only once the plan is applied. Dangling images are
+/// the business of `untagged` rules alone, so a second pass over just the
+/// dangling images, as the plan leaves them, settles them in this reconcile:
+/// applying the plan and planning again then finds nothing.
 fn follow_up(policy: &Policy, observed: &Observed, state: &State, now: i64, result: &mut Plan) {
-    let mut store = observed.clone();
-    simulate(&mut store, &result.actions);
-    let mut dangling: HashSet<String> = dangling_ids(observed);
-    for _ in 0..3 {
-        let now_dangling = dangling_ids(&store);
-        if now_dangling.iter().all(|id| dangling.contains(id)) {
-            break;
-        }
-        dangling = now_dangling;
-        let next = plan_once(policy, &store, state, now);
-        let deferred: HashSet<(Option<&str>, &str)> = result
-            .deferred
-            .iter()
-            .map(|d| (d.reference.as_deref(), d.image.as_str()))
-            .collect();
-        let fresh: Vec<Action> = next
-            .actions
-            .into_iter()
-            .chain(next.deferred)
-            .filter(|a| !deferred.contains(&(a.reference.as_deref(), a.image.as_str())))
-            .collect();
-        if fresh.is_empty() {
-            break;
-        }
-        let budget = policy
-            .daemon
-            .max_removals
-            .saturating_sub(count_removals(&result.actions));
-        let (now_actions, later) = split_budget(fresh, budget);
-        simulate(&mut store, &now_actions);
-        for (a, decision) in now_actions
-            .iter()
-            .map(|a| (a, decision_of(a.kind)))
-            .chain(later.iter().map(|a| (a, Decision::Deferred)))
-        {
-            result.verdicts.push(Verdict {
-                reference: a.reference.clone(),
-                image: a.image.clone(),
-                decision,
-                rule: Some(a.rule.clone()),
-                reason: format!("{} (after the changes above)", a.reason),
-            });
-        }
-        result.actions.extend(now_actions);
-        result.deferred.extend(later);
-    }
-}
-
-fn dangling_ids(store: &Observed) -> HashSet<String> {
-    store
-        .images
+    let untagged_rules = policy
+        .retain
         .iter()
-        .filter(|i| i.repo_tags.is_empty())
-        .map(|i| i.id.clone())
-        .collect()
+        .any(|r| matches!(r.scope, RetainScope::Untagged));
+    if !untagged_rules {
+        return;
+    }
+    let newly: HashSet<&str> = result.dangling_after.iter().map(String::as_str).collect();
+    let removed: HashSet<&str> = result
+        .actions
+        .iter()
+        .filter(|a| a.kind == Kind::Remove && a.reference.is_none())
+        .map(|a| a.image.as_str())
+        .collect();
+    let store = Observed {
+        images: observed
+            .images
+            .iter()
+            .filter(|i| {
+                newly.contains(i.id.as_str())
+                    || (i.repo_tags.is_empty() && !removed.contains(i.id.as_str()))
+            })
+            .map(|i| Image {
+                repo_tags: Vec::new(),
+                ..i.clone()
+            })
+            .collect(),
+        containers: observed.containers.clone(),
+        ..Observed::default()
+    };
+    let next = plan_once(policy, &store, state, now);
+    let known: HashSet<(Option<&str>, &str)> = result
+        .actions
+        .iter()
+        .chain(&result.deferred)
+        .map(|d| (d.reference.as_deref(), d.image.as_str()))
+        .collect();
+    let fresh: Vec<Action> = next
+        .actions
+        .into_iter()
+        .chain(next.deferred)
+        .filter(|a| !known.contains(&(a.reference.as_deref(), a.image.as_str())))
+        .collect();
+    let budget = policy
+        .daemon
+        .max_removals
+        .saturating_sub(count_removals(&result.actions));
+    let (now_actions, later) = split_budget(fresh, budget);
+    for (a, decision) in now_actions
+        .iter()
+        .map(|a| (a, decision_of(a.kind)))
+        .chain(later.iter().map(|a| (a, Decision::Deferred)))
+    {
+        result.verdicts.push(Verdict {
+            reference: a.reference.clone(),
+            image: a.image.clone(),
+            decision,
+            rule: Some(a.rule.clone()),
+            reason: format!("{} (after the changes above)", a.reason),
+        });
+    }
+    result.actions.extend(now_actions);
+    result.deferred.extend(later);
 }
 
 /// Disk pressure on the store as retention leaves it: evictions go after
@@ -402,49 +412,6 @@ fn split_budget(actions: Vec<Action>, budget: usize) -> (Vec<Action>, Vec<Action
         }
     }
     (now, later)
-}
-
-/// Apply actions to an observed store the way the engine would. Linear in
-/// images plus actions: removed references and images are collected first,
-/// then the store is rewritten once.
-pub fn simulate(store: &mut Observed, actions: &[Action]) {
-    // Reference -> the image it ends on (`None`: removed), in action order.
-    let mut moved: HashMap<&str, Option<&str>> = HashMap::default();
-    let mut gone: HashSet<&str> = HashSet::default();
-    let mut remove_if_untagged: HashSet<&str> = HashSet::default();
-    for a in actions {
-        match (a.kind, a.reference.as_deref()) {
-            (Kind::Tag, Some(r)) => {
-                moved.insert(r, Some(a.image.as_str()));
-            }
-            (Kind::Tag | Kind::PruneBuild, _) => {}
-            (Kind::Evict, _) | (Kind::Untag | Kind::Remove, None) => {
-                gone.insert(a.image.as_str());
-            }
-            (Kind::Untag | Kind::Remove, Some(r)) => {
-                moved.insert(r, None);
-                if a.kind == Kind::Remove {
-                    remove_if_untagged.insert(a.image.as_str());
-                }
-            }
-        }
-    }
-    let mut added: HashMap<&str, Vec<String>> = HashMap::default();
-    for (r, to) in &moved {
-        if let Some(img) = to {
-            added.entry(img).or_default().push((*r).to_string());
-        }
-    }
-    for img in &mut store.images {
-        img.repo_tags.retain(|t| !moved.contains_key(t.as_str()));
-        if let Some(new) = added.get(img.id.as_str()) {
-            img.repo_tags.extend(new.iter().cloned());
-        }
-    }
-    store.images.retain(|i| {
-        let untagged_away = i.repo_tags.is_empty() && remove_if_untagged.contains(i.id.as_str());
-        !gone.contains(i.id.as_str()) && !untagged_away
-    });
 }
 
 /// One reference (or a dangling image) in the store.
@@ -931,8 +898,10 @@ fn plan_once(policy: &Policy, observed: &Observed, state: &State, now: i64) -> P
     }
     // An image with names before and none after, yet not removed: a float
     // moved off its last name.
-    plan.leaves_dangling =
-        (0..images.len()).any(|k| !tags_sorted[k].is_empty() && remaining[k] == 0 && left[k] == 0);
+    plan.dangling_after = (0..images.len())
+        .filter(|&k| !tags_sorted[k].is_empty() && remaining[k] == 0 && left[k] == 0)
+        .map(|k| images[k].id.clone())
+        .collect();
     let mut removal_actions = Vec::new();
     for &i in &removals {
         let e = &entries[i];
