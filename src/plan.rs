@@ -351,7 +351,9 @@ fn evict(
         disk: observed.disk.as_ref(),
         disk_error: observed.disk_error.as_deref(),
         build_cache: observed.build_cache,
-        image_bytes_before: storage::unique_bytes(&observed.layers, &observed.images),
+        // Only when retention removes images does "before" differ.
+        image_bytes_before: (!gone.is_empty())
+            .then(|| storage::unique_bytes(&observed.layers, &observed.images)),
         now,
     };
     let (actions, pressure) = storage::plan(&inputs, &candidates);

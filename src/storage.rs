@@ -85,8 +85,9 @@ pub struct Inputs<'a> {
     pub disk: Option<&'a Disk>,
     pub disk_error: Option<&'a str>,
     pub build_cache: Option<u64>,
-    /// Unique image bytes before the plan's retention actions.
-    pub image_bytes_before: u64,
+    /// Unique image bytes before the plan's retention actions; `None` when
+    /// retention removes no image (then it equals the candidates' bytes).
+    pub image_bytes_before: Option<u64>,
     pub now: i64,
 }
 
@@ -125,10 +126,19 @@ fn layer_list<'a>(
 pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure) {
     let s = inputs.storage;
     let layers = inputs.layers;
-    let now_bytes = unique_bytes(layers, candidates.iter().map(|c| c.image));
-    let freed_by_retention = inputs.image_bytes_before.saturating_sub(now_bytes);
+    // Reference counts of layers over the images that stay, and their sizes:
+    // one pass serves both the total and the eviction bookkeeping.
+    let mut refs: HashMap<&str, (usize, u64)> = HashMap::default();
+    for c in candidates {
+        for (id, size) in layer_list(layers, c.image) {
+            refs.entry(id).or_insert((0, size)).0 += 1;
+        }
+    }
+    let now_bytes: u64 = refs.values().map(|(_, size)| size).sum();
+    let before = inputs.image_bytes_before.unwrap_or(now_bytes);
+    let freed_by_retention = before.saturating_sub(now_bytes);
     let mut pressure = Pressure {
-        image_bytes: inputs.image_bytes_before,
+        image_bytes: before,
         freed_by_retention,
         disk: inputs.disk.cloned(),
         disk_error: inputs.disk_error.map(str::to_string),
@@ -179,13 +189,6 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure
 
     let mut actions = Vec::new();
     if to_free > 0 {
-        // Reference counts of layers over the images that stay.
-        let mut refs: HashMap<&str, usize> = HashMap::default();
-        for c in candidates {
-            for (id, _) in layer_list(layers, c.image) {
-                *refs.entry(id).or_default() += 1;
-            }
-        }
         let mut order: Vec<&Candidate> = candidates
             .iter()
             .filter(|c| c.protection.is_none())
@@ -209,7 +212,7 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure
             }
             let mut gain = 0;
             for (id, size) in layer_list(layers, c.image) {
-                let n = refs.entry(id).or_default();
+                let (n, _) = refs.entry(id).or_default();
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     gain += size;
@@ -249,7 +252,7 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure
                 if let Some((rule, _)) = &c.protection {
                     // Bytes only this image holds among the remaining ones.
                     let own: u64 = layer_list(layers, c.image)
-                        .filter(|(id, _)| refs.get(id).copied().unwrap_or(0) <= 1)
+                        .filter(|(id, _)| refs.get(id).map_or(0, |(n, _)| *n) <= 1)
                         .map(|(_, s)| s)
                         .sum();
                     *by_rule.entry(rule.clone()).or_default() += own;
