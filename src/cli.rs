@@ -208,17 +208,47 @@ fn load_state(policy: &Policy, now: DateTime<Utc>) -> crate::state::State {
     loaded.state
 }
 
+/// What the read-only commands (`plan`, `status` without a daemon) start
+/// from: the validated policy, the engine, the state as it is, and a plan.
+struct Planned {
+    policy: Policy,
+    engine: DockerEngine,
+    now: DateTime<Utc>,
+    state: crate::state::State,
+    observed: crate::plan::Observed,
+    plan: crate::plan::Plan,
+}
+
+async fn plan_here(path: &Path, engine: Option<&str>) -> Result<Planned, Fatal> {
+    let policy = load_policy(path)?;
+    let engine = connect(engine).await?;
+    let now = SystemClock.now();
+    let state = load_state(&policy, now);
+    let (observed, plan) = reconcile::plan_now(&engine, &policy, &state, now).await?;
+    Ok(Planned {
+        policy,
+        engine,
+        now,
+        state,
+        observed,
+        plan,
+    })
+}
+
 async fn cmd_plan(
     path: &Path,
     engine: Option<&str>,
     json: bool,
     exit_code: bool,
 ) -> Result<ExitCode, Fatal> {
-    let policy = load_policy(path)?;
-    let engine = connect(engine).await?;
-    let now = SystemClock.now();
-    let state = load_state(&policy, now);
-    let (observed, plan) = reconcile::plan_now(&engine, &policy, &state, now).await?;
+    let Planned {
+        policy,
+        engine,
+        now,
+        state,
+        observed,
+        plan,
+    } = plan_here(path, engine).await?;
     // Pending pulls and pushes: read-only registry lookups; an unreachable
     // registry shows up in the plan instead of failing it.
     let transfers =
@@ -388,11 +418,14 @@ async fn cmd_status_direct(
     engine: Option<&str>,
     json: bool,
 ) -> Result<ExitCode, Fatal> {
-    let policy = load_policy(path)?;
-    let engine = connect(engine).await?;
-    let now = SystemClock.now();
-    let state = load_state(&policy, now);
-    let (observed, plan) = reconcile::plan_now(&engine, &policy, &state, now).await?;
+    let Planned {
+        policy,
+        engine,
+        now,
+        state,
+        observed,
+        plan,
+    } = plan_here(path, engine).await?;
     let rows = status::rows(&observed, &plan, &state);
     if json {
         print_json(&serde_json::json!({

@@ -340,38 +340,21 @@ pub async fn execute<E: Engine>(
     };
     for w in &plan.warnings {
         tracing::warn!(rule = %w.rule, "{}: {}", w.reference.as_deref().unwrap_or(&w.image), w.reason);
-        audit.append(&Record {
-            ts: clock.now(),
-            run: run.to_string(),
-            action: audit::Action::Warn,
-            reference: w.reference.clone(),
-            image: Some(w.image.clone()),
-            rule: Some(w.rule.clone()),
-            reason: w.reason.clone(),
-            outcome: Outcome::Ok,
-            error: None,
-            bytes: None,
-            duration_ms: None,
-        })?;
+        audit.append(&warn_record(
+            clock,
+            run,
+            w.reference.clone(),
+            Some(w.image.clone()),
+            &w.rule,
+            &w.reason,
+        ))?;
         report.warnings += 1;
     }
     // Disk pressure out of reach is said once per reconcile, not retried as
     // a failure.
     if let Some(msg) = plan.pressure.as_ref().and_then(|p| p.shortfall_message()) {
         tracing::warn!(rule = "storage", "{msg}");
-        audit.append(&Record {
-            ts: clock.now(),
-            run: run.to_string(),
-            action: audit::Action::Warn,
-            reference: None,
-            image: None,
-            rule: Some("storage".to_string()),
-            reason: msg,
-            outcome: Outcome::Ok,
-            error: None,
-            bytes: None,
-            duration_ms: None,
-        })?;
+        audit.append(&warn_record(clock, run, None, None, "storage", &msg))?;
         report.warnings += 1;
     }
     for a in &plan.actions {
@@ -512,6 +495,30 @@ fn describe(a: &Action) -> String {
         (Some(r), Kind::Tag) => format!("tag {r} -> {}", a.image),
         (Some(r), k) => format!("{} {r}", k.as_str()),
         (None, k) => format!("{} dangling {}", k.as_str(), a.image),
+    }
+}
+
+/// A `warn` record: reported, nothing changed.
+fn warn_record(
+    clock: &dyn Clock,
+    run: &str,
+    reference: Option<String>,
+    image: Option<String>,
+    rule: &str,
+    reason: &str,
+) -> Record {
+    Record {
+        ts: clock.now(),
+        run: run.to_string(),
+        action: audit::Action::Warn,
+        reference,
+        image,
+        rule: Some(rule.to_string()),
+        reason: reason.to_string(),
+        outcome: Outcome::Ok,
+        error: None,
+        bytes: None,
+        duration_ms: None,
     }
 }
 
