@@ -3,26 +3,15 @@
 //!
 //! Grammar follows the distribution reference format closely enough to reject
 //! what the engine would reject, without normalising names: stowage matches
-//! references exactly as `RepoTags` shows them.
+//! references exactly as `RepoTags` shows them. The `check_*` functions are the
+//! one copy of that grammar; the policy validator uses them for its messages.
 
 use std::fmt;
-use std::sync::LazyLock;
-
-use regex::Regex;
+use std::net::Ipv6Addr;
+use std::str::FromStr;
 
 /// The registry the engine uses for references without a host part.
 pub const DEFAULT_REGISTRY: &str = "docker.io";
-
-static COMPONENT: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$").expect("static regex"));
-static TAG: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$").expect("static regex"));
-static DIGEST: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^sha256:[a-f0-9]{64}$").expect("static regex"));
-static HOST: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:]+\])(?::[0-9]{1,5})?$")
-        .expect("static regex")
-});
 
 /// A parsed reference. `repository` keeps its registry host, if it has one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -55,7 +44,7 @@ impl Reference {
         }
         let (rest, digest) = match s.split_once('@') {
             Some((r, d)) => {
-                if !DIGEST.is_match(d) {
+                if check_digest(d).is_err() {
                     return Err(RefError::Digest(d.to_string()));
                 }
                 (r, Some(d.to_string()))
@@ -64,7 +53,7 @@ impl Reference {
         };
         let (repository, tag) = split_tag(rest);
         if let Some(t) = tag
-            && !TAG.is_match(t)
+            && check_tag(t).is_err()
         {
             return Err(RefError::Tag(t.to_string()));
         }
@@ -128,15 +117,6 @@ pub fn path_of(repository: &str) -> &str {
     }
 }
 
-/// Validate `host[:port]` as used in `sources`, `registry` and `allowed_registries`.
-pub fn validate_host(s: &str) -> Result<(), RefError> {
-    if HOST.is_match(s) {
-        Ok(())
-    } else {
-        Err(RefError::Host(s.to_string()))
-    }
-}
-
 fn validate_repository(repository: &str) -> Result<(), RefError> {
     let bad = || RefError::Repository(repository.to_string());
     if repository.len() > 255 {
@@ -144,20 +124,131 @@ fn validate_repository(repository: &str) -> Result<(), RefError> {
     }
     let path = match host_part(repository) {
         Some(h) => {
-            validate_host(h).map_err(|_| bad())?;
+            check_host(h).map_err(|_| bad())?;
             &repository[h.len() + 1..]
         }
         None => repository,
     };
-    if path.is_empty() || !path.split('/').all(|c| COMPONENT.is_match(c)) {
+    if path.is_empty() || !path.split('/').all(|c| check_path_component(c).is_ok()) {
         return Err(bad());
     }
     Ok(())
 }
 
-/// Whether `s` is a valid tag.
-pub fn is_valid_tag(s: &str) -> bool {
-    TAG.is_match(s)
+/// `[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*`, Docker's repository path grammar.
+pub fn check_path_component(part: &str) -> Result<(), String> {
+    if part.is_empty() {
+        return Err("empty path component (a leading, trailing or doubled `/`)".to_owned());
+    }
+    if part.chars().any(|c| c.is_ascii_uppercase()) {
+        return Err(format!("repository names must be lowercase, got {part:?}"));
+    }
+    let bytes = part.as_bytes();
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let separator_ok =
+        |sep: &[u8]| matches!(sep, b"." | b"_" | b"__") || sep.iter().all(|&b| b == b'-');
+    let mut i = 0;
+    while i < bytes.len() {
+        if alnum(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && !alnum(bytes[i]) {
+            i += 1;
+        }
+        let sep = &bytes[start..i];
+        if start == 0 || i == bytes.len() || !separator_ok(sep) {
+            return Err(format!(
+                "invalid repository path component {part:?} (lowercase letters and digits, separated by `.`, `_`, `__` or `-`)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+pub fn check_tag(tag: &str) -> Result<(), String> {
+    let mut chars = tag.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !first_ok || !rest_ok || tag.len() > 128 {
+        return Err(
+            "a tag is 1 to 128 of A-Z a-z 0-9 _ . - and does not start with . or -".to_owned(),
+        );
+    }
+    Ok(())
+}
+
+pub fn check_digest(d: &str) -> Result<(), String> {
+    match d.strip_prefix("sha256:") {
+        Some(hex)
+            if hex.len() == 64
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
+        {
+            Ok(())
+        }
+        _ => Err(format!(
+            "invalid digest {d:?}: expected \"sha256:\" and 64 lowercase hex digits"
+        )),
+    }
+}
+
+/// `host[:port]`: a DNS name or IPv4 address, or `[IPv6]`, with an optional port.
+pub fn check_host(text: &str) -> Result<(), String> {
+    if text.contains("://") {
+        return Err("write host[:port] without a scheme".to_owned());
+    }
+    if text.contains('/') {
+        return Err("write host[:port] without a path".to_owned());
+    }
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (addr, after) = rest
+            .split_once(']')
+            .ok_or_else(|| "unclosed `[` in IPv6 address".to_owned())?;
+        Ipv6Addr::from_str(addr).map_err(|_| format!("invalid IPv6 address {addr:?}"))?;
+        match after {
+            "" => ("", None),
+            p => (
+                "",
+                Some(
+                    p.strip_prefix(':')
+                        .ok_or_else(|| "expected `:port` after `]`".to_owned())?,
+                ),
+            ),
+        }
+    } else {
+        match text.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (text, None),
+        }
+    };
+    if !text.starts_with('[') {
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if host.is_empty() || !host.split('.').all(label_ok) {
+            return Err(
+                "expected host[:port], e.g. \"registry.example.com\" or \"10.0.0.5:5000\""
+                    .to_owned(),
+            );
+        }
+    }
+    if let Some(p) = port {
+        match p.parse::<u16>() {
+            Ok(n) if n > 0 => {}
+            _ => return Err(format!("invalid port {p:?}")),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -201,8 +292,8 @@ mod tests {
         for bad in ["", "App:1", "app:", "a//b", "app:-x", "/app", "app/"] {
             assert!(Reference::parse(bad).is_err(), "{bad:?} should be rejected");
         }
-        assert!(validate_host("127.0.0.1:5000").is_ok());
-        assert!(validate_host("registry.example.com").is_ok());
-        assert!(validate_host("http://x").is_err());
+        assert!(check_host("127.0.0.1:5000").is_ok());
+        assert!(check_host("registry.example.com").is_ok());
+        assert!(check_host("http://x").is_err());
     }
 }

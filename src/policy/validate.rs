@@ -5,7 +5,6 @@
 //! diagnostic was reported at all. Nothing here does I/O except [`load`].
 
 use std::collections::HashMap;
-use std::net::Ipv6Addr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -15,6 +14,8 @@ use globset::{GlobBuilder, GlobSetBuilder};
 use regex::{Regex, RegexSet};
 use toml::Spanned;
 use toml::de::DeTable;
+
+use crate::refs::{DEFAULT_REGISTRY, check_digest, check_host, check_path_component, check_tag};
 
 use super::diag::{Diagnostic, Diagnostics, Sink};
 use super::raw::{self, List, Opt, RawPolicy, Section, SizeValue};
@@ -34,7 +35,6 @@ const DEFAULT_CONCURRENCY: usize = 2;
 /// More parallel pulls than this only thrashes the uplink and the disk.
 const MAX_CONCURRENCY: i64 = 64;
 const DURATION_HINT: &str = r#"write e.g. "30s", "15m", "6h", "14d" or "2w""#;
-const DOCKER_HUB: &str = "docker.io";
 
 /// Read and validate the policy at `path`. An unreadable file is a single
 /// diagnostic without a position.
@@ -1361,7 +1361,7 @@ fn parse_reference(text: &str) -> Result<ReferenceParts, String> {
             parts.remove(0);
             host
         }
-        _ => DOCKER_HUB.to_owned(),
+        _ => DEFAULT_REGISTRY.to_owned(),
     };
     for part in &parts {
         check_path_component(part)?;
@@ -1371,69 +1371,6 @@ fn parse_reference(text: &str) -> Result<ReferenceParts, String> {
         registry,
         digest,
     })
-}
-
-/// `[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*`, Docker's repository path grammar.
-fn check_path_component(part: &str) -> Result<(), String> {
-    if part.is_empty() {
-        return Err("empty path component (a leading, trailing or doubled `/`)".to_owned());
-    }
-    if part.chars().any(|c| c.is_ascii_uppercase()) {
-        return Err(format!("repository names must be lowercase, got {part:?}"));
-    }
-    let bytes = part.as_bytes();
-    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    let separator_ok =
-        |sep: &[u8]| matches!(sep, b"." | b"_" | b"__") || sep.iter().all(|&b| b == b'-');
-    let mut i = 0;
-    while i < bytes.len() {
-        if alnum(bytes[i]) {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < bytes.len() && !alnum(bytes[i]) {
-            i += 1;
-        }
-        let sep = &bytes[start..i];
-        if start == 0 || i == bytes.len() || !separator_ok(sep) {
-            return Err(format!(
-                "invalid repository path component {part:?} (lowercase letters and digits, separated by `.`, `_`, `__` or `-`)"
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
-fn check_tag(tag: &str) -> Result<(), String> {
-    let mut chars = tag.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
-    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if !first_ok || !rest_ok || tag.len() > 128 {
-        return Err(
-            "a tag is 1 to 128 of A-Z a-z 0-9 _ . - and does not start with . or -".to_owned(),
-        );
-    }
-    Ok(())
-}
-
-fn check_digest(d: &str) -> Result<(), String> {
-    match d.strip_prefix("sha256:") {
-        Some(hex)
-            if hex.len() == 64
-                && hex
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
-        {
-            Ok(())
-        }
-        _ => Err(format!(
-            "invalid digest {d:?}: expected \"sha256:\" and 64 lowercase hex digits"
-        )),
-    }
 }
 
 /// `os/arch[/variant]`, e.g. `linux/arm64` or `linux/arm/v7`.
@@ -1454,59 +1391,6 @@ fn check_platform(p: &str) -> Result<(), String> {
     }
 }
 
-/// `host[:port]`: a DNS name or IPv4 address, or `[IPv6]`, with an optional port.
-fn check_host(text: &str) -> Result<(), String> {
-    if text.contains("://") {
-        return Err("write host[:port] without a scheme".to_owned());
-    }
-    if text.contains('/') {
-        return Err("write host[:port] without a path".to_owned());
-    }
-    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
-        let (addr, after) = rest
-            .split_once(']')
-            .ok_or_else(|| "unclosed `[` in IPv6 address".to_owned())?;
-        Ipv6Addr::from_str(addr).map_err(|_| format!("invalid IPv6 address {addr:?}"))?;
-        match after {
-            "" => ("", None),
-            p => (
-                "",
-                Some(
-                    p.strip_prefix(':')
-                        .ok_or_else(|| "expected `:port` after `]`".to_owned())?,
-                ),
-            ),
-        }
-    } else {
-        match text.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (text, None),
-        }
-    };
-    if !text.starts_with('[') {
-        let label_ok = |l: &str| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        };
-        if host.is_empty() || !host.split('.').all(label_ok) {
-            return Err(
-                "expected host[:port], e.g. \"registry.example.com\" or \"10.0.0.5:5000\""
-                    .to_owned(),
-            );
-        }
-    }
-    if let Some(p) = port {
-        match p.parse::<u16>() {
-            Ok(n) if n > 0 => {}
-            _ => return Err(format!("invalid port {p:?}")),
-        }
-    }
-    Ok(())
-}
-
 fn has_port(text: &str) -> bool {
     match text.rsplit_once(':') {
         Some((_, p)) => p.parse::<u16>().is_ok_and(|n| n > 0) && !text.ends_with(']'),
@@ -1518,7 +1402,7 @@ fn has_port(text: &str) -> bool {
 pub(crate) fn canonical_registry(host: &str) -> String {
     match host {
         "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
-            DOCKER_HUB.to_owned()
+            DEFAULT_REGISTRY.to_owned()
         }
         h => h.to_ascii_lowercase(),
     }
