@@ -70,24 +70,26 @@ pub struct Shortfall {
 /// One image as eviction sees it.
 pub struct Candidate<'a> {
     pub image: &'a Image,
-    /// Its references as the plan leaves them, sorted.
-    pub tags: Vec<&'a str>,
+    /// Its layers; `None`: unknown, counted as one layer of its size.
+    pub layers: Option<&'a [Layer]>,
+    /// Its first reference as the plan leaves it, and how many it keeps.
+    pub first_tag: Option<&'a str>,
+    pub tags: usize,
     /// Latest activity on this host (Unix seconds).
     pub activity: i64,
-    /// Image-level protection: (rule, reason).
-    pub protection: Option<(String, String)>,
+    /// The rule that protects it from eviction, if any.
+    pub protection: Option<&'a str>,
 }
 
 /// Everything eviction needs besides the candidates.
 pub struct Inputs<'a> {
     pub storage: &'a Storage,
-    pub layers: &'a StdHashMap<String, Vec<Layer>>,
+    /// Images the plan's retention removes, with their layers: what
+    /// they free is the difference between "before" and the candidates.
+    pub removed: &'a [(&'a Image, Option<&'a [Layer]>)],
     pub disk: Option<&'a Disk>,
     pub disk_error: Option<&'a str>,
     pub build_cache: Option<u64>,
-    /// Unique image bytes before the plan's retention actions; `None` when
-    /// retention removes no image (then it equals the candidates' bytes).
-    pub image_bytes_before: Option<u64>,
     pub now: i64,
 }
 
@@ -98,7 +100,7 @@ pub fn unique_bytes<'a>(
 ) -> u64 {
     let mut seen: HashMap<&str, u64> = HashMap::default();
     for img in images {
-        for (id, size) in layer_list(layers, img) {
+        for (id, size) in layer_list(layers.get(&img.id).map(Vec::as_slice), img) {
             seen.insert(id, size);
         }
     }
@@ -108,10 +110,9 @@ pub fn unique_bytes<'a>(
 /// An image's layers as (chain id, size); one pseudo-layer of its whole
 /// size when its layers are unknown.
 fn layer_list<'a>(
-    layers: &'a StdHashMap<String, Vec<Layer>>,
+    known: Option<&'a [Layer]>,
     img: &'a Image,
 ) -> impl Iterator<Item = (&'a str, u64)> + 'a {
-    let known = layers.get(&img.id);
     let pseudo = known.is_none().then_some((img.id.as_str(), img.size));
     known
         .into_iter()
@@ -125,17 +126,26 @@ fn layer_list<'a>(
 /// the pressure report. `budget` is how many removals are still allowed.
 pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure) {
     let s = inputs.storage;
-    let layers = inputs.layers;
     // Reference counts of layers over the images that stay, and their sizes:
     // one pass serves both the total and the eviction bookkeeping.
     let mut refs: HashMap<&str, (usize, u64)> = HashMap::default();
+    refs.reserve(candidates.len() * 2);
     for c in candidates {
-        for (id, size) in layer_list(layers, c.image) {
+        for (id, size) in layer_list(c.layers, c.image) {
             refs.entry(id).or_insert((0, size)).0 += 1;
         }
     }
     let now_bytes: u64 = refs.values().map(|(_, size)| size).sum();
-    let before = inputs.image_bytes_before.unwrap_or(now_bytes);
+    // Layers only the removed images held: what retention frees.
+    let mut freed: HashMap<&str, u64> = HashMap::default();
+    for (img, layers) in inputs.removed {
+        for (id, size) in layer_list(*layers, img) {
+            if !refs.contains_key(id) {
+                freed.insert(id, size);
+            }
+        }
+    }
+    let before = now_bytes + freed.values().sum::<u64>();
     let freed_by_retention = before.saturating_sub(now_bytes);
     let mut pressure = Pressure {
         image_bytes: before,
@@ -189,29 +199,25 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure
 
     let mut actions = Vec::new();
     if to_free > 0 {
-        let mut order: Vec<&Candidate> = candidates
+        // Candidates come in image id order: their index breaks ties.
+        let mut order: Vec<(i64, i64, usize)> = candidates
             .iter()
-            .filter(|c| c.protection.is_none())
+            .enumerate()
+            .filter(|(_, c)| c.protection.is_none())
+            .map(|(k, c)| match s.order {
+                EvictOrder::Lru => (c.activity, c.image.created, k),
+                EvictOrder::Created => (c.image.created, 0, k),
+            })
             .collect();
-        order.sort_by(|a, b| match s.order {
-            EvictOrder::Lru => a
-                .activity
-                .cmp(&b.activity)
-                .then(a.image.created.cmp(&b.image.created))
-                .then(a.image.id.cmp(&b.image.id)),
-            EvictOrder::Created => a
-                .image
-                .created
-                .cmp(&b.image.created)
-                .then(a.image.id.cmp(&b.image.id)),
-        });
+        order.sort_unstable();
+        let targets = why.join("; ");
         let mut freed = 0u64;
-        for c in order {
+        for c in order.into_iter().map(|(_, _, k)| &candidates[k]) {
             if freed >= to_free {
                 break;
             }
             let mut gain = 0;
-            for (id, size) in layer_list(layers, c.image) {
+            for (id, size) in layer_list(c.layers, c.image) {
                 let (n, _) = refs.entry(id).or_default();
                 *n = n.saturating_sub(1);
                 if *n == 0 {
@@ -219,7 +225,6 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure
                 }
             }
             freed += gain;
-            let tags = &c.tags;
             let by = match s.order {
                 EvictOrder::Lru => format!(
                     "least recently active (last activity {} ago)",
@@ -230,17 +235,17 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure
                     human_duration(inputs.now - c.image.created)
                 ),
             };
-            let more = if tags.len() > 1 {
-                format!(", with {} more reference(s)", tags.len() - 1)
+            let more = if c.tags > 1 {
+                format!(", with {} more reference(s)", c.tags - 1)
             } else {
                 String::new()
             };
             actions.push(Action {
                 kind: Kind::Evict,
-                reference: tags.first().map(|t| (*t).to_string()),
+                reference: c.first_tag.map(str::to_string),
                 image: c.image.id.clone(),
                 rule: "storage".to_string(),
-                reason: format!("{by}{more}; {}", why.join("; ")),
+                reason: format!("{by}{more}; {targets}"),
                 bytes: Some(gain),
                 keep_bytes: None,
             });
@@ -249,13 +254,13 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure
             let mut by_rule: HashMap<String, u64> = HashMap::default();
             let mut protected_bytes = 0;
             for c in candidates {
-                if let Some((rule, _)) = &c.protection {
+                if let Some(rule) = c.protection {
                     // Bytes only this image holds among the remaining ones.
-                    let own: u64 = layer_list(layers, c.image)
+                    let own: u64 = layer_list(c.layers, c.image)
                         .filter(|(id, _)| refs.get(id).map_or(0, |(n, _)| *n) <= 1)
                         .map(|(_, s)| s)
                         .sum();
-                    *by_rule.entry(rule.clone()).or_default() += own;
+                    *by_rule.entry(rule.to_string()).or_default() += own;
                     protected_bytes += own;
                 }
             }

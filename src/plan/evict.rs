@@ -1,0 +1,119 @@
+//! Step 8: `[storage]` eviction on the store as retention leaves it, within
+//! what is left of `max_removals`. The index and its per-image facts are the
+//! ones retention used; nothing is derived twice.
+
+use crate::engine::Layer;
+use crate::policy::{Policy, Storage};
+use crate::storage;
+
+use super::index::Index;
+use super::{Decision, Kind, Observed, Plan, count_removals, decision_of, split_budget};
+
+pub(super) fn evict(
+    policy: &Policy,
+    storage: &Storage,
+    observed: &Observed,
+    index: &Index,
+    now: i64,
+    result: &mut Plan,
+) {
+    let images = &index.images;
+    let entries = &index.entries;
+    // The store as the plan's retention leaves it, without copying it.
+    let mut gone = vec![false; images.len()];
+    let mut untagged = vec![false; entries.len()];
+    for a in &result.actions {
+        match (a.kind, a.reference.as_deref()) {
+            (Kind::Untag, Some(r)) => {
+                if let Some(i) = index.find(r) {
+                    untagged[i] = true;
+                }
+            }
+            (Kind::Remove, _) => {
+                if let Some(k) = index.image(&a.image) {
+                    gone[k] = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    // Per image: its first reference left, how many are left, and the first
+    // [[protect]] entry matching one of them (eviction takes the whole image,
+    // so a match on any of its references protects it).
+    let mut first: Vec<Option<&str>> = vec![None; images.len()];
+    let mut count = vec![0usize; images.len()];
+    let mut protect: Vec<Option<usize>> = vec![None; images.len()];
+    for (i, e) in entries.iter().enumerate() {
+        let Some(r) = e.reference else { continue };
+        if untagged[i] {
+            continue;
+        }
+        first[e.img].get_or_insert(r);
+        count[e.img] += 1;
+        if protect[e.img].is_none() {
+            protect[e.img] = index.protect[i];
+        }
+    }
+    let layers_of =
+        |k: usize| -> Option<&[Layer]> { observed.layers.get(&images[k].id).map(Vec::as_slice) };
+    let candidates: Vec<storage::Candidate> = (0..images.len())
+        .filter(|&k| !gone[k])
+        .map(|k| storage::Candidate {
+            image: images[k],
+            layers: layers_of(k),
+            first_tag: first[k],
+            tags: count[k],
+            activity: index.facts[k].activity,
+            protection: index.facts[k]
+                .protection
+                .as_ref()
+                .map(|(rule, _)| rule.as_str())
+                .or_else(|| protect[k].map(|p| policy.protect[p].name.as_str())),
+        })
+        .collect();
+    let removed: Vec<(&crate::engine::Image, Option<&[Layer]>)> = (0..images.len())
+        .filter(|&k| gone[k])
+        .map(|k| (images[k], layers_of(k)))
+        .collect();
+    let inputs = storage::Inputs {
+        storage,
+        removed: &removed,
+        disk: observed.disk.as_ref(),
+        disk_error: observed.disk_error.as_deref(),
+        build_cache: observed.build_cache,
+        now,
+    };
+    let (actions, pressure) = storage::plan(&inputs, &candidates);
+    let budget = policy
+        .daemon
+        .max_removals
+        .saturating_sub(count_removals(&result.actions));
+    let (now_actions, later) = split_budget(actions, budget);
+    // Per image: what eviction decided, and the action behind it.
+    let mut decided: Vec<Option<(Decision, &super::Action)>> = vec![None; images.len()];
+    for (a, d) in now_actions
+        .iter()
+        .map(|a| (a, decision_of(a.kind)))
+        .chain(later.iter().map(|a| (a, Decision::Deferred)))
+    {
+        if let Some(k) = index.image(&a.image) {
+            decided[k] = Some((d, a));
+        }
+    }
+    // Verdicts of this index's entries come first, in entry order; any after
+    // them (the follow-up pass) name their image.
+    for (n, v) in result.verdicts.iter_mut().enumerate() {
+        let k = match entries.get(n) {
+            Some(e) => Some(e.img),
+            None => index.image(&v.image),
+        };
+        if let Some((decision, a)) = k.and_then(|k| decided[k]) {
+            v.decision = decision;
+            v.rule = Some(a.rule.clone());
+            v.reason.clone_from(&a.reason);
+        }
+    }
+    result.actions.extend(now_actions);
+    result.deferred.extend(later);
+    result.pressure = Some(pressure);
+}

@@ -1,0 +1,411 @@
+//! The store, indexed once per plan so that every later step is a walk over
+//! arrays: images in id order, one entry per reference (dangling images
+//! first) in reference order, repositories as contiguous runs of entries,
+//! and distinct tags, so that a tag pattern or a semver parse runs once per
+//! distinct tag rather than once per reference and rule.
+//!
+//! Sorting compares fixed-size prefixes held in the sorted elements first:
+//! comparing the strings themselves chases a pointer per comparison, which at
+//! 100k references is most of the planner's time.
+
+use std::cmp::{Ordering, Reverse};
+
+use rustc_hash::FxHashMap as HashMap;
+
+use crate::engine::{Container, Image};
+use crate::policy::{Globs, Policy};
+use crate::refs::split_tag;
+use crate::state::{ImageState, State};
+
+use super::{human_duration, parse_semver, short};
+
+/// One reference (or a dangling image) in the store.
+pub(super) struct Entry<'a> {
+    /// `None` for a dangling image.
+    pub reference: Option<&'a str>,
+    pub tag: &'a str,
+    /// Index into `Index::images`.
+    pub img: usize,
+    /// Index into `Index::tags`.
+    pub tag_id: usize,
+}
+
+/// The repository index of the dangling images' retention group.
+pub(super) const DANGLING: usize = usize::MAX;
+
+/// Per-image facts derived once.
+pub(super) struct ImageFacts {
+    /// Latest of creation, first seen, last used, last pulled.
+    pub activity: i64,
+    /// Image-level protection: (rule, reason).
+    pub protection: Option<(String, String)>,
+}
+
+pub(super) struct Index<'a> {
+    /// Sorted by id (string order).
+    pub images: Vec<&'a Image>,
+    pub facts: Vec<ImageFacts>,
+    /// Dangling images first (by id), then references in order.
+    pub entries: Vec<Entry<'a>>,
+    /// Repositories in reference order.
+    pub repos: Vec<&'a str>,
+    /// Entries of repository `r` are `entries[starts[r]..starts[r + 1]]`;
+    /// dangling images are `entries[..starts[0]]`.
+    pub starts: Vec<usize>,
+    /// Distinct tags.
+    pub tags: Vec<&'a str>,
+    /// Per tag: its rank among the semver tags (1 = oldest), 0 when not semver.
+    pub semver_rank: Vec<u32>,
+    /// Per entry: the first `[[protect]]` entry (index) that matches it.
+    pub protect: Vec<Option<usize>>,
+}
+
+/// The first eight bytes as a big-endian number, zero-padded: ordering by it
+/// agrees with ordering by the bytes, ties aside.
+fn prefix_key(b: &[u8]) -> u64 {
+    let mut k = [0u8; 8];
+    let n = b.len().min(8);
+    k[..n].copy_from_slice(&b[..n]);
+    u64::from_be_bytes(k)
+}
+
+/// Repositories in the order of their references: `a` before `a-b` exactly
+/// when `a:` sorts before `a-b:`.
+fn cmp_repo(a: &str, b: &str) -> Ordering {
+    a.bytes()
+        .chain(std::iter::once(b':'))
+        .cmp(b.bytes().chain(std::iter::once(b':')))
+}
+
+/// Whether a pattern matches each distinct tag, worked out on first use.
+pub(super) struct TagMemo(Vec<u8>);
+
+impl TagMemo {
+    pub fn new(tags: usize) -> Self {
+        TagMemo(vec![0; tags])
+    }
+    pub fn get(&mut self, id: usize, tag: &str, test: impl FnOnce(&str) -> bool) -> bool {
+        match self.0[id] {
+            1 => true,
+            2 => false,
+            _ => {
+                let hit = test(tag);
+                self.0[id] = if hit { 1 } else { 2 };
+                hit
+            }
+        }
+    }
+}
+
+impl<'a> Index<'a> {
+    pub fn build(
+        policy: &Policy,
+        all: &'a [Image],
+        containers: &'a [Container],
+        state: &State,
+        now: i64,
+    ) -> Self {
+        // Ids are `sha256:` and hex: key on what follows the common prefix.
+        let skip = if all.iter().all(|i| i.id.starts_with("sha256:")) {
+            7
+        } else {
+            0
+        };
+        let mut order: Vec<(u64, usize)> = all
+            .iter()
+            .enumerate()
+            .map(|(k, i)| (prefix_key(&i.id.as_bytes()[skip..]), k))
+            .collect();
+        order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| all[a.1].id.cmp(&all[b.1].id)));
+        let images: Vec<&Image> = order.iter().map(|&(_, k)| &all[k]).collect();
+
+        // Intern repositories and tags.
+        struct Raw<'a> {
+            repo: usize,
+            key: u64,
+            tag: &'a str,
+            tag_id: usize,
+            img: usize,
+            reference: &'a str,
+        }
+        let mut repo_ids: HashMap<&str, usize> = HashMap::default();
+        let mut repo_names: Vec<&str> = Vec::new();
+        let mut tag_ids: HashMap<&str, usize> = HashMap::default();
+        let mut tags: Vec<&str> = vec![""];
+        tag_ids.insert("", 0);
+        let mut raw: Vec<Raw> = Vec::with_capacity(images.len() * 2);
+        let mut dangling = Vec::new();
+        for (k, img) in images.iter().enumerate() {
+            if img.repo_tags.is_empty() {
+                dangling.push(k);
+            }
+            for r in &img.repo_tags {
+                let (repo, tag) = split_tag(r);
+                let tag = tag.unwrap_or("");
+                let repo = *repo_ids.entry(repo).or_insert_with(|| {
+                    repo_names.push(repo);
+                    repo_names.len() - 1
+                });
+                let tag_id = *tag_ids.entry(tag).or_insert_with(|| {
+                    tags.push(tag);
+                    tags.len() - 1
+                });
+                raw.push(Raw {
+                    repo,
+                    key: prefix_key(tag.as_bytes()),
+                    tag,
+                    tag_id,
+                    img: k,
+                    reference: r,
+                });
+            }
+        }
+        let mut by_name: Vec<usize> = (0..repo_names.len()).collect();
+        by_name.sort_unstable_by(|&a, &b| cmp_repo(repo_names[a], repo_names[b]));
+        let mut rank = vec![0; repo_names.len()];
+        for (r, &id) in by_name.iter().enumerate() {
+            rank[id] = r;
+        }
+        let repos: Vec<&str> = by_name.iter().map(|&id| repo_names[id]).collect();
+        for e in &mut raw {
+            e.repo = rank[e.repo];
+        }
+        // Same repository and tag: same reference. Equal references on
+        // different images stay, in image id order.
+        raw.sort_unstable_by(|a, b| {
+            a.repo
+                .cmp(&b.repo)
+                .then(a.key.cmp(&b.key))
+                .then_with(|| a.tag.cmp(b.tag))
+                .then(a.img.cmp(&b.img))
+        });
+        raw.dedup_by(|a, b| a.repo == b.repo && a.img == b.img && a.tag == b.tag);
+
+        let mut entries: Vec<Entry> = Vec::with_capacity(dangling.len() + raw.len());
+        entries.extend(dangling.into_iter().map(|img| Entry {
+            reference: None,
+            tag: "",
+            img,
+            tag_id: 0,
+        }));
+        let mut starts = Vec::with_capacity(repos.len() + 1);
+        for e in raw {
+            while starts.len() <= e.repo {
+                starts.push(entries.len());
+            }
+            entries.push(Entry {
+                reference: Some(e.reference),
+                tag: e.tag,
+                img: e.img,
+                tag_id: e.tag_id,
+            });
+        }
+        while starts.len() <= repos.len() {
+            starts.push(entries.len());
+        }
+
+        // Semver ranks: one parse per distinct tag, one sort of the versions.
+        let mut versions: Vec<(semver::Version, usize)> = tags
+            .iter()
+            .enumerate()
+            .filter_map(|(id, t)| parse_semver(t).map(|v| (v, id)))
+            .collect();
+        versions.sort_unstable();
+        let mut semver_rank = vec![0u32; tags.len()];
+        let mut r = 0u32;
+        for (k, (v, id)) in versions.iter().enumerate() {
+            if k == 0 || versions[k - 1].0 != *v {
+                r += 1;
+            }
+            semver_rank[*id] = r;
+        }
+
+        let facts = image_facts(policy, &images, containers, state, now);
+        let mut index = Index {
+            images,
+            facts,
+            entries,
+            repos,
+            starts,
+            tags,
+            semver_rank,
+            protect: Vec::new(),
+        };
+        index.protect = index.protections(policy);
+        index
+    }
+
+    /// Entries of repository `r`.
+    pub fn repo_entries(&self, r: usize) -> std::ops::Range<usize> {
+        self.starts[r]..self.starts[r + 1]
+    }
+
+    /// Per repository: whether the globs match it.
+    pub fn mask(&self, globs: &Globs) -> Vec<bool> {
+        self.repos.iter().map(|r| globs.is_match(r)).collect()
+    }
+
+    /// The entry of a reference (the first, should two images claim it).
+    pub fn find(&self, reference: &str) -> Option<usize> {
+        let (repo, tag) = split_tag(reference);
+        self.find_in(repo, tag.unwrap_or(""))
+    }
+
+    pub fn find_in(&self, repo: &str, tag: &str) -> Option<usize> {
+        let r = self
+            .repos
+            .binary_search_by(|probe| cmp_repo(probe, repo))
+            .ok()?;
+        let range = self.repo_entries(r);
+        let run = &self.entries[range.clone()];
+        let at = run.partition_point(|e| e.tag < tag);
+        (at < run.len() && run[at].tag == tag).then_some(range.start + at)
+    }
+
+    /// The index of an image id.
+    pub fn image(&self, id: &str) -> Option<usize> {
+        self.images.binary_search_by(|i| i.id.as_str().cmp(id)).ok()
+    }
+
+    /// Newest first by semver (non-semver last): a sort key.
+    pub fn semver_key(&self, e: &Entry) -> Reverse<u32> {
+        Reverse(self.semver_rank[e.tag_id])
+    }
+
+    /// Per entry: the first `[[protect]]` entry matching its reference.
+    fn protections(&self, policy: &Policy) -> Vec<Option<usize>> {
+        let mut out = vec![None; self.entries.len()];
+        for (p, rule) in policy.protect.iter().enumerate() {
+            let mask = self.mask(&rule.scope.images);
+            let mut memo = TagMemo::new(self.tags.len());
+            for r in (0..self.repos.len()).filter(|&r| mask[r]) {
+                for i in self.repo_entries(r) {
+                    let e = &self.entries[i];
+                    if out[i].is_none()
+                        && rule
+                            .scope
+                            .tags
+                            .as_ref()
+                            .is_none_or(|t| memo.get(e.tag_id, e.tag, |s| t.is_match(s)))
+                    {
+                        out[i] = Some(p);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn image_facts(
+    policy: &Policy,
+    images: &[&Image],
+    containers: &[Container],
+    state: &State,
+    now: i64,
+) -> Vec<ImageFacts> {
+    let mut users: HashMap<&str, Vec<&Container>> = HashMap::default();
+    for c in containers {
+        users.entry(c.image_id.as_str()).or_default().push(c);
+    }
+    for v in users.values_mut() {
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+    }
+    // Images that a [[prepull]] entry names (by tag or by digest).
+    let mut prepulled: HashMap<&str, &str> = HashMap::default();
+    for p in &policy.prepull {
+        for img in images {
+            let hit = img.repo_tags.contains(&p.image) || img.repo_digests.contains(&p.image);
+            if hit {
+                prepulled.entry(img.id.as_str()).or_insert(p.image.as_str());
+            }
+        }
+    }
+    // Earlier images of a [[prepull]] entry, kept for rollback (newest first).
+    let mut previous: HashMap<&str, (&str, usize)> = HashMap::default();
+    for p in &policy.prepull {
+        if let Some(ps) = state.prepull.get(&p.key()) {
+            for id in ps.previous.iter().take(p.keep_previous) {
+                previous
+                    .entry(id.as_str())
+                    .or_insert((p.image.as_str(), p.keep_previous));
+            }
+        }
+    }
+    let min_age = i64::try_from(policy.daemon.min_age.as_secs()).unwrap_or(i64::MAX);
+    // Images and the state are both in id order: walk them side by side
+    // rather than search the state's tree once per image.
+    let mut known = state.images.iter().peekable();
+    let mut state_of = |id: &str| -> Option<&ImageState> {
+        while known.next_if(|(k, _)| k.as_str() < id).is_some() {}
+        known
+            .peek()
+            .filter(|(k, _)| k.as_str() == id)
+            .map(|(_, s)| *s)
+    };
+    images
+        .iter()
+        .map(|img| {
+            let st = state_of(&img.id);
+            let first_seen = st.map_or(img.created.min(now), |s| s.first_seen);
+            let activity = [
+                Some(img.created),
+                Some(first_seen),
+                st.and_then(|s| s.last_used),
+                st.and_then(|s| s.last_pulled),
+            ]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(img.created);
+            let protection = if let Some(cs) = users.get(img.id.as_str()) {
+                let c = cs[0];
+                let more = if cs.len() > 1 {
+                    format!(" and {} more", cs.len() - 1)
+                } else {
+                    String::new()
+                };
+                let name = if c.name.is_empty() {
+                    String::new()
+                } else {
+                    format!(" \"{}\"", c.name)
+                };
+                Some((
+                    "in-use".to_string(),
+                    format!(
+                        "in use by container {}{name} ({}){more}",
+                        short(&c.id),
+                        c.state
+                    ),
+                ))
+            } else if let Some(p) = prepulled.get(img.id.as_str()) {
+                Some((
+                    format!("prepull:{p}"),
+                    format!("current image of [[prepull]] {p}"),
+                ))
+            } else if let Some((p, n)) = previous.get(img.id.as_str()) {
+                Some((
+                    format!("prepull:{p}"),
+                    format!(
+                        "previous image of [[prepull]] {p}, kept for rollback (keep_previous={n})"
+                    ),
+                ))
+            } else if now.saturating_sub(first_seen) < min_age {
+                Some((
+                    "min_age".to_string(),
+                    format!(
+                        "seen on this host {} ago, younger than min_age={}",
+                        human_duration(now - first_seen),
+                        human_duration(min_age)
+                    ),
+                ))
+            } else {
+                None
+            };
+            ImageFacts {
+                activity,
+                protection,
+            }
+        })
+        .collect()
+}

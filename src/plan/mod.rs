@@ -1,0 +1,503 @@
+//! The planner: `plan(&Policy, &Observed, &State, now) -> Plan`.
+//!
+//! Pure: no I/O, no clock. Same input, same plan, in a stable order whatever
+//! the order of the input. Every action and every protected reference carries
+//! the rule behind it and a reason a person can read.
+//!
+//! Order of decisions:
+//! 1. absolute protections per image (in use, `[[prepull]]`, `min_age`) and per
+//!    reference (`[[protect]]`); existing floating references are set aside;
+//! 2. `[[retain]]`: a reference in scope of a rule and kept by none goes;
+//! 3. protections veto removals;
+//! 4. `[[float]]` moves (tags) to the newest candidate that stays;
+//! 5. `[[tags]]` conventions (warn, or untag where the image keeps a name);
+//! 6. `max_removals` defers the rest;
+//! 7. a second pass over the dangling images, when a float move leaves an
+//!    image without a name, so applying a plan then planning again gives an
+//!    empty plan;
+//! 8. `[storage]` eviction on the store as all that leaves it.
+
+mod evict;
+mod index;
+mod retention;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+// Fx hashing: keys are short strings and indices hashed in the hot path;
+// no untrusted input can pick them to collide.
+use rustc_hash::FxHashSet as HashSet;
+use serde::Serialize;
+
+use crate::engine::{Container, Image, Layer};
+use crate::policy::{Policy, RetainScope};
+use crate::refs::split_tag;
+use crate::state::State;
+use crate::storage::{Disk, Pressure};
+
+use index::Index;
+use retention::retention;
+
+/// What the engine showed: the input of a plan besides policy, state and time.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Observed {
+    pub images: Vec<Image>,
+    pub containers: Vec<Container>,
+    /// Layers per image id; gathered only when `[storage]` is set. Images
+    /// without an entry count as one layer of their size.
+    #[serde(skip)]
+    pub layers: std::collections::HashMap<String, Vec<Layer>>,
+    /// The filesystem holding the engine's data root, when on this host.
+    pub disk: Option<Disk>,
+    /// Why `disk` is unknown, for the plan and status.
+    pub disk_error: Option<String>,
+    /// Build cache bytes; gathered only with `build_cache_max`.
+    pub build_cache: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Point a reference at an image (floating tags).
+    Tag,
+    /// Remove a reference; the image keeps another one.
+    Untag,
+    /// Remove the image's last reference (or a dangling image): the image goes.
+    Remove,
+    /// Disk pressure: remove the image with all its references.
+    Evict,
+    /// Prune the engine's build cache.
+    PruneBuild,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Tag => "tag",
+            Kind::Untag => "untag",
+            Kind::Remove => "remove",
+            Kind::Evict => "evict",
+            Kind::PruneBuild => "prune_build",
+        }
+    }
+    /// Counts against `max_removals`.
+    pub fn is_removal(self) -> bool {
+        matches!(self, Kind::Untag | Kind::Remove | Kind::Evict)
+    }
+}
+
+/// One change the executor will make.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Action {
+    pub kind: Kind,
+    /// The reference acted on; `None` for a dangling image.
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    /// The image id (for `tag`: the image the reference will point at).
+    pub image: String,
+    pub rule: String,
+    pub reason: String,
+    /// Bytes freed (`remove`: the image's size; `evict`: its unique layers;
+    /// `prune_build`: cache bytes above the maximum).
+    pub bytes: Option<u64>,
+    /// For `prune_build`: the build-cache bytes to keep.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_bytes: Option<u64>,
+}
+
+/// A reference (or dangling image) that a protection keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Protected {
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    pub image: String,
+    pub rule: String,
+    pub reason: String,
+    /// The action the protection prevented, if any.
+    pub prevented: Option<String>,
+}
+
+/// Something to report that changes nothing (`[[tags]]` with `warn`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Warning {
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    pub image: String,
+    pub rule: String,
+    pub reason: String,
+}
+
+/// What the plan decided for one reference: for `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// No rule scopes it: never touched by retention.
+    Unmanaged,
+    Keep,
+    Protected,
+    Untag,
+    Remove,
+    Evict,
+    Deferred,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Unmanaged => "unmanaged",
+            Decision::Keep => "keep",
+            Decision::Protected => "protected",
+            Decision::Untag => "untag",
+            Decision::Remove => "remove",
+            Decision::Evict => "evict",
+            Decision::Deferred => "deferred",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    pub image: String,
+    pub decision: Decision,
+    pub rule: Option<String>,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Plan {
+    /// In execution order: tags first, then removals.
+    pub actions: Vec<Action>,
+    /// Removals held back by `max_removals`, for the next reconcile.
+    pub deferred: Vec<Action>,
+    pub protected: Vec<Protected>,
+    pub warnings: Vec<Warning>,
+    /// One per reference (and per dangling image) present before the plan.
+    pub verdicts: Vec<Verdict>,
+    /// Disk pressure, when `[storage]` is set.
+    pub pressure: Option<Pressure>,
+    /// Images that keep no name after this plan without being removed (a
+    /// floating tag moved off their last one), in id order.
+    #[serde(skip)]
+    dangling_after: Vec<String>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty() && self.deferred.is_empty()
+    }
+}
+
+/// Plan one reconcile. `now` is Unix seconds.
+pub fn plan(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Plan {
+    let index = Index::build(policy, &observed.images, &observed.containers, state, now);
+    let mut result = retention(policy, &index, now);
+    if !result.dangling_after.is_empty() {
+        follow_up(policy, observed, state, now, &mut result);
+    }
+    if let Some(storage) = &policy.storage {
+        evict::evict(policy, storage, observed, &index, now, &mut result);
+    }
+    result
+}
+
+/// Images that a floating tag leaves without a name (its other references
+/// all go) become dangling only once the plan is applied. Dangling images are
+/// the business of `untagged` rules alone, so a second pass over just the
+/// dangling images, as the plan leaves them, settles them in this reconcile:
+/// applying the plan and planning again then finds nothing.
+fn follow_up(policy: &Policy, observed: &Observed, state: &State, now: i64, result: &mut Plan) {
+    let untagged_rules = policy
+        .retain
+        .iter()
+        .any(|r| matches!(r.scope, RetainScope::Untagged));
+    if !untagged_rules {
+        return;
+    }
+    let newly: HashSet<&str> = result.dangling_after.iter().map(String::as_str).collect();
+    let removed: HashSet<&str> = result
+        .actions
+        .iter()
+        .filter(|a| a.kind == Kind::Remove && a.reference.is_none())
+        .map(|a| a.image.as_str())
+        .collect();
+    let store = Observed {
+        images: observed
+            .images
+            .iter()
+            .filter(|i| {
+                newly.contains(i.id.as_str())
+                    || (i.repo_tags.is_empty() && !removed.contains(i.id.as_str()))
+            })
+            .map(|i| Image {
+                repo_tags: Vec::new(),
+                ..i.clone()
+            })
+            .collect(),
+        containers: observed.containers.clone(),
+        ..Observed::default()
+    };
+    let index = Index::build(policy, &store.images, &store.containers, state, now);
+    let next = retention(policy, &index, now);
+    let known: HashSet<(Option<&str>, &str)> = result
+        .actions
+        .iter()
+        .chain(&result.deferred)
+        .map(|d| (d.reference.as_deref(), d.image.as_str()))
+        .collect();
+    let fresh: Vec<Action> = next
+        .actions
+        .into_iter()
+        .chain(next.deferred)
+        .filter(|a| !known.contains(&(a.reference.as_deref(), a.image.as_str())))
+        .collect();
+    let budget = policy
+        .daemon
+        .max_removals
+        .saturating_sub(count_removals(&result.actions));
+    let (now_actions, later) = split_budget(fresh, budget);
+    for (a, decision) in now_actions
+        .iter()
+        .map(|a| (a, decision_of(a.kind)))
+        .chain(later.iter().map(|a| (a, Decision::Deferred)))
+    {
+        result.verdicts.push(Verdict {
+            reference: a.reference.clone(),
+            image: a.image.clone(),
+            decision,
+            rule: Some(a.rule.clone()),
+            reason: format!("{} (after the changes above)", a.reason),
+        });
+    }
+    result.actions.extend(now_actions);
+    result.deferred.extend(later);
+}
+
+fn decision_of(k: Kind) -> Decision {
+    match k {
+        Kind::Tag | Kind::PruneBuild => Decision::Keep,
+        Kind::Untag => Decision::Untag,
+        Kind::Remove => Decision::Remove,
+        Kind::Evict => Decision::Evict,
+    }
+}
+
+fn count_removals(actions: &[Action]) -> usize {
+    actions.iter().filter(|a| a.kind.is_removal()).count()
+}
+
+/// Keep the first `budget` removals; the rest are deferred. Tags always pass.
+fn split_budget(actions: Vec<Action>, budget: usize) -> (Vec<Action>, Vec<Action>) {
+    let mut now = Vec::new();
+    let mut later = Vec::new();
+    let mut used = 0;
+    for a in actions {
+        if a.kind.is_removal() {
+            if used < budget {
+                used += 1;
+                now.push(a);
+            } else {
+                later.push(a);
+            }
+        } else {
+            now.push(a);
+        }
+    }
+    (now, later)
+}
+
+fn short(id: &str) -> &str {
+    let hex = id.strip_prefix("sha256:").unwrap_or(id);
+    &hex[..hex.len().min(12)]
+}
+
+/// Compact durations for reasons: the largest whole unit (`45d`, `5h`, `10m`).
+pub fn human_duration(secs: i64) -> String {
+    match secs.max(0) {
+        s if s >= 86_400 => format!("{}d", s / 86_400),
+        s if s >= 3_600 => format!("{}h", s / 3_600),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn parse_semver(tag: &str) -> Option<semver::Version> {
+    let t = tag.strip_prefix('v').unwrap_or(tag);
+    if let Ok(v) = semver::Version::parse(t) {
+        return Some(v);
+    }
+    // Common image tags have one or two components (`1.25`): pad them.
+    let (core, rest) = match t.find(['-', '+']) {
+        Some(i) => (&t[..i], &t[i..]),
+        None => (t, ""),
+    };
+    let parts = core.split('.').count();
+    if !(1..=2).contains(&parts) || !core.split('.').all(|p| p.parse::<u64>().is_ok()) {
+        return None;
+    }
+    let padded = format!("{core}{}{rest}", ".0".repeat(3 - parts));
+    semver::Version::parse(&padded).ok()
+}
+
+/// Render a plan for people: actions grouped by repository, then what is
+/// protected and why, then warnings. Stable, so tests can compare text.
+pub fn render(plan: &Plan) -> String {
+    let mut out = String::new();
+    // Dangling images and the build cache sort after every repository
+    // ("~" > any name character).
+    let group_of = |a: &Action| -> String {
+        match (&a.reference, a.kind) {
+            (_, Kind::PruneBuild) => "~~".to_string(),
+            (Some(r), _) => split_tag(r).0.to_string(),
+            (None, _) => "~".to_string(),
+        }
+    };
+    let fmt_ref = |r: &Option<String>, img: &str| -> String {
+        r.clone()
+            .unwrap_or_else(|| format!("<none> {}", short(img)))
+    };
+    if plan.actions.is_empty() && plan.deferred.is_empty() {
+        out.push_str("nothing to do\n");
+    } else {
+        let mut groups: BTreeMap<String, Vec<(&Action, bool)>> = BTreeMap::new();
+        for a in &plan.actions {
+            groups.entry(group_of(a)).or_default().push((a, false));
+        }
+        for a in &plan.deferred {
+            groups.entry(group_of(a)).or_default().push((a, true));
+        }
+        for (repo, actions) in groups {
+            let heading = match repo.as_str() {
+                "~" => "<dangling>",
+                "~~" => "<build cache>",
+                r => r,
+            };
+            let _ = writeln!(out, "{heading}");
+            for (a, deferred) in actions {
+                let what = if deferred {
+                    format!("{} (deferred)", a.kind.as_str())
+                } else {
+                    a.kind.as_str().to_string()
+                };
+                let bytes = a
+                    .bytes
+                    .map(|b| format!(" [{}]", human_bytes(b)))
+                    .unwrap_or_default();
+                let target = if a.kind == Kind::Tag {
+                    format!(" -> {}", short(&a.image))
+                } else {
+                    String::new()
+                };
+                let name = if a.kind == Kind::PruneBuild {
+                    "build cache".to_string()
+                } else {
+                    fmt_ref(&a.reference, &a.image)
+                };
+                let _ = writeln!(
+                    out,
+                    "  {what:<8} {name}{target}{bytes}  ({}: {})",
+                    a.rule, a.reason
+                );
+            }
+        }
+    }
+    if let Some(p) = &plan.pressure {
+        let _ = writeln!(
+            out,
+            "storage: images {} (unique bytes); {}",
+            human_bytes(p.image_bytes),
+            p.summary
+        );
+        if p.to_free > 0 {
+            let evicted: u64 = plan
+                .actions
+                .iter()
+                .filter(|a| a.kind == Kind::Evict)
+                .filter_map(|a| a.bytes)
+                .sum();
+            let _ = writeln!(
+                out,
+                "  to free {}: retention frees {}, eviction {}",
+                human_bytes(p.to_free + p.freed_by_retention),
+                human_bytes(p.freed_by_retention),
+                human_bytes(evicted)
+            );
+        }
+        if let Some(msg) = p.shortfall_message() {
+            let _ = writeln!(out, "  {msg}");
+        }
+        if let Some((size, max)) = p.build_cache {
+            let _ = writeln!(
+                out,
+                "  build cache {} (build_cache_max {})",
+                human_bytes(size),
+                human_bytes(max)
+            );
+        }
+    }
+    if !plan.protected.is_empty() {
+        out.push_str("protected\n");
+        for p in &plan.protected {
+            let prevented = p
+                .prevented
+                .as_ref()
+                .map(|x| format!(" (would otherwise go: {x})"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  {}  ({}: {}){prevented}",
+                fmt_ref(&p.reference, &p.image),
+                p.rule,
+                p.reason
+            );
+        }
+    }
+    if !plan.warnings.is_empty() {
+        out.push_str("warnings\n");
+        for w in &plan.warnings {
+            let _ = writeln!(
+                out,
+                "  {}  ({}: {})",
+                fmt_ref(&w.reference, &w.image),
+                w.rule,
+                w.reason
+            );
+        }
+    }
+    let removed: u64 = plan.actions.iter().filter_map(|a| a.bytes).sum();
+    let count = |k: Kind| plan.actions.iter().filter(|a| a.kind == k).count();
+    let evict = if plan.pressure.is_some() {
+        format!(", {} evict", count(Kind::Evict))
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        out,
+        "summary: {} tag, {} untag, {} remove{evict} ({} freed), {} deferred, {} protected, {} warnings",
+        count(Kind::Tag),
+        count(Kind::Untag),
+        count(Kind::Remove),
+        human_bytes(removed),
+        plan.deferred.len(),
+        plan.protected.len(),
+        plan.warnings.len()
+    );
+    out
+}
+
+/// `1.5 GB`-style sizes (decimal units, as `docker images` shows them).
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,538 @@
+//! Retention, protection, floating tags and tag conventions over an
+//! [`Index`]: steps 1 to 6 of the planner (see the module above).
+//!
+//! Decisions are kept as indices (which rule, which group, which position)
+//! and turned into the words of a reason only for what the plan shows.
+
+use std::fmt;
+
+use rustc_hash::FxHashMap as HashMap;
+
+use crate::policy::{FloatOrder, OnViolation, Order, Policy, Retain, RetainScope};
+
+use super::index::{DANGLING, Entry, Index, TagMemo};
+use super::{
+    Action, Decision, Kind, Plan, Protected, Verdict, Warning, decision_of, human_duration,
+};
+
+/// How one retention rule placed an entry.
+#[derive(Clone, Copy)]
+enum Why {
+    /// Within `keep_last`, at this position of this group.
+    KeepLast { pos: usize, group: usize },
+    /// Active within `keep_within`.
+    Within,
+    /// Beyond what the rule keeps.
+    Beyond { pos: usize, group: usize },
+}
+
+#[derive(Clone, Copy)]
+struct Mark {
+    rule: usize,
+    why: Why,
+}
+
+/// Why an entry is removed.
+#[derive(Clone, Copy)]
+enum Cause {
+    Retain(Mark),
+    /// A `[[tags]]` convention with `untag`.
+    Convention(usize),
+}
+
+/// A retention group for reasons: a repository (or the dangling images),
+/// narrowed by the rule's `group_by` capture.
+#[derive(Clone, Copy)]
+struct Group<'a> {
+    repo: usize,
+    cap: Option<&'a str>,
+}
+
+struct GroupName<'i, 'a>(&'i Index<'a>, Group<'a>);
+
+impl fmt::Display for GroupName<'_, '_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.1.repo, self.1.cap) {
+            (DANGLING, _) => f.write_str("dangling images"),
+            (r, Some(c)) => write!(f, "{} group {c:?}", self.0.repos[r]),
+            (r, None) => f.write_str(self.0.repos[r]),
+        }
+    }
+}
+
+fn order_name(o: Order) -> &'static str {
+    match o {
+        Order::Created => "created",
+        Order::Semver => "semver",
+        Order::LastUsed => "last_used",
+    }
+}
+
+fn secs(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+struct Reasons<'i, 'a> {
+    policy: &'i Policy,
+    index: &'i Index<'a>,
+    groups: Vec<Group<'a>>,
+    now: i64,
+}
+
+impl Reasons<'_, '_> {
+    fn kept(&self, m: Mark, activity: i64) -> String {
+        let rule = &self.policy.retain[m.rule];
+        match m.why {
+            Why::KeepLast { pos, group } => format!(
+                "within keep_last={} by {} in {} (#{})",
+                rule.keep_last.unwrap_or(0),
+                order_name(rule.order),
+                GroupName(self.index, self.groups[group]),
+                pos + 1
+            ),
+            _ => format!(
+                "active within keep_within={} (last activity {} ago)",
+                human_duration(secs(rule.keep_within.unwrap_or_default())),
+                human_duration(self.now - activity)
+            ),
+        }
+    }
+
+    fn removed(&self, c: Cause, e: &Entry) -> (String, String) {
+        match c {
+            Cause::Retain(m) => {
+                let rule: &Retain = &self.policy.retain[m.rule];
+                let activity = self.index.facts[e.img].activity;
+                let mut why = Vec::new();
+                if let (Some(n), Why::Beyond { pos, group }) = (rule.keep_last, m.why) {
+                    why.push(format!(
+                        "beyond keep_last={n} by {} in {} (#{})",
+                        order_name(rule.order),
+                        GroupName(self.index, self.groups[group]),
+                        pos + 1
+                    ));
+                }
+                if let Some(w) = rule.keep_within {
+                    why.push(format!(
+                        "inactive for {} (keep_within={})",
+                        human_duration(self.now - activity),
+                        human_duration(secs(w))
+                    ));
+                }
+                if why.is_empty() {
+                    why.push(format!(
+                        "in scope of \"{}\", which keeps nothing",
+                        rule.name
+                    ));
+                }
+                (rule.name.clone(), why.join("; "))
+            }
+            Cause::Convention(r) => {
+                let rule = &self.policy.tags[r];
+                (rule.name.clone(), violation(rule, e.tag))
+            }
+        }
+    }
+}
+
+fn violation(rule: &crate::policy::TagRule, tag: &str) -> String {
+    format!(
+        "tag {tag:?} does not match allow [{}]",
+        rule.allow.sources.join(", ")
+    )
+}
+
+/// Steps 1 to 6 over one store: the plan before `[storage]`.
+pub(super) fn retention(policy: &Policy, index: &Index, now: i64) -> Plan {
+    let entries = &index.entries;
+    let images = &index.images;
+    let facts = &index.facts;
+    let n = entries.len();
+    let mut reasons = Reasons {
+        policy,
+        index,
+        groups: Vec::new(),
+        now,
+    };
+
+    let mut plan = Plan::default();
+
+    // Existing floating references: excluded from retention and conventions.
+    let mut floating: Vec<Option<usize>> = vec![None; n];
+    let float_masks: Vec<Vec<bool>> = policy.float.iter().map(|f| index.mask(&f.images)).collect();
+    for (fi, f) in policy.float.iter().enumerate() {
+        for r in (0..index.repos.len()).filter(|&r| float_masks[fi][r]) {
+            if let Some(cur) = index.find_in(index.repos[r], &f.tag) {
+                floating[cur] = Some(fi);
+            }
+        }
+    }
+
+    // Retention: per rule, per group, decide keep / remove. The first rule
+    // that keeps an entry, and the first that would remove it, give reasons.
+    let mut kept_by: Vec<Option<Mark>> = vec![None; n];
+    let mut removed_by: Vec<Option<Mark>> = vec![None; n];
+    let mut members: Vec<usize> = Vec::new();
+    let mut keyed: Vec<(Option<&str>, usize)> = Vec::new();
+    for (ri, rule) in policy.retain.iter().enumerate() {
+        // The runs of entries the rule may scope: matching repositories, or
+        // the dangling images.
+        let runs: Vec<(usize, std::ops::Range<usize>)> = match &rule.scope {
+            RetainScope::Untagged => vec![(DANGLING, 0..index.starts[0])],
+            RetainScope::Tagged(s) => {
+                let mask = index.mask(&s.images);
+                (0..index.repos.len())
+                    .filter(|&r| mask[r])
+                    .map(|r| (r, index.repo_entries(r)))
+                    .collect()
+            }
+        };
+        let tag_scope = match &rule.scope {
+            RetainScope::Tagged(s) => s.tags.as_ref(),
+            RetainScope::Untagged => None,
+        };
+        let mut in_tags = TagMemo::new(index.tags.len());
+        let mut captures: HashMap<usize, Option<&str>> = HashMap::default();
+        let keep_within = rule.keep_within.map(secs);
+        for (repo, run) in runs {
+            keyed.clear();
+            for i in run {
+                let e = &entries[i];
+                if floating[i].is_some()
+                    || !tag_scope.is_none_or(|t| in_tags.get(e.tag_id, e.tag, |s| t.is_match(s)))
+                {
+                    continue;
+                }
+                let cap = match &rule.group_by {
+                    None => None,
+                    Some(g) => *captures.entry(e.tag_id).or_insert_with(|| {
+                        g.captures(e.tag).and_then(|c| c.get(1)).map(|m| m.as_str())
+                    }),
+                };
+                keyed.push((cap, i));
+            }
+            // Groups are independent of each other, so their order is free;
+            // within one, entries stay in reference order.
+            if rule.group_by.is_some() {
+                keyed.sort_by(|a, b| a.0.cmp(&b.0));
+            }
+            for chunk in keyed.chunk_by(|a, b| a.0 == b.0) {
+                let group = reasons.groups.len();
+                reasons.groups.push(Group {
+                    repo,
+                    cap: chunk[0].0,
+                });
+                members.clear();
+                members.extend(chunk.iter().map(|&(_, i)| i));
+                // Entries are in reference order (dangling: id order), so
+                // the entry index is the final tie-break by name.
+                match rule.order {
+                    Order::Created => {
+                        members.sort_by_key(|&i| {
+                            (std::cmp::Reverse(images[entries[i].img].created), i)
+                        });
+                    }
+                    Order::LastUsed => members.sort_by_key(|&i| {
+                        let img = entries[i].img;
+                        (
+                            std::cmp::Reverse(facts[img].activity),
+                            std::cmp::Reverse(images[img].created),
+                            i,
+                        )
+                    }),
+                    Order::Semver => members.sort_by_key(|&i| {
+                        let e = &entries[i];
+                        (
+                            index.semver_key(e),
+                            std::cmp::Reverse(images[e.img].created),
+                            i,
+                        )
+                    }),
+                }
+                for (pos, &i) in members.iter().enumerate() {
+                    let act = facts[entries[i].img].activity;
+                    let why = if rule.keep_last.is_some_and(|k| pos < k) {
+                        Why::KeepLast { pos, group }
+                    } else if keep_within.is_some_and(|w| now.saturating_sub(act) <= w) {
+                        Why::Within
+                    } else {
+                        Why::Beyond { pos, group }
+                    };
+                    let mark = Mark { rule: ri, why };
+                    if matches!(why, Why::Beyond { .. }) {
+                        removed_by[i].get_or_insert(mark);
+                    } else {
+                        kept_by[i].get_or_insert(mark);
+                    }
+                }
+            }
+        }
+    }
+
+    // Candidate removals from retention (keep wins).
+    let mut cause: Vec<Option<Cause>> = (0..n)
+        .map(|i| match (kept_by[i], removed_by[i]) {
+            (None, Some(m)) => Some(Cause::Retain(m)),
+            _ => None,
+        })
+        .collect();
+
+    // Veto by protection.
+    let protection_of = |i: usize| -> Option<(&str, std::borrow::Cow<str>)> {
+        if let Some((rule, reason)) = &facts[entries[i].img].protection {
+            return Some((rule, reason.as_str().into()));
+        }
+        index.protect[i].map(|p| {
+            let name = policy.protect[p].name.as_str();
+            (name, format!("matches [[protect]] \"{name}\"").into())
+        })
+    };
+    // Entries listed under "protected" already (a removal they prevented).
+    let mut shown: Vec<bool> = vec![false; n];
+    for i in 0..n {
+        let Some(c) = cause[i] else { continue };
+        if let Some((rule, reason)) = protection_of(i) {
+            cause[i] = None;
+            shown[i] = true;
+            let (prule, preason) = reasons.removed(c, &entries[i]);
+            plan.protected.push(Protected {
+                reference: entries[i].reference.map(str::to_string),
+                image: images[entries[i].img].id.clone(),
+                rule: rule.to_string(),
+                reason: reason.into_owned(),
+                prevented: Some(format!("{prule}: {preason}")),
+            });
+        }
+    }
+
+    // Floating tags follow the newest candidate that stays: choosing one that
+    // retention removes would move the tag again on the next reconcile.
+    // The chosen candidates (`anchors`) are not untagged by conventions.
+    let mut anchors: Vec<bool> = vec![false; n];
+    // (reference, existing entry, target image, float rule, reason)
+    let mut moves: HashMap<String, (Option<usize>, usize, usize, String)> = HashMap::default();
+    for (fi, f) in policy.float.iter().enumerate() {
+        let mut follows = TagMemo::new(index.tags.len());
+        for r in (0..index.repos.len()).filter(|&r| float_masks[fi][r]) {
+            let run = index.repo_entries(r);
+            let mut count = 0usize;
+            let mut newest: Option<usize> = None;
+            for i in run {
+                let e = &entries[i];
+                if e.tag == f.tag
+                    || cause[i].is_some()
+                    || !follows.get(e.tag_id, e.tag, |t| f.follow.is_match(t))
+                {
+                    continue;
+                }
+                count += 1;
+                let key = |i: usize| {
+                    let e = &entries[i];
+                    let created = std::cmp::Reverse(images[e.img].created);
+                    match f.order {
+                        FloatOrder::Semver => (index.semver_key(e), created),
+                        FloatOrder::Created => (std::cmp::Reverse(0), created),
+                    }
+                };
+                // Ties: the first in reference order (the smaller tag).
+                if newest.is_none_or(|b| key(i) < key(b)) {
+                    newest = Some(i);
+                }
+            }
+            let Some(newest) = newest else { continue };
+            anchors[newest] = true;
+            let repo = index.repos[r];
+            let float_ref = format!("{repo}:{}", f.tag);
+            let order = match f.order {
+                FloatOrder::Semver => "semver",
+                FloatOrder::Created => "created",
+            };
+            let reason = format!(
+                "{float_ref} -> {} (newest by {order} of {count} candidate{})",
+                entries[newest].reference.unwrap_or(""),
+                if count == 1 { "" } else { "s" }
+            );
+            let existing = index.find_in(repo, &f.tag);
+            moves.insert(float_ref, (existing, entries[newest].img, fi, reason));
+        }
+    }
+    let mut float_refs: Vec<&String> = moves.keys().collect();
+    float_refs.sort();
+    for fr in float_refs {
+        let (existing, target_img, fi, reason) = &moves[fr];
+        if existing.is_none_or(|i| entries[i].img != *target_img) {
+            plan.actions.push(Action {
+                kind: Kind::Tag,
+                reference: Some(fr.clone()),
+                image: images[*target_img].id.clone(),
+                rule: policy.float[*fi].name.clone(),
+                reason: reason.clone(),
+                bytes: None,
+                keep_bytes: None,
+            });
+        }
+    }
+
+    // Which references stay on each image after the plan (for untag vs remove,
+    // and for tag conventions' "keeps another reference").
+    let mut remaining: Vec<usize> = vec![0; images.len()];
+    for (i, e) in entries.iter().enumerate() {
+        if e.reference.is_some() && cause[i].is_none() {
+            remaining[e.img] += 1;
+        }
+    }
+    for (existing, img, _, _) in moves.values() {
+        if existing.is_none_or(|i| entries[i].img != *img) {
+            remaining[*img] += 1;
+            if let Some(cur) = existing {
+                remaining[entries[*cur].img] = remaining[entries[*cur].img].saturating_sub(1);
+            }
+        }
+    }
+
+    for (ti, rule) in policy.tags.iter().enumerate() {
+        let mask = index.mask(&rule.images);
+        let mut allowed = TagMemo::new(index.tags.len());
+        let untag = rule.on_violation == OnViolation::Untag;
+        for r in (0..index.repos.len()).filter(|&r| mask[r]) {
+            for i in index.repo_entries(r) {
+                let e = &entries[i];
+                // Floating tags are stowage's own; they are not held to conventions.
+                if cause[i].is_some()
+                    || floating[i].is_some()
+                    || anchors[i]
+                    || allowed.get(e.tag_id, e.tag, |t| rule.allow.is_match(t))
+                {
+                    continue;
+                }
+                let protection = protection_of(i);
+                if untag && remaining[e.img] > 1 && protection.is_none() {
+                    cause[i] = Some(Cause::Convention(ti));
+                    remaining[e.img] -= 1;
+                    continue;
+                }
+                let base = violation(rule, e.tag);
+                let reason = if !untag {
+                    base
+                } else if let Some((pr, _)) = protection {
+                    format!("{base}; not untagged: protected by {pr}")
+                } else {
+                    format!("{base}; not untagged: it is the image's only reference")
+                };
+                plan.warnings.push(Warning {
+                    reference: e.reference.map(str::to_string),
+                    image: images[e.img].id.clone(),
+                    rule: rule.name.clone(),
+                    reason,
+                });
+            }
+        }
+    }
+
+    // Removals in a stable order; an image's last reference goes last, as `remove`.
+    // Entries are in reference order with the dangling images first:
+    // references, then dangling images.
+    let dangling = index.starts[0];
+    let removals: Vec<usize> = (dangling..n)
+        .chain(0..dangling)
+        .filter(|&i| cause[i].is_some())
+        .collect();
+    let mut left: Vec<usize> = vec![0; images.len()];
+    for &i in &removals {
+        left[entries[i].img] += 1;
+    }
+    // An image with names before and none after, yet not removed: a float
+    // moved off its last name.
+    plan.dangling_after = (0..images.len())
+        .filter(|&k| !images[k].repo_tags.is_empty() && remaining[k] == 0 && left[k] == 0)
+        .map(|k| images[k].id.clone())
+        .collect();
+    let mut removal_actions = Vec::with_capacity(removals.len());
+    for &i in &removals {
+        let e = &entries[i];
+        left[e.img] -= 1;
+        let img = images[e.img];
+        let last = left[e.img] == 0 && remaining[e.img] == 0;
+        let (rule, reason) = reasons.removed(cause[i].expect("a removal"), e);
+        removal_actions.push(Action {
+            kind: if last { Kind::Remove } else { Kind::Untag },
+            reference: e.reference.map(str::to_string),
+            image: img.id.clone(),
+            rule,
+            reason,
+            bytes: last.then_some(img.size),
+            keep_bytes: None,
+        });
+    }
+    // Every removal action is a removal: the first `max_removals` go now.
+    let now_count = removal_actions.len().min(policy.daemon.max_removals);
+    let mut decided: Vec<Option<(Decision, usize)>> = vec![None; n];
+    for (pos, &i) in removals.iter().enumerate() {
+        decided[i] = Some(if pos < now_count {
+            (decision_of(removal_actions[pos].kind), pos)
+        } else {
+            (Decision::Deferred, pos)
+        });
+    }
+    plan.verdicts.reserve(n);
+    for (i, e) in entries.iter().enumerate() {
+        let img = images[e.img];
+        let (decision, rule, reason) = if let Some((d, pos)) = decided[i] {
+            let a = &removal_actions[pos];
+            (d, Some(a.rule.clone()), a.reason.clone())
+        } else if let Some((r, why)) = protection_of(i) {
+            (Decision::Protected, Some(r.to_string()), why.into_owned())
+        } else if let Some(f) = floating[i] {
+            (
+                Decision::Keep,
+                Some(policy.float[f].name.clone()),
+                "floating tag, never removed by retention".to_string(),
+            )
+        } else if let Some(m) = kept_by[i] {
+            (
+                Decision::Keep,
+                Some(policy.retain[m.rule].name.clone()),
+                reasons.kept(m, index.facts[e.img].activity),
+            )
+        } else {
+            (
+                Decision::Unmanaged,
+                None,
+                "no retention rule scopes it".to_string(),
+            )
+        };
+        plan.verdicts.push(Verdict {
+            reference: e.reference.map(str::to_string),
+            image: img.id.clone(),
+            decision,
+            rule,
+            reason,
+        });
+    }
+    let later = removal_actions.split_off(now_count);
+    plan.actions.extend(removal_actions);
+    plan.deferred = later;
+    // Protected references in some rule's scope that nothing tried to remove
+    // are worth showing too: a person reading the plan wants to see them.
+    for (i, e) in entries.iter().enumerate() {
+        let scoped = kept_by[i].is_some() || removed_by[i].is_some();
+        if scoped
+            && !shown[i]
+            && let Some((rule, reason)) = protection_of(i)
+        {
+            plan.protected.push(Protected {
+                reference: e.reference.map(str::to_string),
+                image: images[e.img].id.clone(),
+                rule: rule.to_string(),
+                reason: reason.into_owned(),
+                prevented: None,
+            });
+        }
+    }
+    plan.protected.sort_by(|a, b| {
+        a.reference
+            .cmp(&b.reference)
+            .then_with(|| a.image.cmp(&b.image))
+    });
+    plan
+}
