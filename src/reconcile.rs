@@ -290,7 +290,7 @@ pub async fn reconcile_with<E: Engine>(
         note_observed(&mut state, &observed, clock.now().timestamp());
     }
     add_storage(engine, policy, &mut state, &mut observed).await?;
-    let plan = plan::plan(policy, &observed, &state, now.timestamp());
+    let plan = plan::plan_to_apply(policy, &observed, &state, now.timestamp());
     let mut report = execute(
         engine,
         &plan,

@@ -121,10 +121,18 @@ fn layer_list<'a>(
         .chain(pseudo)
 }
 
-/// Plan evictions over the store as retention leaves it. Returns eviction
-/// actions in order (`evict`, then a build-cache `prune_build` if due) and
-/// the pressure report. `budget` is how many removals are still allowed.
-pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure) {
+/// What eviction decided.
+pub struct Outcome {
+    /// In order: `evict` actions, then a build-cache `prune_build` if due.
+    pub actions: Vec<Action>,
+    /// Per `evict` action, in the same order: the candidate it takes.
+    pub evicted: Vec<usize>,
+    pub pressure: Pressure,
+}
+
+/// Plan evictions over the store as retention leaves it, in full: the
+/// caller holds back what exceeds `max_removals`.
+pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> Outcome {
     let s = inputs.storage;
     // Reference counts of layers over the images that stay, and their sizes:
     // one pass serves both the total and the eviction bookkeeping.
@@ -198,6 +206,7 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure
     pressure.to_free = to_free;
 
     let mut actions = Vec::new();
+    let mut evicted = Vec::new();
     if to_free > 0 {
         // Candidates come in image id order: their index breaks ties.
         let mut order: Vec<(i64, i64, usize)> = candidates
@@ -212,10 +221,12 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure
         order.sort_unstable();
         let targets = why.join("; ");
         let mut freed = 0u64;
-        for c in order.into_iter().map(|(_, _, k)| &candidates[k]) {
+        for k in order.into_iter().map(|(_, _, k)| k) {
             if freed >= to_free {
                 break;
             }
+            let c = &candidates[k];
+            evicted.push(k);
             let mut gain = 0;
             for (id, size) in layer_list(c.layers, c.image) {
                 let (n, _) = refs.entry(id).or_default();
@@ -294,7 +305,11 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> (Vec<Action>, Pressure
         }
     }
     pressure.summary = why.join("; ");
-    (actions, pressure)
+    Outcome {
+        actions,
+        evicted,
+        pressure,
+    }
 }
 
 impl Pressure {

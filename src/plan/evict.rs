@@ -56,9 +56,10 @@ pub(super) fn evict(
     }
     let layers_of =
         |k: usize| -> Option<&[Layer]> { observed.layers.get(&images[k].id).map(Vec::as_slice) };
-    let candidates: Vec<storage::Candidate> = (0..images.len())
-        .filter(|&k| !gone[k])
-        .map(|k| storage::Candidate {
+    let kept: Vec<usize> = (0..images.len()).filter(|&k| !gone[k]).collect();
+    let candidates: Vec<storage::Candidate> = kept
+        .iter()
+        .map(|&k| storage::Candidate {
             image: images[k],
             layers: layers_of(k),
             first_tag: first[k],
@@ -83,37 +84,38 @@ pub(super) fn evict(
         build_cache: observed.build_cache,
         now,
     };
-    let (actions, pressure) = storage::plan(&inputs, &candidates);
+    let outcome = storage::plan(&inputs, &candidates);
     let budget = policy
         .daemon
         .max_removals
         .saturating_sub(count_removals(&result.actions));
-    let (now_actions, later) = split_budget(actions, budget);
-    // Per image: what eviction decided, and the action behind it.
-    let mut decided: Vec<Option<(Decision, &super::Action)>> = vec![None; images.len()];
-    for (a, d) in now_actions
-        .iter()
-        .map(|a| (a, decision_of(a.kind)))
-        .chain(later.iter().map(|a| (a, Decision::Deferred)))
-    {
-        if let Some(k) = index.image(&a.image) {
-            decided[k] = Some((d, a));
+    let (now_actions, later) = split_budget(outcome.actions, budget);
+    if !result.verdicts.is_empty() {
+        // Per image: what eviction decided, and the action behind it. The
+        // evictions are all removals, so the first `budget` go now.
+        let mut decided: Vec<Option<(Decision, &super::Action)>> = vec![None; images.len()];
+        for (j, &c) in outcome.evicted.iter().enumerate() {
+            decided[kept[c]] = Some(if j < budget {
+                (decision_of(now_actions[j].kind), &now_actions[j])
+            } else {
+                (Decision::Deferred, &later[j - budget])
+            });
         }
-    }
-    // Verdicts of this index's entries come first, in entry order; any after
-    // them (the follow-up pass) name their image.
-    for (n, v) in result.verdicts.iter_mut().enumerate() {
-        let k = match entries.get(n) {
-            Some(e) => Some(e.img),
-            None => index.image(&v.image),
-        };
-        if let Some((decision, a)) = k.and_then(|k| decided[k]) {
-            v.decision = decision;
-            v.rule = Some(a.rule.clone());
-            v.reason.clone_from(&a.reason);
+        // Verdicts of this index's entries come first, in entry order; any
+        // after them (the follow-up pass) name their image.
+        for (n, v) in result.verdicts.iter_mut().enumerate() {
+            let k = match entries.get(n) {
+                Some(e) => Some(e.img),
+                None => index.image(&v.image),
+            };
+            if let Some((decision, a)) = k.and_then(|k| decided[k]) {
+                v.decision = decision;
+                v.rule = Some(a.rule.clone());
+                v.reason.clone_from(&a.reason);
+            }
         }
     }
     result.actions.extend(now_actions);
     result.deferred.extend(later);
-    result.pressure = Some(pressure);
+    result.pressure = Some(outcome.pressure);
 }

@@ -45,6 +45,9 @@ pub(super) struct Index<'a> {
     /// Sorted by id (string order).
     pub images: Vec<&'a Image>,
     pub facts: Vec<ImageFacts>,
+    /// Per image: creation time, and whether it has references.
+    pub created: Vec<i64>,
+    pub named: Vec<bool>,
     /// Dangling images first (by id), then references in order.
     pub entries: Vec<Entry<'a>>,
     /// Repositories in reference order.
@@ -118,6 +121,12 @@ impl<'a> Index<'a> {
             .collect();
         order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| all[a.1].id.cmp(&all[b.1].id)));
         let images: Vec<&Image> = order.iter().map(|&(_, k)| &all[k]).collect();
+        // Where each image of the input landed: the walks below go through
+        // the input in its memory order, which the id order is not.
+        let mut pos = vec![0; all.len()];
+        for (at, &(_, k)) in order.iter().enumerate() {
+            pos[k] = at;
+        }
 
         // Intern repositories and tags.
         struct Raw<'a> {
@@ -133,12 +142,12 @@ impl<'a> Index<'a> {
         let mut tag_ids: HashMap<&str, usize> = HashMap::default();
         let mut tags: Vec<&str> = vec![""];
         tag_ids.insert("", 0);
-        let mut raw: Vec<Raw> = Vec::with_capacity(images.len() * 2);
-        let mut dangling = Vec::new();
-        for (k, img) in images.iter().enumerate() {
-            if img.repo_tags.is_empty() {
-                dangling.push(k);
-            }
+        let mut raw: Vec<Raw> = Vec::with_capacity(all.len() * 2);
+        let mut created = vec![0; all.len()];
+        let mut named = vec![false; all.len()];
+        for (img, &k) in all.iter().zip(&pos) {
+            created[k] = img.created;
+            named[k] = !img.repo_tags.is_empty();
             for r in &img.repo_tags {
                 let (repo, tag) = split_tag(r);
                 let tag = tag.unwrap_or("");
@@ -160,6 +169,7 @@ impl<'a> Index<'a> {
                 });
             }
         }
+        let dangling: Vec<usize> = (0..images.len()).filter(|&k| !named[k]).collect();
         let mut by_name: Vec<usize> = (0..repo_names.len()).collect();
         by_name.sort_unstable_by(|&a, &b| cmp_repo(repo_names[a], repo_names[b]));
         let mut rank = vec![0; repo_names.len()];
@@ -220,10 +230,11 @@ impl<'a> Index<'a> {
             semver_rank[*id] = r;
         }
 
-        let facts = image_facts(policy, &images, containers, state, now);
         let mut index = Index {
             images,
-            facts,
+            facts: Vec::new(),
+            created,
+            named,
             entries,
             repos,
             starts,
@@ -231,6 +242,7 @@ impl<'a> Index<'a> {
             semver_rank,
             protect: Vec::new(),
         };
+        index.facts = index.image_facts(policy, containers, state, now);
         index.protect = index.protections(policy);
         index
     }
@@ -297,53 +309,58 @@ impl<'a> Index<'a> {
     }
 }
 
-fn image_facts(
-    policy: &Policy,
-    images: &[&Image],
-    containers: &[Container],
-    state: &State,
-    now: i64,
-) -> Vec<ImageFacts> {
-    let mut users: HashMap<&str, Vec<&Container>> = HashMap::default();
-    for c in containers {
-        users.entry(c.image_id.as_str()).or_default().push(c);
-    }
-    for v in users.values_mut() {
-        v.sort_by(|a, b| a.id.cmp(&b.id));
-    }
-    // Images that a [[prepull]] entry names (by tag or by digest).
-    let mut prepulled: HashMap<&str, &str> = HashMap::default();
-    for p in &policy.prepull {
-        for img in images {
-            let hit = img.repo_tags.contains(&p.image) || img.repo_digests.contains(&p.image);
-            if hit {
+impl Index<'_> {
+    fn image_facts(
+        &self,
+        policy: &Policy,
+        containers: &[Container],
+        state: &State,
+        now: i64,
+    ) -> Vec<ImageFacts> {
+        let images = &self.images;
+        let mut users: HashMap<&str, Vec<&Container>> = HashMap::default();
+        for c in containers {
+            users.entry(c.image_id.as_str()).or_default().push(c);
+        }
+        for v in users.values_mut() {
+            v.sort_by(|a, b| a.id.cmp(&b.id));
+        }
+        // Images that a [[prepull]] entry names (by tag or by digest).
+        let mut prepulled: HashMap<&str, &str> = HashMap::default();
+        for p in &policy.prepull {
+            let by_digest = p.image.contains('@');
+            let hits = images
+                .iter()
+                .copied()
+                .filter(|img| by_digest && img.repo_digests.contains(&p.image));
+            let by_tag = self.find(&p.image).map(|i| images[self.entries[i].img]);
+            for img in by_tag.into_iter().chain(hits) {
                 prepulled.entry(img.id.as_str()).or_insert(p.image.as_str());
             }
         }
-    }
-    // Earlier images of a [[prepull]] entry, kept for rollback (newest first).
-    let mut previous: HashMap<&str, (&str, usize)> = HashMap::default();
-    for p in &policy.prepull {
-        if let Some(ps) = state.prepull.get(&p.key()) {
-            for id in ps.previous.iter().take(p.keep_previous) {
-                previous
-                    .entry(id.as_str())
-                    .or_insert((p.image.as_str(), p.keep_previous));
+        // Earlier images of a [[prepull]] entry, kept for rollback (newest first).
+        let mut previous: HashMap<&str, (&str, usize)> = HashMap::default();
+        for p in &policy.prepull {
+            if let Some(ps) = state.prepull.get(&p.key()) {
+                for id in ps.previous.iter().take(p.keep_previous) {
+                    previous
+                        .entry(id.as_str())
+                        .or_insert((p.image.as_str(), p.keep_previous));
+                }
             }
         }
-    }
-    let min_age = i64::try_from(policy.daemon.min_age.as_secs()).unwrap_or(i64::MAX);
-    // Images and the state are both in id order: walk them side by side
-    // rather than search the state's tree once per image.
-    let mut known = state.images.iter().peekable();
-    let mut state_of = |id: &str| -> Option<&ImageState> {
-        while known.next_if(|(k, _)| k.as_str() < id).is_some() {}
-        known
-            .peek()
-            .filter(|(k, _)| k.as_str() == id)
-            .map(|(_, s)| *s)
-    };
-    images
+        let min_age = i64::try_from(policy.daemon.min_age.as_secs()).unwrap_or(i64::MAX);
+        // Images and the state are both in id order: walk them side by side
+        // rather than search the state's tree once per image.
+        let mut known = state.images.iter().peekable();
+        let mut state_of = |id: &str| -> Option<&ImageState> {
+            while known.next_if(|(k, _)| k.as_str() < id).is_some() {}
+            known
+                .peek()
+                .filter(|(k, _)| k.as_str() == id)
+                .map(|(_, s)| *s)
+        };
+        images
         .iter()
         .map(|img| {
             let st = state_of(&img.id);
@@ -408,4 +425,5 @@ fn image_facts(
             }
         })
         .collect()
+    }
 }

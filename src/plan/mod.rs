@@ -189,12 +189,29 @@ impl Plan {
     }
 }
 
-/// Plan one reconcile. `now` is Unix seconds.
+/// Plan one reconcile, with a verdict for every reference (`status`,
+/// `plan --json`). `now` is Unix seconds.
 pub fn plan(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Plan {
+    plan_with(policy, observed, state, now, true)
+}
+
+/// The same plan without `verdicts`: what a reconcile executes. At 100k
+/// references the verdicts are most of a plan's allocations.
+pub fn plan_to_apply(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Plan {
+    plan_with(policy, observed, state, now, false)
+}
+
+fn plan_with(
+    policy: &Policy,
+    observed: &Observed,
+    state: &State,
+    now: i64,
+    verdicts: bool,
+) -> Plan {
     let index = Index::build(policy, &observed.images, &observed.containers, state, now);
-    let mut result = retention(policy, &index, now);
+    let mut result = retention(policy, &index, now, verdicts);
     if !result.dangling_after.is_empty() {
-        follow_up(policy, observed, state, now, &mut result);
+        follow_up(policy, observed, state, now, verdicts, &mut result);
     }
     if let Some(storage) = &policy.storage {
         evict::evict(policy, storage, observed, &index, now, &mut result);
@@ -207,7 +224,14 @@ pub fn plan(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Pl
 /// the business of `untagged` rules alone, so a second pass over just the
 /// dangling images, as the plan leaves them, settles them in this reconcile:
 /// applying the plan and planning again then finds nothing.
-fn follow_up(policy: &Policy, observed: &Observed, state: &State, now: i64, result: &mut Plan) {
+fn follow_up(
+    policy: &Policy,
+    observed: &Observed,
+    state: &State,
+    now: i64,
+    verdicts: bool,
+    result: &mut Plan,
+) {
     let untagged_rules = policy
         .retain
         .iter()
@@ -239,7 +263,7 @@ fn follow_up(policy: &Policy, observed: &Observed, state: &State, now: i64, resu
         ..Observed::default()
     };
     let index = Index::build(policy, &store.images, &store.containers, state, now);
-    let next = retention(policy, &index, now);
+    let next = retention(policy, &index, now, false);
     let known: HashSet<(Option<&str>, &str)> = result
         .actions
         .iter()
@@ -261,6 +285,7 @@ fn follow_up(policy: &Policy, observed: &Observed, state: &State, now: i64, resu
         .iter()
         .map(|a| (a, decision_of(a.kind)))
         .chain(later.iter().map(|a| (a, Decision::Deferred)))
+        .filter(|_| verdicts)
     {
         result.verdicts.push(Verdict {
             reference: a.reference.clone(),

@@ -143,7 +143,8 @@ fn violation(rule: &crate::policy::TagRule, tag: &str) -> String {
 }
 
 /// Steps 1 to 6 over one store: the plan before `[storage]`.
-pub(super) fn retention(policy: &Policy, index: &Index, now: i64) -> Plan {
+/// With `verdicts`, one verdict per entry, in entry order.
+pub(super) fn retention(policy: &Policy, index: &Index, now: i64, verdicts: bool) -> Plan {
     let entries = &index.entries;
     let images = &index.images;
     let facts = &index.facts;
@@ -229,14 +230,14 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64) -> Plan {
                 match rule.order {
                     Order::Created => {
                         members.sort_by_key(|&i| {
-                            (std::cmp::Reverse(images[entries[i].img].created), i)
+                            (std::cmp::Reverse(index.created[entries[i].img]), i)
                         });
                     }
                     Order::LastUsed => members.sort_by_key(|&i| {
                         let img = entries[i].img;
                         (
                             std::cmp::Reverse(facts[img].activity),
-                            std::cmp::Reverse(images[img].created),
+                            std::cmp::Reverse(index.created[img]),
                             i,
                         )
                     }),
@@ -244,7 +245,7 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64) -> Plan {
                         let e = &entries[i];
                         (
                             index.semver_key(e),
-                            std::cmp::Reverse(images[e.img].created),
+                            std::cmp::Reverse(index.created[e.img]),
                             i,
                         )
                     }),
@@ -328,7 +329,7 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64) -> Plan {
                 count += 1;
                 let key = |i: usize| {
                     let e = &entries[i];
-                    let created = std::cmp::Reverse(images[e.img].created);
+                    let created = std::cmp::Reverse(index.created[e.img]);
                     match f.order {
                         FloatOrder::Semver => (index.semver_key(e), created),
                         FloatOrder::Created => (std::cmp::Reverse(0), created),
@@ -444,7 +445,7 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64) -> Plan {
     // An image with names before and none after, yet not removed: a float
     // moved off its last name.
     plan.dangling_after = (0..images.len())
-        .filter(|&k| !images[k].repo_tags.is_empty() && remaining[k] == 0 && left[k] == 0)
+        .filter(|&k| index.named[k] && remaining[k] == 0 && left[k] == 0)
         .map(|k| images[k].id.clone())
         .collect();
     let mut removal_actions = Vec::with_capacity(removals.len());
@@ -474,8 +475,11 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64) -> Plan {
             (Decision::Deferred, pos)
         });
     }
-    plan.verdicts.reserve(n);
-    for (i, e) in entries.iter().enumerate() {
+    // Verdicts: for `status` and `plan --json`; a reconcile goes without.
+    if verdicts {
+        plan.verdicts.reserve(n);
+    }
+    for (i, e) in entries.iter().enumerate().filter(|_| verdicts) {
         let img = images[e.img];
         let (decision, rule, reason) = if let Some((d, pos)) = decided[i] {
             let a = &removal_actions[pos];
