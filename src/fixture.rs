@@ -231,8 +231,7 @@ pub fn synthetic_store(references: usize, seed: u64) -> SyntheticStore {
     let mut rng = seed ^ 0x5359_4e54_4845_5449; // "SYNTHETI"
     let mut next = move || splitmix64(&mut rng);
     let mut images: Vec<Image> = Vec::new();
-    let mut layers: std::collections::HashMap<String, Vec<Layer>> =
-        std::collections::HashMap::new();
+    let mut layers = crate::plan::LayerMap::default();
     let mut count = 0usize;
     let mut serial = 0u64;
     let new_id = |serial: &mut u64| {
@@ -247,7 +246,7 @@ pub fn synthetic_store(references: usize, seed: u64) -> SyntheticStore {
         )
     };
     let push = |images: &mut Vec<Image>,
-                layers: &mut std::collections::HashMap<String, Vec<Layer>>,
+                layers: &mut crate::plan::LayerMap,
                 id: String,
                 tags: Vec<String>,
                 created: i64,

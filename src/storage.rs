@@ -7,14 +7,14 @@
 //! holding it goes, so images sharing a base count it once, and no engine call
 //! is needed after each removal to know where we stand.
 
-use std::collections::HashMap as StdHashMap;
-
 use rustc_hash::FxHashMap as HashMap;
 
 use serde::Serialize;
 
 use crate::engine::{Image, Layer};
-use crate::plan::{Action, Kind, human_bytes, human_duration};
+use std::fmt::Write as _;
+
+use crate::plan::{Action, Human, Kind, LayerMap, human_bytes};
 use crate::policy::{EvictOrder, Storage};
 
 /// The filesystem holding the engine's data root.
@@ -84,27 +84,80 @@ pub struct Candidate<'a> {
 /// Everything eviction needs besides the candidates.
 pub struct Inputs<'a> {
     pub storage: &'a Storage,
-    /// Images the plan's retention removes, with their layers: what
-    /// they free is the difference between "before" and the candidates.
-    pub removed: &'a [(&'a Image, Option<&'a [Layer]>)],
+    /// Unique bytes of all images before the plan's retention removals.
+    pub image_bytes_before: u64,
     pub disk: Option<&'a Disk>,
     pub disk_error: Option<&'a str>,
     pub build_cache: Option<u64>,
     pub now: i64,
 }
 
-/// Unique bytes of a set of images: each layer counted once.
-pub fn unique_bytes<'a>(
-    layers: &StdHashMap<String, Vec<Layer>>,
-    images: impl IntoIterator<Item = &'a Image>,
-) -> u64 {
-    let mut seen: HashMap<&str, u64> = HashMap::default();
-    for img in images {
-        for (id, size) in layer_list(layers.get(&img.id).map(Vec::as_slice), img) {
-            seen.insert(id, size);
+/// Each image's layers, and how many images hold each layer: the
+/// bookkeeping that makes "bytes freed" exact with shared layers.
+pub struct LayerCounts<'a> {
+    /// Per image, in the order counted: its layers (`None`: unknown).
+    pub per_image: Vec<Option<&'a [Layer]>>,
+    /// Per layer (chain id): images holding it, and its size.
+    refs: HashMap<&'a str, (usize, u64)>,
+    /// Bytes of the layers some image still holds.
+    bytes: u64,
+}
+
+impl<'a> LayerCounts<'a> {
+    pub fn count(images: &'a [Image], layers: &'a LayerMap) -> Self {
+        let per_image: Vec<Option<&[Layer]>> = images
+            .iter()
+            .map(|i| layers.get(&i.id).map(Vec::as_slice))
+            .collect();
+        let mut refs: HashMap<&str, (usize, u64)> = HashMap::default();
+        refs.reserve(images.len() * 2);
+        let mut bytes = 0;
+        for (img, known) in images.iter().zip(&per_image) {
+            for (id, size) in layer_list(*known, img) {
+                let (n, _) = refs.entry(id).or_insert((0, size));
+                if *n == 0 {
+                    bytes += size;
+                }
+                *n += 1;
+            }
+        }
+        LayerCounts {
+            per_image,
+            refs,
+            bytes,
         }
     }
-    seen.values().sum()
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Take one image out; returns the bytes that only it held.
+    pub fn remove(&mut self, img: &'a Image, known: Option<&'a [Layer]>) -> u64 {
+        let mut freed = 0;
+        for (id, size) in layer_list(known, img) {
+            if let Some((n, _)) = self.refs.get_mut(id)
+                && *n > 0
+            {
+                *n -= 1;
+                if *n == 0 {
+                    freed += size;
+                }
+            }
+        }
+        self.bytes -= freed;
+        freed
+    }
+
+    /// Images still holding a layer.
+    fn holders(&self, id: &str) -> usize {
+        self.refs.get(id).map_or(0, |(n, _)| *n)
+    }
+}
+
+/// Unique bytes of a set of images: each layer counted once.
+pub fn unique_bytes(layers: &LayerMap, images: &[Image]) -> u64 {
+    LayerCounts::count(images, layers).bytes()
 }
 
 /// An image's layers as (chain id, size); one pseudo-layer of its whole
@@ -131,30 +184,17 @@ pub struct Outcome {
 }
 
 /// Plan evictions over the store as retention leaves it, in full: the
-/// caller holds back what exceeds `max_removals`.
-pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> Outcome {
+/// caller holds back what exceeds `max_removals`. `counts` cover exactly
+/// the candidates.
+pub fn plan<'a>(
+    inputs: &Inputs,
+    candidates: &[Candidate<'a>],
+    mut counts: LayerCounts<'a>,
+) -> Outcome {
     let s = inputs.storage;
-    // Reference counts of layers over the images that stay, and their sizes:
-    // one pass serves both the total and the eviction bookkeeping.
-    let mut refs: HashMap<&str, (usize, u64)> = HashMap::default();
-    refs.reserve(candidates.len() * 2);
-    for c in candidates {
-        for (id, size) in layer_list(c.layers, c.image) {
-            refs.entry(id).or_insert((0, size)).0 += 1;
-        }
-    }
-    let now_bytes: u64 = refs.values().map(|(_, size)| size).sum();
-    // Layers only the removed images held: what retention frees.
-    let mut freed: HashMap<&str, u64> = HashMap::default();
-    for (img, layers) in inputs.removed {
-        for (id, size) in layer_list(*layers, img) {
-            if !refs.contains_key(id) {
-                freed.insert(id, size);
-            }
-        }
-    }
-    let before = now_bytes + freed.values().sum::<u64>();
-    let freed_by_retention = before.saturating_sub(now_bytes);
+    let now_bytes = counts.bytes();
+    let before = inputs.image_bytes_before.max(now_bytes);
+    let freed_by_retention = before - now_bytes;
     let mut pressure = Pressure {
         image_bytes: before,
         freed_by_retention,
@@ -227,36 +267,32 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> Outcome {
             }
             let c = &candidates[k];
             evicted.push(k);
-            let mut gain = 0;
-            for (id, size) in layer_list(c.layers, c.image) {
-                let (n, _) = refs.entry(id).or_default();
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    gain += size;
-                }
-            }
+            let gain = counts.remove(c.image, c.layers);
             freed += gain;
-            let by = match s.order {
-                EvictOrder::Lru => format!(
+            let mut reason = String::with_capacity(80 + targets.len());
+            let _ = match s.order {
+                EvictOrder::Lru => write!(
+                    reason,
                     "least recently active (last activity {} ago)",
-                    human_duration(inputs.now - c.activity)
+                    Human(inputs.now - c.activity)
                 ),
-                EvictOrder::Created => format!(
+                EvictOrder::Created => write!(
+                    reason,
                     "oldest created ({} ago)",
-                    human_duration(inputs.now - c.image.created)
+                    Human(inputs.now - c.image.created)
                 ),
             };
-            let more = if c.tags > 1 {
-                format!(", with {} more reference(s)", c.tags - 1)
-            } else {
-                String::new()
-            };
+            if c.tags > 1 {
+                let _ = write!(reason, ", with {} more reference(s)", c.tags - 1);
+            }
+            reason.push_str("; ");
+            reason.push_str(&targets);
             actions.push(Action {
                 kind: Kind::Evict,
                 reference: c.first_tag.map(str::to_string),
                 image: c.image.id.clone(),
                 rule: "storage".to_string(),
-                reason: format!("{by}{more}; {targets}"),
+                reason,
                 bytes: Some(gain),
                 keep_bytes: None,
             });
@@ -268,7 +304,7 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate]) -> Outcome {
                 if let Some(rule) = c.protection {
                     // Bytes only this image holds among the remaining ones.
                     let own: u64 = layer_list(c.layers, c.image)
-                        .filter(|(id, _)| refs.get(id).map_or(0, |(n, _)| *n) <= 1)
+                        .filter(|(id, _)| counts.holders(id) <= 1)
                         .map(|(_, s)| s)
                         .sum();
                     *by_rule.entry(rule.to_string()).or_default() += own;

@@ -499,7 +499,6 @@ fn everything_together() {
 
 // ---- disk pressure ([storage]) ----
 
-use std::collections::HashMap;
 use stowage::engine::Layer;
 use stowage::storage::Disk;
 
@@ -513,11 +512,9 @@ fn layer(name: &str, mb: u64) -> Layer {
 }
 
 /// Images with layers: (name, days old, tags, layers).
-fn layered(
-    specs: &[(&str, f64, &[&str], Vec<Layer>)],
-) -> (Vec<Image>, HashMap<String, Vec<Layer>>) {
+fn layered(specs: &[(&str, f64, &[&str], Vec<Layer>)]) -> (Vec<Image>, stowage::plan::LayerMap) {
     let mut images = Vec::new();
-    let mut layers = HashMap::new();
+    let mut layers = stowage::plan::LayerMap::default();
     for (name, days, tags, ls) in specs {
         let mut i = img(name, *days, tags);
         i.size = ls.iter().map(|l| l.size).sum();
@@ -675,5 +672,45 @@ fn watermarks_without_a_local_data_root_say_so() {
             ..Observed::default()
         },
         State::default(),
+    );
+}
+
+/// The synthetic benchmark store (a few hundred references of every shape,
+/// with layers, containers, state and every rule kind): plan and verdicts
+/// as text. The snapshot was written by the planner before its rewrite for
+/// speed, so this pins that the rewrite changed no decision and no word.
+#[test]
+fn synthetic_store_plan_and_verdicts() {
+    use stowage::fixture::{SYNTHETIC_NOW, synthetic_policy, synthetic_store};
+    let store = synthetic_store(400, 3);
+    let p = stowage::policy::parse(
+        &synthetic_policy(store.unique_bytes),
+        std::path::Path::new("synthetic.toml"),
+    )
+    .expect("the synthetic policy is valid");
+    let plan = plan::plan(&p, &store.observed, &store.state, SYNTHETIC_NOW);
+    let mut got = plan::render(&plan);
+    got.push_str("verdicts\n");
+    for v in &plan.verdicts {
+        got.push_str(&format!(
+            "  {} {} {} {:?}: {}\n",
+            v.reference.as_deref().unwrap_or("<none>"),
+            &v.image[7..19],
+            v.decision.as_str(),
+            v.rule,
+            v.reason
+        ));
+    }
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/plan/synthetic_400.txt");
+    if std::env::var_os("STOWAGE_BLESS").is_some() {
+        std::fs::write(&path, &got).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("missing snapshot {}: {e}", path.display()));
+    assert_eq!(
+        got, want,
+        "plan of the synthetic store differs from its snapshot"
     );
 }

@@ -9,11 +9,13 @@ use crate::storage;
 use super::index::Index;
 use super::{Decision, Kind, Observed, Plan, count_removals, decision_of, split_budget};
 
-pub(super) fn evict(
+/// `counts`: the layer counts of `observed.images`, in their order.
+pub(super) fn evict<'a>(
     policy: &Policy,
     storage: &Storage,
     observed: &Observed,
-    index: &Index,
+    index: &Index<'a>,
+    mut counts: storage::LayerCounts<'a>,
     now: i64,
     result: &mut Plan,
 ) {
@@ -54,14 +56,21 @@ pub(super) fn evict(
             protect[e.img] = index.protect[i];
         }
     }
-    let layers_of =
-        |k: usize| -> Option<&[Layer]> { observed.layers.get(&images[k].id).map(Vec::as_slice) };
+    // Layers per image, from the input's order to the index's.
+    let mut layers: Vec<Option<&[Layer]>> = vec![None; images.len()];
+    for (known, &k) in counts.per_image.iter().zip(&index.at) {
+        layers[k] = *known;
+    }
+    let image_bytes_before = counts.bytes();
+    for k in (0..images.len()).filter(|&k| gone[k]) {
+        counts.remove(images[k], layers[k]);
+    }
     let kept: Vec<usize> = (0..images.len()).filter(|&k| !gone[k]).collect();
     let candidates: Vec<storage::Candidate> = kept
         .iter()
         .map(|&k| storage::Candidate {
             image: images[k],
-            layers: layers_of(k),
+            layers: layers[k],
             first_tag: first[k],
             tags: count[k],
             activity: index.facts[k].activity,
@@ -72,19 +81,15 @@ pub(super) fn evict(
                 .or_else(|| protect[k].map(|p| policy.protect[p].name.as_str())),
         })
         .collect();
-    let removed: Vec<(&crate::engine::Image, Option<&[Layer]>)> = (0..images.len())
-        .filter(|&k| gone[k])
-        .map(|k| (images[k], layers_of(k)))
-        .collect();
     let inputs = storage::Inputs {
         storage,
-        removed: &removed,
+        image_bytes_before,
         disk: observed.disk.as_ref(),
         disk_error: observed.disk_error.as_deref(),
         build_cache: observed.build_cache,
         now,
     };
-    let outcome = storage::plan(&inputs, &candidates);
+    let outcome = storage::plan(&inputs, &candidates, counts);
     let budget = policy
         .daemon
         .max_removals

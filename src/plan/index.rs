@@ -57,6 +57,13 @@ pub(super) struct Index<'a> {
     pub starts: Vec<usize>,
     /// Distinct tags.
     pub tags: Vec<&'a str>,
+    /// Where each image of the input (by its position there) sits in `images`.
+    pub at: Vec<usize>,
+    /// Per image: the sort key of its id (see `prefix_key`), and how much
+    /// of every id the keys skip (`sha256:`): finding an id compares
+    /// numbers in one array, and strings only on a tie.
+    keys: Vec<u64>,
+    skip: usize,
     /// Per tag: its rank among the semver tags (1 = oldest), 0 when not semver.
     pub semver_rank: Vec<u32>,
     /// Per entry: the first `[[protect]]` entry (index) that matches it.
@@ -121,11 +128,12 @@ impl<'a> Index<'a> {
             .collect();
         order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| all[a.1].id.cmp(&all[b.1].id)));
         let images: Vec<&Image> = order.iter().map(|&(_, k)| &all[k]).collect();
+        let keys: Vec<u64> = order.iter().map(|&(key, _)| key).collect();
         // Where each image of the input landed: the walks below go through
         // the input in its memory order, which the id order is not.
-        let mut pos = vec![0; all.len()];
-        for (at, &(_, k)) in order.iter().enumerate() {
-            pos[k] = at;
+        let mut at = vec![0; all.len()];
+        for (sorted, &(_, k)) in order.iter().enumerate() {
+            at[k] = sorted;
         }
 
         // Intern repositories and tags.
@@ -145,7 +153,7 @@ impl<'a> Index<'a> {
         let mut raw: Vec<Raw> = Vec::with_capacity(all.len() * 2);
         let mut created = vec![0; all.len()];
         let mut named = vec![false; all.len()];
-        for (img, &k) in all.iter().zip(&pos) {
+        for (img, &k) in all.iter().zip(&at) {
             created[k] = img.created;
             named[k] = !img.repo_tags.is_empty();
             for r in &img.repo_tags {
@@ -232,6 +240,9 @@ impl<'a> Index<'a> {
 
         let mut index = Index {
             images,
+            at,
+            keys,
+            skip,
             facts: Vec::new(),
             created,
             named,
@@ -276,7 +287,31 @@ impl<'a> Index<'a> {
 
     /// The index of an image id.
     pub fn image(&self, id: &str) -> Option<usize> {
-        self.images.binary_search_by(|i| i.id.as_str().cmp(id)).ok()
+        let rest = if self.skip == 0 {
+            id
+        } else {
+            id.strip_prefix("sha256:")?
+        };
+        let key = prefix_key(rest.as_bytes());
+        let from = self.keys.partition_point(|&k| k < key);
+        (from..self.keys.len())
+            .take_while(|&k| self.keys[k] == key)
+            .find(|&k| self.images[k].id == id)
+    }
+
+    /// An id against image `k`, in string order.
+    fn cmp_id(&self, id: &str, k: usize) -> Ordering {
+        let rest = if self.skip == 0 {
+            Some(id)
+        } else {
+            id.strip_prefix("sha256:")
+        };
+        match rest {
+            Some(r) => prefix_key(r.as_bytes())
+                .cmp(&self.keys[k])
+                .then_with(|| id.cmp(&self.images[k].id)),
+            None => id.cmp(&self.images[k].id),
+        }
     }
 
     /// Newest first by semver (non-semver last): a sort key.
@@ -318,34 +353,36 @@ impl Index<'_> {
         now: i64,
     ) -> Vec<ImageFacts> {
         let images = &self.images;
-        let mut users: HashMap<&str, Vec<&Container>> = HashMap::default();
+        // Per image: the container (smallest id) using it, and how many do.
+        let mut users: Vec<(Option<&Container>, usize)> = vec![(None, 0); images.len()];
         for c in containers {
-            users.entry(c.image_id.as_str()).or_default().push(c);
-        }
-        for v in users.values_mut() {
-            v.sort_by(|a, b| a.id.cmp(&b.id));
+            if let Some(k) = self.image(&c.image_id) {
+                let u = &mut users[k];
+                u.1 += 1;
+                if u.0.is_none_or(|f| c.id < f.id) {
+                    u.0 = Some(c);
+                }
+            }
         }
         // Images that a [[prepull]] entry names (by tag or by digest).
-        let mut prepulled: HashMap<&str, &str> = HashMap::default();
+        let mut prepulled: Vec<Option<&str>> = vec![None; images.len()];
         for p in &policy.prepull {
             let by_digest = p.image.contains('@');
-            let hits = images
-                .iter()
-                .copied()
-                .filter(|img| by_digest && img.repo_digests.contains(&p.image));
-            let by_tag = self.find(&p.image).map(|i| images[self.entries[i].img]);
-            for img in by_tag.into_iter().chain(hits) {
-                prepulled.entry(img.id.as_str()).or_insert(p.image.as_str());
+            let by_tag = self.find(&p.image).map(|i| self.entries[i].img);
+            let hits = (0..images.len())
+                .filter(|&k| by_digest && images[k].repo_digests.contains(&p.image));
+            for k in by_tag.into_iter().chain(hits) {
+                prepulled[k].get_or_insert(p.image.as_str());
             }
         }
         // Earlier images of a [[prepull]] entry, kept for rollback (newest first).
-        let mut previous: HashMap<&str, (&str, usize)> = HashMap::default();
+        let mut previous: Vec<Option<(&str, usize)>> = vec![None; images.len()];
         for p in &policy.prepull {
             if let Some(ps) = state.prepull.get(&p.key()) {
                 for id in ps.previous.iter().take(p.keep_previous) {
-                    previous
-                        .entry(id.as_str())
-                        .or_insert((p.image.as_str(), p.keep_previous));
+                    if let Some(k) = self.image(id) {
+                        previous[k].get_or_insert((p.image.as_str(), p.keep_previous));
+                    }
                 }
             }
         }
@@ -353,17 +390,21 @@ impl Index<'_> {
         // Images and the state are both in id order: walk them side by side
         // rather than search the state's tree once per image.
         let mut known = state.images.iter().peekable();
-        let mut state_of = |id: &str| -> Option<&ImageState> {
-            while known.next_if(|(k, _)| k.as_str() < id).is_some() {}
+        let mut state_of = |k: usize| -> Option<&ImageState> {
+            while known
+                .next_if(|(id, _)| self.cmp_id(id, k).is_lt())
+                .is_some()
+            {}
             known
                 .peek()
-                .filter(|(k, _)| k.as_str() == id)
+                .filter(|(id, _)| self.cmp_id(id, k).is_eq())
                 .map(|(_, s)| *s)
         };
         images
         .iter()
-        .map(|img| {
-            let st = state_of(&img.id);
+        .enumerate()
+        .map(|(k, img)| {
+            let st = state_of(k);
             let first_seen = st.map_or(img.created.min(now), |s| s.first_seen);
             let activity = [
                 Some(img.created),
@@ -375,10 +416,9 @@ impl Index<'_> {
             .flatten()
             .max()
             .unwrap_or(img.created);
-            let protection = if let Some(cs) = users.get(img.id.as_str()) {
-                let c = cs[0];
-                let more = if cs.len() > 1 {
-                    format!(" and {} more", cs.len() - 1)
+            let protection = if let (Some(c), n) = users[k] {
+                let more = if n > 1 {
+                    format!(" and {} more", n - 1)
                 } else {
                     String::new()
                 };
@@ -395,12 +435,12 @@ impl Index<'_> {
                         c.state
                     ),
                 ))
-            } else if let Some(p) = prepulled.get(img.id.as_str()) {
+            } else if let Some(p) = prepulled[k] {
                 Some((
                     format!("prepull:{p}"),
                     format!("current image of [[prepull]] {p}"),
                 ))
-            } else if let Some((p, n)) = previous.get(img.id.as_str()) {
+            } else if let Some((p, n)) = previous[k] {
                 Some((
                     format!("prepull:{p}"),
                     format!(

@@ -33,10 +33,14 @@ use crate::engine::{Container, Image, Layer};
 use crate::policy::{Policy, RetainScope};
 use crate::refs::split_tag;
 use crate::state::State;
-use crate::storage::{Disk, Pressure};
+use crate::storage::{self, Disk, Pressure};
 
 use index::Index;
 use retention::retention;
+
+/// Layers per image id (Fx-hashed: the keys are engine ids, not input an
+/// attacker picks).
+pub type LayerMap = rustc_hash::FxHashMap<String, Vec<Layer>>;
 
 /// What the engine showed: the input of a plan besides policy, state and time.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -46,7 +50,7 @@ pub struct Observed {
     /// Layers per image id; gathered only when `[storage]` is set. Images
     /// without an entry count as one layer of their size.
     #[serde(skip)]
-    pub layers: std::collections::HashMap<String, Vec<Layer>>,
+    pub layers: LayerMap,
     /// The filesystem holding the engine's data root, when on this host.
     pub disk: Option<Disk>,
     /// Why `disk` is unknown, for the plan and status.
@@ -192,13 +196,13 @@ impl Plan {
 /// Plan one reconcile, with a verdict for every reference (`status`,
 /// `plan --json`). `now` is Unix seconds.
 pub fn plan(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Plan {
-    plan_with(policy, observed, state, now, true)
+    plan_with(policy, observed, state, now, true, PARALLEL_FROM)
 }
 
 /// The same plan without `verdicts`: what a reconcile executes. At 100k
 /// references the verdicts are most of a plan's allocations.
 pub fn plan_to_apply(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Plan {
-    plan_with(policy, observed, state, now, false)
+    plan_with(policy, observed, state, now, false, PARALLEL_FROM)
 }
 
 fn plan_with(
@@ -207,17 +211,39 @@ fn plan_with(
     state: &State,
     now: i64,
     verdicts: bool,
+    parallel_from: usize,
 ) -> Plan {
-    let index = Index::build(policy, &observed.images, &observed.containers, state, now);
-    let mut result = retention(policy, &index, now, verdicts);
-    if !result.dangling_after.is_empty() {
-        follow_up(policy, observed, state, now, verdicts, &mut result);
-    }
-    if let Some(storage) = &policy.storage {
-        evict::evict(policy, storage, observed, &index, now, &mut result);
-    }
-    result
+    let count_layers = || storage::LayerCounts::count(&observed.images, &observed.layers);
+    std::thread::scope(|scope| {
+        // Layer accounting needs nothing from retention: on a large store
+        // it runs beside it, on a second thread (same result either way).
+        let counting = match policy.storage {
+            Some(_) if observed.images.len() >= parallel_from => std::thread::Builder::new()
+                .name("stowage-layers".into())
+                .spawn_scoped(scope, count_layers)
+                .ok(),
+            _ => None,
+        };
+        let index = Index::build(policy, &observed.images, &observed.containers, state, now);
+        let mut result = retention(policy, &index, now, verdicts);
+        if !result.dangling_after.is_empty() {
+            follow_up(policy, observed, state, now, verdicts, &mut result);
+        }
+        if let Some(storage) = &policy.storage {
+            let counts = match counting {
+                Some(handle) => handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                None => count_layers(),
+            };
+            evict::evict(policy, storage, observed, &index, counts, now, &mut result);
+        }
+        result
+    })
 }
+
+/// Images from which a second thread pays for itself.
+const PARALLEL_FROM: usize = 4096;
 
 /// Images that a floating tag leaves without a name (its other references
 /// all go) become dangling only once the plan is applied. Dangling images are
@@ -339,11 +365,20 @@ fn short(id: &str) -> &str {
 
 /// Compact durations for reasons: the largest whole unit (`45d`, `5h`, `10m`).
 pub fn human_duration(secs: i64) -> String {
-    match secs.max(0) {
-        s if s >= 86_400 => format!("{}d", s / 86_400),
-        s if s >= 3_600 => format!("{}h", s / 3_600),
-        s if s >= 60 => format!("{}m", s / 60),
-        s => format!("{s}s"),
+    Human(secs).to_string()
+}
+
+/// [`human_duration`] written in place, without a string of its own.
+pub(crate) struct Human(pub i64);
+
+impl std::fmt::Display for Human {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.max(0) {
+            s if s >= 86_400 => write!(f, "{}d", s / 86_400),
+            s if s >= 3_600 => write!(f, "{}h", s / 3_600),
+            s if s >= 60 => write!(f, "{}m", s / 60),
+            s => write!(f, "{s}s"),
+        }
     }
 }
 
@@ -524,5 +559,27 @@ pub fn human_bytes(b: u64) -> String {
         format!("{b} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixture::{SYNTHETIC_NOW, synthetic_policy, synthetic_store};
+
+    /// Layer counting on a second thread or inline: the same plan.
+    #[test]
+    fn the_second_thread_changes_nothing() {
+        let store = synthetic_store(3_000, 7);
+        let policy = crate::policy::parse(
+            &synthetic_policy(store.unique_bytes),
+            std::path::Path::new("synthetic.toml"),
+        )
+        .expect("valid");
+        let (observed, state) = (&store.observed, &store.state);
+        let inline = plan_with(&policy, observed, state, SYNTHETIC_NOW, true, usize::MAX);
+        let beside = plan_with(&policy, observed, state, SYNTHETIC_NOW, true, 0);
+        assert!(inline.pressure.is_some() && !inline.deferred.is_empty());
+        assert_eq!(inline, beside);
     }
 }

@@ -4,16 +4,14 @@
 //! Decisions are kept as indices (which rule, which group, which position)
 //! and turned into the words of a reason only for what the plan shows.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 use rustc_hash::FxHashMap as HashMap;
 
 use crate::policy::{FloatOrder, OnViolation, Order, Policy, Retain, RetainScope};
 
 use super::index::{DANGLING, Entry, Index, TagMemo};
-use super::{
-    Action, Decision, Kind, Plan, Protected, Verdict, Warning, decision_of, human_duration,
-};
+use super::{Action, Decision, Human, Kind, Plan, Protected, Verdict, Warning, decision_of};
 
 /// How one retention rule placed an entry.
 #[derive(Clone, Copy)]
@@ -92,8 +90,8 @@ impl Reasons<'_, '_> {
             ),
             _ => format!(
                 "active within keep_within={} (last activity {} ago)",
-                human_duration(secs(rule.keep_within.unwrap_or_default())),
-                human_duration(self.now - activity)
+                Human(secs(rule.keep_within.unwrap_or_default())),
+                Human(self.now - activity)
             ),
         }
     }
@@ -103,29 +101,32 @@ impl Reasons<'_, '_> {
             Cause::Retain(m) => {
                 let rule: &Retain = &self.policy.retain[m.rule];
                 let activity = self.index.facts[e.img].activity;
-                let mut why = Vec::new();
+                // One string per removal: at 100k references these add up.
+                let mut why = String::with_capacity(96);
                 if let (Some(n), Why::Beyond { pos, group }) = (rule.keep_last, m.why) {
-                    why.push(format!(
+                    let _ = write!(
+                        why,
                         "beyond keep_last={n} by {} in {} (#{})",
                         order_name(rule.order),
                         GroupName(self.index, self.groups[group]),
                         pos + 1
-                    ));
+                    );
                 }
                 if let Some(w) = rule.keep_within {
-                    why.push(format!(
+                    if !why.is_empty() {
+                        why.push_str("; ");
+                    }
+                    let _ = write!(
+                        why,
                         "inactive for {} (keep_within={})",
-                        human_duration(self.now - activity),
-                        human_duration(secs(w))
-                    ));
+                        Human(self.now - activity),
+                        Human(secs(w))
+                    );
                 }
                 if why.is_empty() {
-                    why.push(format!(
-                        "in scope of \"{}\", which keeps nothing",
-                        rule.name
-                    ));
+                    let _ = write!(why, "in scope of \"{}\", which keeps nothing", rule.name);
                 }
-                (rule.name.clone(), why.join("; "))
+                (rule.name.clone(), why)
             }
             Cause::Convention(r) => {
                 let rule = &self.policy.tags[r];
