@@ -675,14 +675,12 @@ fn watermarks_without_a_local_data_root_say_so() {
     );
 }
 
-/// The synthetic benchmark store (a few hundred references of every shape,
-/// with layers, containers, state and every rule kind): plan and verdicts
-/// as text. The snapshot was written by the planner before its rewrite for
-/// speed, so this pins that the rewrite changed no decision and no word.
-#[test]
-fn synthetic_store_plan_and_verdicts() {
+/// The plan of the synthetic benchmark store (references of every shape,
+/// with layers, containers, state and every rule kind), verdicts included,
+/// as text.
+fn synthetic_text(references: usize, seed: u64) -> String {
     use stowage::fixture::{SYNTHETIC_NOW, synthetic_policy, synthetic_store};
-    let store = synthetic_store(400, 3);
+    let store = synthetic_store(references, seed);
     let p = stowage::policy::parse(
         &synthetic_policy(store.unique_bytes),
         std::path::Path::new("synthetic.toml"),
@@ -701,6 +699,16 @@ fn synthetic_store_plan_and_verdicts() {
             v.reason
         ));
     }
+    got
+}
+
+/// Both snapshots below were written by the planner before its rewrite for
+/// speed (commit 105b16d): they pin that the rewrite changed no decision
+/// and no word, on the small store and on one large enough for the
+/// planner's second thread.
+#[test]
+fn synthetic_store_plan_and_verdicts() {
+    let got = synthetic_text(400, 3);
     let path =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/plan/synthetic_400.txt");
     if std::env::var_os("STOWAGE_BLESS").is_some() {
@@ -712,5 +720,17 @@ fn synthetic_store_plan_and_verdicts() {
     assert_eq!(
         got, want,
         "plan of the synthetic store differs from its snapshot"
+    );
+}
+
+/// 20k references (5.5 MB of text): kept as its SHA-256.
+#[test]
+fn synthetic_store_20k_plan_and_verdicts() {
+    use sha2::{Digest, Sha256};
+    let got = synthetic_text(20_000, 5);
+    let digest = hex::encode(Sha256::digest(got.as_bytes()));
+    assert_eq!(
+        digest, "c7a390dbf18abae81be8902215d6b1689280e69e1656dcee94a9a5a861f62580",
+        "plan of the 20k synthetic store differs from the one the planner made before its rewrite"
     );
 }

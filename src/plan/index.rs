@@ -135,6 +135,12 @@ impl<'a> Index<'a> {
         for (sorted, &(_, k)) in order.iter().enumerate() {
             at[k] = sorted;
         }
+        let ids = Ids {
+            images: &images,
+            keys: &keys,
+            skip,
+        };
+        let known = known(ids, policy, containers, state, now);
 
         // Intern repositories and tags.
         struct Raw<'a> {
@@ -153,9 +159,17 @@ impl<'a> Index<'a> {
         let mut raw: Vec<Raw> = Vec::with_capacity(all.len() * 2);
         let mut created = vec![0; all.len()];
         let mut named = vec![false; all.len()];
+        // Images that a [[prepull]] entry names (by tag or by digest); the
+        // first entry naming one gives its reason.
+        let mut prepulled: Vec<Option<&str>> = vec![None; all.len()];
         for (img, &k) in all.iter().zip(&at) {
             created[k] = img.created;
             named[k] = !img.repo_tags.is_empty();
+            prepulled[k] = policy
+                .prepull
+                .iter()
+                .find(|p| img.repo_tags.contains(&p.image) || img.repo_digests.contains(&p.image))
+                .map(|p| p.image.as_str());
             for r in &img.repo_tags {
                 let (repo, tag) = split_tag(r);
                 let tag = tag.unwrap_or("");
@@ -238,12 +252,14 @@ impl<'a> Index<'a> {
             semver_rank[*id] = r;
         }
 
+        let min_age = i64::try_from(policy.daemon.min_age.as_secs()).unwrap_or(i64::MAX);
+        let facts = facts(known, &prepulled, min_age, now);
         let mut index = Index {
             images,
             at,
             keys,
             skip,
-            facts: Vec::new(),
+            facts,
             created,
             named,
             entries,
@@ -253,7 +269,6 @@ impl<'a> Index<'a> {
             semver_rank,
             protect: Vec::new(),
         };
-        index.facts = index.image_facts(policy, containers, state, now);
         index.protect = index.protections(policy);
         index
     }
@@ -287,30 +302,14 @@ impl<'a> Index<'a> {
 
     /// The index of an image id.
     pub fn image(&self, id: &str) -> Option<usize> {
-        let rest = if self.skip == 0 {
-            id
-        } else {
-            id.strip_prefix("sha256:")?
-        };
-        let key = prefix_key(rest.as_bytes());
-        let from = self.keys.partition_point(|&k| k < key);
-        (from..self.keys.len())
-            .take_while(|&k| self.keys[k] == key)
-            .find(|&k| self.images[k].id == id)
+        self.ids().image(id)
     }
 
-    /// An id against image `k`, in string order.
-    fn cmp_id(&self, id: &str, k: usize) -> Ordering {
-        let rest = if self.skip == 0 {
-            Some(id)
-        } else {
-            id.strip_prefix("sha256:")
-        };
-        match rest {
-            Some(r) => prefix_key(r.as_bytes())
-                .cmp(&self.keys[k])
-                .then_with(|| id.cmp(&self.images[k].id)),
-            None => id.cmp(&self.images[k].id),
+    fn ids(&self) -> Ids<'_, 'a> {
+        Ids {
+            images: &self.images,
+            keys: &self.keys,
+            skip: self.skip,
         }
     }
 
@@ -344,78 +343,133 @@ impl<'a> Index<'a> {
     }
 }
 
-impl Index<'_> {
-    fn image_facts(
-        &self,
-        policy: &Policy,
-        containers: &[Container],
-        state: &State,
-        now: i64,
-    ) -> Vec<ImageFacts> {
-        let images = &self.images;
-        // Per image: the container (smallest id) using it, and how many do.
-        let mut users: Vec<(Option<&Container>, usize)> = vec![(None, 0); images.len()];
-        for c in containers {
-            if let Some(k) = self.image(&c.image_id) {
-                let u = &mut users[k];
-                u.1 += 1;
-                if u.0.is_none_or(|f| c.id < f.id) {
-                    u.0 = Some(c);
-                }
-            }
-        }
-        // Images that a [[prepull]] entry names (by tag or by digest).
-        let mut prepulled: Vec<Option<&str>> = vec![None; images.len()];
-        for p in &policy.prepull {
-            let by_digest = p.image.contains('@');
-            let by_tag = self.find(&p.image).map(|i| self.entries[i].img);
-            let hits = (0..images.len())
-                .filter(|&k| by_digest && images[k].repo_digests.contains(&p.image));
-            for k in by_tag.into_iter().chain(hits) {
-                prepulled[k].get_or_insert(p.image.as_str());
-            }
-        }
-        // Earlier images of a [[prepull]] entry, kept for rollback (newest first).
-        let mut previous: Vec<Option<(&str, usize)>> = vec![None; images.len()];
-        for p in &policy.prepull {
-            if let Some(ps) = state.prepull.get(&p.key()) {
-                for id in ps.previous.iter().take(p.keep_previous) {
-                    if let Some(k) = self.image(id) {
-                        previous[k].get_or_insert((p.image.as_str(), p.keep_previous));
-                    }
-                }
-            }
-        }
-        let min_age = i64::try_from(policy.daemon.min_age.as_secs()).unwrap_or(i64::MAX);
-        // Images and the state are both in id order: walk them side by side
-        // rather than search the state's tree once per image.
-        let mut known = state.images.iter().peekable();
-        let mut state_of = |k: usize| -> Option<&ImageState> {
-            while known
-                .next_if(|(id, _)| self.cmp_id(id, k).is_lt())
-                .is_some()
-            {}
-            known
-                .peek()
-                .filter(|(id, _)| self.cmp_id(id, k).is_eq())
-                .map(|(_, s)| *s)
+impl Index<'_> {}
+
+/// Images in id order with their keys: finding an id compares numbers in
+/// one array, and strings only on a tie.
+#[derive(Clone, Copy)]
+struct Ids<'i, 'a> {
+    images: &'i [&'a Image],
+    keys: &'i [u64],
+    skip: usize,
+}
+
+impl Ids<'_, '_> {
+    fn image(&self, id: &str) -> Option<usize> {
+        let rest = if self.skip == 0 {
+            id
+        } else {
+            id.strip_prefix("sha256:")?
         };
-        images
-        .iter()
-        .enumerate()
-        .map(|(k, img)| {
-            let st = state_of(k);
-            let first_seen = st.map_or(img.created.min(now), |s| s.first_seen);
-            let activity = [
+        let key = prefix_key(rest.as_bytes());
+        let from = self.keys.partition_point(|&k| k < key);
+        (from..self.keys.len())
+            .take_while(|&k| self.keys[k] == key)
+            .find(|&k| self.images[k].id == id)
+    }
+
+    /// An id against image `k`, in string order.
+    fn cmp_id(&self, id: &str, k: usize) -> Ordering {
+        let rest = if self.skip == 0 {
+            Some(id)
+        } else {
+            id.strip_prefix("sha256:")
+        };
+        match rest {
+            Some(r) => prefix_key(r.as_bytes())
+                .cmp(&self.keys[k])
+                .then_with(|| id.cmp(&self.images[k].id)),
+            None => id.cmp(&self.images[k].id),
+        }
+    }
+}
+
+/// What the host knows of each image besides its references: when it was
+/// first seen and last active, which containers use it, and whether a
+/// `[[prepull]]` keeps it as a previous image. Needs only the image order,
+/// so it can be worked out beside the rest of the index.
+struct Known<'a> {
+    first_seen: Vec<i64>,
+    activity: Vec<i64>,
+    /// The container (smallest id) using it, and how many do.
+    users: Vec<(Option<&'a Container>, usize)>,
+    previous: Vec<Option<(&'a str, usize)>>,
+}
+
+fn known<'a>(
+    ids: Ids<'_, '_>,
+    policy: &'a Policy,
+    containers: &'a [Container],
+    state: &State,
+    now: i64,
+) -> Known<'a> {
+    let n = ids.images.len();
+    let mut users: Vec<(Option<&Container>, usize)> = vec![(None, 0); n];
+    for c in containers {
+        if let Some(k) = ids.image(&c.image_id) {
+            let u = &mut users[k];
+            u.1 += 1;
+            if u.0.is_none_or(|f| c.id < f.id) {
+                u.0 = Some(c);
+            }
+        }
+    }
+    // Earlier images of a [[prepull]] entry, kept for rollback (newest first).
+    let mut previous: Vec<Option<(&str, usize)>> = vec![None; n];
+    for p in &policy.prepull {
+        if let Some(ps) = state.prepull.get(&p.key()) {
+            for id in ps.previous.iter().take(p.keep_previous) {
+                if let Some(k) = ids.image(id) {
+                    previous[k].get_or_insert((p.image.as_str(), p.keep_previous));
+                }
+            }
+        }
+    }
+    // Images and the state are both in id order: walk them side by side
+    // rather than search the state's tree once per image.
+    let mut known = state.images.iter().peekable();
+    let mut first_seen = Vec::with_capacity(n);
+    let mut activity = Vec::with_capacity(n);
+    for (k, img) in ids.images.iter().enumerate() {
+        while known.next_if(|(id, _)| ids.cmp_id(id, k).is_lt()).is_some() {}
+        let st: Option<&ImageState> = known
+            .peek()
+            .filter(|(id, _)| ids.cmp_id(id, k).is_eq())
+            .map(|(_, s)| *s);
+        let seen = st.map_or(img.created.min(now), |s| s.first_seen);
+        first_seen.push(seen);
+        activity.push(
+            [
                 Some(img.created),
-                Some(first_seen),
+                Some(seen),
                 st.and_then(|s| s.last_used),
                 st.and_then(|s| s.last_pulled),
             ]
             .into_iter()
             .flatten()
             .max()
-            .unwrap_or(img.created);
+            .unwrap_or(img.created),
+        );
+    }
+    Known {
+        first_seen,
+        activity,
+        users,
+        previous,
+    }
+}
+
+/// Image-level protection, strongest first: in use, the current image of a
+/// `[[prepull]]`, a previous one kept for rollback, younger than `min_age`.
+fn facts(known: Known, prepulled: &[Option<&str>], min_age: i64, now: i64) -> Vec<ImageFacts> {
+    let Known {
+        first_seen,
+        activity,
+        users,
+        previous,
+    } = known;
+    (0..activity.len())
+        .map(|k| {
             let protection = if let (Some(c), n) = users[k] {
                 let more = if n > 1 {
                     format!(" and {} more", n - 1)
@@ -447,12 +501,12 @@ impl Index<'_> {
                         "previous image of [[prepull]] {p}, kept for rollback (keep_previous={n})"
                     ),
                 ))
-            } else if now.saturating_sub(first_seen) < min_age {
+            } else if now.saturating_sub(first_seen[k]) < min_age {
                 Some((
                     "min_age".to_string(),
                     format!(
                         "seen on this host {} ago, younger than min_age={}",
-                        human_duration(now - first_seen),
+                        human_duration(now - first_seen[k]),
                         human_duration(min_age)
                     ),
                 ))
@@ -460,10 +514,9 @@ impl Index<'_> {
                 None
             };
             ImageFacts {
-                activity,
+                activity: activity[k],
                 protection,
             }
         })
         .collect()
-    }
 }

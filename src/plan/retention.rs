@@ -4,6 +4,7 @@
 //! Decisions are kept as indices (which rule, which group, which position)
 //! and turned into the words of a reason only for what the plan shows.
 
+use std::cmp::Reverse;
 use std::fmt::{self, Write as _};
 
 use rustc_hash::FxHashMap as HashMap;
@@ -11,7 +12,9 @@ use rustc_hash::FxHashMap as HashMap;
 use crate::policy::{FloatOrder, OnViolation, Order, Policy, Retain, RetainScope};
 
 use super::index::{DANGLING, Entry, Index, TagMemo};
-use super::{Action, Decision, Human, Kind, Plan, Protected, Verdict, Warning, decision_of};
+use super::{
+    Action, Decision, Human, Kind, Plan, Protected, Verdict, Warning, decision_of, parallel_map,
+};
 
 /// How one retention rule placed an entry.
 #[derive(Clone, Copy)]
@@ -174,7 +177,7 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64, verdicts: bool
     // that keeps an entry, and the first that would remove it, give reasons.
     let mut kept_by: Vec<Option<Mark>> = vec![None; n];
     let mut removed_by: Vec<Option<Mark>> = vec![None; n];
-    let mut members: Vec<usize> = Vec::new();
+    let mut members: Vec<(Reverse<i64>, Reverse<i64>, usize)> = Vec::new();
     let mut keyed: Vec<(Option<&str>, usize)> = Vec::new();
     for (ri, rule) in policy.retain.iter().enumerate() {
         // The runs of entries the rule may scope: matching repositories, or
@@ -224,34 +227,25 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64, verdicts: bool
                     repo,
                     cap: chunk[0].0,
                 });
+                // Newest first; keys computed once per entry, not per
+                // comparison. Entries are in reference order (dangling: id
+                // order), so the entry index is the final tie-break by name.
                 members.clear();
-                members.extend(chunk.iter().map(|&(_, i)| i));
-                // Entries are in reference order (dangling: id order), so
-                // the entry index is the final tie-break by name.
-                match rule.order {
-                    Order::Created => {
-                        members.sort_by_key(|&i| {
-                            (std::cmp::Reverse(index.created[entries[i].img]), i)
-                        });
+                members.extend(chunk.iter().map(|&(_, i)| {
+                    let img = entries[i].img;
+                    let created = index.created[img];
+                    match rule.order {
+                        Order::Created => (Reverse(created), Reverse(0), i),
+                        Order::LastUsed => (Reverse(facts[img].activity), Reverse(created), i),
+                        Order::Semver => (
+                            Reverse(i64::from(index.semver_rank[entries[i].tag_id])),
+                            Reverse(created),
+                            i,
+                        ),
                     }
-                    Order::LastUsed => members.sort_by_key(|&i| {
-                        let img = entries[i].img;
-                        (
-                            std::cmp::Reverse(facts[img].activity),
-                            std::cmp::Reverse(index.created[img]),
-                            i,
-                        )
-                    }),
-                    Order::Semver => members.sort_by_key(|&i| {
-                        let e = &entries[i];
-                        (
-                            index.semver_key(e),
-                            std::cmp::Reverse(index.created[e.img]),
-                            i,
-                        )
-                    }),
-                }
-                for (pos, &i) in members.iter().enumerate() {
+                }));
+                members.sort_unstable();
+                for (pos, &(_, _, i)) in members.iter().enumerate() {
                     let act = facts[entries[i].img].activity;
                     let why = if rule.keep_last.is_some_and(|k| pos < k) {
                         Why::KeepLast { pos, group }
@@ -330,10 +324,10 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64, verdicts: bool
                 count += 1;
                 let key = |i: usize| {
                     let e = &entries[i];
-                    let created = std::cmp::Reverse(index.created[e.img]);
+                    let created = Reverse(index.created[e.img]);
                     match f.order {
                         FloatOrder::Semver => (index.semver_key(e), created),
-                        FloatOrder::Created => (std::cmp::Reverse(0), created),
+                        FloatOrder::Created => (Reverse(0), created),
                     }
                 };
                 // Ties: the first in reference order (the smaller tag).
@@ -439,24 +433,25 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64, verdicts: bool
         .chain(0..dangling)
         .filter(|&i| cause[i].is_some())
         .collect();
-    let mut left: Vec<usize> = vec![0; images.len()];
-    for &i in &removals {
-        left[entries[i].img] += 1;
+    // Per image: the position of its last removal, which is a `remove`
+    // when no reference stays.
+    let mut last_of: Vec<Option<usize>> = vec![None; images.len()];
+    for (pos, &i) in removals.iter().enumerate() {
+        last_of[entries[i].img] = Some(pos);
     }
     // An image with names before and none after, yet not removed: a float
     // moved off its last name.
     plan.dangling_after = (0..images.len())
-        .filter(|&k| index.named[k] && remaining[k] == 0 && left[k] == 0)
+        .filter(|&k| index.named[k] && remaining[k] == 0 && last_of[k].is_none())
         .map(|k| images[k].id.clone())
         .collect();
-    let mut removal_actions = Vec::with_capacity(removals.len());
-    for &i in &removals {
+    let mut removal_actions = parallel_map(removals.len(), |pos| {
+        let i = removals[pos];
         let e = &entries[i];
-        left[e.img] -= 1;
         let img = images[e.img];
-        let last = left[e.img] == 0 && remaining[e.img] == 0;
+        let last = last_of[e.img] == Some(pos) && remaining[e.img] == 0;
         let (rule, reason) = reasons.removed(cause[i].expect("a removal"), e);
-        removal_actions.push(Action {
+        Action {
             kind: if last { Kind::Remove } else { Kind::Untag },
             reference: e.reference.map(str::to_string),
             image: img.id.clone(),
@@ -464,8 +459,8 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64, verdicts: bool
             reason,
             bytes: last.then_some(img.size),
             keep_bytes: None,
-        });
-    }
+        }
+    });
     // Every removal action is a removal: the first `max_removals` go now.
     let now_count = removal_actions.len().min(policy.daemon.max_removals);
     let mut decided: Vec<Option<(Decision, usize)>> = vec![None; n];
@@ -478,40 +473,39 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64, verdicts: bool
     }
     // Verdicts: for `status` and `plan --json`; a reconcile goes without.
     if verdicts {
-        plan.verdicts.reserve(n);
-    }
-    for (i, e) in entries.iter().enumerate().filter(|_| verdicts) {
-        let img = images[e.img];
-        let (decision, rule, reason) = if let Some((d, pos)) = decided[i] {
-            let a = &removal_actions[pos];
-            (d, Some(a.rule.clone()), a.reason.clone())
-        } else if let Some((r, why)) = protection_of(i) {
-            (Decision::Protected, Some(r.to_string()), why.into_owned())
-        } else if let Some(f) = floating[i] {
-            (
-                Decision::Keep,
-                Some(policy.float[f].name.clone()),
-                "floating tag, never removed by retention".to_string(),
-            )
-        } else if let Some(m) = kept_by[i] {
-            (
-                Decision::Keep,
-                Some(policy.retain[m.rule].name.clone()),
-                reasons.kept(m, index.facts[e.img].activity),
-            )
-        } else {
-            (
-                Decision::Unmanaged,
-                None,
-                "no retention rule scopes it".to_string(),
-            )
-        };
-        plan.verdicts.push(Verdict {
-            reference: e.reference.map(str::to_string),
-            image: img.id.clone(),
-            decision,
-            rule,
-            reason,
+        plan.verdicts = parallel_map(n, |i| {
+            let e = &entries[i];
+            let (decision, rule, reason) = if let Some((d, pos)) = decided[i] {
+                let a = &removal_actions[pos];
+                (d, Some(a.rule.clone()), a.reason.clone())
+            } else if let Some((r, why)) = protection_of(i) {
+                (Decision::Protected, Some(r.to_string()), why.into_owned())
+            } else if let Some(f) = floating[i] {
+                (
+                    Decision::Keep,
+                    Some(policy.float[f].name.clone()),
+                    "floating tag, never removed by retention".to_string(),
+                )
+            } else if let Some(m) = kept_by[i] {
+                (
+                    Decision::Keep,
+                    Some(policy.retain[m.rule].name.clone()),
+                    reasons.kept(m, index.facts[e.img].activity),
+                )
+            } else {
+                (
+                    Decision::Unmanaged,
+                    None,
+                    "no retention rule scopes it".to_string(),
+                )
+            };
+            Verdict {
+                reference: e.reference.map(str::to_string),
+                image: images[e.img].id.clone(),
+                decision,
+                rule,
+                reason,
+            }
         });
     }
     let later = removal_actions.split_off(now_count);
