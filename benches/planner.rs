@@ -1,6 +1,11 @@
-//! Planner time against store size: one `plan()` over synthetic stores of
-//! 1k, 10k and 100k references (`fixture::synthetic_store`) with a policy
-//! of about twenty rules and a `[storage] max_size` (`fixture::synthetic_policy`).
+//! Planner time against store size: one plan over synthetic stores of 1k,
+//! 10k and 100k references (`fixture::synthetic_store`) with a policy of
+//! about twenty rules and a `[storage] max_size` (`fixture::synthetic_policy`).
+//!
+//! Two functions: `apply`, the plan a reconcile executes
+//! (`plan::plan_to_apply`), and `status`, the same plan with a verdict per
+//! reference (`plan::plan`, what `stowage status` and `plan --json` run).
+//! Each plan is dropped inside the timed loop.
 //!
 //! The store and the policy are built outside the timed loop: only planning
 //! is measured. Goal: 100k references under 250 ms on 2 cores, and growth no
@@ -16,7 +21,7 @@ use criterion::{
     BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
 };
 use stowage::fixture::{SYNTHETIC_NOW, synthetic_policy, synthetic_store};
-use stowage::plan::plan;
+use stowage::plan::{plan, plan_to_apply};
 
 fn planner(c: &mut Criterion) {
     let mut group = c.benchmark_group("planner");
@@ -42,7 +47,17 @@ fn planner(c: &mut Criterion) {
                 .sampling_mode(SamplingMode::Auto)
                 .measurement_time(Duration::from_secs(5));
         }
-        group.bench_with_input(BenchmarkId::from_parameter(n), &store, |b, store| {
+        group.bench_with_input(BenchmarkId::new("apply", n), &store, |b, store| {
+            b.iter(|| {
+                plan_to_apply(
+                    black_box(&policy),
+                    black_box(&store.observed),
+                    &store.state,
+                    SYNTHETIC_NOW,
+                )
+            });
+        });
+        group.bench_with_input(BenchmarkId::new("status", n), &store, |b, store| {
             b.iter(|| {
                 plan(
                     black_box(&policy),
