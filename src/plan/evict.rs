@@ -58,7 +58,7 @@ pub(super) fn evict<'a>(
     }
     // Layers per image, from the input's order to the index's.
     let mut layers: Vec<Option<&[Layer]>> = vec![None; images.len()];
-    for (known, &k) in counts.per_image.iter().zip(&index.at) {
+    for (known, &k) in counts.per_image.iter().zip(index.at()) {
         layers[k] = *known;
     }
     let image_bytes_before = counts.bytes();

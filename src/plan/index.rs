@@ -41,9 +41,57 @@ pub(super) struct ImageFacts {
     pub protection: Option<(String, String)>,
 }
 
+/// The images in id order (string order), sorted on numeric id prefixes.
+pub(super) struct Sorted<'a> {
+    pub images: Vec<&'a Image>,
+    /// Where each image of the input (by its position there) sits in `images`.
+    pub at: Vec<usize>,
+    /// Per image: the sort key of its id (see `prefix_key`), and how much
+    /// of every id the keys skip (`sha256:`): finding an id compares
+    /// numbers in one array, and strings only on a tie.
+    keys: Vec<u64>,
+    skip: usize,
+}
+
+impl<'a> Sorted<'a> {
+    pub fn new(all: &'a [Image]) -> Self {
+        // Ids are `sha256:` and hex: key on what follows the common prefix.
+        let skip = if all.iter().all(|i| i.id.starts_with("sha256:")) {
+            7
+        } else {
+            0
+        };
+        let mut order: Vec<(u64, usize)> = all
+            .iter()
+            .enumerate()
+            .map(|(k, i)| (prefix_key(&i.id.as_bytes()[skip..]), k))
+            .collect();
+        order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| all[a.1].id.cmp(&all[b.1].id)));
+        let mut at = vec![0; all.len()];
+        for (sorted, &(_, k)) in order.iter().enumerate() {
+            at[k] = sorted;
+        }
+        Sorted {
+            images: order.iter().map(|&(_, k)| &all[k]).collect(),
+            at,
+            keys: order.iter().map(|&(key, _)| key).collect(),
+            skip,
+        }
+    }
+
+    fn ids(&self) -> Ids<'_, 'a> {
+        Ids {
+            images: &self.images,
+            keys: &self.keys,
+            skip: self.skip,
+        }
+    }
+}
+
 pub(super) struct Index<'a> {
     /// Sorted by id (string order).
-    pub images: Vec<&'a Image>,
+    pub images: &'a [&'a Image],
+    sorted: &'a Sorted<'a>,
     pub facts: Vec<ImageFacts>,
     /// Per image: creation time, and whether it has references.
     pub created: Vec<i64>,
@@ -57,13 +105,6 @@ pub(super) struct Index<'a> {
     pub starts: Vec<usize>,
     /// Distinct tags.
     pub tags: Vec<&'a str>,
-    /// Where each image of the input (by its position there) sits in `images`.
-    pub at: Vec<usize>,
-    /// Per image: the sort key of its id (see `prefix_key`), and how much
-    /// of every id the keys skip (`sha256:`): finding an id compares
-    /// numbers in one array, and strings only on a tie.
-    keys: Vec<u64>,
-    skip: usize,
     /// Per tag: its rank among the semver tags (1 = oldest), 0 when not semver.
     pub semver_rank: Vec<u32>,
     /// Per entry: the first `[[protect]]` entry (index) that matches it.
@@ -108,39 +149,17 @@ impl TagMemo {
 }
 
 impl<'a> Index<'a> {
-    pub fn build(
+    /// `known` gives [`known`] of the same images: it is asked for once the
+    /// references are indexed, so that another thread may work it out
+    /// meanwhile.
+    pub fn build<'k>(
         policy: &Policy,
         all: &'a [Image],
-        containers: &'a [Container],
-        state: &State,
-        now: i64,
+        sorted: &'a Sorted<'a>,
+        known: impl FnOnce() -> Known<'k>,
     ) -> Self {
-        // Ids are `sha256:` and hex: key on what follows the common prefix.
-        let skip = if all.iter().all(|i| i.id.starts_with("sha256:")) {
-            7
-        } else {
-            0
-        };
-        let mut order: Vec<(u64, usize)> = all
-            .iter()
-            .enumerate()
-            .map(|(k, i)| (prefix_key(&i.id.as_bytes()[skip..]), k))
-            .collect();
-        order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| all[a.1].id.cmp(&all[b.1].id)));
-        let images: Vec<&Image> = order.iter().map(|&(_, k)| &all[k]).collect();
-        let keys: Vec<u64> = order.iter().map(|&(key, _)| key).collect();
-        // Where each image of the input landed: the walks below go through
-        // the input in its memory order, which the id order is not.
-        let mut at = vec![0; all.len()];
-        for (sorted, &(_, k)) in order.iter().enumerate() {
-            at[k] = sorted;
-        }
-        let ids = Ids {
-            images: &images,
-            keys: &keys,
-            skip,
-        };
-        let known = known(ids, policy, containers, state, now);
+        let images = &sorted.images;
+        let at = &sorted.at;
 
         // Intern repositories and tags.
         struct Raw<'a> {
@@ -162,7 +181,7 @@ impl<'a> Index<'a> {
         // Images that a [[prepull]] entry names (by tag or by digest); the
         // first entry naming one gives its reason.
         let mut prepulled: Vec<Option<&str>> = vec![None; all.len()];
-        for (img, &k) in all.iter().zip(&at) {
+        for (img, &k) in all.iter().zip(at) {
             created[k] = img.created;
             named[k] = !img.repo_tags.is_empty();
             prepulled[k] = policy
@@ -253,12 +272,10 @@ impl<'a> Index<'a> {
         }
 
         let min_age = i64::try_from(policy.daemon.min_age.as_secs()).unwrap_or(i64::MAX);
-        let facts = facts(known, &prepulled, min_age, now);
+        let facts = facts(known(), &prepulled, min_age);
         let mut index = Index {
             images,
-            at,
-            keys,
-            skip,
+            sorted,
             facts,
             created,
             named,
@@ -302,15 +319,12 @@ impl<'a> Index<'a> {
 
     /// The index of an image id.
     pub fn image(&self, id: &str) -> Option<usize> {
-        self.ids().image(id)
+        self.sorted.ids().image(id)
     }
 
-    fn ids(&self) -> Ids<'_, 'a> {
-        Ids {
-            images: &self.images,
-            keys: &self.keys,
-            skip: self.skip,
-        }
+    /// Where each image of the input (by its position there) sits in `images`.
+    pub fn at(&self) -> &[usize] {
+        &self.sorted.at
     }
 
     /// Newest first by semver (non-semver last): a sort key.
@@ -388,7 +402,8 @@ impl Ids<'_, '_> {
 /// first seen and last active, which containers use it, and whether a
 /// `[[prepull]]` keeps it as a previous image. Needs only the image order,
 /// so it can be worked out beside the rest of the index.
-struct Known<'a> {
+pub(super) struct Known<'a> {
+    now: i64,
     first_seen: Vec<i64>,
     activity: Vec<i64>,
     /// The container (smallest id) using it, and how many do.
@@ -396,13 +411,14 @@ struct Known<'a> {
     previous: Vec<Option<(&'a str, usize)>>,
 }
 
-fn known<'a>(
-    ids: Ids<'_, '_>,
+pub(super) fn known<'a>(
+    sorted: &Sorted,
     policy: &'a Policy,
     containers: &'a [Container],
     state: &State,
     now: i64,
 ) -> Known<'a> {
+    let ids = sorted.ids();
     let n = ids.images.len();
     let mut users: Vec<(Option<&Container>, usize)> = vec![(None, 0); n];
     for c in containers {
@@ -452,6 +468,7 @@ fn known<'a>(
         );
     }
     Known {
+        now,
         first_seen,
         activity,
         users,
@@ -461,8 +478,9 @@ fn known<'a>(
 
 /// Image-level protection, strongest first: in use, the current image of a
 /// `[[prepull]]`, a previous one kept for rollback, younger than `min_age`.
-fn facts(known: Known, prepulled: &[Option<&str>], min_age: i64, now: i64) -> Vec<ImageFacts> {
+fn facts(known: Known, prepulled: &[Option<&str>], min_age: i64) -> Vec<ImageFacts> {
     let Known {
+        now,
         first_seen,
         activity,
         users,

@@ -35,7 +35,7 @@ use crate::refs::split_tag;
 use crate::state::State;
 use crate::storage::{self, Disk, Pressure};
 
-use index::Index;
+use index::{Index, Sorted};
 use retention::retention;
 
 /// Layers per image id (Fx-hashed: the keys are engine ids, not input an
@@ -213,29 +213,44 @@ fn plan_with(
     verdicts: bool,
     parallel_from: usize,
 ) -> Plan {
+    let sorted = Sorted::new(&observed.images);
+    let look = || index::known(&sorted, policy, &observed.containers, state, now);
     let count_layers = || storage::LayerCounts::count(&observed.images, &observed.layers);
     std::thread::scope(|scope| {
-        // Layer accounting needs nothing from retention: on a large store
-        // it runs beside it, on a second thread (same result either way).
-        let counting = match policy.storage {
-            Some(_) if observed.images.len() >= parallel_from => std::thread::Builder::new()
-                .name("stowage-layers".into())
-                .spawn_scoped(scope, count_layers)
-                .ok(),
-            _ => None,
-        };
-        let index = Index::build(policy, &observed.images, &observed.containers, state, now);
+        // Two things need only the images in id order: what the state and
+        // the containers say of each image (first needed by retention), and
+        // layer accounting (needed by eviction, last). On a large store a
+        // second thread works them out while this one indexes references;
+        // the result is the same either way.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let helper = (observed.images.len() >= parallel_from)
+            .then(|| {
+                std::thread::Builder::new()
+                    .name("stowage-plan".into())
+                    .spawn_scoped(scope, move || {
+                        // The receiver only goes away by a panic, which the
+                        // join below passes on.
+                        let _ = tx.send(look());
+                        policy.storage.is_some().then(count_layers)
+                    })
+                    .ok()
+            })
+            .flatten();
+        let waits = helper.is_some();
+        let index = Index::build(policy, &observed.images, &sorted, || {
+            waits.then(|| rx.recv().ok()).flatten().unwrap_or_else(look)
+        });
         let mut result = retention(policy, &index, now, verdicts);
         if !result.dangling_after.is_empty() {
             follow_up(policy, observed, state, now, verdicts, &mut result);
         }
+        let counts = helper.and_then(|handle| {
+            handle
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        });
         if let Some(storage) = &policy.storage {
-            let counts = match counting {
-                Some(handle) => handle
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                None => count_layers(),
-            };
+            let counts = counts.unwrap_or_else(count_layers);
             evict::evict(policy, storage, observed, &index, counts, now, &mut result);
         }
         result
@@ -315,7 +330,10 @@ fn follow_up(
         containers: observed.containers.clone(),
         ..Observed::default()
     };
-    let index = Index::build(policy, &store.images, &store.containers, state, now);
+    let sorted = Sorted::new(&store.images);
+    let index = Index::build(policy, &store.images, &sorted, || {
+        index::known(&sorted, policy, &store.containers, state, now)
+    });
     let next = retention(policy, &index, now, false);
     let known: HashSet<(Option<&str>, &str)> = result
         .actions
