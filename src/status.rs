@@ -31,11 +31,14 @@ pub struct StatusRow {
 /// The rows of a plan's verdicts, sorted by reference.
 pub fn rows(observed: &Observed, plan: &Plan, state: &State) -> Vec<StatusRow> {
     let ts = |t: i64| DateTime::from_timestamp(t, 0);
+    // One lookup per verdict: a scan per verdict is quadratic on big hosts.
+    let by_id: rustc_hash::FxHashMap<&str, &crate::engine::Image> =
+        observed.images.iter().map(|i| (i.id.as_str(), i)).collect();
     let mut rows: Vec<StatusRow> = plan
         .verdicts
         .iter()
         .filter_map(|v| {
-            let img = observed.images.iter().find(|i| i.id == v.image)?;
+            let img = *by_id.get(v.image.as_str())?;
             let st = state.images.get(&img.id);
             let activity = [
                 Some(img.created),
