@@ -21,7 +21,9 @@ use criterion::{
     BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
 };
 use stowage::fixture::{SYNTHETIC_NOW, synthetic_policy, synthetic_store};
-use stowage::plan::{plan, plan_to_apply};
+use stowage::plan::{Observed, Plan, plan, plan_to_apply};
+use stowage::policy::Policy;
+use stowage::state::State;
 
 fn planner(c: &mut Criterion) {
     let mut group = c.benchmark_group("planner");
@@ -47,26 +49,20 @@ fn planner(c: &mut Criterion) {
                 .sampling_mode(SamplingMode::Auto)
                 .measurement_time(Duration::from_secs(5));
         }
-        group.bench_with_input(BenchmarkId::new("apply", n), &store, |b, store| {
-            b.iter(|| {
-                plan_to_apply(
-                    black_box(&policy),
-                    black_box(&store.observed),
-                    &store.state,
-                    SYNTHETIC_NOW,
-                )
+        type Planner = fn(&Policy, &Observed, &State, i64) -> Plan;
+        let planners: [(&str, Planner); 2] = [("apply", plan_to_apply), ("status", plan)];
+        for (name, planner) in planners {
+            group.bench_with_input(BenchmarkId::new(name, n), &store, |b, store| {
+                b.iter(|| {
+                    planner(
+                        black_box(&policy),
+                        black_box(&store.observed),
+                        &store.state,
+                        SYNTHETIC_NOW,
+                    )
+                });
             });
-        });
-        group.bench_with_input(BenchmarkId::new("status", n), &store, |b, store| {
-            b.iter(|| {
-                plan(
-                    black_box(&policy),
-                    black_box(&store.observed),
-                    &store.state,
-                    SYNTHETIC_NOW,
-                )
-            });
-        });
+        }
     }
     group.finish();
 }
