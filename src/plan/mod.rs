@@ -199,8 +199,9 @@ pub fn plan(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Pl
     plan_with(policy, observed, state, now, true, PARALLEL_FROM)
 }
 
-/// The same plan without `verdicts`: what a reconcile executes. At 100k
-/// references the verdicts are most of a plan's allocations.
+/// The same plan without `verdicts`: what a reconcile executes. The
+/// verdicts, a row per reference, are for `status`; a reconcile would only
+/// build and drop them.
 pub fn plan_to_apply(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Plan {
     plan_with(policy, observed, state, now, false, PARALLEL_FROM)
 }
@@ -284,7 +285,8 @@ fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     })
 }
 
-/// Images from which a second thread pays for itself.
+/// Images (for `parallel_map`: items) from which a second thread pays for
+/// itself.
 pub(super) const PARALLEL_FROM: usize = 4096;
 
 /// Images that a floating tag leaves without a name (its other references
