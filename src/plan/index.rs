@@ -106,7 +106,7 @@ pub(super) struct Index<'a> {
     /// Distinct tags.
     pub tags: Vec<&'a str>,
     /// Per tag: its rank among the semver tags (1 = oldest), 0 when not semver.
-    pub semver_rank: Vec<u32>,
+    semver_rank: Vec<u32>,
     /// Per entry: the first `[[protect]]` entry (index) that matches it.
     pub protect: Vec<Option<usize>>,
 }
@@ -327,9 +327,17 @@ impl<'a> Index<'a> {
         &self.sorted.at
     }
 
-    /// Newest first by semver (non-semver last): a sort key.
-    pub fn semver_key(&self, e: &Entry) -> Reverse<u32> {
-        Reverse(self.semver_rank[e.tag_id])
+    /// Newest first, as a sort key of entry `i`: by semver when asked
+    /// (non-semver tags last), then by creation. Ties are left to the
+    /// caller (the entry index: reference order).
+    pub fn newest(&self, i: usize, by_semver: bool) -> (Reverse<i64>, Reverse<i64>) {
+        let e = &self.entries[i];
+        let rank = if by_semver {
+            i64::from(self.semver_rank[e.tag_id])
+        } else {
+            0
+        };
+        (Reverse(rank), Reverse(self.created[e.img]))
     }
 
     /// Per entry: the first `[[protect]]` entry matching its reference.

@@ -232,17 +232,15 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64, verdicts: bool
                 // order), so the entry index is the final tie-break by name.
                 members.clear();
                 members.extend(chunk.iter().map(|&(_, i)| {
-                    let img = entries[i].img;
-                    let created = index.created[img];
-                    match rule.order {
-                        Order::Created => (Reverse(created), Reverse(0), i),
-                        Order::LastUsed => (Reverse(facts[img].activity), Reverse(created), i),
-                        Order::Semver => (
-                            Reverse(i64::from(index.semver_rank[entries[i].tag_id])),
-                            Reverse(created),
-                            i,
-                        ),
-                    }
+                    let (first, then) = match rule.order {
+                        Order::Created => index.newest(i, false),
+                        Order::Semver => index.newest(i, true),
+                        Order::LastUsed => {
+                            let img = entries[i].img;
+                            (Reverse(facts[img].activity), Reverse(index.created[img]))
+                        }
+                    };
+                    (first, then, i)
                 }));
                 members.sort_unstable();
                 for (pos, &(_, _, i)) in members.iter().enumerate() {
@@ -322,14 +320,7 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64, verdicts: bool
                     continue;
                 }
                 count += 1;
-                let key = |i: usize| {
-                    let e = &entries[i];
-                    let created = Reverse(index.created[e.img]);
-                    match f.order {
-                        FloatOrder::Semver => (index.semver_key(e), created),
-                        FloatOrder::Created => (Reverse(0), created),
-                    }
-                };
+                let key = |i: usize| index.newest(i, f.order == FloatOrder::Semver);
                 // Ties: the first in reference order (the smaller tag).
                 if newest.is_none_or(|b| key(i) < key(b)) {
                     newest = Some(i);
