@@ -426,13 +426,27 @@ pub async fn execute<E: Engine>(
         }
         audit.append(&rec)?;
     }
-    for a in &plan.deferred {
-        let mut rec = record(a, run, clock.now());
-        rec.outcome = Outcome::Deferred;
-        rec.reason = format!("{} (deferred: max_removals reached)", a.reason);
-        rec.bytes = None;
-        audit.append(&rec)?;
-        report.deferred += 1;
+    // One record per kind and rule, not per removal: a backlog of thousands
+    // would otherwise write thousands of records on every reconcile until it
+    // drains. `stowage plan` lists each one.
+    for b in &plan.backlog {
+        audit.append(&Record {
+            ts: clock.now(),
+            run: run.to_string(),
+            action: audit_action(b.kind),
+            reference: None,
+            image: None,
+            rule: Some(b.rule.clone()),
+            reason: format!(
+                "{} deferred: max_removals reached; they wait for the next reconcile (`stowage plan` lists them)",
+                b.count
+            ),
+            outcome: Outcome::Deferred,
+            error: None,
+            bytes: None,
+            duration_ms: None,
+        })?;
+        report.deferred += b.count;
     }
     audit.sync()?;
     Ok(report)
@@ -526,13 +540,7 @@ fn record(a: &Action, run: &str, ts: DateTime<Utc>) -> Record {
     Record {
         ts,
         run: run.to_string(),
-        action: match a.kind {
-            Kind::Tag => audit::Action::Tag,
-            Kind::Untag => audit::Action::Untag,
-            Kind::Remove => audit::Action::Remove,
-            Kind::Evict => audit::Action::Evict,
-            Kind::PruneBuild => audit::Action::PruneBuild,
-        },
+        action: audit_action(a.kind),
         reference: a.reference.clone(),
         image: Some(a.image.clone()),
         rule: Some(a.rule.clone()),
@@ -541,5 +549,15 @@ fn record(a: &Action, run: &str, ts: DateTime<Utc>) -> Record {
         error: None,
         bytes: a.bytes,
         duration_ms: None,
+    }
+}
+
+fn audit_action(kind: Kind) -> audit::Action {
+    match kind {
+        Kind::Tag => audit::Action::Tag,
+        Kind::Untag => audit::Action::Untag,
+        Kind::Remove => audit::Action::Remove,
+        Kind::Evict => audit::Action::Evict,
+        Kind::PruneBuild => audit::Action::PruneBuild,
     }
 }

@@ -174,13 +174,59 @@ fn layer_list<'a>(
         .chain(pseudo)
 }
 
+/// One image eviction takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Eviction {
+    /// The candidate.
+    pub candidate: usize,
+    /// The bytes it frees, taken after those before it.
+    pub bytes: u64,
+}
+
 /// What eviction decided.
 pub struct Outcome {
-    /// In order: `evict` actions, then a build-cache `prune_build` if due.
-    pub actions: Vec<Action>,
-    /// Per `evict` action, in the same order: the candidate it takes.
-    pub evicted: Vec<usize>,
+    /// In order. Their `evict` actions are built on demand ([`Outcome::action`]):
+    /// a plan spells out only those it shows.
+    pub evictions: Vec<Eviction>,
+    /// A build-cache `prune_build`, if due.
+    pub prune: Option<Action>,
     pub pressure: Pressure,
+    /// Why eviction runs, for the reasons.
+    targets: String,
+}
+
+impl Outcome {
+    /// The `evict` action of one of `evictions`.
+    pub fn action(&self, inputs: &Inputs, candidates: &[Candidate], e: Eviction) -> Action {
+        let c = &candidates[e.candidate];
+        let mut reason = String::with_capacity(80 + self.targets.len());
+        let _ = match inputs.storage.order {
+            EvictOrder::Lru => write!(
+                reason,
+                "least recently active (last activity {} ago)",
+                Human(inputs.now - c.activity)
+            ),
+            EvictOrder::Created => write!(
+                reason,
+                "oldest created ({} ago)",
+                Human(inputs.now - c.image.created)
+            ),
+        };
+        if c.tags > 1 {
+            let _ = write!(reason, ", with {} more reference(s)", c.tags - 1);
+        }
+        reason.push_str("; ");
+        reason.push_str(&self.targets);
+        Action {
+            kind: Kind::Evict,
+            reference: c.first_tag.map(str::to_string),
+            image: c.image.id.clone(),
+            rule: "storage".to_string(),
+            reason,
+            bytes: Some(e.bytes),
+            keep_bytes: None,
+        }
+    }
 }
 
 /// Plan evictions over the store as retention leaves it, in full: the
@@ -245,8 +291,8 @@ pub fn plan<'a>(
     }
     pressure.to_free = to_free;
 
-    let mut actions = Vec::new();
-    let mut evicted = Vec::new();
+    let mut evictions = Vec::new();
+    let targets = why.join("; ");
     if to_free > 0 {
         // Candidates come in image id order: their index breaks ties.
         let mut order: Vec<(i64, i64, usize)> = candidates
@@ -259,42 +305,17 @@ pub fn plan<'a>(
             })
             .collect();
         order.sort_unstable();
-        let targets = why.join("; ");
         let mut freed = 0u64;
         for k in order.into_iter().map(|(_, _, k)| k) {
             if freed >= to_free {
                 break;
             }
             let c = &candidates[k];
-            evicted.push(k);
-            let gain = counts.remove(c.image, c.layers);
-            freed += gain;
-            let mut reason = String::with_capacity(80 + targets.len());
-            let _ = match s.order {
-                EvictOrder::Lru => write!(
-                    reason,
-                    "least recently active (last activity {} ago)",
-                    Human(inputs.now - c.activity)
-                ),
-                EvictOrder::Created => write!(
-                    reason,
-                    "oldest created ({} ago)",
-                    Human(inputs.now - c.image.created)
-                ),
-            };
-            if c.tags > 1 {
-                let _ = write!(reason, ", with {} more reference(s)", c.tags - 1);
-            }
-            reason.push_str("; ");
-            reason.push_str(&targets);
-            actions.push(Action {
-                kind: Kind::Evict,
-                reference: c.first_tag.map(str::to_string),
-                image: c.image.id.clone(),
-                rule: "storage".to_string(),
-                reason,
-                bytes: Some(gain),
-                keep_bytes: None,
+            let bytes = counts.remove(c.image, c.layers);
+            freed += bytes;
+            evictions.push(Eviction {
+                candidate: k,
+                bytes,
             });
         }
         if freed < to_free {
@@ -320,12 +341,13 @@ pub fn plan<'a>(
             });
         }
     }
+    let mut prune = None;
     if let Some(max) = s.build_cache_max
         && let Some(size) = inputs.build_cache
     {
         pressure.build_cache = Some((size, max));
         if size > max {
-            actions.push(Action {
+            prune = Some(Action {
                 kind: Kind::PruneBuild,
                 reference: None,
                 image: String::new(),
@@ -340,11 +362,12 @@ pub fn plan<'a>(
             });
         }
     }
-    pressure.summary = why.join("; ");
+    pressure.summary = targets.clone();
     Outcome {
-        actions,
-        evicted,
+        evictions,
+        prune,
         pressure,
+        targets,
     }
 }
 

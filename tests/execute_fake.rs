@@ -151,3 +151,77 @@ fn shutdown_stops_between_actions() {
     assert!(records.is_empty());
     assert_eq!(engine.references().len(), 5);
 }
+
+/// A backlog is one `deferred` record per kind and rule, whatever its size:
+/// a reconcile does not write a record per removal it will not make.
+#[test]
+fn deferred_removals_are_one_record_per_kind_and_rule() {
+    let p = policy(
+        "[daemon]\nmax_removals = 1\n\n\
+         [[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 1\n\n\
+         [[retain]]\nname = \"dangling\"\nuntagged = true\n",
+    );
+    let images = vec![
+        img("a1", 40.0, &["app:1"]),
+        img("a2", 30.0, &["app:2"]),
+        img("a3", 20.0, &["app:3"]),
+        img("a4", 10.0, &["app:4"]),
+        img("d1", 10.0, &[]),
+        img("d2", 10.0, &[]),
+    ];
+    let engine = FakeEngine::new(images.clone(), vec![]);
+    let observed = Observed {
+        images,
+        ..Observed::default()
+    };
+    let full = plan::plan(&p, &observed, &State::default(), NOW);
+    let pl = plan::plan_to_apply(&p, &observed, &State::default(), NOW);
+    assert_eq!((full.actions.len(), full.deferred.len()), (1, 4));
+    assert!(pl.deferred.is_empty(), "{:?}", pl.deferred);
+    assert_eq!(pl.deferred_count(), 4);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let mut log = AuditLog::open(&path).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let report = rt
+        .block_on(reconcile::execute(
+            &engine,
+            &pl,
+            &mut log,
+            "run-1",
+            false,
+            &Fixed,
+            &CancellationToken::new(),
+        ))
+        .unwrap();
+    assert_eq!((report.removed, report.deferred), (1, 4));
+    let records = audit::read(&path).unwrap().records;
+    let deferred: Vec<(Option<&str>, &str)> = records
+        .iter()
+        .filter(|r| r.outcome == Outcome::Deferred)
+        .map(|r| (r.rule.as_deref(), r.reason.as_str()))
+        .collect();
+    // Dangling images sort after references: the one removal made now is
+    // `app`'s oldest release; two of `app` and two dangling images wait.
+    assert_eq!(
+        deferred,
+        vec![
+            (
+                Some("app"),
+                "2 deferred: max_removals reached; they wait for the next reconcile (`stowage plan` lists them)"
+            ),
+            (
+                Some("dangling"),
+                "2 deferred: max_removals reached; they wait for the next reconcile (`stowage plan` lists them)"
+            ),
+        ]
+    );
+    assert!(
+        records
+            .iter()
+            .filter(|r| r.outcome == Outcome::Deferred)
+            .all(|r| r.action == AuditAction::Remove && r.reference.is_none())
+    );
+}

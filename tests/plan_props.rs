@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use proptest::prelude::*;
 use stowage::audit::AuditLog;
@@ -178,9 +178,25 @@ proptest! {
         }
         let got = plan::plan(p, &shuffled, &s.state, NOW);
         prop_assert_eq!(&got, &want);
-        // What a reconcile executes is the same plan without the verdicts.
+        // Each removal is planned once, now or later.
+        let mut seen = HashSet::new();
+        for a in want.actions.iter().chain(&want.deferred).filter(|a| a.kind.is_removal()) {
+            prop_assert!(seen.insert((a.reference.clone(), a.image.clone())), "planned twice: {a:?}");
+        }
+        // The backlog counts exactly the deferred removals, per kind and rule.
+        let mut counted: BTreeMap<(String, Kind), usize> = BTreeMap::new();
+        for a in &want.deferred {
+            *counted.entry((a.rule.clone(), a.kind)).or_default() += 1;
+        }
+        let backlog: BTreeMap<(String, Kind), usize> =
+            want.backlog.iter().map(|b| ((b.rule.clone(), b.kind), b.count)).collect();
+        prop_assert_eq!(backlog.len(), want.backlog.len());
+        prop_assert_eq!(backlog, counted);
+        // What a reconcile executes is the same plan without the verdicts,
+        // and with the deferred removals only counted.
         let mut bare = want;
         bare.verdicts.clear();
+        bare.deferred.clear();
         prop_assert_eq!(plan::plan_to_apply(p, &shuffled, &s.state, NOW), bare);
     }
 

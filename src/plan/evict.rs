@@ -7,9 +7,10 @@ use crate::policy::{Policy, Storage};
 use crate::storage;
 
 use super::index::Index;
-use super::{Decision, Kind, Observed, Plan, count_removals, decision_of, split_budget};
+use super::{Decision, Detail, Kind, Observed, Plan, count_removals, decision_of, parallel_map};
 
 /// `counts`: the layer counts of `observed.images`, in their order.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn evict<'a>(
     policy: &Policy,
     storage: &Storage,
@@ -17,6 +18,7 @@ pub(super) fn evict<'a>(
     index: &Index<'a>,
     mut counts: storage::LayerCounts<'a>,
     now: i64,
+    detail: Detail,
     result: &mut Plan,
 ) {
     let images = &index.images;
@@ -94,16 +96,28 @@ pub(super) fn evict<'a>(
         .daemon
         .max_removals
         .saturating_sub(count_removals(&result.actions));
-    let (now_actions, later) = split_budget(outcome.actions, budget);
-    if !result.verdicts.is_empty() {
-        // Per image: what eviction decided, and the action behind it. The
-        // evictions are all removals, so the first `budget` go now.
+    // Evictions are all removals: the first `budget` go now, the rest are
+    // counted, and spelled out only when asked.
+    let evictions = &outcome.evictions;
+    let now_count = evictions.len().min(budget);
+    let built = if detail.deferred {
+        evictions.len()
+    } else {
+        now_count
+    };
+    let mut now_actions = parallel_map(built, |j| {
+        outcome.action(&inputs, &candidates, evictions[j])
+    });
+    let later = now_actions.split_off(now_count);
+    result.defer(Kind::Evict, "storage", evictions.len() - now_count);
+    if detail.verdicts {
+        // Per image: what eviction decided, and the action behind it.
         let mut decided: Vec<Option<(Decision, &super::Action)>> = vec![None; images.len()];
-        for (j, &c) in outcome.evicted.iter().enumerate() {
-            decided[kept[c]] = Some(if j < budget {
+        for (j, e) in evictions.iter().enumerate() {
+            decided[kept[e.candidate]] = Some(if j < now_count {
                 (decision_of(now_actions[j].kind), &now_actions[j])
             } else {
-                (Decision::Deferred, &later[j - budget])
+                (Decision::Deferred, &later[j - now_count])
             });
         }
         // Verdicts of this index's entries come first, in entry order; any
@@ -121,6 +135,7 @@ pub(super) fn evict<'a>(
         }
     }
     result.actions.extend(now_actions);
+    result.actions.extend(outcome.prune);
     result.deferred.extend(later);
     result.pressure = Some(outcome.pressure);
 }

@@ -169,12 +169,25 @@ pub struct Verdict {
     pub reason: String,
 }
 
+/// Removals of one kind and rule held back by `max_removals`: what a
+/// reconcile records, one audit record each, however long the backlog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Backlog {
+    pub kind: Kind,
+    pub rule: String,
+    pub count: usize,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Plan {
     /// In execution order: tags first, then removals.
     pub actions: Vec<Action>,
-    /// Removals held back by `max_removals`, for the next reconcile.
+    /// Removals held back by `max_removals`, for the next reconcile, in
+    /// full: only from [`plan`]. A reconcile has no use for what it will not
+    /// do, and on a large backlog spelling it out is most of a plan's work.
     pub deferred: Vec<Action>,
+    /// The same removals counted per kind and rule, by rule; from every plan.
+    pub backlog: Vec<Backlog>,
     pub protected: Vec<Protected>,
     pub warnings: Vec<Warning>,
     /// One per reference (and per dangling image) present before the plan.
@@ -185,25 +198,73 @@ pub struct Plan {
     /// floating tag moved off their last one), in id order.
     #[serde(skip)]
     dangling_after: Vec<String>,
+    /// Images (in index order) whose removal as dangling images is deferred:
+    /// for the follow-up pass, which must not plan them twice.
+    #[serde(skip)]
+    deferred_dangling: Vec<usize>,
 }
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.actions.is_empty() && self.deferred.is_empty()
+        self.actions.is_empty() && self.backlog.is_empty()
     }
+
+    /// Removals held back by `max_removals`.
+    pub fn deferred_count(&self) -> usize {
+        self.backlog.iter().map(|b| b.count).sum()
+    }
+
+    /// Count `n` more deferred removals of a kind and rule.
+    fn defer(&mut self, kind: Kind, rule: &str, n: usize) {
+        if n == 0 {
+            return;
+        }
+        match self
+            .backlog
+            .iter_mut()
+            .find(|b| b.kind == kind && b.rule == rule)
+        {
+            Some(b) => b.count += n,
+            None => self.backlog.push(Backlog {
+                kind,
+                rule: rule.to_string(),
+                count: n,
+            }),
+        }
+    }
+}
+
+/// What a plan spells out beyond what a reconcile executes.
+#[derive(Debug, Clone, Copy)]
+struct Detail {
+    /// A verdict per reference (needs `deferred`: verdicts quote them).
+    verdicts: bool,
+    /// Each deferred removal as an action, not only counted.
+    deferred: bool,
+}
+
+impl Detail {
+    const ALL: Detail = Detail {
+        verdicts: true,
+        deferred: true,
+    };
+    const APPLY: Detail = Detail {
+        verdicts: false,
+        deferred: false,
+    };
 }
 
 /// Plan one reconcile, with a verdict for every reference (`status`,
 /// `plan --json`). `now` is Unix seconds.
 pub fn plan(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Plan {
-    plan_with(policy, observed, state, now, true, PARALLEL_FROM)
+    plan_with(policy, observed, state, now, Detail::ALL, PARALLEL_FROM)
 }
 
-/// The same plan without `verdicts`: what a reconcile executes. The
-/// verdicts, a row per reference, are for `status`; a reconcile would only
-/// build and drop them.
+/// The same plan without `verdicts` and with `deferred` only counted (in
+/// `backlog`): what a reconcile executes. The verdicts, a row per reference,
+/// are for `status`; a reconcile would only build and drop them.
 pub fn plan_to_apply(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Plan {
-    plan_with(policy, observed, state, now, false, PARALLEL_FROM)
+    plan_with(policy, observed, state, now, Detail::APPLY, PARALLEL_FROM)
 }
 
 fn plan_with(
@@ -211,7 +272,7 @@ fn plan_with(
     observed: &Observed,
     state: &State,
     now: i64,
-    verdicts: bool,
+    detail: Detail,
     parallel_from: usize,
 ) -> Plan {
     let sorted = Sorted::new(&observed.images);
@@ -241,10 +302,11 @@ fn plan_with(
         let index = Index::build(policy, &observed.images, &sorted, || {
             waits.then(|| rx.recv().ok()).flatten().unwrap_or_else(look)
         });
-        let mut result = retention(policy, &index, now, verdicts);
+        let mut result = retention(policy, &index, now, detail);
         if !result.dangling_after.is_empty() {
-            follow_up(policy, observed, state, now, verdicts, &mut result);
+            follow_up(policy, observed, state, now, &index, detail, &mut result);
         }
+        result.deferred_dangling = Vec::new();
         let counts = helper.and_then(|handle| {
             handle
                 .join()
@@ -252,8 +314,20 @@ fn plan_with(
         });
         if let Some(storage) = &policy.storage {
             let counts = counts.unwrap_or_else(count_layers);
-            evict::evict(policy, storage, observed, &index, counts, now, &mut result);
+            evict::evict(
+                policy,
+                storage,
+                observed,
+                &index,
+                counts,
+                now,
+                detail,
+                &mut result,
+            );
         }
+        result
+            .backlog
+            .sort_by(|a, b| a.rule.cmp(&b.rule).then(a.kind.cmp(&b.kind)));
         result
     })
 }
@@ -299,7 +373,8 @@ fn follow_up(
     observed: &Observed,
     state: &State,
     now: i64,
-    verdicts: bool,
+    first: &Index,
+    detail: Detail,
     result: &mut Plan,
 ) {
     let untagged_rules = policy
@@ -336,18 +411,27 @@ fn follow_up(
     let index = Index::build(policy, &store.images, &sorted, || {
         index::known(&sorted, policy, &store.containers, state, now)
     });
-    let next = retention(policy, &index, now, false);
-    let known: HashSet<(Option<&str>, &str)> = result
-        .actions
+    let next = retention(
+        policy,
+        &index,
+        now,
+        Detail {
+            verdicts: false,
+            deferred: true,
+        },
+    );
+    // Every action of this pass is a dangling image's; those the first pass
+    // removes are not in its store, those it defers are planned already.
+    let deferred: HashSet<&str> = result
+        .deferred_dangling
         .iter()
-        .chain(&result.deferred)
-        .map(|d| (d.reference.as_deref(), d.image.as_str()))
+        .map(|&k| first.images[k].id.as_str())
         .collect();
     let fresh: Vec<Action> = next
         .actions
         .into_iter()
         .chain(next.deferred)
-        .filter(|a| !known.contains(&(a.reference.as_deref(), a.image.as_str())))
+        .filter(|a| !deferred.contains(a.image.as_str()))
         .collect();
     let budget = policy
         .daemon
@@ -358,7 +442,7 @@ fn follow_up(
         .iter()
         .map(|a| (a, decision_of(a.kind)))
         .chain(later.iter().map(|a| (a, Decision::Deferred)))
-        .filter(|_| verdicts)
+        .filter(|_| detail.verdicts)
     {
         result.verdicts.push(Verdict {
             reference: a.reference.clone(),
@@ -369,7 +453,12 @@ fn follow_up(
         });
     }
     result.actions.extend(now_actions);
-    result.deferred.extend(later);
+    for a in &later {
+        result.defer(a.kind, &a.rule, 1);
+    }
+    if detail.deferred {
+        result.deferred.extend(later);
+    }
 }
 
 fn decision_of(k: Kind) -> Decision {
@@ -464,7 +553,7 @@ pub fn render(plan: &Plan) -> String {
         r.clone()
             .unwrap_or_else(|| format!("<none> {}", short(img)))
     };
-    if plan.actions.is_empty() && plan.deferred.is_empty() {
+    if plan.is_empty() {
         out.push_str("nothing to do\n");
     } else {
         let mut groups: BTreeMap<String, Vec<(&Action, bool)>> = BTreeMap::new();
@@ -586,7 +675,7 @@ pub fn render(plan: &Plan) -> String {
         count(Kind::Untag),
         count(Kind::Remove),
         human_bytes(removed),
-        plan.deferred.len(),
+        plan.deferred_count(),
         plan.protected.len(),
         plan.warnings.len()
     );
@@ -624,8 +713,15 @@ mod tests {
         )
         .expect("valid");
         let (observed, state) = (&store.observed, &store.state);
-        let inline = plan_with(&policy, observed, state, SYNTHETIC_NOW, true, usize::MAX);
-        let beside = plan_with(&policy, observed, state, SYNTHETIC_NOW, true, 0);
+        let inline = plan_with(
+            &policy,
+            observed,
+            state,
+            SYNTHETIC_NOW,
+            Detail::ALL,
+            usize::MAX,
+        );
+        let beside = plan_with(&policy, observed, state, SYNTHETIC_NOW, Detail::ALL, 0);
         assert!(inline.pressure.is_some() && !inline.deferred.is_empty());
         assert_eq!(inline, beside);
     }

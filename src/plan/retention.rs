@@ -13,7 +13,8 @@ use crate::policy::{FloatOrder, OnViolation, Order, Policy, Retain, RetainScope}
 
 use super::index::{DANGLING, Entry, Index, TagMemo};
 use super::{
-    Action, Decision, Human, Kind, Plan, Protected, Verdict, Warning, decision_of, parallel_map,
+    Action, Decision, Detail, Human, Kind, Plan, Protected, Verdict, Warning, decision_of,
+    parallel_map,
 };
 
 /// How one retention rule placed an entry.
@@ -81,6 +82,14 @@ struct Reasons<'i, 'a> {
 }
 
 impl Reasons<'_, '_> {
+    /// The rule behind a removal.
+    fn rule(&self, c: Cause) -> &str {
+        match c {
+            Cause::Retain(m) => &self.policy.retain[m.rule].name,
+            Cause::Convention(r) => &self.policy.tags[r].name,
+        }
+    }
+
     fn kept(&self, m: Mark, activity: i64) -> String {
         let rule = &self.policy.retain[m.rule];
         match m.why {
@@ -147,8 +156,8 @@ fn violation(rule: &crate::policy::TagRule, tag: &str) -> String {
 }
 
 /// Steps 1 to 6 over one store: the plan before `[storage]`.
-/// With `verdicts`, one verdict per entry, in entry order.
-pub(super) fn retention(policy: &Policy, index: &Index, now: i64, verdicts: bool) -> Plan {
+/// With `detail.verdicts`, one verdict per entry, in entry order.
+pub(super) fn retention(policy: &Policy, index: &Index, now: i64, detail: Detail) -> Plan {
     let entries = &index.entries;
     let images = &index.images;
     let facts = &index.facts;
@@ -436,24 +445,46 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64, verdicts: bool
         .filter(|&k| index.named[k] && remaining[k] == 0 && last_of[k].is_none())
         .map(|k| images[k].id.clone())
         .collect();
-    let mut removal_actions = parallel_map(removals.len(), |pos| {
+    let last = |pos: usize| {
+        let img = entries[removals[pos]].img;
+        last_of[img] == Some(pos) && remaining[img] == 0
+    };
+    let kind = |pos: usize| if last(pos) { Kind::Remove } else { Kind::Untag };
+    // Every removal action is a removal: the first `max_removals` go now,
+    // the rest are counted, and spelled out only when asked.
+    let now_count = removals.len().min(policy.daemon.max_removals);
+    let built = if detail.deferred {
+        removals.len()
+    } else {
+        now_count
+    };
+    let mut removal_actions = parallel_map(built, |pos| {
         let i = removals[pos];
         let e = &entries[i];
         let img = images[e.img];
-        let last = last_of[e.img] == Some(pos) && remaining[e.img] == 0;
         let (rule, reason) = reasons.removed(cause[i].expect("a removal"), e);
         Action {
-            kind: if last { Kind::Remove } else { Kind::Untag },
+            kind: kind(pos),
             reference: e.reference.map(str::to_string),
             image: img.id.clone(),
             rule,
             reason,
-            bytes: last.then_some(img.size),
+            bytes: last(pos).then_some(img.size),
             keep_bytes: None,
         }
     });
-    // Every removal action is a removal: the first `max_removals` go now.
-    let now_count = removal_actions.len().min(policy.daemon.max_removals);
+    let mut backlog: HashMap<(Kind, &str), usize> = HashMap::default();
+    for (pos, &i) in removals.iter().enumerate().skip(now_count) {
+        *backlog
+            .entry((kind(pos), reasons.rule(cause[i].expect("a removal"))))
+            .or_default() += 1;
+        if entries[i].reference.is_none() {
+            plan.deferred_dangling.push(entries[i].img);
+        }
+    }
+    for ((kind, rule), count) in backlog {
+        plan.defer(kind, rule, count);
+    }
     let mut decided: Vec<Option<(Decision, usize)>> = vec![None; n];
     for (pos, &i) in removals.iter().enumerate() {
         decided[i] = Some(if pos < now_count {
@@ -463,7 +494,7 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64, verdicts: bool
         });
     }
     // Verdicts: for `status` and `plan --json`; a reconcile goes without.
-    if verdicts {
+    if detail.verdicts {
         plan.verdicts = parallel_map(n, |i| {
             let e = &entries[i];
             let (decision, rule, reason) = if let Some((d, pos)) = decided[i] {
