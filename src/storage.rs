@@ -70,8 +70,8 @@ pub struct Shortfall {
 /// One image as eviction sees it.
 pub struct Candidate<'a> {
     pub image: &'a Image,
-    /// Its layers; `None`: unknown, counted as one layer of its size.
-    pub layers: Option<&'a [Layer]>,
+    /// Its position in the [`LayerCounts`].
+    pub counted: usize,
     /// Its first reference as the plan leaves it, and how many it keeps.
     pub first_tag: Option<&'a str>,
     pub tags: usize,
@@ -93,37 +93,47 @@ pub struct Inputs<'a> {
 }
 
 /// Each image's layers, and how many images hold each layer: the
-/// bookkeeping that makes "bytes freed" exact with shared layers.
-pub struct LayerCounts<'a> {
-    /// Per image, in the order counted: its layers (`None`: unknown).
-    pub per_image: Vec<Option<&'a [Layer]>>,
-    /// Per layer (chain id): images holding it, and its size.
-    refs: HashMap<&'a str, (usize, u64)>,
+/// bookkeeping that makes "bytes freed" exact with shared layers. Layers are
+/// numbered once, when counted, so taking images out later (thousands of
+/// them under pressure) is array arithmetic rather than hashing chain ids.
+pub struct LayerCounts {
+    /// Per image, in the order counted: its layers are `layers[start..end]`.
+    spans: Vec<(usize, usize)>,
+    /// The layer numbers of all images, image after image.
+    layers: Vec<usize>,
+    /// Per layer number: images still holding it, and its size.
+    held: Vec<(usize, u64)>,
     /// Bytes of the layers some image still holds.
     bytes: u64,
 }
 
-impl<'a> LayerCounts<'a> {
-    pub fn count(images: &'a [Image], layers: &'a LayerMap) -> Self {
-        let per_image: Vec<Option<&[Layer]>> = images
-            .iter()
-            .map(|i| layers.get(&i.id).map(Vec::as_slice))
-            .collect();
-        let mut refs: HashMap<&str, (usize, u64)> = HashMap::default();
-        refs.reserve(images.len() * 2);
+impl LayerCounts {
+    pub fn count(images: &[Image], known: &LayerMap) -> Self {
+        let mut numbers: HashMap<&str, usize> = HashMap::default();
+        numbers.reserve(images.len() * 2);
+        let mut spans = Vec::with_capacity(images.len());
+        let mut layers = Vec::with_capacity(images.len() * 4);
+        let mut held: Vec<(usize, u64)> = Vec::new();
         let mut bytes = 0;
-        for (img, known) in images.iter().zip(&per_image) {
-            for (id, size) in layer_list(*known, img) {
-                let (n, _) = refs.entry(id).or_insert((0, size));
-                if *n == 0 {
-                    bytes += size;
+        for img in images {
+            let start = layers.len();
+            for (id, size) in layer_list(known.get(&img.id).map(Vec::as_slice), img) {
+                let l = *numbers.entry(id).or_insert_with(|| {
+                    held.push((0, size));
+                    held.len() - 1
+                });
+                if held[l].0 == 0 {
+                    bytes += held[l].1;
                 }
-                *n += 1;
+                held[l].0 += 1;
+                layers.push(l);
             }
+            spans.push((start, layers.len()));
         }
         LayerCounts {
-            per_image,
-            refs,
+            spans,
+            layers,
+            held,
             bytes,
         }
     }
@@ -132,16 +142,22 @@ impl<'a> LayerCounts<'a> {
         self.bytes
     }
 
-    /// Take one image out; returns the bytes that only it held.
-    pub fn remove(&mut self, img: &'a Image, known: Option<&'a [Layer]>) -> u64 {
+    fn layers_of(&self, image: usize) -> &[usize] {
+        let (start, end) = self.spans[image];
+        &self.layers[start..end]
+    }
+
+    /// Take out the image counted at position `image`; returns the bytes
+    /// that only it held.
+    pub fn remove(&mut self, image: usize) -> u64 {
+        let (start, end) = self.spans[image];
         let mut freed = 0;
-        for (id, size) in layer_list(known, img) {
-            if let Some((n, _)) = self.refs.get_mut(id)
-                && *n > 0
-            {
+        for &l in &self.layers[start..end] {
+            let (n, size) = &mut self.held[l];
+            if *n > 0 {
                 *n -= 1;
                 if *n == 0 {
-                    freed += size;
+                    freed += *size;
                 }
             }
         }
@@ -149,9 +165,14 @@ impl<'a> LayerCounts<'a> {
         freed
     }
 
-    /// Images still holding a layer.
-    fn holders(&self, id: &str) -> usize {
-        self.refs.get(id).map_or(0, |(n, _)| *n)
+    /// Bytes of the layers that no other remaining image holds.
+    fn own_bytes(&self, image: usize) -> u64 {
+        self.layers_of(image)
+            .iter()
+            .map(|&l| self.held[l])
+            .filter(|&(n, _)| n <= 1)
+            .map(|(_, size)| size)
+            .sum()
     }
 }
 
@@ -232,11 +253,7 @@ impl Outcome {
 /// Plan evictions over the store as retention leaves it, in full: the
 /// caller holds back what exceeds `max_removals`. `counts` cover exactly
 /// the candidates.
-pub fn plan<'a>(
-    inputs: &Inputs,
-    candidates: &[Candidate<'a>],
-    mut counts: LayerCounts<'a>,
-) -> Outcome {
+pub fn plan(inputs: &Inputs, candidates: &[Candidate], mut counts: LayerCounts) -> Outcome {
     let s = inputs.storage;
     let now_bytes = counts.bytes();
     let before = inputs.image_bytes_before.max(now_bytes);
@@ -311,7 +328,7 @@ pub fn plan<'a>(
                 break;
             }
             let c = &candidates[k];
-            let bytes = counts.remove(c.image, c.layers);
+            let bytes = counts.remove(c.counted);
             freed += bytes;
             evictions.push(Eviction {
                 candidate: k,
@@ -324,10 +341,7 @@ pub fn plan<'a>(
             for c in candidates {
                 if let Some(rule) = c.protection {
                     // Bytes only this image holds among the remaining ones.
-                    let own: u64 = layer_list(c.layers, c.image)
-                        .filter(|(id, _)| counts.holders(id) <= 1)
-                        .map(|(_, s)| s)
-                        .sum();
+                    let own = counts.own_bytes(c.counted);
                     *by_rule.entry(rule.to_string()).or_default() += own;
                     protected_bytes += own;
                 }

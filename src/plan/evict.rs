@@ -2,7 +2,6 @@
 //! what is left of `max_removals`. The index and its per-image facts are the
 //! ones retention used; nothing is derived twice.
 
-use crate::engine::Layer;
 use crate::policy::{Policy, Storage};
 use crate::storage;
 
@@ -11,12 +10,12 @@ use super::{Decision, Detail, Kind, Observed, Plan, count_removals, decision_of,
 
 /// `counts`: the layer counts of `observed.images`, in their order.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn evict<'a>(
+pub(super) fn evict(
     policy: &Policy,
     storage: &Storage,
     observed: &Observed,
-    index: &Index<'a>,
-    mut counts: storage::LayerCounts<'a>,
+    index: &Index,
+    mut counts: storage::LayerCounts,
     now: i64,
     detail: Detail,
     result: &mut Plan,
@@ -58,21 +57,21 @@ pub(super) fn evict<'a>(
             protect[e.img] = index.protect[i];
         }
     }
-    // Layers per image, from the input's order to the index's.
-    let mut layers: Vec<Option<&[Layer]>> = vec![None; images.len()];
-    for (known, &k) in counts.per_image.iter().zip(index.at()) {
-        layers[k] = *known;
+    // Per image: its position in the input, which the counts follow.
+    let mut counted = vec![0; images.len()];
+    for (input, &k) in index.at().iter().enumerate() {
+        counted[k] = input;
     }
     let image_bytes_before = counts.bytes();
     for k in (0..images.len()).filter(|&k| gone[k]) {
-        counts.remove(images[k], layers[k]);
+        counts.remove(counted[k]);
     }
     let kept: Vec<usize> = (0..images.len()).filter(|&k| !gone[k]).collect();
     let candidates: Vec<storage::Candidate> = kept
         .iter()
         .map(|&k| storage::Candidate {
             image: images[k],
-            layers: layers[k],
+            counted: counted[k],
             first_tag: first[k],
             tags: count[k],
             activity: index.facts[k].activity,
