@@ -214,6 +214,24 @@ fn prepull_images_are_protected() {
     );
 }
 
+/// A `[[prepull]]` by digest names the image holding that digest, whatever
+/// its tags.
+#[test]
+fn prepull_by_digest_is_protected() {
+    let digest = format!("app@sha256:{}", "d".repeat(64));
+    let mut images = app5();
+    images[1].repo_digests = vec![digest.clone()];
+    snapshot(
+        "prepull_by_digest",
+        &format!(
+            "[[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 1\n\n\
+             [[prepull]]\nimage = \"{digest}\"\nrefresh = \"never\"\n"
+        ),
+        images,
+        vec![],
+    );
+}
+
 #[test]
 fn min_age_protects_new_images() {
     let mut state = State {

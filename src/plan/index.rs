@@ -178,17 +178,9 @@ impl<'a> Index<'a> {
         let mut raw: Vec<Raw> = Vec::with_capacity(all.len() * 2);
         let mut created = vec![0; all.len()];
         let mut named = vec![false; all.len()];
-        // Images that a [[prepull]] entry names (by tag or by digest); the
-        // first entry naming one gives its reason.
-        let mut prepulled: Vec<Option<&str>> = vec![None; all.len()];
         for (img, &k) in all.iter().zip(at) {
             created[k] = img.created;
             named[k] = !img.repo_tags.is_empty();
-            prepulled[k] = policy
-                .prepull
-                .iter()
-                .find(|p| img.repo_tags.contains(&p.image) || img.repo_digests.contains(&p.image))
-                .map(|p| p.image.as_str());
             for r in &img.repo_tags {
                 let (repo, tag) = split_tag(r);
                 let tag = tag.unwrap_or("");
@@ -271,12 +263,10 @@ impl<'a> Index<'a> {
             semver_rank[*id] = r;
         }
 
-        let min_age = i64::try_from(policy.daemon.min_age.as_secs()).unwrap_or(i64::MAX);
-        let facts = facts(known(), &prepulled, min_age);
         let mut index = Index {
             images,
             sorted,
-            facts,
+            facts: Vec::new(),
             created,
             named,
             entries,
@@ -287,6 +277,8 @@ impl<'a> Index<'a> {
             protect: Vec::new(),
         };
         index.protect = index.protections(policy);
+        let min_age = i64::try_from(policy.daemon.min_age.as_secs()).unwrap_or(i64::MAX);
+        index.facts = facts(known(), &index.prepulled(policy), min_age);
         index
     }
 
@@ -338,6 +330,29 @@ impl<'a> Index<'a> {
             0
         };
         (Reverse(rank), Reverse(self.created[e.img]))
+    }
+
+    /// Per image: the first `[[prepull]]` entry naming it, by reference or
+    /// by digest: a few lookups, not a comparison per image and entry.
+    fn prepulled<'p>(&self, policy: &'p Policy) -> Vec<Option<&'p str>> {
+        let mut out = vec![None; self.images.len()];
+        for p in &policy.prepull {
+            let image = p.image.as_str();
+            if image.contains('@') {
+                for (k, img) in self.images.iter().enumerate() {
+                    if img.repo_digests.iter().any(|d| d == image) {
+                        out[k].get_or_insert(image);
+                    }
+                }
+            } else if let Some(i) = self.find(image) {
+                // Should two images claim the reference, both are named.
+                let same = |x: &Entry| x.reference == self.entries[i].reference;
+                for e in self.entries[i..].iter().take_while(|x| same(x)) {
+                    out[e.img].get_or_insert(image);
+                }
+            }
+        }
+        out
     }
 
     /// Per entry: the first `[[protect]]` entry matching its reference.
