@@ -42,6 +42,27 @@ enum Cause {
     Convention(usize),
 }
 
+/// Where a `[[float]]` rule puts one floating reference.
+#[derive(Clone, Copy)]
+struct Move {
+    /// The reference's entry today, if it exists.
+    existing: Option<usize>,
+    /// The newest candidate, its image, and how many there were.
+    newest: usize,
+    target: usize,
+    count: usize,
+    /// The float rule.
+    rule: usize,
+}
+
+impl Move {
+    /// Whether the reference must be tagged: it is missing, or names
+    /// another image.
+    fn changes(&self, entries: &[Entry]) -> bool {
+        self.existing.is_none_or(|i| entries[i].img != self.target)
+    }
+}
+
 /// A retention group for reasons: a repository (or the dangling images),
 /// narrowed by the rule's `group_by` capture.
 #[derive(Clone, Copy)]
@@ -78,15 +99,25 @@ struct Reasons<'i, 'a> {
     policy: &'i Policy,
     index: &'i Index<'a>,
     groups: Vec<Group<'a>>,
+    /// Per `[[tags]]` convention: its allowed patterns, listed.
+    allowed: Vec<String>,
     now: i64,
 }
 
 impl Reasons<'_, '_> {
-    /// The rule behind a removal.
-    fn rule(&self, c: Cause) -> &str {
+    /// The rule behind a removal, numbered: `[[retain]]` rules, then
+    /// `[[tags]]` conventions.
+    fn rule_number(&self, c: Cause) -> usize {
         match c {
-            Cause::Retain(m) => &self.policy.retain[m.rule].name,
-            Cause::Convention(r) => &self.policy.tags[r].name,
+            Cause::Retain(m) => m.rule,
+            Cause::Convention(r) => self.policy.retain.len() + r,
+        }
+    }
+
+    fn rule_name(&self, number: usize) -> &str {
+        match number.checked_sub(self.policy.retain.len()) {
+            None => &self.policy.retain[number].name,
+            Some(r) => &self.policy.tags[r].name,
         }
     }
 
@@ -142,17 +173,15 @@ impl Reasons<'_, '_> {
             }
             Cause::Convention(r) => {
                 let rule = &self.policy.tags[r];
-                (rule.name.clone(), violation(rule, e.tag))
+                (rule.name.clone(), self.violation(r, e.tag))
             }
         }
     }
-}
 
-fn violation(rule: &crate::policy::TagRule, tag: &str) -> String {
-    format!(
-        "tag {tag:?} does not match allow [{}]",
-        rule.allow.sources.join(", ")
-    )
+    /// A tag against `[[tags]]` convention `r`.
+    fn violation(&self, r: usize, tag: &str) -> String {
+        format!("tag {tag:?} does not match allow [{}]", self.allowed[r])
+    }
 }
 
 /// Steps 1 to 6 over one store: the plan before `[storage]`.
@@ -166,6 +195,11 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64, detail: Detail
         policy,
         index,
         groups: Vec::new(),
+        allowed: policy
+            .tags
+            .iter()
+            .map(|t| t.allow.sources.join(", "))
+            .collect(),
         now,
     };
 
@@ -312,8 +346,9 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64, detail: Detail
     // retention removes would move the tag again on the next reconcile.
     // The chosen candidates (`anchors`) are not untagged by conventions.
     let mut anchors: Vec<bool> = vec![false; n];
-    // (reference, existing entry, target image, float rule, reason)
-    let mut moves: HashMap<String, (Option<usize>, usize, usize, String)> = HashMap::default();
+    // Per floating reference (repository, tag): the last rule to place it
+    // wins. Words only for the moves that change something.
+    let mut moves: HashMap<(usize, &str), Move> = HashMap::default();
     for (fi, f) in policy.float.iter().enumerate() {
         let mut follows = TagMemo::new(index.tags.len());
         for r in (0..index.repos.len()).filter(|&r| float_masks[fi][r]) {
@@ -337,37 +372,47 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64, detail: Detail
             }
             let Some(newest) = newest else { continue };
             anchors[newest] = true;
-            let repo = index.repos[r];
-            let float_ref = format!("{repo}:{}", f.tag);
+            let existing = index.find_in(index.repos[r], &f.tag);
+            let m = Move {
+                existing,
+                newest,
+                target: entries[newest].img,
+                rule: fi,
+                count,
+            };
+            moves.insert((r, f.tag.as_str()), m);
+        }
+    }
+    let moves: Vec<((usize, &str), Move)> = moves.into_iter().collect();
+    let mut tags: Vec<Action> = moves
+        .iter()
+        .filter(|(_, m)| m.changes(entries))
+        .map(|&((r, tag), m)| {
+            let f = &policy.float[m.rule];
+            let float_ref = format!("{}:{tag}", index.repos[r]);
             let order = match f.order {
                 FloatOrder::Semver => "semver",
                 FloatOrder::Created => "created",
             };
             let reason = format!(
-                "{float_ref} -> {} (newest by {order} of {count} candidate{})",
-                entries[newest].reference.unwrap_or(""),
-                if count == 1 { "" } else { "s" }
+                "{float_ref} -> {} (newest by {order} of {} candidate{})",
+                entries[m.newest].reference.unwrap_or(""),
+                m.count,
+                if m.count == 1 { "" } else { "s" }
             );
-            let existing = index.find_in(repo, &f.tag);
-            moves.insert(float_ref, (existing, entries[newest].img, fi, reason));
-        }
-    }
-    let mut float_refs: Vec<&String> = moves.keys().collect();
-    float_refs.sort();
-    for fr in float_refs {
-        let (existing, target_img, fi, reason) = &moves[fr];
-        if existing.is_none_or(|i| entries[i].img != *target_img) {
-            plan.actions.push(Action {
+            Action {
                 kind: Kind::Tag,
-                reference: Some(fr.clone()),
-                image: images[*target_img].id.clone(),
-                rule: policy.float[*fi].name.clone(),
-                reason: reason.clone(),
+                reference: Some(float_ref),
+                image: images[m.target].id.clone(),
+                rule: f.name.clone(),
+                reason,
                 bytes: None,
                 keep_bytes: None,
-            });
-        }
-    }
+            }
+        })
+        .collect();
+    tags.sort_by(|a, b| a.reference.cmp(&b.reference));
+    plan.actions.extend(tags);
 
     // Which references stay on each image after the plan (for untag vs remove,
     // and for tag conventions' "keeps another reference").
@@ -377,12 +422,10 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64, detail: Detail
             remaining[e.img] += 1;
         }
     }
-    for (existing, img, _, _) in moves.values() {
-        if existing.is_none_or(|i| entries[i].img != *img) {
-            remaining[*img] += 1;
-            if let Some(cur) = existing {
-                remaining[entries[*cur].img] = remaining[entries[*cur].img].saturating_sub(1);
-            }
+    for (_, m) in moves.iter().filter(|(_, m)| m.changes(entries)) {
+        remaining[m.target] += 1;
+        if let Some(cur) = m.existing {
+            remaining[entries[cur].img] = remaining[entries[cur].img].saturating_sub(1);
         }
     }
 
@@ -407,7 +450,7 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64, detail: Detail
                     remaining[e.img] -= 1;
                     continue;
                 }
-                let base = violation(rule, e.tag);
+                let base = reasons.violation(ti, e.tag);
                 let reason = if !untag {
                     base
                 } else if let Some((pr, _)) = protection {
@@ -473,17 +516,18 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64, detail: Detail
             keep_bytes: None,
         }
     });
-    let mut backlog: HashMap<(Kind, &str), usize> = HashMap::default();
+    // Per rule (numbered): deferred untags and removes.
+    let mut backlog = vec![[0usize; 2]; policy.retain.len() + policy.tags.len()];
     for (pos, &i) in removals.iter().enumerate().skip(now_count) {
-        *backlog
-            .entry((kind(pos), reasons.rule(cause[i].expect("a removal"))))
-            .or_default() += 1;
+        let rule = reasons.rule_number(cause[i].expect("a removal"));
+        backlog[rule][usize::from(last(pos))] += 1;
         if entries[i].reference.is_none() {
             plan.deferred_dangling.push(entries[i].img);
         }
     }
-    for ((kind, rule), count) in backlog {
-        plan.defer(kind, rule, count);
+    for (rule, [untags, removes]) in backlog.into_iter().enumerate() {
+        plan.defer(Kind::Untag, reasons.rule_name(rule), untags);
+        plan.defer(Kind::Remove, reasons.rule_name(rule), removes);
     }
     let mut decided: Vec<Option<(Decision, usize)>> = vec![None; n];
     for (pos, &i) in removals.iter().enumerate() {
