@@ -162,6 +162,7 @@ impl<'a> Index<'a> {
         let at = &sorted.at;
 
         // Intern repositories and tags.
+        #[derive(Clone, Copy)]
         struct Raw<'a> {
             repo: usize,
             key: u64,
@@ -178,16 +179,26 @@ impl<'a> Index<'a> {
         let mut raw: Vec<Raw> = Vec::with_capacity(all.len() * 2);
         let mut created = vec![0; all.len()];
         let mut named = vec![false; all.len()];
+        // Images of one repository often come together: the last one found
+        // spares a hash lookup.
+        let mut last: Option<(&str, usize)> = None;
         for (img, &k) in all.iter().zip(at) {
             created[k] = img.created;
             named[k] = !img.repo_tags.is_empty();
             for r in &img.repo_tags {
                 let (repo, tag) = split_tag(r);
                 let tag = tag.unwrap_or("");
-                let repo = *repo_ids.entry(repo).or_insert_with(|| {
-                    repo_names.push(repo);
-                    repo_names.len() - 1
-                });
+                let repo = match last {
+                    Some((name, id)) if name == repo => id,
+                    _ => {
+                        let id = *repo_ids.entry(repo).or_insert_with(|| {
+                            repo_names.push(repo);
+                            repo_names.len() - 1
+                        });
+                        last = Some((repo, id));
+                        id
+                    }
+                };
                 let tag_id = *tag_ids.entry(tag).or_insert_with(|| {
                     tags.push(tag);
                     tags.len() - 1
@@ -210,18 +221,33 @@ impl<'a> Index<'a> {
             rank[id] = r;
         }
         let repos: Vec<&str> = by_name.iter().map(|&id| repo_names[id]).collect();
+        // References by repository (a counting sort), then by tag within
+        // each: many small sorts rather than one large one. Same repository
+        // and tag: same reference. Equal references on different images
+        // stay, in image id order.
+        let mut from = vec![0usize; repos.len() + 1];
         for e in &mut raw {
             e.repo = rank[e.repo];
+            from[e.repo + 1] += 1;
         }
-        // Same repository and tag: same reference. Equal references on
-        // different images stay, in image id order.
-        raw.sort_unstable_by(|a, b| {
-            a.repo
-                .cmp(&b.repo)
-                .then(a.key.cmp(&b.key))
-                .then_with(|| a.tag.cmp(b.tag))
-                .then(a.img.cmp(&b.img))
-        });
+        for r in 0..repos.len() {
+            from[r + 1] += from[r];
+        }
+        let mut bucketed = raw.clone();
+        let mut next = from.clone();
+        for e in &raw {
+            bucketed[next[e.repo]] = *e;
+            next[e.repo] += 1;
+        }
+        let mut raw = bucketed;
+        for r in 0..repos.len() {
+            raw[from[r]..from[r + 1]].sort_unstable_by(|a, b| {
+                a.key
+                    .cmp(&b.key)
+                    .then_with(|| a.tag.cmp(b.tag))
+                    .then(a.img.cmp(&b.img))
+            });
+        }
         raw.dedup_by(|a, b| a.repo == b.repo && a.img == b.img && a.tag == b.tag);
 
         let mut entries: Vec<Entry> = Vec::with_capacity(dangling.len() + raw.len());
@@ -466,15 +492,23 @@ pub(super) fn known<'a>(
     }
     // Images and the state are both in id order: walk them side by side
     // rather than search the state's tree once per image.
-    let mut known = state.images.iter().peekable();
+    // One comparison per step: each compares ids in full on a key tie.
+    let mut known = state.images.iter();
+    let mut next = known.next();
     let mut first_seen = Vec::with_capacity(n);
     let mut activity = Vec::with_capacity(n);
     for (k, img) in ids.images.iter().enumerate() {
-        while known.next_if(|(id, _)| ids.cmp_id(id, k).is_lt()).is_some() {}
-        let st: Option<&ImageState> = known
-            .peek()
-            .filter(|(id, _)| ids.cmp_id(id, k).is_eq())
-            .map(|(_, s)| *s);
+        let mut st: Option<&ImageState> = None;
+        while let Some((id, s)) = next {
+            match ids.cmp_id(id, k) {
+                Ordering::Less => next = known.next(),
+                Ordering::Equal => {
+                    st = Some(s);
+                    break;
+                }
+                Ordering::Greater => break,
+            }
+        }
         let seen = st.map_or(img.created.min(now), |s| s.first_seen);
         first_seen.push(seen);
         activity.push(

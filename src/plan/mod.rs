@@ -276,44 +276,34 @@ fn plan_with(
     parallel_from: usize,
 ) -> Plan {
     let sorted = Sorted::new(&observed.images);
+    let parallel = observed.images.len() >= parallel_from;
     let look = || index::known(&sorted, policy, &observed.containers, state, now);
-    let count_layers = || storage::LayerCounts::count(&observed.images, &observed.layers);
+    let count_layers = || {
+        policy
+            .storage
+            .is_some()
+            .then(|| storage::LayerCounts::count(&observed.images, &observed.layers))
+    };
     std::thread::scope(|scope| {
-        // Two things need only the images in id order: what the state and
-        // the containers say of each image (first needed by retention), and
-        // layer accounting (needed by eviction, last). On a large store a
-        // second thread works them out while this one indexes references;
-        // the result is the same either way.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let helper = (observed.images.len() >= parallel_from)
-            .then(|| {
-                std::thread::Builder::new()
-                    .name("stowage-plan".into())
-                    .spawn_scoped(scope, move || {
-                        // The receiver only goes away by a panic, which the
-                        // join below passes on.
-                        let _ = tx.send(look());
-                        policy.storage.is_some().then(count_layers)
-                    })
-                    .ok()
-            })
-            .flatten();
-        let waits = helper.is_some();
+        // On a large store, work that needs only the images in id order runs
+        // on a second thread beside the main line: what the state and the
+        // containers say of each image beside the indexing of references,
+        // and layer accounting (for eviction, last) beside retention's
+        // second half. Retention rules share both threads in between. The
+        // result is the same either way.
+        let known = beside(scope, parallel, look);
         let index = Index::build(policy, &observed.images, &sorted, || {
-            waits.then(|| rx.recv().ok()).flatten().unwrap_or_else(look)
+            known.map_or_else(look, join)
         });
-        let mut result = retention(policy, &index, now, detail);
+        let placement = retention::place_all(policy, &index, now, parallel);
+        let counting = beside(scope, parallel, count_layers);
+        let mut result = retention(policy, &index, placement, now, detail);
         if !result.dangling_after.is_empty() {
             follow_up(policy, observed, state, now, &index, detail, &mut result);
         }
         result.deferred_dangling = Vec::new();
-        let counts = helper.and_then(|handle| {
-            handle
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        });
-        if let Some(storage) = &policy.storage {
-            let counts = counts.unwrap_or_else(count_layers);
+        let counts = counting.map_or_else(count_layers, join);
+        if let (Some(storage), Some(counts)) = (&policy.storage, counts) {
             evict::evict(
                 policy,
                 storage,
@@ -332,6 +322,28 @@ fn plan_with(
     })
 }
 
+/// `f` on a second thread, when `on` and a thread can be had.
+fn beside<'scope, T: Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    on: bool,
+    f: impl FnOnce() -> T + Send + 'scope,
+) -> Option<std::thread::ScopedJoinHandle<'scope, T>> {
+    on.then(|| {
+        std::thread::Builder::new()
+            .name("stowage-plan".into())
+            .spawn_scoped(scope, f)
+            .ok()
+    })
+    .flatten()
+}
+
+/// The result of a thread, or its panic passed on.
+fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
 /// `(0..n).map(f)`, in two halves on two threads when `n` is large: for
 /// building the strings of a plan, which at 100k references is much of its
 /// time. Same result in the same order either way.
@@ -348,15 +360,44 @@ fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
         let mut out: Vec<T> = Vec::with_capacity(n);
         out.extend((0..mid).map(f));
         match upper {
-            Ok(handle) => out.extend(
-                handle
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-            ),
+            Ok(handle) => out.extend(join(handle)),
             Err(_) => out.extend((mid..n).map(f)),
         }
         out
     })
+}
+
+/// `(0..n).map(f)` for a few tasks of uneven size: with `parallel`, two
+/// threads each take the next task until none is left. Same result in the
+/// same order either way.
+fn parallel_tasks<T: Send>(n: usize, parallel: bool, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    if !parallel || n < 2 {
+        return (0..n).map(f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if k >= n {
+                return done;
+            }
+            done.push((k, f(k)));
+        }
+    };
+    let mut done = std::thread::scope(|scope| {
+        let other = std::thread::Builder::new()
+            .name("stowage-plan".into())
+            .spawn_scoped(scope, work);
+        // Should the thread not start, this one takes every task.
+        let mut done = work();
+        if let Ok(handle) = other {
+            done.extend(join(handle));
+        }
+        done
+    });
+    done.sort_unstable_by_key(|(k, _)| *k);
+    done.into_iter().map(|(_, t)| t).collect()
 }
 
 /// Images (for `parallel_map`: items) from which a second thread pays for
@@ -411,9 +452,11 @@ fn follow_up(
     let index = Index::build(policy, &store.images, &sorted, || {
         index::known(&sorted, policy, &store.containers, state, now)
     });
+    let placement = retention::place_all(policy, &index, now, false);
     let next = retention(
         policy,
         &index,
+        placement,
         now,
         Detail {
             verdicts: false,

@@ -14,7 +14,7 @@ use crate::policy::{FloatOrder, OnViolation, Order, Policy, Retain, RetainScope}
 use super::index::{DANGLING, Entry, Index, TagMemo};
 use super::{
     Action, Decision, Detail, Human, Kind, Plan, Protected, Verdict, Warning, decision_of,
-    parallel_map,
+    parallel_map, parallel_tasks,
 };
 
 /// How one retention rule placed an entry.
@@ -184,27 +184,144 @@ impl Reasons<'_, '_> {
     }
 }
 
-/// Steps 1 to 6 over one store: the plan before `[storage]`.
-/// With `detail.verdicts`, one verdict per entry, in entry order.
-pub(super) fn retention(policy: &Policy, index: &Index, now: i64, detail: Detail) -> Plan {
+/// What one `[[retain]]` rule decided: how it placed each entry in its
+/// scope, with groups numbered from 0.
+struct Placed<'a> {
+    marks: Vec<(usize, Why)>,
+    groups: Vec<Group<'a>>,
+}
+
+impl Why {
+    fn in_groups_from(self, offset: usize) -> Why {
+        match self {
+            Why::KeepLast { pos, group } => Why::KeepLast {
+                pos,
+                group: group + offset,
+            },
+            Why::Within => Why::Within,
+            Why::Beyond { pos, group } => Why::Beyond {
+                pos,
+                group: group + offset,
+            },
+        }
+    }
+}
+
+/// One `[[retain]]` rule over the store: per group, newest first, which
+/// entries it keeps and which go beyond what it keeps. Existing floating
+/// references are not its business.
+fn place<'a>(rule: &Retain, index: &Index<'a>, floating: &[Option<usize>], now: i64) -> Placed<'a> {
     let entries = &index.entries;
-    let images = &index.images;
     let facts = &index.facts;
-    let n = entries.len();
-    let mut reasons = Reasons {
-        policy,
-        index,
+    let mut placed = Placed {
+        marks: Vec::new(),
         groups: Vec::new(),
-        allowed: policy
-            .tags
-            .iter()
-            .map(|t| t.allow.sources.join(", "))
-            .collect(),
-        now,
     };
+    // The runs of entries the rule may scope: matching repositories, or
+    // the dangling images.
+    let runs: Vec<(usize, std::ops::Range<usize>)> = match &rule.scope {
+        RetainScope::Untagged => vec![(DANGLING, 0..index.starts[0])],
+        RetainScope::Tagged(s) => {
+            let mask = index.mask(&s.images);
+            (0..index.repos.len())
+                .filter(|&r| mask[r])
+                .map(|r| (r, index.repo_entries(r)))
+                .collect()
+        }
+    };
+    let tag_scope = match &rule.scope {
+        RetainScope::Tagged(s) => s.tags.as_ref(),
+        RetainScope::Untagged => None,
+    };
+    let mut in_tags = TagMemo::new(index.tags.len());
+    // Per distinct tag: its `group_by` capture, once worked out.
+    let mut captures: Vec<Option<Option<&str>>> = vec![None; index.tags.len()];
+    let keep_within = rule.keep_within.map(secs);
+    let mut members: Vec<(Reverse<i64>, Reverse<i64>, usize)> = Vec::new();
+    let mut keyed: Vec<(Option<&str>, usize)> = Vec::new();
+    for (repo, run) in runs {
+        keyed.clear();
+        for i in run {
+            let e = &entries[i];
+            if floating[i].is_some()
+                || !tag_scope.is_none_or(|t| in_tags.get(e.tag_id, e.tag, |s| t.is_match(s)))
+            {
+                continue;
+            }
+            let cap = match &rule.group_by {
+                None => None,
+                Some(g) => *captures[e.tag_id].get_or_insert_with(|| {
+                    g.captures(e.tag).and_then(|c| c.get(1)).map(|m| m.as_str())
+                }),
+            };
+            keyed.push((cap, i));
+        }
+        // Groups are independent of each other, so their order is free;
+        // within one, entries stay in reference order.
+        if rule.group_by.is_some() {
+            keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        for chunk in keyed.chunk_by(|a, b| a.0 == b.0) {
+            let group = placed.groups.len();
+            placed.groups.push(Group {
+                repo,
+                cap: chunk[0].0,
+            });
+            // Newest first; keys computed once per entry, not per
+            // comparison. Entries are in reference order (dangling: id
+            // order), so the entry index is the final tie-break by name.
+            members.clear();
+            members.extend(chunk.iter().map(|&(_, i)| {
+                let (first, then) = match rule.order {
+                    Order::Created => index.newest(i, false),
+                    Order::Semver => index.newest(i, true),
+                    Order::LastUsed => {
+                        let img = entries[i].img;
+                        (Reverse(facts[img].activity), Reverse(index.created[img]))
+                    }
+                };
+                (first, then, i)
+            }));
+            members.sort_unstable();
+            for (pos, &(_, _, i)) in members.iter().enumerate() {
+                let act = facts[entries[i].img].activity;
+                let why = if rule.keep_last.is_some_and(|k| pos < k) {
+                    Why::KeepLast { pos, group }
+                } else if keep_within.is_some_and(|w| now.saturating_sub(act) <= w) {
+                    Why::Within
+                } else {
+                    Why::Beyond { pos, group }
+                };
+                placed.marks.push((i, why));
+            }
+        }
+    }
+    placed
+}
 
-    let mut plan = Plan::default();
+/// How the `[[retain]]` rules placed each entry, before protections,
+/// floats and conventions have their say: the first half of [`retention`],
+/// apart so that the planner can run other work beside the second.
+pub(super) struct Placement<'a> {
+    /// Per entry: the `[[float]]` rule whose floating reference it is.
+    floating: Vec<Option<usize>>,
+    /// Per `[[float]]` rule: the repositories it covers.
+    float_masks: Vec<Vec<bool>>,
+    /// Per entry: the first rule keeping it, and the first removing it.
+    kept_by: Vec<Option<Mark>>,
+    removed_by: Vec<Option<Mark>>,
+    groups: Vec<Group<'a>>,
+}
 
+/// Steps 1 and 2 of the planner over one store. With `parallel`, two
+/// threads share the rules.
+pub(super) fn place_all<'a>(
+    policy: &Policy,
+    index: &Index<'a>,
+    now: i64,
+    parallel: bool,
+) -> Placement<'a> {
+    let n = index.entries.len();
     // Existing floating references: excluded from retention and conventions.
     let mut floating: Vec<Option<usize>> = vec![None; n];
     let float_masks: Vec<Vec<bool>> = policy.float.iter().map(|f| index.mask(&f.images)).collect();
@@ -218,93 +335,71 @@ pub(super) fn retention(policy: &Policy, index: &Index, now: i64, detail: Detail
 
     // Retention: per rule, per group, decide keep / remove. The first rule
     // that keeps an entry, and the first that would remove it, give reasons.
+    // Rules decide independently of each other, so two threads may share
+    // them; their marks are then taken in rule order.
+    let placed = parallel_tasks(policy.retain.len(), parallel, |ri| {
+        place(&policy.retain[ri], index, &floating, now)
+    });
     let mut kept_by: Vec<Option<Mark>> = vec![None; n];
     let mut removed_by: Vec<Option<Mark>> = vec![None; n];
-    let mut members: Vec<(Reverse<i64>, Reverse<i64>, usize)> = Vec::new();
-    let mut keyed: Vec<(Option<&str>, usize)> = Vec::new();
-    for (ri, rule) in policy.retain.iter().enumerate() {
-        // The runs of entries the rule may scope: matching repositories, or
-        // the dangling images.
-        let runs: Vec<(usize, std::ops::Range<usize>)> = match &rule.scope {
-            RetainScope::Untagged => vec![(DANGLING, 0..index.starts[0])],
-            RetainScope::Tagged(s) => {
-                let mask = index.mask(&s.images);
-                (0..index.repos.len())
-                    .filter(|&r| mask[r])
-                    .map(|r| (r, index.repo_entries(r)))
-                    .collect()
-            }
-        };
-        let tag_scope = match &rule.scope {
-            RetainScope::Tagged(s) => s.tags.as_ref(),
-            RetainScope::Untagged => None,
-        };
-        let mut in_tags = TagMemo::new(index.tags.len());
-        let mut captures: HashMap<usize, Option<&str>> = HashMap::default();
-        let keep_within = rule.keep_within.map(secs);
-        for (repo, run) in runs {
-            keyed.clear();
-            for i in run {
-                let e = &entries[i];
-                if floating[i].is_some()
-                    || !tag_scope.is_none_or(|t| in_tags.get(e.tag_id, e.tag, |s| t.is_match(s)))
-                {
-                    continue;
-                }
-                let cap = match &rule.group_by {
-                    None => None,
-                    Some(g) => *captures.entry(e.tag_id).or_insert_with(|| {
-                        g.captures(e.tag).and_then(|c| c.get(1)).map(|m| m.as_str())
-                    }),
-                };
-                keyed.push((cap, i));
-            }
-            // Groups are independent of each other, so their order is free;
-            // within one, entries stay in reference order.
-            if rule.group_by.is_some() {
-                keyed.sort_by(|a, b| a.0.cmp(&b.0));
-            }
-            for chunk in keyed.chunk_by(|a, b| a.0 == b.0) {
-                let group = reasons.groups.len();
-                reasons.groups.push(Group {
-                    repo,
-                    cap: chunk[0].0,
-                });
-                // Newest first; keys computed once per entry, not per
-                // comparison. Entries are in reference order (dangling: id
-                // order), so the entry index is the final tie-break by name.
-                members.clear();
-                members.extend(chunk.iter().map(|&(_, i)| {
-                    let (first, then) = match rule.order {
-                        Order::Created => index.newest(i, false),
-                        Order::Semver => index.newest(i, true),
-                        Order::LastUsed => {
-                            let img = entries[i].img;
-                            (Reverse(facts[img].activity), Reverse(index.created[img]))
-                        }
-                    };
-                    (first, then, i)
-                }));
-                members.sort_unstable();
-                for (pos, &(_, _, i)) in members.iter().enumerate() {
-                    let act = facts[entries[i].img].activity;
-                    let why = if rule.keep_last.is_some_and(|k| pos < k) {
-                        Why::KeepLast { pos, group }
-                    } else if keep_within.is_some_and(|w| now.saturating_sub(act) <= w) {
-                        Why::Within
-                    } else {
-                        Why::Beyond { pos, group }
-                    };
-                    let mark = Mark { rule: ri, why };
-                    if matches!(why, Why::Beyond { .. }) {
-                        removed_by[i].get_or_insert(mark);
-                    } else {
-                        kept_by[i].get_or_insert(mark);
-                    }
-                }
+    let mut groups = Vec::new();
+    for (ri, placed) in placed.into_iter().enumerate() {
+        let offset = groups.len();
+        groups.extend(placed.groups);
+        for (i, why) in placed.marks {
+            let mark = Mark {
+                rule: ri,
+                why: why.in_groups_from(offset),
+            };
+            if matches!(why, Why::Beyond { .. }) {
+                removed_by[i].get_or_insert(mark);
+            } else {
+                kept_by[i].get_or_insert(mark);
             }
         }
     }
+
+    Placement {
+        floating,
+        float_masks,
+        kept_by,
+        removed_by,
+        groups,
+    }
+}
+
+/// Steps 3 to 6 over the placement of [`place_all`]: the plan before
+/// `[storage]`. With `detail.verdicts`, one verdict per entry, in entry order.
+pub(super) fn retention(
+    policy: &Policy,
+    index: &Index,
+    placement: Placement,
+    now: i64,
+    detail: Detail,
+) -> Plan {
+    let entries = &index.entries;
+    let images = &index.images;
+    let facts = &index.facts;
+    let n = entries.len();
+    let Placement {
+        floating,
+        float_masks,
+        kept_by,
+        removed_by,
+        groups,
+    } = placement;
+    let reasons = Reasons {
+        policy,
+        index,
+        groups,
+        allowed: policy
+            .tags
+            .iter()
+            .map(|t| t.allow.sources.join(", "))
+            .collect(),
+        now,
+    };
+    let mut plan = Plan::default();
 
     // Candidate removals from retention (keep wins).
     let mut cause: Vec<Option<Cause>> = (0..n)
