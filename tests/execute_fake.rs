@@ -43,6 +43,17 @@ fn run(
         ..Observed::default()
     };
     let pl = plan::plan(&p, &observed, &State::default(), NOW);
+    let (report, records) = execute(engine, &pl, dry_run, shutdown);
+    (pl, report, records)
+}
+
+/// Execute a plan as run `run-1`: the report and the audit records.
+fn execute(
+    engine: &FakeEngine,
+    pl: &plan::Plan,
+    dry_run: bool,
+    shutdown: &CancellationToken,
+) -> (reconcile::Report, Vec<audit::Record>) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
     let mut log = AuditLog::open(&path).unwrap();
@@ -51,11 +62,10 @@ fn run(
         .unwrap();
     let report = rt
         .block_on(reconcile::execute(
-            engine, &pl, &mut log, "run-1", dry_run, &Fixed, shutdown,
+            engine, pl, &mut log, "run-1", dry_run, &Fixed, shutdown,
         ))
         .unwrap();
-    let records = audit::read(&path).unwrap().records;
-    (pl, report, records)
+    (report, audit::read(&path).unwrap().records)
 }
 
 #[test]
@@ -179,25 +189,8 @@ fn deferred_removals_are_one_record_per_kind_and_rule() {
     assert_eq!((full.actions.len(), full.deferred.len()), (1, 4));
     assert!(pl.deferred.is_empty(), "{:?}", pl.deferred);
     assert_eq!(pl.deferred_count(), 4);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.jsonl");
-    let mut log = AuditLog::open(&path).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let report = rt
-        .block_on(reconcile::execute(
-            &engine,
-            &pl,
-            &mut log,
-            "run-1",
-            false,
-            &Fixed,
-            &CancellationToken::new(),
-        ))
-        .unwrap();
+    let (report, records) = execute(&engine, &pl, false, &CancellationToken::new());
     assert_eq!((report.removed, report.deferred), (1, 4));
-    let records = audit::read(&path).unwrap().records;
     let deferred: Vec<(Option<&str>, &str)> = records
         .iter()
         .filter(|r| r.outcome == Outcome::Deferred)
