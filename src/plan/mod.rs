@@ -354,14 +354,12 @@ fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     let mid = n / 2;
     std::thread::scope(|scope| {
         let f = &f;
-        let upper = std::thread::Builder::new()
-            .name("stowage-plan".into())
-            .spawn_scoped(scope, move || (mid..n).map(f).collect::<Vec<T>>());
+        let upper = beside(scope, true, move || (mid..n).map(f).collect::<Vec<T>>());
         let mut out: Vec<T> = Vec::with_capacity(n);
         out.extend((0..mid).map(f));
         match upper {
-            Ok(handle) => out.extend(join(handle)),
-            Err(_) => out.extend((mid..n).map(f)),
+            Some(handle) => out.extend(join(handle)),
+            None => out.extend((mid..n).map(f)),
         }
         out
     })
@@ -386,12 +384,10 @@ fn parallel_tasks<T: Send>(n: usize, parallel: bool, f: impl Fn(usize) -> T + Sy
         }
     };
     let mut done = std::thread::scope(|scope| {
-        let other = std::thread::Builder::new()
-            .name("stowage-plan".into())
-            .spawn_scoped(scope, work);
+        let other = beside(scope, true, work);
         // Should the thread not start, this one takes every task.
         let mut done = work();
-        if let Ok(handle) = other {
+        if let Some(handle) = other {
             done.extend(join(handle));
         }
         done
