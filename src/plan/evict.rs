@@ -99,11 +99,7 @@ pub(super) fn evict(
     // counted, and spelled out only when asked.
     let evictions = &outcome.evictions;
     let now_count = evictions.len().min(budget);
-    let built = if detail.deferred {
-        evictions.len()
-    } else {
-        now_count
-    };
+    let built = detail.removals_to_build(evictions.len(), now_count);
     let mut now_actions = parallel_map(built, |j| {
         outcome.action(&inputs, &candidates, evictions[j])
     });

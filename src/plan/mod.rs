@@ -252,6 +252,12 @@ impl Detail {
         verdicts: false,
         deferred: false,
     };
+
+    /// Of `all` removals whose first `now` go now: how many to build as
+    /// actions. The rest are only counted unless deferred ones are spelled out.
+    fn removals_to_build(self, all: usize, now: usize) -> usize {
+        if self.deferred { all } else { now }
+    }
 }
 
 /// Plan one reconcile, with a verdict for every reference (`status`,

@@ -591,11 +591,7 @@ pub(super) fn retention(
     // Every removal action is a removal: the first `max_removals` go now,
     // the rest are counted, and spelled out only when asked.
     let now_count = removals.len().min(policy.daemon.max_removals);
-    let built = if detail.deferred {
-        removals.len()
-    } else {
-        now_count
-    };
+    let built = detail.removals_to_build(removals.len(), now_count);
     let mut removal_actions = parallel_map(built, |pos| {
         let i = removals[pos];
         let e = &entries[i];
