@@ -8,6 +8,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -113,11 +114,71 @@ pub fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            errln(format_args!("error: cannot start the async runtime: {e}"));
             return ExitCode::from(2);
         }
     };
-    runtime.block_on(run(cli, policy_path))
+    let code = runtime.block_on(run(cli, policy_path));
+    // What is still buffered goes now, under the same rule as every write.
+    match finish_output() {
+        Ok(()) => code,
+        Err(Fatal(msg)) => {
+            errln(format_args!("error: {msg}"));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Set once a write to stdout found its reader gone (`stowage history | head`).
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+
+/// Writes command output to stdout. A reader that went away is not an
+/// error: output stops, the command finishes as it would have and keeps
+/// its exit code (a closed pipe is exit 0, as ripgrep has it). Any other
+/// write error (a full disk under `> file`) ends the command.
+fn emit(args: std::fmt::Arguments<'_>) -> Result<(), Fatal> {
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let result = std::io::stdout().lock().write_fmt(args);
+    output_result(result)
+}
+
+fn finish_output() -> Result<(), Fatal> {
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    output_result(std::io::stdout().lock().flush())
+}
+
+fn output_result(result: std::io::Result<()>) -> Result<(), Fatal> {
+    match result {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            STDOUT_GONE.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(e) => Err(Fatal(format!("cannot write the output: {e}"))),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// `true` once nobody reads stdout: long listings stop early.
+fn stdout_gone() -> bool {
+    STDOUT_GONE.load(Ordering::Relaxed)
+}
+
+/// A message on stderr; a closed stderr must not turn it into a panic.
+fn errln(args: std::fmt::Arguments<'_>) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(args).and_then(|()| err.write_all(b"\n"));
+}
+
+macro_rules! out {
+    ($($arg:tt)*) => { emit(format_args!($($arg)*)) };
+}
+
+macro_rules! outln {
+    ($($arg:tt)*) => { emit(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
 fn init_logging(format: LogFormat) {
@@ -162,7 +223,7 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(Fatal(msg)) => {
-            eprintln!("error: {msg}");
+            errln(format_args!("error: {msg}"));
             ExitCode::from(2)
         }
     }
@@ -170,15 +231,15 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
 
 fn check(path: &Path) -> ExitCode {
     match policy::load(path) {
-        Ok(p) => {
-            println!("{}: {}", path.display(), p.summary());
-            ExitCode::SUCCESS
-        }
-        Err(diags) => {
-            eprint!("{diags}");
-            if !diags.to_string().ends_with('\n') {
-                eprintln!();
+        Ok(p) => match outln!("{}: {}", path.display(), p.summary()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(Fatal(msg)) => {
+                errln(format_args!("error: {msg}"));
+                ExitCode::from(2)
             }
+        },
+        Err(diags) => {
+            errln(format_args!("{}", diags.to_string().trim_end()));
             ExitCode::from(2)
         }
     }
@@ -194,6 +255,16 @@ fn load_policy(path: &Path) -> Result<Policy, Fatal> {
             text.trim_end()
         ))
     })
+}
+
+/// Says once, at start, where registry credentials come from: under a
+/// service the answer is not obvious (no `HOME`), and a silent miss is a
+/// 401 forever.
+fn announce_credentials(policy: &Policy) {
+    tracing::info!(
+        "{}",
+        crate::credentials::describe(policy.daemon.credentials_file.as_deref())
+    );
 }
 
 async fn connect(engine: Option<&str>) -> Result<DockerEngine, Fatal> {
@@ -260,8 +331,8 @@ async fn cmd_plan(
         }
         print_json(&value)?;
     } else {
-        print!("{}", transfers.render());
-        print!("{}", plan::render(&plan));
+        out!("{}", transfers.render())?;
+        out!("{}", plan::render(&plan))?;
     }
     Ok(if exit_code && !(plan.is_empty() && transfers.is_empty()) {
         ExitCode::from(1)
@@ -272,6 +343,7 @@ async fn cmd_plan(
 
 async fn cmd_apply(path: &Path, engine: Option<&str>, dry_run: bool) -> Result<ExitCode, Fatal> {
     let policy = load_policy(path)?;
+    announce_credentials(&policy);
     let engine = connect(engine).await?;
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
@@ -288,8 +360,8 @@ async fn cmd_apply(path: &Path, engine: Option<&str>, dry_run: bool) -> Result<E
     };
     let (plan, report) =
         reconcile::reconcile_with(&engine, &policy, &SystemClock, options, &shutdown).await?;
-    print!("{}", plan::render(&plan));
-    println!("run {}: {}", report.run, report.summary());
+    out!("{}", plan::render(&plan))?;
+    outln!("run {}: {}", report.run, report.summary())?;
     // A reference backing off after earlier failures is not as declared yet.
     Ok(if report.failed > 0 || report.backing_off > 0 {
         ExitCode::from(1)
@@ -300,6 +372,7 @@ async fn cmd_apply(path: &Path, engine: Option<&str>, dry_run: bool) -> Result<E
 
 async fn cmd_run(path: &Path, engine: Option<&str>) -> Result<ExitCode, Fatal> {
     let policy = load_policy(path)?;
+    announce_credentials(&policy);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     // Handlers first: a SIGHUP right after start must reload, not kill.
     let shutdown = daemon::sources::signals(tx.clone())?;
@@ -349,9 +422,9 @@ async fn cmd_reconcile(path: &Path, socket: Option<PathBuf>) -> Result<ExitCode,
         ))),
         Some(control::Response::Reconcile { result }) => {
             if let Some(e) = &result.error {
-                eprintln!("error: the reconcile could not run: {e}");
+                errln(format_args!("error: the reconcile could not run: {e}"));
             } else {
-                println!("run {}: {}", result.run, result.summary);
+                outln!("run {}: {}", result.run, result.summary)?;
             }
             Ok(ExitCode::from(result.exit_code()))
         }
@@ -401,7 +474,7 @@ async fn cmd_status(
                     e.unwrap_or_else(|| "unknown reason".into())
                 )),
             }
-            print!("{out}");
+            out!("{out}")?;
             Ok(ExitCode::SUCCESS)
         }
         Some(control::Response::Error { message }) => Err(Fatal(message)),
@@ -436,10 +509,10 @@ async fn cmd_status_direct(
         }))?;
         return Ok(ExitCode::SUCCESS);
     }
-    print!(
+    out!(
         "daemon: not running\n\n{}",
         status::render_table(&rows, observed.images.len(), &policy.source, now)
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -467,15 +540,19 @@ fn cmd_history(
             policy.daemon.audit_log.display()
         );
     }
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
     if json {
         for r in records {
-            writeln!(out, "{}", serde_json::to_string(r)?)?;
+            if stdout_gone() {
+                break;
+            }
+            outln!("{}", serde_json::to_string(r)?)?;
         }
         return Ok(ExitCode::SUCCESS);
     }
     for r in records {
+        if stdout_gone() {
+            break;
+        }
         let mut line = format!(
             "{} {:<8} {:<11} {:<8} {}",
             r.ts.format("%Y-%m-%d %H:%M:%S"),
@@ -495,13 +572,12 @@ fn cmd_history(
         if let Some(e) = &r.error {
             line.push_str(&format!(" error: {e}"));
         }
-        writeln!(out, "{line}")?;
+        outln!("{line}")?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn print_json<T: Serialize>(value: &T) -> Result<(), Fatal> {
     let text = serde_json::to_string_pretty(value)?;
-    println!("{text}");
-    Ok(())
+    outln!("{text}")
 }

@@ -1,7 +1,9 @@
 //! Registry credentials from a Docker `config.json` (`auths`).
 //!
 //! Read from `[daemon].credentials_file` when set, else `$DOCKER_CONFIG/config.json`,
-//! else `~/.docker/config.json`. Each `auths` entry holds either a base64
+//! else `~/.docker/config.json`, where `~` is `$HOME` or, when `HOME` is unset
+//! (a systemd service without `User=`), the home of the running user's
+//! `/etc/passwd` entry, as Docker's own tools find it. Each `auths` entry holds either a base64
 //! `auth` (`user:password`) or `username`/`password`, or an `identitytoken`.
 //! Credential helpers (`credsStore`, `credHelpers`) are not run: a daemon must
 //! not shell out to programs that may prompt; their presence is reported.
@@ -209,14 +211,59 @@ impl CredentialStore {
     }
 }
 
-/// `$DOCKER_CONFIG/config.json`, else `$HOME/.docker/config.json`.
+/// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
 fn default_config_path() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("DOCKER_CONFIG").filter(|d| !d.is_empty()) {
         return Some(PathBuf::from(dir).join("config.json"));
     }
-    std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .map(|home| PathBuf::from(home).join(".docker").join("config.json"))
+    home_dir().map(|home| home.join(".docker").join("config.json"))
+}
+
+/// `$HOME`, else the home of the running user's passwd entry: systemd sets
+/// no `HOME` for a system service without `User=`, and `docker login` as
+/// root wrote `/root/.docker/config.json`.
+fn home_dir() -> Option<PathBuf> {
+    if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return Some(home.into());
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd_home(&passwd, rustix::process::getuid().as_raw())
+}
+
+/// The home field of `uid`'s entry in a passwd file's text.
+fn passwd_home(passwd: &str, uid: u32) -> Option<PathBuf> {
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        match fields[..] {
+            [_, _, id, _, _, home, ..] if id.parse() == Ok(uid) && !home.is_empty() => {
+                Some(PathBuf::from(home))
+            }
+            _ => None,
+        }
+    })
+}
+
+/// One line for the log at start: which credentials file is used, or that
+/// none was found and where stowage looked. Never a secret.
+pub fn describe(explicit: Option<&Path>) -> String {
+    let path = explicit.map(Path::to_path_buf).or_else(default_config_path);
+    let Some(path) = path else {
+        return "registry credentials: none (no credentials_file, DOCKER_CONFIG or home folder)"
+            .to_owned();
+    };
+    match CredentialStore::load(explicit) {
+        Ok(store) if store.source.is_some() => format!(
+            "registry credentials: {} ({} registr{})",
+            path.display(),
+            store.by_host.len(),
+            if store.by_host.len() == 1 { "y" } else { "ies" }
+        ),
+        Ok(_) => format!(
+            "registry credentials: none found ({} does not exist); pulls and pushes go without",
+            path.display()
+        ),
+        Err(e) => format!("registry credentials: {e}"),
+    }
 }
 
 /// `https://index.docker.io/v1/`, `http://r:5000/v2/`, `R:5000` -> `docker.io`,
@@ -278,6 +325,21 @@ mod tests {
             parse(r#"{"auths": {"r:1": {"username": "u", "password": "hunter2"}}}"#).unwrap()
         );
         assert!(!debug.contains("hunter2"), "{debug}");
+    }
+
+    #[test]
+    fn home_comes_from_the_passwd_entry_of_the_uid() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n\
+                      broken line\n\
+                      nohome:x:7:7::::/bin/sh\n\
+                      svc:x:998:998:Service:/var/lib/svc:/usr/sbin/nologin\n";
+        assert_eq!(passwd_home(passwd, 0), Some(PathBuf::from("/root")));
+        assert_eq!(
+            passwd_home(passwd, 998),
+            Some(PathBuf::from("/var/lib/svc"))
+        );
+        assert_eq!(passwd_home(passwd, 7), None);
+        assert_eq!(passwd_home(passwd, 1000), None);
     }
 
     #[test]

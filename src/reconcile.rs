@@ -478,7 +478,7 @@ async fn now_in_use<E: Engine>(engine: &E, image: &str) -> Result<Option<String>
     Ok(engine.containers_using(image).await?.first().map(|c| {
         format!(
             "image is now used by container {} (created since planning); never forced",
-            &c.id[..c.id.len().min(12)]
+            crate::refs::short_id(&c.id)
         )
     }))
 }

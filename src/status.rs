@@ -82,12 +82,10 @@ pub fn render_table(
         t.map_or("-".to_string(), |t| human_age((now - t).num_seconds()))
     };
     for r in rows {
-        let name = r.reference.clone().unwrap_or_else(|| {
-            format!(
-                "<none> {}",
-                &r.image.trim_start_matches("sha256:")[..12.min(r.image.len())]
-            )
-        });
+        let name = r
+            .reference
+            .clone()
+            .unwrap_or_else(|| format!("<none> {}", crate::refs::short_id(&r.image)));
         out.push_str(&format!(
             "{:<48} {:>9} {:>8} {:>8}  {:<10} {}{}\n",
             name,

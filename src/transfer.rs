@@ -34,7 +34,7 @@ use crate::engine::{Credentials, Engine, EngineError, Image, Progress};
 use crate::plan::Observed;
 use crate::policy::{Policy, Prepull, Refresh, canonical_registry};
 use crate::reconcile::Clock;
-use crate::refs::{self, DEFAULT_REGISTRY, split_tag};
+use crate::refs::{self, DEFAULT_REGISTRY, short_digest, split_tag};
 use crate::state::{Backoff, State};
 
 /// First retry delay; doubles per consecutive failure up to `retry_max`.
@@ -676,11 +676,6 @@ impl JobResult {
 
 fn elapsed_ms(clock: &dyn Clock, since: DateTime<Utc>) -> Option<u64> {
     u64::try_from((clock.now() - since).num_milliseconds()).ok()
-}
-
-fn short_digest(d: &str) -> &str {
-    let hex = d.strip_prefix("sha256:").unwrap_or(d);
-    &d[..(d.len() - hex.len()) + hex.len().min(12)]
 }
 
 /// Options of one transfer phase.

@@ -289,3 +289,26 @@ async fn shutdown_waits_for_the_reconcile_in_flight() {
     assert_eq!(metrics.reconciles(), 1);
     assert!(started.elapsed() < Duration::from_secs(60));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_refuses_what_a_start_refuses() {
+    let h = Harness::start(false, 0);
+    advance(60).await;
+    assert_eq!(h.reconciles(), 1);
+    // Valid TOML but for one Latin-1 byte in a comment: reloads used to
+    // repair it (U+FFFD) and accept a file the next start rejects.
+    let path = h.dir.join("policy.toml");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend_from_slice(b"# caf\xe9\n");
+    std::fs::write(&path, &bytes).unwrap();
+    let at_start = policy::load(&path).unwrap_err().to_string();
+    assert!(at_start.contains("not UTF-8"), "{at_start}");
+
+    h.triggers.send(Trigger::Reload).await.unwrap();
+    advance(60).await;
+    let status = h.status().await;
+    let err = status.reload_error.expect("the reload is refused");
+    assert_eq!(err.message.trim(), at_start.trim());
+    assert_eq!(h.reconciles(), 1, "a refused reload reconciles nothing");
+    h.stop().await;
+}

@@ -319,7 +319,7 @@ where
         notifier,
         metrics,
         clock,
-        last_bytes: std::fs::read(&policy_path).ok(),
+        last_bytes: policy::file::read(&policy_path).ok(),
         pending: Some(Vec::new()),
         running: None,
         running_waiters: Vec::new(),
@@ -489,7 +489,7 @@ where
     /// file's content changed since the last attempt.
     fn on_policy_settled(&mut self) {
         let path = self.policy().source.clone();
-        let bytes = std::fs::read(&path).ok();
+        let bytes = policy::file::read(&path).ok();
         if bytes == self.last_bytes {
             return;
         }
@@ -504,13 +504,11 @@ where
         let old = self.policy();
         let path = old.source.clone();
         self.notifier.reloading();
-        let bytes = std::fs::read(&path);
+        // The same reader and validator as at start: what a reload accepts,
+        // the next boot accepts too.
+        let bytes = policy::file::read(&path);
         self.last_bytes = bytes.as_ref().ok().cloned();
-        let loaded = match bytes {
-            Ok(b) => policy::parse(&String::from_utf8_lossy(&b), &path),
-            // `load` turns the read error into a diagnostic naming the file.
-            Err(_) => policy::load(&path),
-        };
+        let loaded = bytes.and_then(|b| policy::load_bytes(&b, &path));
         let now = self.clock.now();
         let ok = match loaded {
             Ok(new) => {
@@ -885,8 +883,9 @@ pub fn control_socket_for(path: &Path) -> PathBuf {
     if let Ok(p) = policy::load(path) {
         return p.daemon.control_socket;
     }
-    let lenient = std::fs::read_to_string(path)
+    let lenient = policy::file::read(path)
         .ok()
+        .and_then(|b| String::from_utf8(b).ok())
         .and_then(|t| t.parse::<toml::Table>().ok())
         .and_then(|t| {
             t.get("daemon")?

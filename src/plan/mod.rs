@@ -31,7 +31,7 @@ use serde::Serialize;
 
 use crate::engine::{Container, Image, Layer};
 use crate::policy::{Policy, RetainScope};
-use crate::refs::split_tag;
+use crate::refs::{short_id as short, split_tag};
 use crate::state::State;
 use crate::storage::{self, Disk, Pressure};
 
@@ -537,11 +537,6 @@ fn split_budget(actions: Vec<Action>, budget: usize) -> (Vec<Action>, Vec<Action
         }
     }
     (now, later)
-}
-
-fn short(id: &str) -> &str {
-    let hex = id.strip_prefix("sha256:").unwrap_or(id);
-    &hex[..hex.len().min(12)]
 }
 
 /// Compact durations for reasons: the largest whole unit (`45d`, `5h`, `10m`).

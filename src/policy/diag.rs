@@ -146,7 +146,7 @@ impl<'a> Sink<'a> {
             path: self.path.to_path_buf(),
             line: Some(line),
             col: Some(col),
-            message: message.into(),
+            message: bounded(message.into()),
         });
     }
 
@@ -164,8 +164,45 @@ impl<'a> Sink<'a> {
     pub(super) fn finish(mut self) -> Diagnostics {
         self.diags.sort_by_key(|d| (d.line, d.col));
         self.diags.dedup();
+        if self.diags.len() > MAX_DIAGNOSTICS {
+            let more = self.diags.len() - MAX_DIAGNOSTICS;
+            self.diags.truncate(MAX_DIAGNOSTICS);
+            self.diags.push(Diagnostic::file(
+                self.path,
+                format!("{more} more errors not shown; fix the ones above first"),
+            ));
+        }
         Diagnostics(self.diags)
     }
+}
+
+/// Enough to fix a policy by; a generated file with thousands of bad
+/// entries must not print megabytes.
+const MAX_DIAGNOSTICS: usize = 200;
+/// Characters of one message; messages quote the offending value, which
+/// may be megabytes long.
+const MAX_MESSAGE_CHARS: usize = 400;
+
+/// `message`, with the middle of an over-long one left out: its start names
+/// the key and the value's beginning, its end carries the hint.
+fn bounded(message: String) -> String {
+    let chars = message.chars().count();
+    if chars <= MAX_MESSAGE_CHARS {
+        return message;
+    }
+    let (head, tail) = (MAX_MESSAGE_CHARS * 2 / 3, MAX_MESSAGE_CHARS / 4);
+    let at = |n: usize| {
+        message
+            .char_indices()
+            .nth(n)
+            .map_or(message.len(), |(i, _)| i)
+    };
+    format!(
+        "{} [... {} characters left out ...] {}",
+        &message[..at(head)],
+        chars - head - tail,
+        &message[at(chars - tail)..]
+    )
 }
 
 #[cfg(test)]
@@ -183,6 +220,35 @@ mod tests {
         // Inside 'ç' clamps back to its start; past the end clamps to the end.
         assert_eq!(idx.position(4), (2, 1));
         assert_eq!(idx.position(99), (3, 1));
+    }
+
+    #[test]
+    fn long_messages_and_many_errors_are_bounded() {
+        let text = "x".repeat(10_000);
+        let mut sink = Sink::new(Path::new("p.toml"), &text);
+        let huge = format!(
+            "k: invalid tag {:?}: too long; use at most 128 characters",
+            "y".repeat(10_000_000)
+        );
+        sink.error(0..0, huge);
+        for i in 0..1000 {
+            sink.error(i..i, format!("bad {i}"));
+        }
+        let all = sink.finish();
+        assert_eq!(all.len(), MAX_DIAGNOSTICS + 1);
+        let first = &all.0[0].message;
+        assert!(
+            first.chars().count() < MAX_MESSAGE_CHARS + 60,
+            "{}",
+            first.len()
+        );
+        assert!(first.starts_with("k: invalid tag \"yyy"), "{first}");
+        assert!(first.ends_with("use at most 128 characters"), "{first}");
+        assert!(first.contains("characters left out"), "{first}");
+        assert!(
+            all.to_string()
+                .ends_with("801 more errors not shown; fix the ones above first")
+        );
     }
 
     #[test]

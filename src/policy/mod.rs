@@ -5,12 +5,13 @@
 //! and never reads the clock.
 
 mod diag;
+pub mod file;
 mod raw;
 mod validate;
 
 pub use diag::{Diagnostic, Diagnostics};
 pub(crate) use validate::canonical_registry;
-pub use validate::{load, parse};
+pub use validate::{load, load_bytes, parse};
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -17,7 +17,7 @@ use toml::de::DeTable;
 
 use crate::refs::{DEFAULT_REGISTRY, check_digest, check_host, check_path_component, check_tag};
 
-use super::diag::{Diagnostic, Diagnostics, Sink};
+use super::diag::{Diagnostics, Sink};
 use super::raw::{self, List, Opt, RawPolicy, Section, SizeValue};
 use super::{
     Cron, Daemon, EvictOrder, Float, FloatOrder, Globs, Mirror, OnViolation, Order, Patterns,
@@ -36,16 +36,19 @@ const DEFAULT_CONCURRENCY: usize = 2;
 const MAX_CONCURRENCY: i64 = 64;
 const DURATION_HINT: &str = r#"write e.g. "30s", "15m", "6h", "14d" or "2w""#;
 
-/// Read and validate the policy at `path`. An unreadable file is a single
-/// diagnostic without a position.
+/// Read and validate the policy at `path` (see [`super::file`]: a regular
+/// file, bounded, UTF-8). An unreadable file is a single diagnostic without
+/// a position.
 pub fn load(path: &Path) -> Result<Policy, Diagnostics> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => parse(&text, path),
-        Err(e) => Err(Diagnostics(vec![Diagnostic::file(
-            path,
-            format!("cannot read policy: {e}"),
-        )])),
-    }
+    let bytes = super::file::read(path)?;
+    load_bytes(&bytes, path)
+}
+
+/// Validate the policy file's `bytes` as read by [`super::file::read`]:
+/// text that is not UTF-8 is refused, never repaired, so a reload accepts
+/// exactly what a start accepts.
+pub fn load_bytes(bytes: &[u8], path: &Path) -> Result<Policy, Diagnostics> {
+    parse(super::file::decode(bytes, path)?, path)
 }
 
 /// Validate policy `text`; `path` is used for messages and to resolve
