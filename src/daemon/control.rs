@@ -77,6 +77,15 @@ pub enum ControlError {
     },
     #[error("another stowage daemon already answers at {0}")]
     AlreadyRunning(PathBuf),
+    #[error(
+        "control_socket {path} is a {kind}, not a socket; nothing was removed (point daemon.control_socket at a path of its own)"
+    )]
+    NotASocket { path: PathBuf, kind: &'static str },
+    #[error("cannot check the control socket path {path}: {source}")]
+    Inspect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot bind the control socket {path}: {source}")]
     Bind {
         path: PathBuf,
@@ -85,7 +94,9 @@ pub enum ControlError {
 }
 
 /// Binds the control socket at `path`, creating its folder. A stale socket
-/// file (left by a crash) is replaced; a live one means another daemon runs.
+/// (left by a crash: a socket file nobody listens on) is replaced; a live one
+/// means another daemon runs. Anything else at `path` (a regular file such as
+/// the policy itself, a folder, a symlink) is never removed: that is an error.
 pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| ControlError::CreateDir {
@@ -93,12 +104,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
             source,
         })?;
     }
-    if std::fs::symlink_metadata(path).is_ok() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(ControlError::AlreadyRunning(path.to_path_buf()));
-        }
-        let _ = std::fs::remove_file(path);
-    }
+    remove_stale(path)?;
     let bind_err = |source| ControlError::Bind {
         path: path.to_path_buf(),
         source,
@@ -106,6 +112,47 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     let listener = UnixListener::bind(path).map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
     Ok(listener)
+}
+
+/// Removes a stale socket at `path`; leaves every other kind of file alone.
+fn remove_stale(path: &Path) -> Result<(), ControlError> {
+    use std::os::unix::fs::FileTypeExt;
+    let inspect = |source| ControlError::Inspect {
+        path: path.to_path_buf(),
+        source,
+    };
+    // Not followed: a symlink is reported as one, whatever it points at.
+    let kind = match std::fs::symlink_metadata(path) {
+        Ok(m) => m.file_type(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(inspect(e)),
+    };
+    if !kind.is_socket() {
+        let kind = if kind.is_file() {
+            "regular file"
+        } else if kind.is_dir() {
+            "folder"
+        } else if kind.is_symlink() {
+            "symlink"
+        } else if kind.is_fifo() {
+            "FIFO"
+        } else {
+            "device or other special file"
+        };
+        return Err(ControlError::NotASocket {
+            path: path.to_path_buf(),
+            kind,
+        });
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(ControlError::AlreadyRunning(path.to_path_buf())),
+        // Nobody listens: the socket of a daemon that crashed.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path).map_err(inspect)
+        }
+        // Unknown state (e.g. permission denied): do not guess, do not delete.
+        Err(e) => Err(inspect(e)),
+    }
 }
 
 /// Answers requests until `shutdown`; then removes the socket file.
