@@ -121,3 +121,41 @@ fn control_socket_on_a_regular_file_is_an_error_and_the_file_survives() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+// Issue 12, item 15: `stowage reconcile` against a daemon that accepts the
+// connection but never answers waited forever.
+#[test]
+fn reconcile_against_a_daemon_that_never_answers_times_out_clearly() {
+    let dir = folder();
+    let sock = dir.path().join("hung.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    // Accepts and reads, never answers; the connections stay open.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let started = Instant::now();
+    let mut child = Reap(
+        Command::new(env!("CARGO_BIN_EXE_stowage"))
+            .arg("-p")
+            .arg(dir.path().join("policy.toml"))
+            .args(["reconcile", "--timeout", "2s", "--control-socket"])
+            .arg(&sock)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let status = wait_exit(&mut child.0, 30).expect("`stowage reconcile` must give up");
+    let elapsed = started.elapsed();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("did not answer the reconcile request within 2s"),
+        "{stderr}"
+    );
+    assert!(elapsed >= Duration::from_secs(2), "{elapsed:?}");
+}

@@ -238,10 +238,67 @@ pub enum ClientError {
     },
     #[error("control socket {path}: unexpected answer: {message}")]
     Protocol { path: PathBuf, message: String },
+    #[error(
+        "the daemon at {path} did not answer the {request} request within {} (a hung daemon?{hint})",
+        humantime::format_duration(*.after)
+    )]
+    TimedOut {
+        path: PathBuf,
+        request: &'static str,
+        after: Duration,
+        hint: &'static str,
+    },
 }
 
-/// Sends one request to the daemon at `path` and reads its answer.
+impl Request {
+    fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Reconcile => "reconcile",
+        }
+    }
+
+    /// How long a client waits for the answer unless told otherwise. The
+    /// daemon bounds its engine listing for `status` at 15 s; a `reconcile`
+    /// waits for the running one and then its own, pulls included.
+    pub fn default_timeout(&self) -> Duration {
+        match self {
+            Request::Status => Duration::from_secs(60),
+            Request::Reconcile => Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// Sends one request to the daemon at `path` and reads its answer, waiting
+/// at most [`Request::default_timeout`].
 pub async fn request(path: &Path, request: &Request) -> Result<Response, ClientError> {
+    request_within(path, request, request.default_timeout()).await
+}
+
+/// Sends one request and reads its answer; the whole exchange (connect,
+/// write, answer) ends after `timeout` with [`ClientError::TimedOut`].
+pub async fn request_within(
+    path: &Path,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
+    match tokio::time::timeout(timeout, exchange(path, request)).await {
+        Ok(answer) => answer,
+        Err(_) => Err(ClientError::TimedOut {
+            path: path.to_path_buf(),
+            request: request.name(),
+            after: timeout,
+            hint: match request {
+                Request::Reconcile => {
+                    " the reconcile may still run: see `stowage status` and `stowage history`"
+                }
+                Request::Status => "",
+            },
+        }),
+    }
+}
+
+async fn exchange(path: &Path, request: &Request) -> Result<Response, ClientError> {
     let io = |source| ClientError::Io {
         path: path.to_path_buf(),
         source,
