@@ -78,6 +78,10 @@ enum Command {
         /// The daemon's control socket [default: daemon.control_socket of the policy]
         #[arg(long, env = "STOWAGE_CONTROL_SOCKET")]
         control_socket: Option<PathBuf>,
+        /// Give up (exit 2) when the daemon has not answered after this long
+        /// (e.g. 90s, 2h); the reconcile itself may still run
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30m")]
+        timeout: std::time::Duration,
     },
     /// Every reference on the host with its verdict and the rule behind it,
     /// and the daemon's view when one runs
@@ -213,7 +217,10 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
         }
         Command::Apply { dry_run } => cmd_apply(&policy_path, cli.engine.as_deref(), dry_run).await,
         Command::Run => cmd_run(&policy_path, cli.engine.as_deref()).await,
-        Command::Reconcile { control_socket } => cmd_reconcile(&policy_path, control_socket).await,
+        Command::Reconcile {
+            control_socket,
+            timeout,
+        } => cmd_reconcile(&policy_path, control_socket, timeout).await,
         Command::Status {
             json,
             control_socket,
@@ -413,9 +420,13 @@ fn control_socket(path: &Path, given: Option<PathBuf>) -> PathBuf {
     given.unwrap_or_else(|| daemon::control_socket_for(path))
 }
 
-async fn cmd_reconcile(path: &Path, socket: Option<PathBuf>) -> Result<ExitCode, Fatal> {
+async fn cmd_reconcile(
+    path: &Path,
+    socket: Option<PathBuf>,
+    timeout: std::time::Duration,
+) -> Result<ExitCode, Fatal> {
     let socket = control_socket(path, socket);
-    match daemon::ask(&socket, &control::Request::Reconcile).await? {
+    match daemon::ask(&socket, &control::Request::Reconcile, timeout).await? {
         None => Err(Fatal(format!(
             "no stowage daemon answers at {} (is `stowage run` running? `stowage apply` reconciles without one)",
             socket.display()
@@ -442,7 +453,8 @@ async fn cmd_status(
     socket: Option<PathBuf>,
 ) -> Result<ExitCode, Fatal> {
     let socket = control_socket(path, socket);
-    match daemon::ask(&socket, &control::Request::Status).await? {
+    let request = control::Request::Status;
+    match daemon::ask(&socket, &request, request.default_timeout()).await? {
         Some(control::Response::Status {
             daemon,
             references,

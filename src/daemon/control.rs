@@ -20,17 +20,28 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 
 use crate::status::{DaemonStatus, ReconcileResult, StatusRow};
 
-/// A client silent for this long between requests is dropped.
+/// A request line must arrive whole within this of the connection opening or
+/// the previous answer, else the client is dropped.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// An answer the client does not read within this drops the client.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request line longer than this is refused (requests are tiny).
-const MAX_LINE: u64 = 64 * 1024;
+pub const MAX_LINE: usize = 64 * 1024;
+/// Clients served at once; more wait unaccepted until one leaves. `status`
+/// and `reconcile` are rare, and the socket is its owner's alone.
+pub const MAX_CLIENTS: usize = 8;
+/// At shutdown, answers in flight get this long to be written.
+const DRAIN: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]
@@ -77,6 +88,15 @@ pub enum ControlError {
     },
     #[error("another stowage daemon already answers at {0}")]
     AlreadyRunning(PathBuf),
+    #[error(
+        "control_socket {path} is a {kind}, not a socket; nothing was removed (point daemon.control_socket at a path of its own)"
+    )]
+    NotASocket { path: PathBuf, kind: &'static str },
+    #[error("cannot check the control socket path {path}: {source}")]
+    Inspect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot bind the control socket {path}: {source}")]
     Bind {
         path: PathBuf,
@@ -85,7 +105,9 @@ pub enum ControlError {
 }
 
 /// Binds the control socket at `path`, creating its folder. A stale socket
-/// file (left by a crash) is replaced; a live one means another daemon runs.
+/// (left by a crash: a socket file nobody listens on) is replaced; a live one
+/// means another daemon runs. Anything else at `path` (a regular file such as
+/// the policy itself, a folder, a symlink) is never removed: that is an error.
 pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| ControlError::CreateDir {
@@ -93,12 +115,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
             source,
         })?;
     }
-    if std::fs::symlink_metadata(path).is_ok() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(ControlError::AlreadyRunning(path.to_path_buf()));
-        }
-        let _ = std::fs::remove_file(path);
-    }
+    remove_stale(path)?;
     let bind_err = |source| ControlError::Bind {
         path: path.to_path_buf(),
         source,
@@ -108,15 +125,65 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
-/// Answers requests until `shutdown`; then removes the socket file.
+/// Removes a stale socket at `path`; leaves every other kind of file alone.
+fn remove_stale(path: &Path) -> Result<(), ControlError> {
+    use std::os::unix::fs::FileTypeExt;
+    let inspect = |source| ControlError::Inspect {
+        path: path.to_path_buf(),
+        source,
+    };
+    // Not followed: a symlink is reported as one, whatever it points at.
+    let kind = match std::fs::symlink_metadata(path) {
+        Ok(m) => m.file_type(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(inspect(e)),
+    };
+    if !kind.is_socket() {
+        let kind = if kind.is_file() {
+            "regular file"
+        } else if kind.is_dir() {
+            "folder"
+        } else if kind.is_symlink() {
+            "symlink"
+        } else if kind.is_fifo() {
+            "FIFO"
+        } else {
+            "device or other special file"
+        };
+        return Err(ControlError::NotASocket {
+            path: path.to_path_buf(),
+            kind,
+        });
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(ControlError::AlreadyRunning(path.to_path_buf())),
+        // Nobody listens: the socket of a daemon that crashed.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path).map_err(inspect)
+        }
+        // Unknown state (e.g. permission denied): do not guess, do not delete.
+        Err(e) => Err(inspect(e)),
+    }
+}
+
+/// Answers requests until `shutdown`; then lets the answers in flight be
+/// written for up to [`DRAIN`] and removes the socket file. At most
+/// [`MAX_CLIENTS`] connections are served at once.
 pub async fn serve<H: Handler>(
     listener: UnixListener,
     path: PathBuf,
     handler: Arc<H>,
     shutdown: CancellationToken,
 ) {
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let mut backoff = Duration::from_millis(10);
     loop {
+        // A slot before accepting (as mini-redis does): over the cap, clients
+        // wait unaccepted instead of costing a descriptor each.
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
             a = listener.accept() => a,
@@ -127,12 +194,10 @@ pub async fn serve<H: Handler>(
                 let handler = handler.clone();
                 let shutdown = shutdown.clone();
                 tokio::spawn(async move {
-                    tokio::select! {
-                        () = shutdown.cancelled() => {}
-                        r = connection(stream, &*handler) => if let Err(e) = r {
-                            tracing::debug!("control socket client: {e}");
-                        }
+                    if let Err(e) = connection(stream, &*handler, &shutdown).await {
+                        tracing::debug!("control socket client: {e}");
                     }
+                    drop(permit);
                 });
             }
             Err(e) => {
@@ -142,23 +207,63 @@ pub async fn serve<H: Handler>(
             }
         }
     }
+    drop(listener);
     let _ = std::fs::remove_file(&path);
+    // Every slot back means every connection ended.
+    let all = u32::try_from(MAX_CLIENTS).unwrap_or(u32::MAX);
+    if tokio::time::timeout(DRAIN, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::debug!("control socket: answers still in flight at shutdown abandoned");
+    }
 }
 
-async fn connection<H: Handler>(stream: UnixStream, handler: &H) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::new(read);
+/// Why a control connection ended early.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("no whole request line within {}s", IDLE_TIMEOUT.as_secs())]
+    Idle,
+    #[error("the client did not take the answer within {}s", WRITE_TIMEOUT.as_secs())]
+    WriteTimeout,
+    #[error("request line longer than {MAX_LINE} bytes; connection closed")]
+    TooLong,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+async fn connection<H: Handler>(
+    stream: UnixStream,
+    handler: &H,
+    shutdown: &CancellationToken,
+) -> Result<(), ConnectionError> {
+    let mut framed = Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE));
     loop {
-        let mut line = String::new();
-        let n = tokio::time::timeout(
-            IDLE_TIMEOUT,
-            (&mut read).take(MAX_LINE).read_line(&mut line),
-        )
-        .await
-        .map_err(|_| std::io::ErrorKind::TimedOut)??;
-        if n == 0 {
-            return Ok(());
-        }
+        // The whole line, not each read, must come within the limit: a
+        // client trickling bytes is cut off as one that sends nothing.
+        let next = tokio::select! {
+            // Idle between requests: nothing to finish.
+            () = shutdown.cancelled() => return Ok(()),
+            n = tokio::time::timeout(IDLE_TIMEOUT, framed.next()) => n,
+        };
+        let line = match next {
+            Err(_) => return Err(ConnectionError::Idle),
+            Ok(None) => return Ok(()),
+            Ok(Some(Ok(line))) => line,
+            Ok(Some(Err(e))) => {
+                // Answered, then closed: what follows an over-long or broken
+                // line is never read as a request of its own.
+                let (message, error) = match e {
+                    LinesCodecError::MaxLineLengthExceeded => (
+                        format!("bad request: line longer than {MAX_LINE} bytes"),
+                        ConnectionError::TooLong,
+                    ),
+                    LinesCodecError::Io(e) => (format!("bad request: {e}"), e.into()),
+                };
+                send(&mut framed, &Response::Error { message }).await?;
+                return Err(error);
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }
@@ -171,9 +276,23 @@ async fn connection<H: Handler>(stream: UnixStream, handler: &H) -> std::io::Res
                 ),
             },
         };
-        let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
-        out.push(b'\n');
-        write.write_all(&out).await?;
+        send(&mut framed, &response).await?;
+    }
+}
+
+/// Writes one answer line; a client that does not read it is dropped.
+async fn send(
+    framed: &mut Framed<UnixStream, LinesCodec>,
+    response: &Response,
+) -> Result<(), ConnectionError> {
+    let line = serde_json::to_string(response).map_err(std::io::Error::other)?;
+    match tokio::time::timeout(WRITE_TIMEOUT, framed.send(line)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(LinesCodecError::Io(e))) => Err(e.into()),
+        Ok(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+            unreachable!("the encoder has no line limit")
+        }
+        Err(_) => Err(ConnectionError::WriteTimeout),
     }
 }
 
@@ -191,10 +310,67 @@ pub enum ClientError {
     },
     #[error("control socket {path}: unexpected answer: {message}")]
     Protocol { path: PathBuf, message: String },
+    #[error(
+        "the daemon at {path} did not answer the {request} request within {} (a hung daemon?{hint})",
+        humantime::format_duration(*.after)
+    )]
+    TimedOut {
+        path: PathBuf,
+        request: &'static str,
+        after: Duration,
+        hint: &'static str,
+    },
 }
 
-/// Sends one request to the daemon at `path` and reads its answer.
+impl Request {
+    fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Reconcile => "reconcile",
+        }
+    }
+
+    /// How long a client waits for the answer unless told otherwise. The
+    /// daemon bounds its engine listing for `status` at 15 s; a `reconcile`
+    /// waits for the running one and then its own, pulls included.
+    pub fn default_timeout(&self) -> Duration {
+        match self {
+            Request::Status => Duration::from_secs(60),
+            Request::Reconcile => Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// Sends one request to the daemon at `path` and reads its answer, waiting
+/// at most [`Request::default_timeout`].
 pub async fn request(path: &Path, request: &Request) -> Result<Response, ClientError> {
+    request_within(path, request, request.default_timeout()).await
+}
+
+/// Sends one request and reads its answer; the whole exchange (connect,
+/// write, answer) ends after `timeout` with [`ClientError::TimedOut`].
+pub async fn request_within(
+    path: &Path,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
+    match tokio::time::timeout(timeout, exchange(path, request)).await {
+        Ok(answer) => answer,
+        Err(_) => Err(ClientError::TimedOut {
+            path: path.to_path_buf(),
+            request: request.name(),
+            after: timeout,
+            hint: match request {
+                Request::Reconcile => {
+                    " the reconcile may still run: see `stowage status` and `stowage history`"
+                }
+                Request::Status => "",
+            },
+        }),
+    }
+}
+
+async fn exchange(path: &Path, request: &Request) -> Result<Response, ClientError> {
     let io = |source| ClientError::Io {
         path: path.to_path_buf(),
         source,

@@ -1,24 +1,23 @@
 //! Prometheus metrics: counters kept by the daemon loop, rendered in the text
-//! exposition format 0.0.4, served by a minimal HTTP/1.1 server (one request
-//! per connection) so no web framework is needed for one endpoint.
+//! exposition format 0.0.4, served by hyper's HTTP/1.1 server (one request
+//! per connection), bounded: a connection cap and a deadline per connection,
+//! so slow or idle clients cannot take the daemon's descriptors.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::Record;
 
 /// The content type Prometheus expects for the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-/// A request head larger than this is not a scrape.
+/// A request head larger than this is not a scrape (hyper's minimum buffer).
 const MAX_REQUEST: usize = 8 * 1024;
-/// A client that sends nothing for this long is dropped.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default)]
 struct Values {
@@ -207,98 +206,120 @@ pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves `GET /metrics` until `shutdown`. Accept errors (e.g. out of file
-/// descriptors) back off instead of spinning.
+/// Scrapes served at once. More wait in the kernel's listen queue, where they
+/// hold none of the daemon's file descriptors, until a slot frees: at most
+/// [`CONNECTION_DEADLINE`] later.
+pub const MAX_CONNECTIONS: usize = 16;
+/// The request head must arrive whole within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection ends this long after it was accepted, whatever it is doing
+/// (a client sending slowly, or reading the answer slowly).
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+/// At shutdown, scrapes in flight get this long to finish.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// Serves `GET /metrics` (hyper, HTTP/1.1, one request per connection) until
+/// `shutdown`, then lets the scrapes in flight finish for up to [`DRAIN`].
+/// Connections are capped at [`MAX_CONNECTIONS`]; each gets
+/// [`CONNECTION_DEADLINE`]. Accept errors (e.g. out of file descriptors) back
+/// off instead of spinning.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_REQUEST)
+        .keep_alive(false)
+        // As the server before hyper wrote them; clients may compare them so.
+        .title_case_headers(true);
     let mut backoff = Duration::from_millis(10);
     loop {
+        // A slot first, as mini-redis does: over the cap, connections wait
+        // unaccepted instead of costing a descriptor each.
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
         let accepted = tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => break,
             a = listener.accept() => a,
         };
-        match accepted {
-            Ok((stream, _)) => {
-                backoff = Duration::from_millis(10);
-                let metrics = metrics.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = answer(stream, &metrics).await {
-                        tracing::debug!("metrics request: {e}");
-                    }
-                });
-            }
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
             Err(e) => {
                 tracing::warn!("metrics: accept failed: {e}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
             }
-        }
+        };
+        backoff = Duration::from_millis(10);
+        let metrics = metrics.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let answer = answer(&req, &metrics);
+            async move { Ok::<_, std::convert::Infallible>(answer) }
+        });
+        let connection =
+            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            match tokio::time::timeout(CONNECTION_DEADLINE, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!("metrics request: {e}"),
+                Err(_) => tracing::debug!(
+                    "metrics client dropped after {}s",
+                    CONNECTION_DEADLINE.as_secs()
+                ),
+            }
+            drop(permit);
+        });
+    }
+    // New clients are refused from here on; those in flight may finish.
+    drop(listener);
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::debug!("metrics: scrapes still running at shutdown abandoned");
     }
 }
 
-async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buf))
-            .await
-            .map_err(|_| std::io::ErrorKind::TimedOut)??;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.len() > MAX_REQUEST {
-            return respond(
-                &mut stream,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                "",
-            )
-            .await;
-        }
-    }
-    let text = String::from_utf8_lossy(&head);
-    let mut words = text.lines().next().unwrap_or_default().split_whitespace();
-    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET" | "HEAD", "/metrics") => {
-            let body = metrics.render();
-            let body = if method == "HEAD" {
-                String::new()
-            } else {
-                body
-            };
-            respond(&mut stream, "200 OK", CONTENT_TYPE, &body).await
-        }
-        ("GET" | "HEAD", "/") => {
-            respond(
-                &mut stream,
-                "200 OK",
-                "text/plain; charset=utf-8",
-                "stowage: metrics at /metrics\n",
-            )
-            .await
-        }
-        ("GET" | "HEAD", _) => {
-            respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await
-        }
-        _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", "").await,
-    }
-}
+type Body = http_body_util::Full<bytes::Bytes>;
 
-async fn respond(
-    stream: &mut TcpStream,
-    status: &str,
-    content_type: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+fn answer(req: &hyper::Request<hyper::body::Incoming>, metrics: &Metrics) -> hyper::Response<Body> {
+    use hyper::{Method, StatusCode};
+    let head = req.method() == Method::HEAD;
+    let (status, content_type, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            (StatusCode::OK, CONTENT_TYPE, metrics.render())
+        }
+        (&Method::GET | &Method::HEAD, "/") => (
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            "stowage: metrics at /metrics\n".to_owned(),
+        ),
+        (&Method::GET | &Method::HEAD, _) => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
+        _ => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", String::new()),
+    };
+    let length = body.len();
+    let mut response = hyper::Response::new(Body::new(if head {
+        bytes::Bytes::new()
+    } else {
+        bytes::Bytes::from(body)
+    }));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    // HEAD says how long the GET answer would be.
+    headers.insert(hyper::header::CONTENT_LENGTH, length.into());
+    response
 }
 
 #[cfg(test)]

@@ -904,12 +904,14 @@ pub fn control_socket_for(path: &Path) -> PathBuf {
     }
 }
 
-/// Asks the daemon at `socket` for something; `None` when no daemon answers.
+/// Asks the daemon at `socket` for something, waiting at most `timeout` for
+/// the answer; `None` when no daemon answers.
 pub async fn ask(
     socket: &Path,
     request: &Request,
+    timeout: Duration,
 ) -> Result<Option<Response>, control::ClientError> {
-    match control::request(socket, request).await {
+    match control::request_within(socket, request, timeout).await {
         Ok(r) => Ok(Some(r)),
         Err(control::ClientError::NoDaemon { .. }) => Ok(None),
         Err(e) => Err(e),
