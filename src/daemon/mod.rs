@@ -11,8 +11,10 @@
 //! - Engine events become activity marks, written to the state in batches
 //!   between reconciles (the loop is then the state's only writer).
 //! - The engine may be down at start or go away: the loop reconnects with
-//!   capped backoff, logs each change of reachability once, and reconciles
-//!   when the engine is back.
+//!   capped, jittered backoff, logs each change of reachability once, and
+//!   reconciles when the engine is back. An event stream that fails while
+//!   the engine answers (a proxy refusing `/events`) is retried with its own
+//!   backoff and reconciles nothing: only a real outage does.
 //! - Shutdown (the `shutdown` future) lets the action in flight finish,
 //!   writes the state, and returns.
 //!
@@ -57,6 +59,15 @@ pub const DEBOUNCE: Duration = Duration::from_millis(250);
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// Longest wait between two connection attempts.
 pub const RETRY_CAP: Duration = Duration::from_secs(10);
+/// An event stream that lived this long was working: its end (an engine
+/// restart) is followed by an immediate reconnect. Shorter-lived ones are
+/// failing and back off.
+const EVENTS_HEALTHY: Duration = Duration::from_secs(10);
+/// First retry of a failing event stream; doubles up to [`EVENTS_RETRY_CAP`].
+const EVENTS_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between two attempts at a failing event stream: activity
+/// is not recorded meanwhile, so not much longer.
+const EVENTS_RETRY_CAP: Duration = Duration::from_secs(60);
 /// Activity marks are written at most this long after they were seen.
 const FLUSH_EVERY: Duration = Duration::from_secs(15);
 /// Heartbeat without a systemd watchdog (it also bounds how late a missed
@@ -220,6 +231,13 @@ struct Daemon<E, F> {
     /// Reachability as last logged (`None` before the first attempt).
     reachable: Option<bool>,
     events: Option<JoinHandle<Option<String>>>,
+    /// When the running event watcher started, to tell a stream that worked
+    /// from one that fails at once.
+    events_since: Option<Instant>,
+    /// Wait before the next attempt at a failing event stream.
+    events_delay: Duration,
+    /// The event stream is failing (logged once until it works again).
+    events_failing: bool,
     marks: SharedMarks,
     last_flush: Instant,
     next_fire: Option<DateTime<Utc>>,
@@ -328,6 +346,9 @@ where
         retry_delay: RETRY_FIRST,
         reachable: None,
         events: None,
+        events_since: None,
+        events_delay: EVENTS_RETRY_FIRST,
+        events_failing: false,
         marks: SharedMarks::default(),
         last_flush: Instant::now(),
         next_fire: None,
@@ -369,6 +390,7 @@ where
             _ = heartbeat.tick() => {
                 // Proof of progress from the loop itself, not a side task.
                 d.notifier.watchdog();
+                d.check_events_recovered();
                 if d.running.is_none() && d.last_flush.elapsed() >= FLUSH_EVERY {
                     d.flush_marks();
                 }
@@ -404,6 +426,17 @@ async fn join_connect<E>(task: &mut Option<JoinHandle<EngineResult<E>>>) -> Engi
         Some(r) => r,
         None => Err(EngineError::Other("the connection attempt panicked".into())),
     }
+}
+
+/// `delay` shortened by up to half, so that retries of many waiters (or of
+/// hosts failing together) spread out.
+fn jittered(delay: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // A fresh random seed per call is all the randomness needed here.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(delay.as_nanos() as u64);
+    let fraction = 0.5 + (h.finish() % 1000) as f64 / 2000.0;
+    delay.mul_f64(fraction)
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -605,7 +638,11 @@ where
         match result {
             Ok(engine) => {
                 let engine = Arc::new(engine);
-                if self.reachable != Some(true) {
+                // Only a real outage (or the start) is worth a reconcile: a
+                // reconnect for a failed event stream, with the engine
+                // answering all along, is not.
+                let outage = self.reachable != Some(true);
+                if outage {
                     tracing::info!("engine {} reachable", self.view().engine);
                 } else {
                     tracing::debug!("engine connection re-established");
@@ -634,8 +671,11 @@ where
                     self.clock.clone(),
                     on_pulled,
                 )));
-                // Whatever happened while it was away, look again.
-                self.request(None);
+                self.events_since = Some(Instant::now());
+                if outage {
+                    // Whatever happened while it was away, look again.
+                    self.request(None);
+                }
             }
             Err(e) => self.engine_lost(&e.to_string()),
         }
@@ -667,7 +707,8 @@ where
             view.engine_reachable = false;
             view.engine_error = Some(why.to_owned());
         }
-        self.retry_at = Some(Instant::now() + delay);
+        self.events_since = None;
+        self.retry_at = Some(Instant::now() + jittered(delay));
         self.retry_delay = (delay * 2).min(RETRY_CAP);
     }
 
@@ -675,11 +716,50 @@ where
         let why = why
             .flatten()
             .unwrap_or_else(|| "the engine closed it".into());
-        tracing::debug!("engine event stream ended ({why}); reconnecting");
-        // Reconnect at once: a reachable engine gets a new stream, and one
-        // that went away is reported by the failed attempt.
-        *lock(&self.shared.engine) = None;
-        self.start_connect();
+        let lived = self.events_since.take().map(|t| t.elapsed());
+        if lived.is_some_and(|l| l >= EVENTS_HEALTHY) {
+            // It worked, then ended (an engine restart, most likely).
+            // Reconnect at once: a reachable engine gets a new stream, and
+            // one that went away is reported by the failed attempt.
+            tracing::debug!("engine event stream ended ({why}); reconnecting");
+            self.events_delay = EVENTS_RETRY_FIRST;
+            *lock(&self.shared.engine) = None;
+            self.start_connect();
+            return;
+        }
+        // Failing at once while the engine answers (e.g. a socket proxy
+        // refusing `/events`): back off, and keep the engine for
+        // reconciles meanwhile.
+        let delay = self.events_delay;
+        if !self.events_failing {
+            tracing::warn!(
+                "engine event stream failed: {why}; container use and pulls are not recorded \
+                 while it is down; retrying with backoff up to {}s (logged once until it works)",
+                EVENTS_RETRY_CAP.as_secs()
+            );
+            self.note_error(format!("engine event stream failed: {why}"));
+            self.events_failing = true;
+        } else {
+            tracing::debug!("engine event stream failed again: {why}; next attempt in {delay:?}");
+        }
+        self.events_delay = (delay * 2).min(EVENTS_RETRY_CAP);
+        if self.retry_at.is_none() && self.connecting.is_none() {
+            self.retry_at = Some(Instant::now() + jittered(delay));
+        }
+    }
+
+    /// Says once that a failing event stream works again, and resets its
+    /// backoff.
+    fn check_events_recovered(&mut self) {
+        if self.events_failing
+            && self
+                .events_since
+                .is_some_and(|t| t.elapsed() >= EVENTS_HEALTHY)
+        {
+            tracing::info!("engine event stream works again");
+            self.events_failing = false;
+            self.events_delay = EVENTS_RETRY_FIRST;
+        }
     }
 
     fn maybe_start_reconcile(&mut self) {
