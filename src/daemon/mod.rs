@@ -223,6 +223,11 @@ struct Daemon<E, F> {
     /// `Some`: a reconcile is wanted, with who waits for its result.
     pending: Option<Vec<oneshot::Sender<ReconcileResult>>>,
     running: Option<JoinHandle<Finished>>,
+    /// The engine the running reconcile uses (the loop's own may have been
+    /// replaced meanwhile), for the watchdog.
+    running_engine: Option<Arc<E>>,
+    /// `WATCHDOG=1` is withheld: an engine call outlived its deadline.
+    watchdog_withheld: bool,
     /// Who waits for the result of the running reconcile.
     running_waiters: Vec<oneshot::Sender<ReconcileResult>>,
     connecting: Option<JoinHandle<EngineResult<E>>>,
@@ -340,6 +345,8 @@ where
         last_bytes: std::fs::read(&policy_path).ok(),
         pending: Some(Vec::new()),
         running: None,
+        running_engine: None,
+        watchdog_withheld: false,
         running_waiters: Vec::new(),
         connecting: None,
         retry_at: None,
@@ -388,8 +395,7 @@ where
             }
             () = tokio::time::sleep(cron_wait) => d.on_cron_wake(),
             _ = heartbeat.tick() => {
-                // Proof of progress from the loop itself, not a side task.
-                d.notifier.watchdog();
+                d.feed_watchdog();
                 d.check_events_recovered();
                 if d.running.is_none() && d.last_flush.elapsed() >= FLUSH_EVERY {
                     d.flush_marks();
@@ -748,6 +754,41 @@ where
         }
     }
 
+    /// `WATCHDOG=1`: proof of progress from the loop itself, not a side
+    /// task. Withheld while an engine call is in flight past its deadline
+    /// (the deadline did not fire, so a reconcile waiting on it is stuck):
+    /// systemd then restarts the daemon rather than trusting a live loop.
+    fn feed_watchdog(&mut self) {
+        let stuck = self
+            .running_engine
+            .as_ref()
+            .and_then(|e| e.stuck_call())
+            .or_else(|| self.engine().and_then(|e| e.stuck_call()));
+        match stuck {
+            None => {
+                if self.watchdog_withheld {
+                    tracing::info!(
+                        "no engine call is overdue any more; feeding the watchdog again"
+                    );
+                    self.watchdog_withheld = false;
+                }
+                self.notifier.watchdog();
+            }
+            Some(s) if !self.watchdog_withheld => {
+                let message = format!(
+                    "engine call `{}` is {}s past its deadline; the systemd watchdog is no longer fed",
+                    s.call,
+                    s.overdue.as_secs()
+                );
+                tracing::error!("{message}");
+                self.notifier.status(&message);
+                self.note_error(message);
+                self.watchdog_withheld = true;
+            }
+            Some(_) => {}
+        }
+    }
+
     /// Says once that a failing event stream works again, and resets its
     /// backoff.
     fn check_events_recovered(&mut self) {
@@ -777,6 +818,7 @@ where
         let clock = self.clock.clone();
         let stop = self.stop.clone();
         self.notifier.status("reconciling");
+        self.running_engine = Some(engine.clone());
         let task = tokio::spawn(async move {
             let started = clock.now();
             let t0 = Instant::now();
@@ -811,6 +853,7 @@ where
 
     fn on_finished(&mut self, finished: Option<Finished>) {
         self.running = None;
+        self.running_engine = None;
         let waiters = std::mem::take(&mut self.running_waiters);
         let now = self.clock.now();
         let Some(f) = finished else {

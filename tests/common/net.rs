@@ -346,12 +346,7 @@ impl UnixHttpProxy {
         let s = seen.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(http_one(
-                    client,
-                    upstream.clone(),
-                    rule.clone(),
-                    s.clone(),
-                ));
+                tokio::spawn(http_one(client, upstream.clone(), rule.clone(), s.clone()));
             }
         });
         UnixHttpProxy {
