@@ -11,8 +11,10 @@
 //! - Engine events become activity marks, written to the state in batches
 //!   between reconciles (the loop is then the state's only writer).
 //! - The engine may be down at start or go away: the loop reconnects with
-//!   capped backoff, logs each change of reachability once, and reconciles
-//!   when the engine is back.
+//!   capped, jittered backoff, logs each change of reachability once, and
+//!   reconciles when the engine is back. An event stream that fails while
+//!   the engine answers (a proxy refusing `/events`) is retried with its own
+//!   backoff and reconciles nothing: only a real outage does.
 //! - Shutdown (the `shutdown` future) lets the action in flight finish,
 //!   writes the state, and returns.
 //!
@@ -57,6 +59,15 @@ pub const DEBOUNCE: Duration = Duration::from_millis(250);
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// Longest wait between two connection attempts.
 pub const RETRY_CAP: Duration = Duration::from_secs(10);
+/// An event stream that lived this long was working: its end (an engine
+/// restart) is followed by an immediate reconnect. Shorter-lived ones are
+/// failing and back off.
+const EVENTS_HEALTHY: Duration = Duration::from_secs(10);
+/// First retry of a failing event stream; doubles up to [`EVENTS_RETRY_CAP`].
+const EVENTS_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between two attempts at a failing event stream: activity
+/// is not recorded meanwhile, so not much longer.
+const EVENTS_RETRY_CAP: Duration = Duration::from_secs(60);
 /// Activity marks are written at most this long after they were seen.
 const FLUSH_EVERY: Duration = Duration::from_secs(15);
 /// Heartbeat without a systemd watchdog (it also bounds how late a missed
@@ -212,6 +223,11 @@ struct Daemon<E, F> {
     /// `Some`: a reconcile is wanted, with who waits for its result.
     pending: Option<Vec<oneshot::Sender<ReconcileResult>>>,
     running: Option<JoinHandle<Finished>>,
+    /// The engine the running reconcile uses (the loop's own may have been
+    /// replaced meanwhile), for the watchdog.
+    running_engine: Option<Arc<E>>,
+    /// `WATCHDOG=1` is withheld: an engine call outlived its deadline.
+    watchdog_withheld: bool,
     /// Who waits for the result of the running reconcile.
     running_waiters: Vec<oneshot::Sender<ReconcileResult>>,
     connecting: Option<JoinHandle<EngineResult<E>>>,
@@ -220,6 +236,13 @@ struct Daemon<E, F> {
     /// Reachability as last logged (`None` before the first attempt).
     reachable: Option<bool>,
     events: Option<JoinHandle<Option<String>>>,
+    /// When the running event watcher started, to tell a stream that worked
+    /// from one that fails at once.
+    events_since: Option<Instant>,
+    /// Wait before the next attempt at a failing event stream.
+    events_delay: Duration,
+    /// The event stream is failing (logged once until it works again).
+    events_failing: bool,
     marks: SharedMarks,
     last_flush: Instant,
     next_fire: Option<DateTime<Utc>>,
@@ -322,12 +345,17 @@ where
         last_bytes: policy::file::read(&policy_path).ok(),
         pending: Some(Vec::new()),
         running: None,
+        running_engine: None,
+        watchdog_withheld: false,
         running_waiters: Vec::new(),
         connecting: None,
         retry_at: None,
         retry_delay: RETRY_FIRST,
         reachable: None,
         events: None,
+        events_since: None,
+        events_delay: EVENTS_RETRY_FIRST,
+        events_failing: false,
         marks: SharedMarks::default(),
         last_flush: Instant::now(),
         next_fire: None,
@@ -367,8 +395,8 @@ where
             }
             () = tokio::time::sleep(cron_wait) => d.on_cron_wake(),
             _ = heartbeat.tick() => {
-                // Proof of progress from the loop itself, not a side task.
-                d.notifier.watchdog();
+                d.feed_watchdog();
+                d.check_events_recovered();
                 if d.running.is_none() && d.last_flush.elapsed() >= FLUSH_EVERY {
                     d.flush_marks();
                 }
@@ -404,6 +432,17 @@ async fn join_connect<E>(task: &mut Option<JoinHandle<EngineResult<E>>>) -> Engi
         Some(r) => r,
         None => Err(EngineError::Other("the connection attempt panicked".into())),
     }
+}
+
+/// `delay` shortened by up to half, so that retries of many waiters (or of
+/// hosts failing together) spread out.
+fn jittered(delay: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // A fresh random seed per call is all the randomness needed here.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(delay.as_nanos() as u64);
+    let fraction = 0.5 + (h.finish() % 1000) as f64 / 2000.0;
+    delay.mul_f64(fraction)
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -603,7 +642,11 @@ where
         match result {
             Ok(engine) => {
                 let engine = Arc::new(engine);
-                if self.reachable != Some(true) {
+                // Only a real outage (or the start) is worth a reconcile: a
+                // reconnect for a failed event stream, with the engine
+                // answering all along, is not.
+                let outage = self.reachable != Some(true);
+                if outage {
                     tracing::info!("engine {} reachable", self.view().engine);
                 } else {
                     tracing::debug!("engine connection re-established");
@@ -632,8 +675,11 @@ where
                     self.clock.clone(),
                     on_pulled,
                 )));
-                // Whatever happened while it was away, look again.
-                self.request(None);
+                self.events_since = Some(Instant::now());
+                if outage {
+                    // Whatever happened while it was away, look again.
+                    self.request(None);
+                }
             }
             Err(e) => self.engine_lost(&e.to_string()),
         }
@@ -665,7 +711,8 @@ where
             view.engine_reachable = false;
             view.engine_error = Some(why.to_owned());
         }
-        self.retry_at = Some(Instant::now() + delay);
+        self.events_since = None;
+        self.retry_at = Some(Instant::now() + jittered(delay));
         self.retry_delay = (delay * 2).min(RETRY_CAP);
     }
 
@@ -673,11 +720,85 @@ where
         let why = why
             .flatten()
             .unwrap_or_else(|| "the engine closed it".into());
-        tracing::debug!("engine event stream ended ({why}); reconnecting");
-        // Reconnect at once: a reachable engine gets a new stream, and one
-        // that went away is reported by the failed attempt.
-        *lock(&self.shared.engine) = None;
-        self.start_connect();
+        let lived = self.events_since.take().map(|t| t.elapsed());
+        if lived.is_some_and(|l| l >= EVENTS_HEALTHY) {
+            // It worked, then ended (an engine restart, most likely).
+            // Reconnect at once: a reachable engine gets a new stream, and
+            // one that went away is reported by the failed attempt.
+            tracing::debug!("engine event stream ended ({why}); reconnecting");
+            self.events_delay = EVENTS_RETRY_FIRST;
+            *lock(&self.shared.engine) = None;
+            self.start_connect();
+            return;
+        }
+        // Failing at once while the engine answers (e.g. a socket proxy
+        // refusing `/events`): back off, and keep the engine for
+        // reconciles meanwhile.
+        let delay = self.events_delay;
+        if !self.events_failing {
+            tracing::warn!(
+                "engine event stream failed: {why}; container use and pulls are not recorded \
+                 while it is down; retrying with backoff up to {}s (logged once until it works)",
+                EVENTS_RETRY_CAP.as_secs()
+            );
+            self.note_error(format!("engine event stream failed: {why}"));
+            self.events_failing = true;
+        } else {
+            tracing::debug!("engine event stream failed again: {why}; next attempt in {delay:?}");
+        }
+        self.events_delay = (delay * 2).min(EVENTS_RETRY_CAP);
+        if self.retry_at.is_none() && self.connecting.is_none() {
+            self.retry_at = Some(Instant::now() + jittered(delay));
+        }
+    }
+
+    /// `WATCHDOG=1`: proof of progress from the loop itself, not a side
+    /// task. Withheld while an engine call is in flight past its deadline
+    /// (the deadline did not fire, so a reconcile waiting on it is stuck):
+    /// systemd then restarts the daemon rather than trusting a live loop.
+    fn feed_watchdog(&mut self) {
+        let stuck = self
+            .running_engine
+            .as_ref()
+            .and_then(|e| e.stuck_call())
+            .or_else(|| self.engine().and_then(|e| e.stuck_call()));
+        match stuck {
+            None => {
+                if self.watchdog_withheld {
+                    tracing::info!(
+                        "no engine call is overdue any more; feeding the watchdog again"
+                    );
+                    self.watchdog_withheld = false;
+                }
+                self.notifier.watchdog();
+            }
+            Some(s) if !self.watchdog_withheld => {
+                let message = format!(
+                    "engine call `{}` is {}s past its deadline; the systemd watchdog is no longer fed",
+                    s.call,
+                    s.overdue.as_secs()
+                );
+                tracing::error!("{message}");
+                self.notifier.status(&message);
+                self.note_error(message);
+                self.watchdog_withheld = true;
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Says once that a failing event stream works again, and resets its
+    /// backoff.
+    fn check_events_recovered(&mut self) {
+        if self.events_failing
+            && self
+                .events_since
+                .is_some_and(|t| t.elapsed() >= EVENTS_HEALTHY)
+        {
+            tracing::info!("engine event stream works again");
+            self.events_failing = false;
+            self.events_delay = EVENTS_RETRY_FIRST;
+        }
     }
 
     fn maybe_start_reconcile(&mut self) {
@@ -695,6 +816,7 @@ where
         let clock = self.clock.clone();
         let stop = self.stop.clone();
         self.notifier.status("reconciling");
+        self.running_engine = Some(engine.clone());
         let task = tokio::spawn(async move {
             let started = clock.now();
             let t0 = Instant::now();
@@ -729,6 +851,7 @@ where
 
     fn on_finished(&mut self, finished: Option<Finished>) {
         self.running = None;
+        self.running_engine = None;
         let waiters = std::mem::take(&mut self.running_waiters);
         let now = self.clock.now();
         let Some(f) = finished else {

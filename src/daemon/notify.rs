@@ -50,6 +50,16 @@ impl Notifier {
         }
     }
 
+    /// A notifier that sends to the datagram socket at `path` (`@name`:
+    /// abstract), with a watchdog of `watchdog`, as `from_env` would with
+    /// `NOTIFY_SOCKET` and `WATCHDOG_USEC` set (tests of the loop).
+    pub fn to_socket(path: &str, watchdog: Option<Duration>) -> std::io::Result<Self> {
+        Ok(Notifier {
+            target: Some(Self::open(path)?),
+            watchdog,
+        })
+    }
+
     /// A notifier that sends nothing (tests, `stowage run` by hand).
     pub fn disabled() -> Self {
         Notifier::default()

@@ -6,10 +6,18 @@
 //! newest API shape of them: `GET /system/df` (API < 1.52 answers `LayersSize`,
 //! `Images`, `BuildCache`, which bollard's struct drops) and `POST /build/prune`
 //! (API < 1.48 reads `keep-storage`, which bollard cannot send).
+//!
+//! Every call has a deadline that covers the whole answer, body included
+//! (bollard's own timeout covers only the wait for headers), and a streamed
+//! answer must deliver each next item within one; a missed deadline is
+//! [`EngineError::Timeout`] naming the call. Calls in flight are tracked so
+//! that the daemon's watchdog can tell a call that outlived its deadline.
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
-use std::time::Duration;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use bollard::auth::DockerCredentials;
@@ -20,21 +28,37 @@ use bollard::query_parameters::{
     RemoveImageOptionsBuilder, TagImageOptionsBuilder,
 };
 use bytes::Bytes;
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{
     BoxStream, Container, Credentials, DiskUsage, Engine, EngineError, EngineInfo, EngineResult,
-    Event, Image, Layer, Progress, Removed,
+    Event, Image, Layer, Progress, Removed, StuckCall,
 };
 
 /// The engine's address when neither an explicit URI nor `DOCKER_HOST` is given.
 const DEFAULT_ADDRESS: &str = "unix:///var/run/docker.sock";
 /// Connecting must fail fast: a daemon that cannot reach its engine says so.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bounds the wait for response headers (not for streamed bodies). Loading a
-/// large archive answers only once it is read, so this is generous.
+/// Bounds bollard's wait for response headers. Loading a large archive
+/// answers only once it is read, so this is generous; everything else is
+/// bounded tighter by [`CALL_TIMEOUT`].
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// Deadline of one engine call, answer body included, and the longest quiet
+/// gap inside a streamed answer. Removals, build-cache prunes, `system df`,
+/// loads and saves may legitimately take [`SLOW_FACTOR`] times longer.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Overrides [`CALL_TIMEOUT`] (a duration: `30s`, `5m`), for tests of hung
+/// engines and for hosts whose engine is known to be slow.
+pub const TIMEOUT_VAR: &str = "STOWAGE_ENGINE_TIMEOUT";
+const SLOW_FACTOR: u32 = 5;
+/// Longest quiet gap between two progress messages of a pull or push. The
+/// transfer's stall watchdog (`daemon.stall_timeout`) abandons them first;
+/// this only bounds a caller without one.
+const TRANSFER_IDLE: Duration = Duration::from_secs(3600);
+/// How far past its deadline a call counts as stuck: the timer has fired by
+/// then unless something blocks the runtime.
+const STUCK_SLACK: Duration = Duration::from_secs(5);
 
 /// Where the engine listens, parsed from the address.
 #[derive(Debug, Clone)]
@@ -52,6 +76,90 @@ pub struct DockerEngine {
     address: String,
     /// The same endpoint, for the raw requests bollard cannot express.
     endpoint: Endpoint,
+    /// [`CALL_TIMEOUT`] or its override.
+    timeout: Duration,
+    /// Calls in flight, shared by clones.
+    calls: Calls,
+}
+
+/// Engine calls in flight with their deadlines.
+#[derive(Debug, Default)]
+struct InFlight {
+    next: u64,
+    calls: HashMap<u64, (String, Instant)>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Calls(Arc<Mutex<InFlight>>);
+
+impl Calls {
+    fn lock(&self) -> std::sync::MutexGuard<'_, InFlight> {
+        // Plain bookkeeping: a panic elsewhere does not make it wrong.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers `call`, due within `within`; it is done when the guard drops.
+    fn start(&self, call: &str, within: Duration) -> CallGuard {
+        let mut g = self.lock();
+        let id = g.next;
+        g.next += 1;
+        g.calls
+            .insert(id, (call.to_owned(), Instant::now() + within));
+        CallGuard {
+            calls: self.clone(),
+            id,
+        }
+    }
+
+    /// The call furthest past its deadline by more than `slack`.
+    fn overdue(&self, slack: Duration) -> Option<StuckCall> {
+        let now = Instant::now();
+        self.lock()
+            .calls
+            .values()
+            .filter(|(_, due)| now > *due + slack)
+            .min_by_key(|(_, due)| *due)
+            .map(|(call, due)| StuckCall {
+                call: call.clone(),
+                overdue: now - *due,
+            })
+    }
+}
+
+/// One call in flight; dropping it (done, failed or cancelled) ends it.
+struct CallGuard {
+    calls: Calls,
+    id: u64,
+}
+
+impl CallGuard {
+    /// A streamed answer delivered an item: the next is due within `within`.
+    fn renew(&self, within: Duration) {
+        if let Some(c) = self.calls.lock().calls.get_mut(&self.id) {
+            c.1 = Instant::now() + within;
+        }
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.calls.lock().calls.remove(&self.id);
+    }
+}
+
+/// [`CALL_TIMEOUT`], or the duration in [`TIMEOUT_VAR`].
+fn call_timeout() -> EngineResult<Duration> {
+    match std::env::var(TIMEOUT_VAR) {
+        Ok(v) if !v.trim().is_empty() => humantime::parse_duration(v.trim())
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                EngineError::Other(format!(
+                    "{TIMEOUT_VAR}={v:?} is not a duration above zero (e.g. 30s, 5m)"
+                ))
+            }),
+        _ => Ok(CALL_TIMEOUT),
+    }
 }
 
 impl DockerEngine {
@@ -62,6 +170,7 @@ impl DockerEngine {
     /// `http://host:port`.
     pub async fn connect(uri: Option<&str>) -> EngineResult<DockerEngine> {
         let address = resolve_address(uri);
+        let timeout = call_timeout()?;
         let unreachable = |message: String| EngineError::Unreachable {
             address: address.clone(),
             message,
@@ -103,20 +212,73 @@ impl DockerEngine {
 
         // bollard speaks the newest API by default; older engines (20.10 is
         // 1.41) reject that, so settle on the engine's version first.
-        let docker = docker
-            .negotiate_version()
+        // Bounded whole: an engine that sends headers and then nothing must
+        // not hold a connection attempt (bollard bounds only the headers).
+        let handshake = async {
+            let docker = docker
+                .negotiate_version()
+                .await
+                .map_err(|e| unreachable(root_cause(&e)))?;
+            docker
+                .ping()
+                .await
+                .map_err(|e| unreachable(root_cause(&e)))?;
+            Ok(docker)
+        };
+        let docker = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
             .await
-            .map_err(|e| unreachable(root_cause(&e)))?;
-        docker
-            .ping()
-            .await
-            .map_err(|e| unreachable(root_cause(&e)))?;
+            .unwrap_or_else(|_| {
+                Err(unreachable(format!(
+                    "no answer to version and ping within {}",
+                    humantime::format_duration(CONNECT_TIMEOUT)
+                )))
+            })?;
         let docker = docker.with_timeout(REQUEST_TIMEOUT);
         Ok(DockerEngine {
             docker,
             address,
             endpoint,
+            timeout,
+            calls: Calls::default(),
         })
+    }
+
+    /// The deadline of calls that may legitimately take long.
+    fn slow(&self) -> Duration {
+        self.timeout * SLOW_FACTOR
+    }
+
+    fn timed_out(call: &str, after: Duration) -> EngineError {
+        EngineError::Timeout {
+            call: call.to_owned(),
+            after,
+        }
+    }
+
+    /// Runs one whole call (answer body included) within `within`.
+    async fn bounded<T>(
+        &self,
+        call: &str,
+        within: Duration,
+        fut: impl Future<Output = EngineResult<T>>,
+    ) -> EngineResult<T> {
+        let _in_flight = self.calls.start(call, within);
+        tokio::time::timeout(within, fut)
+            .await
+            .unwrap_or_else(|_| Err(Self::timed_out(call, within)))
+    }
+
+    /// The next item of a streamed answer, due within `within`.
+    async fn next_within<S: Stream + Unpin>(
+        stream: &mut S,
+        guard: &CallGuard,
+        call: &str,
+        within: Duration,
+    ) -> EngineResult<Option<S::Item>> {
+        guard.renew(within);
+        tokio::time::timeout(within, stream.next())
+            .await
+            .map_err(|_| Self::timed_out(call, within))
     }
 
     /// The address this engine was reached at.
@@ -180,16 +342,24 @@ impl DockerEngine {
             .filters(&filters)
             .build();
         let containers = self
-            .docker
-            .list_containers(Some(options))
-            .await
-            .map_err(|e| self.error(e, "list containers"))?;
+            .bounded("list containers", self.timeout, async {
+                self.docker
+                    .list_containers(Some(options))
+                    .await
+                    .map_err(|e| self.error(e, "list containers"))
+            })
+            .await?;
         Ok(containers.into_iter().map(container_of).collect())
     }
 
     /// Sends one request without bollard and parses the JSON answer. HTTP/1.0
     /// keeps the answer unchunked and ends it by closing the connection.
-    async fn raw_json(&self, method: &str, path: &str) -> EngineResult<serde_json::Value> {
+    async fn raw_json(
+        &self,
+        method: &str,
+        path: &str,
+        within: Duration,
+    ) -> EngineResult<serde_json::Value> {
         let version = self.docker.client_version();
         let request = format!(
             "{method} /v{}.{}{path} HTTP/1.0\r\nHost: docker\r\nContent-Length: 0\r\n\r\n",
@@ -209,10 +379,11 @@ impl DockerEngine {
                 }
             }
         };
-        let answer = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-            .await
-            .map_err(|_| unreachable(std::io::ErrorKind::TimedOut.into()))?
-            .map_err(unreachable)?;
+        let answer = self
+            .bounded(&format!("{method} {path}"), within, async {
+                exchange.await.map_err(unreachable)
+            })
+            .await?;
 
         let text = String::from_utf8_lossy(&answer);
         let (head, body) = text
@@ -430,10 +601,13 @@ impl Engine for DockerEngine {
         // images, which cannot be removed while their children exist.
         let options = ListImagesOptionsBuilder::new().all(false).build();
         let images = self
-            .docker
-            .list_images(Some(options))
-            .await
-            .map_err(|e| self.error(e, "list images"))?;
+            .bounded("list images", self.timeout, async {
+                self.docker
+                    .list_images(Some(options))
+                    .await
+                    .map_err(|e| self.error(e, "list images"))
+            })
+            .await?;
         Ok(images
             .into_iter()
             .map(|image| Image {
@@ -460,7 +634,7 @@ impl Engine for DockerEngine {
 
     async fn image_id_of(&self, reference: &str) -> EngineResult<Option<String>> {
         match self
-            .raw_json("GET", &format!("/images/{reference}/json"))
+            .raw_json("GET", &format!("/images/{reference}/json"), self.timeout)
             .await
         {
             Ok(v) => Ok(v["Id"].as_str().map(str::to_owned)),
@@ -475,11 +649,15 @@ impl Engine for DockerEngine {
             .force(false)
             .noprune(false)
             .build();
+        let call = format!("remove {reference}");
         let items = self
-            .docker
-            .remove_image(reference, Some(options), None)
-            .await
-            .map_err(|e| self.error(e, &format!("remove {reference}")))?;
+            .bounded(&call, self.slow(), async {
+                self.docker
+                    .remove_image(reference, Some(options), None)
+                    .await
+                    .map_err(|e| self.error(e, &call))
+            })
+            .await?;
         let mut removed = Removed::default();
         for item in items {
             removed.untagged.extend(item.untagged);
@@ -496,10 +674,14 @@ impl Engine for DockerEngine {
             )));
         }
         let options = TagImageOptionsBuilder::new().repo(repo).tag(tag).build();
-        self.docker
-            .tag_image(source, Some(options))
-            .await
-            .map_err(|e| self.error(e, &format!("tag {source} as {target}")))
+        let call = format!("tag {source} as {target}");
+        self.bounded(&call, self.timeout, async {
+            self.docker
+                .tag_image(source, Some(options))
+                .await
+                .map_err(|e| self.error(e, &call))
+        })
+        .await
     }
 
     async fn pull(
@@ -514,10 +696,16 @@ impl Engine for DockerEngine {
         if let Some(platform) = platform {
             options = options.platform(platform);
         }
-        let mut stream =
-            self.docker
-                .create_image(Some(options.build()), None, docker_credentials(credentials));
-        while let Some(message) = stream.next().await {
+        let call = format!("pull {reference}");
+        let guard = self.calls.start(&call, TRANSFER_IDLE);
+        let mut stream = std::pin::pin!(self.docker.create_image(
+            Some(options.build()),
+            None,
+            docker_credentials(credentials)
+        ));
+        while let Some(message) =
+            Self::next_within(&mut stream, &guard, &call, TRANSFER_IDLE).await?
+        {
             let info = message.map_err(|e| self.registry_error(e, reference, credentials))?;
             // bollard only turns `errorDetail` into an error; a bare `error`
             // would otherwise pass as progress.
@@ -543,10 +731,16 @@ impl Engine for DockerEngine {
     ) -> EngineResult<()> {
         let (name, tag) = split_reference(reference);
         let options = PushImageOptionsBuilder::new().tag(tag).build();
-        let mut stream =
-            self.docker
-                .push_image(name, Some(options), docker_credentials(credentials));
-        while let Some(message) = stream.next().await {
+        let call = format!("push {reference}");
+        let guard = self.calls.start(&call, TRANSFER_IDLE);
+        let mut stream = std::pin::pin!(self.docker.push_image(
+            name,
+            Some(options),
+            docker_credentials(credentials)
+        ));
+        while let Some(message) =
+            Self::next_within(&mut stream, &guard, &call, TRANSFER_IDLE).await?
+        {
             let info = message.map_err(|e| match e {
                 // The local image is missing: not the registry's fault.
                 BollardError::DockerResponseServerError {
@@ -581,10 +775,17 @@ impl Engine for DockerEngine {
         credentials: Option<&Credentials>,
     ) -> EngineResult<String> {
         let inspect = self
-            .docker
-            .inspect_registry_image(reference, docker_credentials(credentials))
-            .await
-            .map_err(|e| self.registry_error(e, reference, credentials))?;
+            .bounded(
+                &format!("look up {reference} at its registry"),
+                self.timeout,
+                async {
+                    self.docker
+                        .inspect_registry_image(reference, docker_credentials(credentials))
+                        .await
+                        .map_err(|e| self.registry_error(e, reference, credentials))
+                },
+            )
+            .await?;
         inspect
             .descriptor
             .digest
@@ -596,11 +797,18 @@ impl Engine for DockerEngine {
 
     async fn load(&self, archive: Bytes) -> EngineResult<Vec<String>> {
         let options = ImportImageOptionsBuilder::new().quiet(true).build();
-        let mut stream = self
-            .docker
-            .import_image(options, bollard::body_full(archive), None);
+        // The engine answers only once it has read the whole archive: the
+        // first item may take long.
+        let guard = self.calls.start("load", self.slow());
+        let mut stream = std::pin::pin!(self.docker.import_image(
+            options,
+            bollard::body_full(archive),
+            None
+        ));
         let mut loaded = Vec::new();
-        while let Some(message) = stream.next().await {
+        while let Some(message) =
+            Self::next_within(&mut stream, &guard, "load", self.slow()).await?
+        {
             let info = message.map_err(|e| self.error(e, "load"))?;
             let Some(text) = info.stream else { continue };
             for line in text.lines() {
@@ -617,19 +825,20 @@ impl Engine for DockerEngine {
 
     async fn save(&self, references: &[String]) -> EngineResult<Bytes> {
         let names: Vec<&str> = references.iter().map(String::as_str).collect();
-        let chunks: Vec<Bytes> = self
-            .docker
-            .export_images(&names)
-            .try_collect()
-            .await
-            .map_err(|e| self.error(e, &format!("save {}", references.join(" "))))?;
+        let call = format!("save {}", references.join(" "));
+        let guard = self.calls.start(&call, self.slow());
+        let mut stream = std::pin::pin!(self.docker.export_images(&names));
+        let mut chunks = Vec::new();
+        while let Some(chunk) = Self::next_within(&mut stream, &guard, &call, self.slow()).await? {
+            chunks.push(chunk.map_err(|e| self.error(e, &call))?);
+        }
         Ok(Bytes::from(chunks.concat()))
     }
 
     fn events(&self) -> BoxStream<'_, EngineResult<Event>> {
         let filters = HashMap::from([("type", vec!["container", "image"])]);
         let options = EventsOptionsBuilder::new().filters(&filters).build();
-        let stream = self.docker.events(Some(options)).map(move |message| {
+        let events = self.docker.events(Some(options)).map(move |message| {
             let message = message.map_err(|e| self.error(e, "events"))?;
             let actor = message.actor.unwrap_or_default();
             let kind = message.typ.map(|t| t.to_string()).unwrap_or_default();
@@ -649,13 +858,35 @@ impl Engine for DockerEngine {
                 time: message.time.unwrap_or_default(),
             })
         });
-        Box::pin(stream)
+        // A quiet stream is normal (no events for hours); a quiet engine
+        // that no longer answers is not: after a quiet deadline, ping, and
+        // end the stream with the ping's error.
+        let state = Some(Box::pin(events));
+        Box::pin(futures_util::stream::unfold(
+            state,
+            move |state| async move {
+                let mut events = state?;
+                loop {
+                    match tokio::time::timeout(self.timeout, events.next()).await {
+                        Ok(Some(item)) => return Some((item, Some(events))),
+                        Ok(None) => return None,
+                        Err(_) => {
+                            if let Err(e) = self.ping().await {
+                                return Some((Err(e), None));
+                            }
+                        }
+                    }
+                }
+            },
+        ))
     }
 
     async fn image_layers(&self, id: &str) -> EngineResult<Vec<Layer>> {
-        let inspect = self.raw_json("GET", &format!("/images/{id}/json")).await?;
+        let inspect = self
+            .raw_json("GET", &format!("/images/{id}/json"), self.timeout)
+            .await?;
         let history = self
-            .raw_json("GET", &format!("/images/{id}/history"))
+            .raw_json("GET", &format!("/images/{id}/history"), self.timeout)
             .await?;
         let diff_ids: Vec<&str> = inspect["RootFS"]["Layers"]
             .as_array()
@@ -682,8 +913,8 @@ impl Engine for DockerEngine {
     }
 
     async fn info(&self) -> EngineResult<EngineInfo> {
-        let info = self.raw_json("GET", "/info").await?;
-        let version = self.raw_json("GET", "/version").await?;
+        let info = self.raw_json("GET", "/info", self.timeout).await?;
+        let version = self.raw_json("GET", "/version", self.timeout).await?;
         Ok(EngineInfo {
             data_root: info["DockerRootDir"]
                 .as_str()
@@ -697,8 +928,24 @@ impl Engine for DockerEngine {
         })
     }
 
+    async fn ping(&self) -> EngineResult<()> {
+        self.bounded("ping", self.timeout, async {
+            self.docker
+                .ping()
+                .await
+                .map(|_| ())
+                .map_err(|e| self.error(e, "ping"))
+        })
+        .await
+    }
+
+    fn stuck_call(&self) -> Option<StuckCall> {
+        self.calls.overdue(STUCK_SLACK)
+    }
+
     async fn disk_usage(&self) -> EngineResult<DiskUsage> {
-        let df = self.raw_json("GET", "/system/df").await?;
+        // Sizing every layer takes a while on a large host.
+        let df = self.raw_json("GET", "/system/df", self.slow()).await?;
         if df.get("ImageUsage").is_some() {
             // API >= 1.52: per-kind summaries.
             return Ok(DiskUsage {
@@ -729,7 +976,7 @@ impl Engine for DockerEngine {
         // `keep-storage` for API < 1.48, `reserved-space` after; each engine
         // ignores the one it does not know.
         let path = format!("/build/prune?keep-storage={keep_bytes}&reserved-space={keep_bytes}");
-        let answer = self.raw_json("POST", &path).await?;
+        let answer = self.raw_json("POST", &path, self.slow()).await?;
         Ok(as_u64(&answer["SpaceReclaimed"]))
     }
 }
@@ -772,6 +1019,31 @@ mod tests {
     fn drops_none_placeholders() {
         assert!(real_refs(vec!["<none>:<none>".into()]).is_empty());
         assert_eq!(real_refs(vec!["a:b".into()]), vec!["a:b".to_owned()]);
+    }
+
+    #[test]
+    fn a_call_past_its_deadline_is_stuck_until_it_ends() {
+        let calls = Calls::default();
+        let late = calls.start("list images", Duration::ZERO);
+        let _fine = calls.start("remove a:1", Duration::from_secs(3600));
+        std::thread::sleep(Duration::from_millis(5));
+        let stuck = calls.overdue(Duration::ZERO).expect("one call is overdue");
+        assert_eq!(stuck.call, "list images");
+        assert!(calls.overdue(Duration::from_secs(3600)).is_none());
+        // A streamed answer that delivered an item is due again later.
+        late.renew(Duration::from_secs(3600));
+        assert!(calls.overdue(Duration::ZERO).is_none());
+        drop(late);
+        assert_eq!(calls.lock().calls.len(), 1);
+    }
+
+    #[test]
+    fn timeout_names_the_call_and_its_deadline() {
+        let e = DockerEngine::timed_out("list images", Duration::from_secs(120));
+        assert_eq!(
+            e.to_string(),
+            "the Docker engine did not finish `list images` within 2m"
+        );
     }
 
     #[tokio::test]

@@ -4,13 +4,13 @@
 //! Never the only proof of engine behaviour: `tests/engine_real.rs` is.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
 use super::{
     BoxStream, Container, Credentials, DiskUsage, Engine, EngineError, EngineInfo, EngineResult,
-    Event, Image, Layer, Progress, Removed,
+    Event, Image, Layer, Progress, Removed, StuckCall,
 };
 
 #[derive(Debug, Default)]
@@ -28,6 +28,8 @@ struct Inner {
     list_delay: Option<std::time::Duration>,
     /// Per-image layers; images without an entry are one pseudo-layer.
     layers: std::collections::HashMap<String, Vec<Layer>>,
+    /// What `stuck_call` answers, shared with the test that flips it.
+    stuck: Arc<Mutex<Option<StuckCall>>>,
 }
 
 #[derive(Debug, Default)]
@@ -85,6 +87,13 @@ impl FakeEngine {
     /// Makes every image listing take `delay` (tokio time).
     pub fn set_list_delay(&self, delay: std::time::Duration) {
         self.lock().list_delay = Some(delay);
+    }
+
+    /// `stuck_call` answers what `handle` holds (a call past its deadline,
+    /// for watchdog tests).
+    pub fn with_stuck_calls(self, handle: Arc<Mutex<Option<StuckCall>>>) -> Self {
+        self.lock().stuck = handle;
+        self
     }
 
     pub fn calls(&self) -> Vec<String> {
@@ -220,6 +229,11 @@ impl Engine for FakeEngine {
         Err(EngineError::Other(
             "the fake engine cannot save archives".into(),
         ))
+    }
+
+    fn stuck_call(&self) -> Option<StuckCall> {
+        let handle = self.lock().stuck.clone();
+        handle.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn events(&self) -> BoxStream<'_, EngineResult<Event>> {

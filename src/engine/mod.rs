@@ -7,6 +7,7 @@ pub mod fake;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -135,8 +136,21 @@ pub enum EngineError {
     Conflict(String),
     #[error("registry error for {reference}: {message}")]
     Registry { reference: String, message: String },
+    /// The engine answered too slowly (or stopped halfway through an
+    /// answer): `call` names the call, `after` its deadline.
+    #[error("the Docker engine did not finish `{call}` within {}", humantime::format_duration(*.after))]
+    Timeout { call: String, after: Duration },
     #[error("{0}")]
     Other(String),
+}
+
+/// An engine call still in flight past its deadline: the deadline did not
+/// fire, so whoever waits on it is stuck.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StuckCall {
+    pub call: String,
+    /// How long past its deadline.
+    pub overdue: Duration,
 }
 
 pub type EngineResult<T> = Result<T, EngineError>;
@@ -213,6 +227,15 @@ pub trait Engine: Send + Sync {
     /// after the image carries its whole size.
     fn image_layers(&self, id: &str) -> impl Future<Output = EngineResult<Vec<Layer>>> + Send;
     fn info(&self) -> impl Future<Output = EngineResult<EngineInfo>> + Send;
+    /// Whether the engine answers at all (cheap, bounded).
+    fn ping(&self) -> impl Future<Output = EngineResult<()>> + Send {
+        async move { self.info().await.map(|_| ()) }
+    }
+    /// The oldest call in flight past its deadline, if any, for the daemon's
+    /// watchdog: a reconcile waiting on it makes no progress.
+    fn stuck_call(&self) -> Option<StuckCall> {
+        None
+    }
     /// Whether the engine runs on this host, so that its data root can be
     /// measured here (false for a remote `tcp://` engine).
     fn is_local(&self) -> bool {

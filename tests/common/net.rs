@@ -301,3 +301,174 @@ async fn hold(mut client: TcpStream) {
         }
     }
 }
+
+/// What [`UnixHttpProxy`] does with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpAction {
+    /// Forward it and its answer.
+    Pass,
+    /// Answer this status with a small JSON error, as docker-socket-proxy
+    /// does for an endpoint it does not allow; upstream never sees it.
+    Answer(u16),
+    /// Close the connection without an answer.
+    Close,
+    /// Forward it, pass the answer's head, then send nothing more (a hung
+    /// engine whose body never comes).
+    StallBody,
+}
+
+/// Decides per request, from the method and the request target
+/// (`/v1.41/events?...`).
+pub type HttpRule = dyn Fn(&str, &str) -> HttpAction + Send + Sync;
+
+/// An HTTP-aware proxy on a unix socket in front of an engine's socket, e.g.
+/// a docker-socket-proxy that refuses `/events`. Each request gets its own
+/// upstream connection and is forwarded with `Connection: close`, so the
+/// client cannot slip a second request through a connection already passed.
+pub struct UnixHttpProxy {
+    pub path: PathBuf,
+    /// `METHOD target` of every request seen, in order.
+    seen: Arc<Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl UnixHttpProxy {
+    pub fn start(
+        upstream: &Path,
+        path: &Path,
+        rule: impl Fn(&str, &str) -> HttpAction + Send + Sync + 'static,
+    ) -> UnixHttpProxy {
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path).expect("binding the proxy socket");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let rule: Arc<HttpRule> = Arc::new(rule);
+        let upstream = upstream.to_path_buf();
+        let s = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(http_one(client, upstream.clone(), rule.clone(), s.clone()));
+            }
+        });
+        UnixHttpProxy {
+            path: path.to_path_buf(),
+            seen,
+            task,
+        }
+    }
+
+    /// The address to give `--engine`.
+    pub fn addr(&self) -> String {
+        format!("unix://{}", self.path.display())
+    }
+
+    /// Requests seen so far whose target contains `part`.
+    pub fn requests(&self, part: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|r| r.contains(part))
+            .count()
+    }
+}
+
+impl Drop for UnixHttpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Reads from `stream` until `buf` holds a whole HTTP head; returns its
+/// length (through the blank line), `None` when the peer closed first.
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> Option<usize> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(i + 4);
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+async fn http_one(
+    mut client: tokio::net::UnixStream,
+    upstream: PathBuf,
+    rule: Arc<HttpRule>,
+    seen: Arc<Mutex<Vec<String>>>,
+) {
+    let mut buf = Vec::new();
+    let Some(head_len) = read_head(&mut client, &mut buf).await else {
+        return;
+    };
+    let head = String::from_utf8_lossy(&buf[..head_len]).into_owned();
+    let mut words = head.split_whitespace();
+    let method = words.next().unwrap_or_default().to_owned();
+    let target = words.next().unwrap_or_default().to_owned();
+    seen.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(format!("{method} {target}"));
+    let action = rule(&method, &target);
+    let stall = match action {
+        HttpAction::Close => return,
+        HttpAction::Answer(code) => {
+            let body = format!("{{\"message\":\"{method} {target} refused by the test proxy\"}}");
+            let answer = format!(
+                "HTTP/1.1 {code} Refused\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = client.write_all(answer.as_bytes()).await;
+            let _ = client.shutdown().await;
+            return;
+        }
+        HttpAction::Pass => false,
+        HttpAction::StallBody => true,
+    };
+    let Ok(mut up) = tokio::net::UnixStream::connect(&upstream).await else {
+        return;
+    };
+    // One request per connection: the answer closes it.
+    let mut rewritten: String = head
+        .trim_end_matches("\r\n")
+        .split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    rewritten.push_str("Connection: close\r\n\r\n");
+    if up.write_all(rewritten.as_bytes()).await.is_err()
+        || up.write_all(&buf[head_len..]).await.is_err()
+    {
+        return;
+    }
+    let (mut cr, mut cw) = client.into_split();
+    let (mut ur, mut uw) = up.into_split();
+    let forward = async {
+        let _ = tokio::io::copy(&mut cr, &mut uw).await;
+        // The request is complete; keep the answer side open.
+        std::future::pending::<()>().await;
+    };
+    let back = async {
+        if stall {
+            let mut answer = Vec::new();
+            let Some(n) = read_head(&mut ur, &mut answer).await else {
+                return;
+            };
+            let _ = cw.write_all(&answer[..n]).await;
+            // The body never comes; the client has to give up.
+            std::future::pending::<()>().await;
+        }
+        let _ = tokio::io::copy(&mut ur, &mut cw).await;
+        let _ = cw.shutdown().await;
+    };
+    tokio::select! {
+        () = forward => {}
+        () = back => {}
+    }
+}
