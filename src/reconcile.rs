@@ -465,6 +465,15 @@ async fn evict<E: Engine>(engine: &E, a: &Action) -> Result<Option<String>, Engi
     let mut refs = img.repo_tags.clone();
     refs.sort();
     if refs.is_empty() {
+        // By id, so the same last question as for a dangling removal.
+        if let Some(tags) = engine.tags_of(&a.image).await?
+            && !tags.is_empty()
+        {
+            return Ok(Some(format!(
+                "the image is no longer dangling: tagged {} since planning",
+                tags.join(", ")
+            )));
+        }
         engine.remove(&a.image).await?;
     }
     for r in &refs {
@@ -484,14 +493,15 @@ async fn now_in_use<E: Engine>(engine: &E, image: &str) -> Result<Option<String>
 }
 
 /// `None` when the image may still go; `Some(reason)` to skip: a container
-/// created since planning uses it, or the reference now names another image.
+/// created since planning uses it, the reference now names another image,
+/// or a dangling image has been tagged since planning.
 async fn still_free<E: Engine>(engine: &E, a: &Action) -> Result<Option<String>, EngineError> {
-    // Two narrow questions, not two full listings: this runs per removal.
+    // Narrow questions, not full listings: this runs per removal.
     if let Some(why) = now_in_use(engine, &a.image).await? {
         return Ok(Some(why));
     }
-    if let Some(r) = &a.reference {
-        match engine.image_id_of(r).await? {
+    match &a.reference {
+        Some(r) => match engine.image_id_of(r).await? {
             Some(id) if id != a.image => {
                 return Ok(Some(format!(
                     "{r} now points at another image {id} (changed since planning)"
@@ -499,7 +509,19 @@ async fn still_free<E: Engine>(engine: &E, a: &Action) -> Result<Option<String>,
             }
             None => return Ok(Some(format!("{r} is already gone"))),
             Some(_) => {}
-        }
+        },
+        // A removal by id takes every tag the image has, and the engine has
+        // no call that refuses a tagged image: ask last, right before it.
+        None => match engine.tags_of(&a.image).await? {
+            None => return Ok(Some(format!("{} is already gone", a.image))),
+            Some(tags) if !tags.is_empty() => {
+                return Ok(Some(format!(
+                    "the image is no longer dangling: tagged {} since planning",
+                    tags.join(", ")
+                )));
+            }
+            Some(_) => {}
+        },
     }
     Ok(None)
 }
