@@ -281,9 +281,22 @@ pub async fn reconcile_with<E: Engine>(
     )
     .await?;
     let has_transfers = !policy.prepull.is_empty() || !policy.mirror.is_empty();
-    if !(dry_run || policy.daemon.dry_run) && has_transfers {
-        // Backoff must survive a crash later in this reconcile.
+    let stopped = shutdown.is_cancelled();
+    if !(dry_run || policy.daemon.dry_run) && (has_transfers || stopped) {
+        // Backoff must survive a crash later in this reconcile, and what the
+        // transfers finished (`previous`, refresh checks) a shutdown.
         store.save(&state)?;
+    }
+    if stopped {
+        // Shutdown during the transfers: retention waits for the next start.
+        let mut report = Report {
+            run,
+            interrupted: true,
+            ..Report::default()
+        };
+        add_transfers(&mut report, &transfers);
+        audit.sync()?;
+        return Ok((Plan::default(), report));
     }
     if transfers.changed {
         observed = observe(engine).await?;
@@ -301,14 +314,7 @@ pub async fn reconcile_with<E: Engine>(
         shutdown,
     )
     .await?;
-    report.pulled = transfers.pulled;
-    report.pushed = transfers.pushed;
-    report.backing_off = transfers.backing_off;
-    report.tagged += transfers.tagged;
-    report.failed += transfers.failed;
-    report.ok += transfers.pulled + transfers.pushed + transfers.tagged;
-    report.dry_run += transfers.dry_run;
-    report.interrupted |= transfers.interrupted;
+    add_transfers(&mut report, &transfers);
     if !(dry_run || policy.daemon.dry_run) {
         // Forget what is gone; the next observation adds what is new.
         let gone: Vec<&str> = plan
@@ -321,6 +327,19 @@ pub async fn reconcile_with<E: Engine>(
         store.save(&state)?;
     }
     Ok((plan, report))
+}
+
+/// Count what the transfer phase did into a reconcile's report.
+fn add_transfers(report: &mut Report, transfers: &transfer::TransferReport) {
+    report.pulled = transfers.pulled;
+    report.pushed = transfers.pushed;
+    report.backing_off = transfers.backing_off;
+    report.tagged += transfers.tagged;
+    report.untagged += transfers.untagged;
+    report.failed += transfers.failed;
+    report.ok += transfers.pulled + transfers.pushed + transfers.tagged + transfers.untagged;
+    report.dry_run += transfers.dry_run;
+    report.interrupted |= transfers.interrupted;
 }
 
 /// Apply a plan: tags first (the plan is already in that order), then
