@@ -8,7 +8,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -348,18 +349,42 @@ async fn cmd_plan(
     })
 }
 
+/// SIGTERM or SIGINT stop an `apply` cleanly: transfers in flight are
+/// cancelled (their temporary tags removed), a removal in flight finishes,
+/// the state is saved. A second signal exits at once (a temporary tag left
+/// then is removed by the next run). Returns the signal number seen.
+fn stop_on_signals(shutdown: CancellationToken) -> Result<Arc<AtomicI32>, Fatal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let seen = Arc::new(AtomicI32::new(0));
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let got = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (name, number) = tokio::select! {
+                Some(()) = term.recv() => ("SIGTERM", signal_hook::consts::SIGTERM),
+                Some(()) = int.recv() => ("SIGINT", signal_hook::consts::SIGINT),
+                else => return,
+            };
+            if shutdown.is_cancelled() {
+                errln(format_args!("{name} again: exiting now"));
+                std::process::exit(128 + number);
+            }
+            tracing::info!("{name}: stopping the transfer or finishing the action in flight");
+            got.store(number, Ordering::SeqCst);
+            shutdown.cancel();
+        }
+    });
+    Ok(seen)
+}
+
 async fn cmd_apply(path: &Path, engine: Option<&str>, dry_run: bool) -> Result<ExitCode, Fatal> {
+    let shutdown = CancellationToken::new();
+    // First: a signal during the policy load or the connection stops too.
+    let signalled = stop_on_signals(shutdown.clone())?;
     let policy = load_policy(path)?;
     announce_credentials(&policy);
     let engine = connect(engine).await?;
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    // Ctrl-C finishes the action in flight, then stops.
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            stop.cancel();
-        }
-    });
     // A one-shot apply checks pre-pull refreshes now, not on their schedule.
     let options = reconcile::Options {
         dry_run,
@@ -367,10 +392,17 @@ async fn cmd_apply(path: &Path, engine: Option<&str>, dry_run: bool) -> Result<E
     };
     let (plan, report) =
         reconcile::reconcile_with(&engine, &policy, &SystemClock, options, &shutdown).await?;
-    out!("{}", plan::render(&plan))?;
+    // Stopped during the transfers, nothing was planned.
+    if !(report.interrupted && plan.is_empty()) {
+        out!("{}", plan::render(&plan))?;
+    }
     outln!("run {}: {}", report.run, report.summary())?;
-    // A reference backing off after earlier failures is not as declared yet.
-    Ok(if report.failed > 0 || report.backing_off > 0 {
+    let signal = signalled.load(Ordering::SeqCst);
+    // Stopped by a signal: 128 + its number, as a shell reports it.
+    Ok(if signal != 0 {
+        ExitCode::from(u8::try_from(128 + signal).unwrap_or(1))
+    } else if report.failed > 0 || report.backing_off > 0 {
+        // A reference backing off after earlier failures is not as declared yet.
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

@@ -281,9 +281,22 @@ pub async fn reconcile_with<E: Engine>(
     )
     .await?;
     let has_transfers = !policy.prepull.is_empty() || !policy.mirror.is_empty();
-    if !(dry_run || policy.daemon.dry_run) && has_transfers {
-        // Backoff must survive a crash later in this reconcile.
+    let stopped = shutdown.is_cancelled();
+    if !(dry_run || policy.daemon.dry_run) && (has_transfers || stopped) {
+        // Backoff must survive a crash later in this reconcile, and what the
+        // transfers finished (`previous`, refresh checks) a shutdown.
         store.save(&state)?;
+    }
+    if stopped {
+        // Shutdown during the transfers: retention waits for the next start.
+        let mut report = Report {
+            run,
+            interrupted: true,
+            ..Report::default()
+        };
+        add_transfers(&mut report, &transfers);
+        audit.sync()?;
+        return Ok((Plan::default(), report));
     }
     if transfers.changed {
         observed = observe(engine).await?;
@@ -301,14 +314,7 @@ pub async fn reconcile_with<E: Engine>(
         shutdown,
     )
     .await?;
-    report.pulled = transfers.pulled;
-    report.pushed = transfers.pushed;
-    report.backing_off = transfers.backing_off;
-    report.tagged += transfers.tagged;
-    report.failed += transfers.failed;
-    report.ok += transfers.pulled + transfers.pushed + transfers.tagged;
-    report.dry_run += transfers.dry_run;
-    report.interrupted |= transfers.interrupted;
+    add_transfers(&mut report, &transfers);
     if !(dry_run || policy.daemon.dry_run) {
         // Forget what is gone; the next observation adds what is new.
         let gone: Vec<&str> = plan
@@ -321,6 +327,19 @@ pub async fn reconcile_with<E: Engine>(
         store.save(&state)?;
     }
     Ok((plan, report))
+}
+
+/// Count what the transfer phase did into a reconcile's report.
+fn add_transfers(report: &mut Report, transfers: &transfer::TransferReport) {
+    report.pulled = transfers.pulled;
+    report.pushed = transfers.pushed;
+    report.backing_off = transfers.backing_off;
+    report.tagged += transfers.tagged;
+    report.untagged += transfers.untagged;
+    report.failed += transfers.failed;
+    report.ok += transfers.pulled + transfers.pushed + transfers.tagged + transfers.untagged;
+    report.dry_run += transfers.dry_run;
+    report.interrupted |= transfers.interrupted;
 }
 
 /// Apply a plan: tags first (the plan is already in that order), then
@@ -465,6 +484,15 @@ async fn evict<E: Engine>(engine: &E, a: &Action) -> Result<Option<String>, Engi
     let mut refs = img.repo_tags.clone();
     refs.sort();
     if refs.is_empty() {
+        // By id, so the same last question as for a dangling removal.
+        if let Some(tags) = engine.tags_of(&a.image).await?
+            && !tags.is_empty()
+        {
+            return Ok(Some(format!(
+                "the image is no longer dangling: tagged {} since planning",
+                tags.join(", ")
+            )));
+        }
         engine.remove(&a.image).await?;
     }
     for r in &refs {
@@ -484,14 +512,15 @@ async fn now_in_use<E: Engine>(engine: &E, image: &str) -> Result<Option<String>
 }
 
 /// `None` when the image may still go; `Some(reason)` to skip: a container
-/// created since planning uses it, or the reference now names another image.
+/// created since planning uses it, the reference now names another image,
+/// or a dangling image has been tagged since planning.
 async fn still_free<E: Engine>(engine: &E, a: &Action) -> Result<Option<String>, EngineError> {
-    // Two narrow questions, not two full listings: this runs per removal.
+    // Narrow questions, not full listings: this runs per removal.
     if let Some(why) = now_in_use(engine, &a.image).await? {
         return Ok(Some(why));
     }
-    if let Some(r) = &a.reference {
-        match engine.image_id_of(r).await? {
+    match &a.reference {
+        Some(r) => match engine.image_id_of(r).await? {
             Some(id) if id != a.image => {
                 return Ok(Some(format!(
                     "{r} now points at another image {id} (changed since planning)"
@@ -499,7 +528,19 @@ async fn still_free<E: Engine>(engine: &E, a: &Action) -> Result<Option<String>,
             }
             None => return Ok(Some(format!("{r} is already gone"))),
             Some(_) => {}
-        }
+        },
+        // A removal by id takes every tag the image has, and the engine has
+        // no call that refuses a tagged image: ask last, right before it.
+        None => match engine.tags_of(&a.image).await? {
+            None => return Ok(Some(format!("{} is already gone", a.image))),
+            Some(tags) if !tags.is_empty() => {
+                return Ok(Some(format!(
+                    "the image is no longer dangling: tagged {} since planning",
+                    tags.join(", ")
+                )));
+            }
+            Some(_) => {}
+        },
     }
     Ok(None)
 }

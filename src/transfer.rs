@@ -16,15 +16,25 @@
 //! is completely pulled and verified, a pin is enforced by the engine's own
 //! content check, and pulling from a `sources` registry leaves no
 //! source-named tag behind.
+//!
+//! Shutdown cancels transfers in flight (the engine drops a transfer whose
+//! request is closed); what finished stays recorded. A push names the image
+//! locally with its target reference, a name the user could have made too, so
+//! every such temporary tag is written to a journal in `state_dir` before it
+//! exists and removed from it after the tag is gone: a tag that a killed run
+//! left is recognised and removed at the next start, never taken for a user's.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::hash::{Hash, Hasher};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -516,6 +526,8 @@ pub enum TransferError {
     Engine(#[from] EngineError),
     #[error("pulled {0}, but the engine lists no image for it")]
     Verify(String),
+    #[error("interrupted by shutdown")]
+    Interrupted,
 }
 
 fn last_status(last: &Option<String>) -> String {
@@ -532,6 +544,8 @@ struct Ctx<'a, E: Engine> {
     /// with it rather than going out anonymously.
     creds_error: Option<String>,
     stall: Duration,
+    /// Cancelled at shutdown: lookups and transfers in flight stop at once.
+    shutdown: &'a CancellationToken,
 }
 
 impl<E: Engine> Ctx<'_, E> {
@@ -545,14 +559,17 @@ impl<E: Engine> Ctx<'_, E> {
 
     /// The digest `reference` has at its registry, bounded by the stall timeout.
     async fn lookup(&self, registry: &str, reference: &str) -> Result<String, TransferError> {
-        tokio::time::timeout(
+        let asked = tokio::time::timeout(
             self.stall,
             self.engine
                 .remote_digest(reference, self.credentials(registry)),
-        )
-        .await
-        .map_err(|_| TransferError::LookupTimeout(self.stall))?
-        .map_err(TransferError::from)
+        );
+        tokio::select! {
+            answer = asked => answer
+                .map_err(|_| TransferError::LookupTimeout(self.stall))?
+                .map_err(TransferError::from),
+            () = self.shutdown.cancelled() => Err(TransferError::Interrupted),
+        }
     }
 
     /// Pull `from`, abandoning it when no progress arrives for the stall timeout.
@@ -567,7 +584,7 @@ impl<E: Engine> Ctx<'_, E> {
         let fut = self
             .engine
             .pull(from, platform, self.credentials(registry), &mut on_progress);
-        watched(fut, &watch, self.stall).await
+        watched(fut, &watch, self.stall, self.shutdown).await
     }
 
     async fn push(&self, registry: &str, reference: &str) -> Result<(), TransferError> {
@@ -576,7 +593,7 @@ impl<E: Engine> Ctx<'_, E> {
         let fut = self
             .engine
             .push(reference, self.credentials(registry), &mut on_progress);
-        watched(fut, &watch, self.stall).await
+        watched(fut, &watch, self.stall, self.shutdown).await
     }
 }
 
@@ -608,9 +625,15 @@ impl Watch {
     }
 }
 
-/// Drive `fut` while no-progress stays under `stall`; dropping the future
-/// closes the request, which makes the engine cancel the transfer.
-async fn watched<F>(fut: F, watch: &Watch, stall: Duration) -> Result<(), TransferError>
+/// Drive `fut` while no-progress stays under `stall` and `shutdown` is not
+/// cancelled; dropping the future closes the request, which makes the engine
+/// cancel the transfer.
+async fn watched<F>(
+    fut: F,
+    watch: &Watch,
+    stall: Duration,
+    shutdown: &CancellationToken,
+) -> Result<(), TransferError>
 where
     F: std::future::Future<Output = Result<(), EngineError>>,
 {
@@ -619,6 +642,7 @@ where
     loop {
         tokio::select! {
             res = &mut fut => return res.map_err(TransferError::from),
+            () = shutdown.cancelled() => return Err(TransferError::Interrupted),
             () = tokio::time::sleep(tick) => {
                 let (idle, last) = watch.idle();
                 if idle >= stall {
@@ -635,6 +659,8 @@ pub struct TransferReport {
     pub pulled: usize,
     pub pushed: usize,
     pub tagged: usize,
+    /// Temporary tags an earlier, interrupted push left, removed now.
+    pub untagged: usize,
     pub failed: usize,
     /// Not attempted: backing off.
     pub backing_off: usize,
@@ -657,6 +683,8 @@ struct JobResult {
     mirrored: Option<(String, String, String)>,
     tagged: bool,
     dry_run: bool,
+    /// Stopped by shutdown before it completed; the host is as it was.
+    interrupted: bool,
 }
 
 impl JobResult {
@@ -670,8 +698,209 @@ impl JobResult {
             mirrored: None,
             tagged: false,
             dry_run: false,
+            interrupted: false,
         }
     }
+
+    /// A transfer that shutdown stopped: one `skip` record (outcome
+    /// `deferred`), no backoff (the uplink is not to blame), retried at the
+    /// next reconcile.
+    fn interrupted(mut self, mut rec: Record, what: &str) -> Self {
+        rec.action = audit::Action::Skip;
+        rec.outcome = Outcome::Deferred;
+        rec.reason = format!(
+            "{what} interrupted by shutdown before it completed, host unchanged; retried at the next reconcile ({})",
+            rec.reason
+        );
+        rec.bytes = None;
+        tracing::info!(
+            "{}: {}",
+            rec.reference.as_deref().unwrap_or("-"),
+            rec.reason
+        );
+        self.records.push(rec);
+        self.interrupted = true;
+        self
+    }
+}
+
+/// File in `state_dir` that names the temporary tags mirror pushes made and
+/// have not removed yet (JSON: target reference -> [`TempTag`]).
+pub const TEMP_TAGS_FILE: &str = "temp-tags.json";
+
+/// One temporary tag a push made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct TempTag {
+    /// The image it was put on: a tag moved to another image since is no
+    /// longer stowage's.
+    image: String,
+    /// The mirror's name, for the audit record of its removal.
+    rule: String,
+}
+
+/// The journal of temporary tags. An entry is written (durably) before the
+/// tag is made and dropped once the tag is gone, so a kill at any point
+/// leaves either no tag or a tag the journal names.
+struct TempTags {
+    dir: PathBuf,
+    entries: Mutex<BTreeMap<String, TempTag>>,
+}
+
+impl TempTags {
+    fn path_in(dir: &Path) -> PathBuf {
+        dir.join(TEMP_TAGS_FILE)
+    }
+
+    /// A missing journal is empty; an unreadable one is reported and treated
+    /// as empty (its tags then look like the user's: nothing is removed).
+    fn load(dir: &Path) -> Self {
+        let path = Self::path_in(dir);
+        let entries = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(
+                    "{} is unreadable ({e}); temporary tags it names are left alone",
+                    path.display()
+                );
+                BTreeMap::new()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read {} ({e}); temporary tags it names are left alone",
+                    path.display()
+                );
+                BTreeMap::new()
+            }
+        };
+        TempTags {
+            dir: dir.to_path_buf(),
+            entries: Mutex::new(entries),
+        }
+    }
+
+    fn entries(&self) -> BTreeMap<String, TempTag> {
+        self.lock().clone()
+    }
+
+    fn contains(&self, target: &str) -> bool {
+        self.lock().contains_key(target)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, TempTag>> {
+        // Plain data: a panic elsewhere does not make it wrong.
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Note `target` before it is tagged; the tag must not be made if this fails.
+    fn add(&self, target: &str, tag: TempTag) -> std::io::Result<()> {
+        let mut entries = self.lock();
+        entries.insert(target.to_owned(), tag);
+        let written = self.write(&entries);
+        if written.is_err() {
+            entries.remove(target);
+        }
+        written
+    }
+
+    /// Forget `target` once its tag is gone. A failed write only leaves an
+    /// entry whose tag the next start finds gone.
+    fn forget(&self, target: &str) {
+        let mut entries = self.lock();
+        if entries.remove(target).is_some()
+            && let Err(e) = self.write(&entries)
+        {
+            tracing::warn!("cannot update {}: {e}", Self::path_in(&self.dir).display());
+        }
+    }
+
+    /// Atomically replace the journal (temp file, fsync, rename, fsync of
+    /// the folder); an empty journal is no file.
+    fn write(&self, entries: &BTreeMap<String, TempTag>) -> std::io::Result<()> {
+        let path = Self::path_in(&self.dir);
+        if entries.is_empty() {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        } else {
+            std::fs::create_dir_all(&self.dir)?;
+            let tmp = self.dir.join(format!(".{TEMP_TAGS_FILE}.tmp"));
+            let bytes = serde_json::to_vec_pretty(entries).map_err(std::io::Error::other)?;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            drop(f);
+            std::fs::rename(&tmp, &path)?;
+        }
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+}
+
+/// Remove the temporary tags that an earlier push could not remove (the
+/// process was killed or abandoned it): they are stowage's, never a user's
+/// reference. A tag moved to another image since is no longer stowage's and
+/// stays. Like the push itself, removing the tag deletes the image when it
+/// was its last reference (never forced).
+async fn remove_leftover_tags<E: Engine>(
+    engine: &E,
+    journal: &TempTags,
+    audit: &mut AuditLog,
+    run_id: &str,
+    dry_run: bool,
+    clock: &dyn Clock,
+    report: &mut TransferReport,
+) -> Result<(), AuditError> {
+    for (target, tag) in journal.entries() {
+        match engine.image_id_of(&target).await {
+            Ok(Some(id)) if id == tag.image => {}
+            // Gone, or pointed elsewhere by someone since: not stowage's now.
+            Ok(_) => {
+                journal.forget(&target);
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("cannot check the leftover temporary tag {target}: {e}");
+                continue;
+            }
+        }
+        let started = clock.now();
+        let mut rec = Record {
+            ts: started,
+            run: run_id.to_owned(),
+            action: audit::Action::Untag,
+            reference: Some(target.clone()),
+            image: Some(tag.image.clone()),
+            rule: Some(tag.rule.clone()),
+            reason: "temporary tag of a mirror push that an earlier run did not finish".into(),
+            outcome: Outcome::Ok,
+            error: None,
+            bytes: None,
+            duration_ms: None,
+        };
+        if dry_run {
+            rec.outcome = Outcome::DryRun;
+            report.dry_run += 1;
+        } else {
+            match engine.remove(&target).await {
+                Ok(_) => {
+                    journal.forget(&target);
+                    tracing::info!(rule = %tag.rule, "untag {target}: {}", rec.reason);
+                    report.untagged += 1;
+                    report.changed = true;
+                }
+                Err(e) => {
+                    // Kept in the journal: tried again at the next reconcile.
+                    tracing::warn!(rule = %tag.rule, "cannot remove the leftover temporary tag {target}: {e}");
+                    rec.outcome = Outcome::Failed;
+                    rec.error = Some(e.to_string());
+                    report.failed += 1;
+                }
+            }
+            rec.duration_ms = elapsed_ms(clock, started);
+        }
+        audit.append(&rec)?;
+    }
+    Ok(())
 }
 
 fn elapsed_ms(clock: &dyn Clock, since: DateTime<Utc>) -> Option<u64> {
@@ -702,15 +931,44 @@ pub async fn run<E: Engine>(
     shutdown: &CancellationToken,
 ) -> Result<TransferReport, AuditError> {
     let mut report = TransferReport::default();
+    // Before anything else, and whatever the policy asks now: a tag left by
+    // a killed push must not be taken for a user's reference below.
+    let journal = TempTags::load(&policy.daemon.state_dir);
+    remove_leftover_tags(
+        engine,
+        &journal,
+        audit,
+        run_id,
+        options.dry_run,
+        clock,
+        &mut report,
+    )
+    .await?;
     if policy.prepull.is_empty() && policy.mirror.is_empty() {
         return Ok(report);
     }
+    let observed_clean;
+    let observed = if report.changed {
+        observed_clean = match crate::reconcile::observe(engine).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot list images after removing temporary tags: {e}; transfers wait for the next reconcile"
+                );
+                return Ok(report);
+            }
+        };
+        &observed_clean
+    } else {
+        observed
+    };
     let (creds, creds_error) = load_credentials(policy);
     let ctx = Ctx {
         engine,
         creds: &creds,
         creds_error,
         stall: policy.daemon.stall_timeout,
+        shutdown,
     };
     let now = clock.now().timestamp();
 
@@ -731,28 +989,22 @@ pub async fn run<E: Engine>(
     let jobs: Vec<_> = pulls
         .due
         .iter()
-        .map(|intent| {
-            pull_job(
-                &ctx,
-                intent,
-                observed,
-                run_id,
-                options.dry_run,
-                clock,
-                shutdown,
-            )
-        })
+        .map(|intent| pull_job(&ctx, intent, observed, run_id, options.dry_run, clock))
         .collect();
     let mut results = futures_util::stream::iter(jobs).buffer_unordered(policy.daemon.concurrency);
     while let Some(result) = results.next().await {
         apply_result(result, policy, state, audit, clock, &mut report)?;
     }
     drop(results);
+    if shutdown.is_cancelled() {
+        report.interrupted = true;
+        return Ok(report);
+    }
 
     // Mirrors see what the pulls brought: an edge gateway pulls from its
     // uplink and serves the local mirror in the same reconcile.
     let observed_now;
-    let observed = if report.changed {
+    let observed = if report.pulled + report.tagged > 0 {
         observed_now = match crate::reconcile::observe(engine).await {
             Ok(o) => o,
             Err(e) => {
@@ -766,7 +1018,11 @@ pub async fn run<E: Engine>(
     } else {
         observed
     };
-    let pushes = push_intents(policy, observed, state, now);
+    let mut pushes = push_intents(policy, observed, state, now);
+    // A journaled tag still there (its removal failed) is stowage's too.
+    for p in &mut pushes.due {
+        p.target_tagged &= !journal.contains(&p.target);
+    }
     // Backoff of targets no mirror maps to any more (policy or store changed) goes.
     let targets: std::collections::HashSet<String> = pushes
         .due
@@ -786,7 +1042,7 @@ pub async fn run<E: Engine>(
     let jobs: Vec<_> = pushes
         .due
         .iter()
-        .map(|intent| push_job(&ctx, intent, run_id, options.dry_run, clock, shutdown))
+        .map(|intent| push_job(&ctx, intent, &journal, run_id, options.dry_run, clock))
         .collect();
     let mut results = futures_util::stream::iter(jobs).buffer_unordered(policy.daemon.concurrency);
     while let Some(result) = results.next().await {
@@ -849,6 +1105,7 @@ fn apply_result(
         report.interrupted = true;
         return Ok(());
     };
+    report.interrupted |= r.interrupted;
     for rec in &r.records {
         audit.append(rec)?;
     }
@@ -927,10 +1184,9 @@ async fn pull_job<E: Engine>(
     run_id: &str,
     dry_run: bool,
     clock: &dyn Clock,
-    shutdown: &CancellationToken,
 ) -> Option<JobResult> {
-    // Shutdown is heard between transfers, never inside one.
-    if shutdown.is_cancelled() {
+    // A transfer not started yet is not started at all.
+    if ctx.shutdown.is_cancelled() {
         return None;
     }
     Some(pull_once(ctx, intent, observed, run_id, dry_run, clock).await)
@@ -981,6 +1237,9 @@ async fn pull_once<E: Engine>(
                 );
                 match ctx.lookup(&c.registry, &tagged).await {
                     Ok(d) => d,
+                    Err(TransferError::Interrupted) => {
+                        return result.interrupted(pull_record(intent, run_id, started), "pull");
+                    }
                     Err(e) => {
                         causes.push(format!("{}: {}", c.registry, ctx.scrub(&e.to_string())));
                         continue;
@@ -1028,6 +1287,9 @@ async fn pull_once<E: Engine>(
                     .pull(&c.registry, &from, intent.platform.as_deref())
                     .await
                 {
+                    if matches!(e, TransferError::Interrupted) {
+                        return result.interrupted(rec, "pull");
+                    }
                     let mut cause = format!("{}: {}", c.registry, ctx.scrub(&e.to_string()));
                     if intent.pin.is_some() {
                         // Say what the tag holds now, if the registry tells.
@@ -1100,20 +1362,21 @@ async fn pull_once<E: Engine>(
 async fn push_job<E: Engine>(
     ctx: &Ctx<'_, E>,
     intent: &PushIntent,
+    journal: &TempTags,
     run_id: &str,
     dry_run: bool,
     clock: &dyn Clock,
-    shutdown: &CancellationToken,
 ) -> Option<JobResult> {
-    if shutdown.is_cancelled() {
+    if ctx.shutdown.is_cancelled() {
         return None;
     }
-    Some(push_once(ctx, intent, run_id, dry_run, clock).await)
+    Some(push_once(ctx, intent, journal, run_id, dry_run, clock).await)
 }
 
 async fn push_once<E: Engine>(
     ctx: &Ctx<'_, E>,
     intent: &PushIntent,
+    journal: &TempTags,
     run_id: &str,
     dry_run: bool,
     clock: &dyn Clock,
@@ -1151,6 +1414,7 @@ async fn push_once<E: Engine>(
     }
     let remote = match ctx.lookup(&intent.registry, &intent.target).await {
         Ok(d) => Some(d),
+        Err(TransferError::Interrupted) => return result.interrupted(rec, "push"),
         // Not there yet, or the registry is down: the push finds out which.
         Err(e) => {
             tracing::debug!("lookup {}: {}", intent.target, ctx.scrub(&e.to_string()));
@@ -1175,11 +1439,32 @@ async fn push_once<E: Engine>(
         result.dry_run = true;
         return result;
     }
-    if !intent.target_tagged
-        && let Err(e) = ctx.engine.tag(&intent.image, &intent.target).await
-    {
-        fail(&mut result, rec, format!("tagging {}: {e}", intent.target));
-        return result;
+    // The last safe point before the host changes.
+    if ctx.shutdown.is_cancelled() {
+        return result.interrupted(rec, "push");
+    }
+    if !intent.target_tagged {
+        let noted = journal.add(
+            &intent.target,
+            TempTag {
+                image: intent.image.clone(),
+                rule: intent.rule.clone(),
+            },
+        );
+        if let Err(e) = noted {
+            let error = format!(
+                "cannot note the temporary tag {} in {}: {e}; not tagged",
+                intent.target,
+                TempTags::path_in(&journal.dir).display()
+            );
+            fail(&mut result, rec, error);
+            return result;
+        }
+        if let Err(e) = ctx.engine.tag(&intent.image, &intent.target).await {
+            journal.forget(&intent.target);
+            fail(&mut result, rec, format!("tagging {}: {e}", intent.target));
+            return result;
+        }
     }
     let pushed = ctx.push(&intent.registry, &intent.target).await;
     if pushed.is_ok() {
@@ -1200,13 +1485,20 @@ async fn push_once<E: Engine>(
             ));
         }
     }
-    // The temporary tag goes whatever happened: it is no one's reference.
-    if !intent.target_tagged
-        && let Err(e) = ctx.engine.remove(&intent.target).await
-    {
-        tracing::warn!("cannot remove the temporary tag {}: {e}", intent.target);
+    // The temporary tag goes whatever happened (shutdown included): it is
+    // no one's reference. Left in the journal if that fails, so the next
+    // reconcile removes it.
+    if !intent.target_tagged {
+        match ctx.engine.remove(&intent.target).await {
+            Ok(_) => journal.forget(&intent.target),
+            Err(e) => tracing::warn!(
+                "cannot remove the temporary tag {}: {e}; tried again at the next reconcile",
+                intent.target
+            ),
+        }
     }
     match pushed {
+        Err(TransferError::Interrupted) => return result.interrupted(rec, "push"),
         Ok(()) => {
             rec.duration_ms = elapsed_ms(clock, started);
             tracing::info!(rule = %intent.rule, "push {}: {}", intent.target, rec.reason);
@@ -1233,11 +1525,14 @@ pub async fn preview<E: Engine>(
         return plan;
     }
     let (creds, creds_error) = load_credentials(policy);
+    // Read-only lookups: nothing to cancel cooperatively.
+    let never = CancellationToken::new();
     let ctx = Ctx {
         engine,
         creds: &creds,
         creds_error,
         stall: policy.daemon.stall_timeout,
+        shutdown: &never,
     };
     // `stowage plan` shows what `stowage apply` would do: refresh is due.
     let pulls = pull_intents(policy, observed, state, now, true);
@@ -1420,6 +1715,31 @@ mod tests {
             images,
             ..Observed::default()
         }
+    }
+
+    #[test]
+    fn temp_tag_journal_is_durable_and_no_file_when_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let journal = TempTags::load(&state_dir);
+        let tag = TempTag {
+            image: "sha256:a".into(),
+            rule: "edge".into(),
+        };
+        journal.add("m:5000/app:1", tag.clone()).unwrap();
+        journal.add("m:5000/app:2", tag.clone()).unwrap();
+        journal.forget("m:5000/app:2");
+        // What a later process finds.
+        let again = TempTags::load(&state_dir);
+        assert_eq!(
+            again.entries().into_iter().collect::<Vec<_>>(),
+            [("m:5000/app:1".to_owned(), tag)]
+        );
+        again.forget("m:5000/app:1");
+        assert!(!state_dir.join(TEMP_TAGS_FILE).exists());
+        // A torn journal names nothing: its tags are left alone.
+        std::fs::write(state_dir.join(TEMP_TAGS_FILE), b"{\"m:5000/a").unwrap();
+        assert!(TempTags::load(&state_dir).entries().is_empty());
     }
 
     #[test]

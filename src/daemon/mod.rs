@@ -15,8 +15,9 @@
 //!   reconciles when the engine is back. An event stream that fails while
 //!   the engine answers (a proxy refusing `/events`) is retried with its own
 //!   backoff and reconciles nothing: only a real outage does.
-//! - Shutdown (the `shutdown` future) lets the action in flight finish,
-//!   writes the state, and returns.
+//! - Shutdown (the `shutdown` future) cancels transfers in flight (a push
+//!   removes its temporary tag), lets a removal in flight finish, writes
+//!   the state, and returns.
 //!
 //! Signal and file-watch sources live in [`sources`] and only feed the
 //! trigger channel, so tests drive the loop with a fake engine and injected
@@ -76,8 +77,10 @@ const HEARTBEAT: Duration = Duration::from_secs(10);
 /// The cron wait is cut into slices this long and re-checked against the
 /// wall clock, so clock jumps and suspend do not make it miss a fire time.
 const CRON_SLICE: Duration = Duration::from_secs(60);
-/// On shutdown, the reconcile in flight gets this long to finish its action
-/// (systemd's stop timeout in the unit is 15 s).
+/// On shutdown, the reconcile in flight gets this long to stop: transfers
+/// stop at once, a removal finishes, the state is saved. Only an engine that
+/// does not answer uses it up (systemd's stop timeout in the unit is 15 s);
+/// a push's temporary tag left then is removed at the next start.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 /// `status` shows this many recent errors.
 const KEEP_ERRORS: usize = 10;
@@ -955,7 +958,9 @@ where
         self.notifier.stopping();
         self.stop.cancel();
         if let Some(task) = self.running.take() {
-            tracing::info!("waiting for the action in flight to finish");
+            tracing::info!(
+                "stopping the reconcile in flight (transfers cancelled, a removal finishes)"
+            );
             let abort = task.abort_handle();
             match tokio::time::timeout(SHUTDOWN_GRACE, task).await {
                 Ok(finished) => self.on_finished(finished.ok()),

@@ -643,6 +643,28 @@ impl Engine for DockerEngine {
         }
     }
 
+    async fn tags_of(&self, image_id: &str) -> EngineResult<Option<Vec<String>>> {
+        // One inspect, not a listing of every image: this runs per removal.
+        match self
+            .raw_json("GET", &format!("/images/{image_id}/json"), self.timeout)
+            .await
+        {
+            Ok(v) => {
+                let tags = v["RepoTags"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|t| t.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Ok(Some(real_refs(tags)))
+            }
+            Err(EngineError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn remove(&self, reference: &str) -> EngineResult<Removed> {
         // Never force; keep pruning of untagged parents (the engine default).
         let options = RemoveImageOptionsBuilder::new()

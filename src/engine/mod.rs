@@ -189,6 +189,21 @@ pub trait Engine: Send + Sync {
                 .map(|i| i.id))
         }
     }
+    /// The tags an image has now; `None` when it is gone. Asked right
+    /// before a dangling image is removed by id: the engine's removal by id
+    /// would take a tag given to the image since planning along with it.
+    fn tags_of(
+        &self,
+        image_id: &str,
+    ) -> impl Future<Output = EngineResult<Option<Vec<String>>>> + Send {
+        async move {
+            let images = self.list_images().await?;
+            Ok(images
+                .into_iter()
+                .find(|i| i.id == image_id)
+                .map(|i| i.repo_tags))
+        }
+    }
     /// Remove one reference (or an image id). Untags when the image keeps
     /// other references; never forced, never prunes stopped-container images.
     fn remove(&self, reference: &str) -> impl Future<Output = EngineResult<Removed>> + Send;
