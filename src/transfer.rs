@@ -836,7 +836,7 @@ fn write_waiting(
             error: None,
             bytes: None,
             duration_ms: None,
-        })?;
+        });
         report.backing_off += 1;
     }
     Ok(())
@@ -855,7 +855,7 @@ fn apply_result(
         return Ok(());
     };
     for rec in &r.records {
-        audit.append(rec)?;
+        audit.append(rec);
     }
     let now = clock.now().timestamp();
     match r.backoff {
