@@ -173,3 +173,129 @@ async fn a_full_disk_still_evicts_and_the_held_audit_records_are_written_after()
     assert!(state["backoff"].as_object().is_some_and(|b| !b.is_empty()), "{state}");
     assert_eq!(leftovers(&state_dir), Vec::<String>::new());
 }
+
+/// A policy in `dir` with its state (and audit log) there too.
+fn policy_in(dir: &Path, body: &str) -> PathBuf {
+    let p = dir.join("policy.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "version = 1\n[daemon]\nstate_dir = \"{}\"\n{body}",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn warns(records: &[audit::Record]) -> Vec<String> {
+    records
+        .iter()
+        .filter(|r| r.action == Action::Warn)
+        .map(|r| r.reference.clone().unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_same_bad_tags_are_warned_once_not_at_every_reconcile() {
+    let Some(engine) = common::engine().await else {
+        return;
+    };
+    let addr = common::engine_addr().unwrap();
+    let ns = common::unique_ns("warn-once");
+    let now = chrono::Utc::now().timestamp();
+    let bad = [format!("{ns}/app:latest"), format!("{ns}/app:wip")];
+    let image = common::image(
+        &[&format!("{ns}/app:v1"), &bad[0], &bad[1]],
+        now - DAY,
+        1024,
+    );
+    common::load(&engine, std::slice::from_ref(&image)).await;
+    let dir = tempfile::tempdir_in(common::scratch_dir()).unwrap();
+    let rule = |extra: &str| {
+        format!("[[tags]]\nname = \"names\"\nimages = [\"{ns}/app\"]\nallow = ['v\\d+'{extra}]\n")
+    };
+    let policy = policy_in(dir.path(), &rule(""));
+    for _ in 0..3 {
+        let apply = stowage(&addr, &policy, &["apply"]);
+        assert_eq!(apply.status.code(), Some(0), "{}", text(&apply));
+    }
+    let log = dir.path().join("state/audit.jsonl");
+    let mut said = warns(&audit::read(&log).unwrap().records);
+    said.sort();
+    assert_eq!(said, bad, "each bad tag once over three reconciles");
+
+    // What the warnings say changes (`wip` is allowed now): the one left is
+    // said again, because its message names the new rule.
+    policy_in(dir.path(), &rule(", 'wip'"));
+    let apply = stowage(&addr, &policy, &["apply"]);
+    assert_eq!(apply.status.code(), Some(0), "{}", text(&apply));
+    let said = warns(&audit::read(&log).unwrap().records);
+    assert_eq!(said.len(), 3, "{said:?}");
+    assert_eq!(said[2], bad[0]);
+    engine.remove(&image.id()).await.ok();
+}
+
+#[tokio::test]
+async fn the_audit_log_rotates_at_audit_max_and_history_reads_both() {
+    let Some(engine) = common::engine().await else {
+        return;
+    };
+    let addr = common::engine_addr().unwrap();
+    let ns = common::unique_ns("rotate");
+    let image = common::image(&[&format!("{ns}/app:bad")], 0, 1024);
+    common::load(&engine, std::slice::from_ref(&image)).await;
+    let dir = tempfile::tempdir_in(common::scratch_dir()).unwrap();
+    let policy = policy_in(
+        dir.path(),
+        &format!(
+            "audit_max = \"64KiB\"\n\n[[tags]]\nname = \"names\"\nimages = [\"{ns}/app\"]\nallow = ['v\\d+']\n"
+        ),
+    );
+    // An earlier log just past the cap.
+    let log = dir.path().join("state/audit.jsonl");
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    let mut earlier = Vec::new();
+    let mut n = 0u64;
+    while earlier.len() <= 64 * 1024 {
+        let r = audit::Record {
+            ts: chrono::DateTime::from_timestamp(1_700_000_000 + n as i64, 0).unwrap(),
+            run: format!("old-{n}"),
+            action: Action::Remove,
+            reference: Some(format!("old/app:{n}")),
+            image: None,
+            rule: Some("old".into()),
+            reason: "earlier".into(),
+            outcome: Outcome::Ok,
+            error: None,
+            bytes: Some(n),
+            duration_ms: None,
+        };
+        earlier.extend(serde_json::to_vec(&r).unwrap());
+        earlier.push(b'\n');
+        n += 1;
+    }
+    std::fs::write(&log, &earlier).unwrap();
+
+    let apply = stowage(&addr, &policy, &["apply"]);
+    assert_eq!(apply.status.code(), Some(0), "{}", text(&apply));
+    // The next record would have passed the cap: the full log moved whole.
+    let rotated = dir.path().join("state/audit.jsonl.1");
+    assert_eq!(std::fs::read(&rotated).unwrap(), earlier);
+    assert!(std::fs::metadata(&log).unwrap().len() < 64 * 1024);
+    // Readers take both generations, the older first.
+    let all = audit::read(&log).unwrap().records;
+    let n = n as usize;
+    assert_eq!(all[n - 1].run, format!("old-{}", n - 1));
+    assert_eq!(warns(&all[n..]), [format!("{ns}/app:bad")]);
+
+    // So does `history`.
+    let history = stowage(&addr, &policy, &["history", "--json"]);
+    assert_eq!(history.status.code(), Some(0), "{}", text(&history));
+    let shown: Vec<audit::Record> = String::from_utf8_lossy(&history.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(shown, all);
+    engine.remove(&image.id()).await.ok();
+}
