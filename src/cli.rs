@@ -397,11 +397,18 @@ async fn cmd_apply(path: &Path, engine: Option<&str>, dry_run: bool) -> Result<E
         out!("{}", plan::render(&plan))?;
     }
     outln!("run {}: {}", report.run, report.summary())?;
+    // This process ends here: records the disk would not take go to stderr
+    // rather than nowhere.
+    for line in audit::take_unwritten(&policy.daemon.audit_log) {
+        errln(format_args!("unwritten audit record: {line}"));
+    }
     let signal = signalled.load(Ordering::SeqCst);
+    // An unsaved state or unwritten records are a failure to report too.
+    let unwritten = report.unsaved.is_some() || report.audit_held > 0;
     // Stopped by a signal: 128 + its number, as a shell reports it.
     Ok(if signal != 0 {
         ExitCode::from(u8::try_from(128 + signal).unwrap_or(1))
-    } else if report.failed > 0 || report.backing_off > 0 {
+    } else if report.failed > 0 || report.backing_off > 0 || unwritten {
         // A reference backing off after earlier failures is not as declared yet.
         ExitCode::from(1)
     } else {
@@ -566,59 +573,79 @@ fn cmd_history(
     json: bool,
 ) -> Result<ExitCode, Fatal> {
     let policy = load_policy(path)?;
-    let history = audit::read(&policy.daemon.audit_log)?;
-    let cutoff = since.and_then(|d| {
-        chrono::Duration::from_std(d)
-            .ok()
-            .map(|d| SystemClock.now() - d)
-    });
-    let records: Vec<&audit::Record> = history
-        .records
-        .iter()
-        .filter(|r| cutoff.is_none_or(|c| r.ts >= c))
-        .collect();
-    if history.unreadable > 0 {
-        tracing::warn!(
-            "{} unreadable line(s) in {} skipped (a torn line after a crash?)",
-            history.unreadable,
-            policy.daemon.audit_log.display()
-        );
-    }
-    if json {
-        for r in records {
-            if stdout_gone() {
-                break;
-            }
-            outln!("{}", serde_json::to_string(r)?)?;
+    let cutoff = match since {
+        None => None,
+        Some(d) => Some(since_cutoff(SystemClock.now(), d)?),
+    };
+    let log = &policy.daemon.audit_log;
+    // Streamed line by line: a large log costs no memory.
+    let mut records = audit::records(log);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for r in records.by_ref() {
+        let r = r?;
+        if cutoff.is_some_and(|c| r.ts < c) {
+            continue;
         }
-        return Ok(ExitCode::SUCCESS);
-    }
-    for r in records {
+        let written = if json {
+            writeln!(out, "{}", serde_json::to_string(&r)?)
+        } else {
+            writeln!(out, "{}", history_line(&r))
+        };
+        // A reader that went away ends the listing, not the command.
+        output_result(written)?;
         if stdout_gone() {
             break;
         }
-        let mut line = format!(
-            "{} {:<8} {:<11} {:<8} {}",
-            r.ts.format("%Y-%m-%d %H:%M:%S"),
-            r.run.rsplit('-').next().unwrap_or(&r.run),
-            r.action.as_str(),
-            r.outcome.as_str(),
-            r.reference.as_deref().or(r.image.as_deref()).unwrap_or("-"),
+    }
+    output_result(out.flush())?;
+    if records.unreadable() > 0 {
+        tracing::warn!(
+            "{} unreadable line(s) in {} skipped (a torn line after a crash?)",
+            records.unreadable(),
+            log.display()
         );
-        if let Some(rule) = &r.rule {
-            line.push_str(&format!("  ({rule}: {})", r.reason));
-        } else {
-            line.push_str(&format!("  ({})", r.reason));
-        }
-        if let Some(b) = r.bytes {
-            line.push_str(&format!(" [{}]", plan::human_bytes(b)));
-        }
-        if let Some(e) = &r.error {
-            line.push_str(&format!(" error: {e}"));
-        }
-        outln!("{line}")?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The time `--since D` reaches back to, or a clear error when that is
+/// before any time a record can carry (`--since 300000y`).
+fn since_cutoff(
+    now: chrono::DateTime<chrono::Utc>,
+    since: std::time::Duration,
+) -> Result<chrono::DateTime<chrono::Utc>, Fatal> {
+    chrono::Duration::from_std(since)
+        .ok()
+        .and_then(|d| now.checked_sub_signed(d))
+        .ok_or_else(|| {
+            Fatal(format!(
+                "--since {}: reaches back further than any time the audit log can hold; give a shorter duration",
+                humantime::format_duration(since)
+            ))
+        })
+}
+
+fn history_line(r: &audit::Record) -> String {
+    let mut line = format!(
+        "{} {:<8} {:<11} {:<8} {}",
+        r.ts.format("%Y-%m-%d %H:%M:%S"),
+        r.run.rsplit('-').next().unwrap_or(&r.run),
+        r.action.as_str(),
+        r.outcome.as_str(),
+        r.reference.as_deref().or(r.image.as_deref()).unwrap_or("-"),
+    );
+    if let Some(rule) = &r.rule {
+        line.push_str(&format!("  ({rule}: {})", r.reason));
+    } else {
+        line.push_str(&format!("  ({})", r.reason));
+    }
+    if let Some(b) = r.bytes {
+        line.push_str(&format!(" [{}]", plan::human_bytes(b)));
+    }
+    if let Some(e) = &r.error {
+        line.push_str(&format!(" error: {e}"));
+    }
+    line
 }
 
 fn print_json<T: Serialize>(value: &T) -> Result<(), Fatal> {

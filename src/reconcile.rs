@@ -50,6 +50,11 @@ pub struct Report {
     pub backing_off: usize,
     /// Set when shutdown stopped the execution between two actions.
     pub interrupted: bool,
+    /// Why the state could not be saved at the end of the reconcile (a full
+    /// disk, usually): the next reconcile tries again.
+    pub unsaved: Option<String>,
+    /// Audit records held in memory at the end, not yet written.
+    pub audit_held: usize,
 }
 
 impl Report {
@@ -70,6 +75,15 @@ impl Report {
         s.push_str(&format!(", freed {}", plan::human_bytes(self.bytes_freed)));
         if self.interrupted {
             s.push_str(" (interrupted by shutdown)");
+        }
+        if let Some(e) = &self.unsaved {
+            s.push_str(&format!("; state NOT saved: {e}"));
+        }
+        if self.audit_held > 0 {
+            s.push_str(&format!(
+                "; {} audit record(s) NOT written yet",
+                self.audit_held
+            ));
         }
         s
     }
@@ -244,6 +258,11 @@ pub struct Options {
 
 /// One whole reconcile: load state, observe, transfers (pre-pulls, then
 /// mirror pushes), observe again, plan retention, execute, save state.
+///
+/// A failed state or audit write never ends the reconcile: on a full disk
+/// eviction is what frees it. Audit records are held until they can be
+/// written (see [`crate::audit`]); a failed state save is logged and tried
+/// again at the end of the reconcile, then by the next one.
 pub async fn reconcile_with<E: Engine>(
     engine: &E,
     policy: &Policy,
@@ -260,7 +279,8 @@ pub async fn reconcile_with<E: Engine>(
     }
     let mut state = loaded.state;
     let run = run_id(now);
-    let mut audit = AuditLog::open(&policy.daemon.audit_log)?;
+    let mut audit = AuditLog::open_lenient(&policy.daemon.audit_log, policy.daemon.audit_max);
+    audit.set_previously_stated(state.reported.clone());
     let mut observed = observe(engine).await?;
     note_observed(&mut state, &observed, now.timestamp());
     // Transfers come first so that retention plans on the store as the
@@ -284,8 +304,11 @@ pub async fn reconcile_with<E: Engine>(
     let stopped = shutdown.is_cancelled();
     if !(dry_run || policy.daemon.dry_run) && (has_transfers || stopped) {
         // Backoff must survive a crash later in this reconcile, and what the
-        // transfers finished (`previous`, refresh checks) a shutdown.
-        store.save(&state)?;
+        // transfers finished (`previous`, refresh checks) a shutdown. On a
+        // full disk this fails: eviction below may free it for the final save.
+        if let Err(e) = store.save(&state) {
+            tracing::error!("{e}; going on (eviction may free space), saving again at the end");
+        }
     }
     if stopped {
         // Shutdown during the transfers: retention waits for the next start.
@@ -295,7 +318,8 @@ pub async fn reconcile_with<E: Engine>(
             ..Report::default()
         };
         add_transfers(&mut report, &transfers);
-        audit.sync()?;
+        audit.sync();
+        report.audit_held = audit.held();
         return Ok((Plan::default(), report));
     }
     if transfers.changed {
@@ -324,8 +348,13 @@ pub async fn reconcile_with<E: Engine>(
             .map(|a| a.image.as_str())
             .collect();
         state.images.retain(|id, _| !gone.contains(&id.as_str()));
-        store.save(&state)?;
+        state.reported = audit.stated().clone();
+        if let Err(e) = store.save(&state) {
+            tracing::error!("{e}; the next reconcile saves again");
+            report.unsaved = Some(e.to_string());
+        }
     }
+    report.audit_held = audit.held();
     Ok((plan, report))
 }
 
@@ -366,14 +395,14 @@ pub async fn execute<E: Engine>(
             Some(w.image.clone()),
             &w.rule,
             &w.reason,
-        ))?;
+        ));
         report.warnings += 1;
     }
     // Disk pressure out of reach is said once per reconcile, not retried as
     // a failure.
     if let Some(msg) = plan.pressure.as_ref().and_then(|p| p.shortfall_message()) {
         tracing::warn!(rule = "storage", "{msg}");
-        audit.append(&warn_record(clock, run, None, None, "storage", &msg))?;
+        audit.append(&warn_record(clock, run, None, None, "storage", &msg));
         report.warnings += 1;
     }
     for a in &plan.actions {
@@ -388,7 +417,7 @@ pub async fn execute<E: Engine>(
             rec.outcome = Outcome::DryRun;
             report.dry_run += 1;
             tracing::info!(action = a.kind.as_str(), rule = %a.rule, "dry-run {}", describe(a));
-            audit.append(&rec)?;
+            audit.append(&rec);
             continue;
         }
         let result = match a.kind {
@@ -443,7 +472,7 @@ pub async fn execute<E: Engine>(
                 tracing::warn!(action = a.kind.as_str(), rule = %a.rule, "failed {}: {e}", describe(a));
             }
         }
-        audit.append(&rec)?;
+        audit.append(&rec);
     }
     // One record per kind and rule, not per removal: a backlog of thousands
     // would otherwise write thousands of records on every reconcile until it
@@ -464,10 +493,10 @@ pub async fn execute<E: Engine>(
             error: None,
             bytes: None,
             duration_ms: None,
-        })?;
+        });
         report.deferred += b.count;
     }
-    audit.sync()?;
+    audit.sync();
     Ok(report)
 }
 

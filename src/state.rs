@@ -6,7 +6,7 @@
 //! unreadable state is moved aside and replaced by an empty one: losing
 //! activity times only makes stowage more conservative (images look new).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -90,6 +90,11 @@ pub struct State {
     /// Per mirror target reference: what was pushed there.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub mirrored: BTreeMap<String, Mirrored>,
+    /// Fingerprints of the `warn`, `skip` and `deferred` audit records the
+    /// last reconcile stated: one that says the same again is not written
+    /// again (see [`crate::audit`]).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub reported: BTreeSet<u64>,
 }
 
 impl State {
@@ -247,11 +252,16 @@ impl StateStore {
         let mut state = state.clone();
         state.format = FORMAT;
         let bytes = serde_json::to_vec_pretty(&state).map_err(|e| write(e.into()))?;
-        let mut f = File::create(&tmp).map_err(write)?;
-        f.write_all(&bytes).map_err(write)?;
-        f.sync_all().map_err(write)?;
-        drop(f);
-        fs::rename(&tmp, &path).map_err(write)?;
+        let written = File::create(&tmp).and_then(|mut f| {
+            f.write_all(&bytes)?;
+            f.sync_all()
+        });
+        if let Err(e) = written.and_then(|()| fs::rename(&tmp, &path)) {
+            // A full disk leaves a partial temp file: it must not hold on to
+            // the space the next save (or eviction) needs.
+            let _ = fs::remove_file(&tmp);
+            return Err(write(e));
+        }
         sync_dir(&self.dir).map_err(write)?;
         Ok(())
     }

@@ -898,7 +898,7 @@ async fn remove_leftover_tags<E: Engine>(
             }
             rec.duration_ms = elapsed_ms(clock, started);
         }
-        audit.append(&rec)?;
+        audit.append(&rec);
     }
     Ok(())
 }
@@ -1087,7 +1087,7 @@ fn write_waiting(
             error: None,
             bytes: None,
             duration_ms: None,
-        })?;
+        });
         report.backing_off += 1;
     }
     Ok(())
@@ -1107,7 +1107,7 @@ fn apply_result(
     };
     report.interrupted |= r.interrupted;
     for rec in &r.records {
-        audit.append(rec)?;
+        audit.append(rec);
     }
     let now = clock.now().timestamp();
     match r.backoff {

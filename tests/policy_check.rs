@@ -290,6 +290,22 @@ fn bad_size() {
 }
 
 #[test]
+fn audit_max_is_a_size_of_at_least_64kib() {
+    let p = parse("version = 1\n[daemon]\naudit_max = \"2MiB\"\n").unwrap();
+    assert_eq!(p.daemon.audit_max, 2 << 20);
+    one_error(
+        "version = 1\n[daemon]\naudit_max = \"lots\"\n",
+        "3:13",
+        "daemon.audit_max: invalid size \"lots\"",
+    );
+    one_error(
+        "version = 1\n[daemon]\naudit_max = 100\n",
+        "3:13",
+        "daemon.audit_max: 100 bytes is too small; at least 64KiB",
+    );
+}
+
+#[test]
 fn negative_size() {
     one_error(
         "version = 1\n[storage]\nbuild_cache_max = -5\n",
@@ -687,6 +703,7 @@ fn minimal_policy_gets_every_default() {
     assert_eq!(d.concurrency, 2);
     assert_eq!(d.retry_max, Duration::from_secs(900));
     assert_eq!(d.stall_timeout, Duration::from_secs(120));
+    assert_eq!(d.audit_max, 50_000_000);
     assert_eq!(d.allowed_registries, None);
     assert_eq!(d.control_socket, PathBuf::from("/run/stowage/control.sock"));
     assert_eq!(d.metrics, None);
@@ -919,6 +936,7 @@ const KEYS: &[&str] = &[
     "watch",
     "state_dir",
     "audit_log",
+    "audit_max",
     "dry_run",
     "min_age",
     "max_removals",

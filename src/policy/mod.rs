@@ -41,6 +41,9 @@ pub struct Daemon {
     pub watch: bool,
     pub state_dir: PathBuf,
     pub audit_log: PathBuf,
+    /// The audit log is rotated to `<audit_log>.1` before it would pass
+    /// this many bytes (one generation kept).
+    pub audit_max: u64,
     pub dry_run: bool,
     pub min_age: Duration,
     pub max_removals: usize,

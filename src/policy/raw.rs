@@ -30,6 +30,7 @@ pub(super) struct RawDaemon {
     pub watch: Opt<bool>,
     pub state_dir: Opt<String>,
     pub audit_log: Opt<String>,
+    pub audit_max: Opt<SizeValue>,
     pub dry_run: Opt<bool>,
     pub min_age: Opt<String>,
     // Counts are read as i64 so a negative number gets our own message

@@ -30,6 +30,11 @@ pub const DEFAULT_CONTROL_SOCKET: &str = "/run/stowage/control.sock";
 const DEFAULT_MIN_AGE: Duration = Duration::from_secs(3600);
 const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(15 * 60);
 const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(2 * 60);
+/// `audit_max` default: 50 MB.
+const DEFAULT_AUDIT_MAX: u64 = 50_000_000;
+/// Smallest `audit_max`: below this a log would rotate away the records of
+/// a single reconcile.
+const MIN_AUDIT_MAX: u64 = 64 * 1024;
 const DEFAULT_MAX_REMOVALS: usize = 100;
 const DEFAULT_CONCURRENCY: usize = 2;
 /// More parallel pulls than this only thrashes the uplink and the disk.
@@ -225,6 +230,7 @@ impl<'s, 'a> Validator<'s, 'a> {
             schedule: default_schedule(),
             watch: true,
             audit_log: state_dir.join("audit.jsonl"),
+            audit_max: DEFAULT_AUDIT_MAX,
             state_dir,
             dry_run: false,
             min_age: DEFAULT_MIN_AGE,
@@ -258,6 +264,22 @@ impl<'s, 'a> Validator<'s, 'a> {
         }
         if let Some(v) = &r.audit_log {
             ok &= set(&mut d.audit_log, self.path_value(v, "daemon.audit_log"));
+        }
+        if let Some(v) = &r.audit_max {
+            match self.size(v, "daemon.audit_max") {
+                Some(n) if n < MIN_AUDIT_MAX => {
+                    self.err(
+                        v.span(),
+                        format!(
+                            "daemon.audit_max: {n} bytes is too small; at least {}KiB",
+                            MIN_AUDIT_MAX / 1024
+                        ),
+                    );
+                    ok = false;
+                }
+                Some(n) => d.audit_max = n,
+                None => ok = false,
+            }
         }
         if let Some(v) = &r.control_socket {
             ok &= set(
