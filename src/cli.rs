@@ -20,10 +20,12 @@ use crate::engine::DockerEngine;
 use crate::plan;
 use crate::policy::{self, Policy};
 use crate::reconcile::{self, Clock, SystemClock};
-use crate::state::StateStore;
+use crate::state::{StateError, StateLock, StateStore};
 use crate::status;
 
 const DEFAULT_POLICY: &str = "/etc/stowage/policy.toml";
+/// How long `apply` waits for another `apply` that owns the state.
+const APPLY_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -270,8 +272,62 @@ async fn cmd_plan(
     })
 }
 
+/// Who runs `apply`'s reconcile: this process, owning the state, or the
+/// daemon that owns it (its answer already printed, with the exit code).
+enum Owner {
+    Here(StateLock),
+    Daemon(ExitCode),
+}
+
+/// One owner of the state: take its lock; if the daemon holds it, ask the
+/// daemon to reconcile (as `stowage reconcile` does); if another `apply`
+/// holds it, wait for it up to [`APPLY_LOCK_WAIT`].
+async fn own_state(policy: &Policy) -> Result<Owner, Fatal> {
+    let store = StateStore::new(&policy.daemon.state_dir);
+    match store.try_lock("stowage apply") {
+        Ok(lock) => return Ok(Owner::Here(lock)),
+        Err(StateError::Held { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let socket = &policy.daemon.control_socket;
+    if let Some(answer) = daemon::ask(socket, &control::Request::Reconcile).await? {
+        eprintln!(
+            "the stowage daemon owns the state in {}: it ran this reconcile",
+            store.dir().display()
+        );
+        return print_reconcile(answer).map(Owner::Daemon);
+    }
+    let lock = store
+        .lock_within("stowage apply", APPLY_LOCK_WAIT, |holder| {
+            eprintln!(
+                "the state in {} is in use by {holder}; waiting up to {}s for it",
+                store.dir().display(),
+                APPLY_LOCK_WAIT.as_secs()
+            );
+        })
+        .await
+        .map_err(|e| match e {
+            StateError::Held { dir, holder } => Fatal(format!(
+                "the state in {} is still in use by {holder} after {}s; nothing done (run `stowage apply` again when it has finished)",
+                dir.display(),
+                APPLY_LOCK_WAIT.as_secs()
+            )),
+            e => e.into(),
+        })?;
+    Ok(Owner::Here(lock))
+}
+
 async fn cmd_apply(path: &Path, engine: Option<&str>, dry_run: bool) -> Result<ExitCode, Fatal> {
     let policy = load_policy(path)?;
+    // A dry run writes no state (it reads it as `plan` does): no owner needed.
+    let _owner = if dry_run {
+        None
+    } else {
+        match own_state(&policy).await? {
+            Owner::Here(lock) => Some(lock),
+            Owner::Daemon(code) => return Ok(code),
+        }
+    };
     let engine = connect(engine).await?;
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
@@ -347,7 +403,14 @@ async fn cmd_reconcile(path: &Path, socket: Option<PathBuf>) -> Result<ExitCode,
             "no stowage daemon answers at {} (is `stowage run` running? `stowage apply` reconciles without one)",
             socket.display()
         ))),
-        Some(control::Response::Reconcile { result }) => {
+        Some(answer) => print_reconcile(answer),
+    }
+}
+
+/// Prints the daemon's answer to a `reconcile` request; its exit code.
+fn print_reconcile(answer: control::Response) -> Result<ExitCode, Fatal> {
+    match answer {
+        control::Response::Reconcile { result } => {
             if let Some(e) = &result.error {
                 eprintln!("error: the reconcile could not run: {e}");
             } else {
@@ -355,8 +418,8 @@ async fn cmd_reconcile(path: &Path, socket: Option<PathBuf>) -> Result<ExitCode,
             }
             Ok(ExitCode::from(result.exit_code()))
         }
-        Some(control::Response::Error { message }) => Err(Fatal(message)),
-        Some(other) => Err(Fatal(format!(
+        control::Response::Error { message } => Err(Fatal(message)),
+        other => Err(Fatal(format!(
             "unexpected answer from the daemon: {other:?}"
         ))),
     }

@@ -1,0 +1,295 @@
+//! Faults around the state file, against the real private engine that
+//! `scripts/test` starts: two writers (`stowage apply` beside the daemon),
+//! a lost or corrupt state (images must not lose their `min_age`
+//! protection), and `status` on a corrupt state.
+//!
+//! Every policy scopes only its own repository namespace, so tests sharing
+//! the engine never touch each other's images.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal, kill_process};
+use serde_json::Value;
+use stowage::state::State;
+
+const DAY: i64 = 86_400;
+
+/// One `stowage run` child on `dir/policy.toml`, logging to `dir/daemon.log`.
+struct Daemon {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, engine: &str) -> Daemon {
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_stowage"))
+            .args(["run", "--engine", engine, "-p"])
+            .arg(dir.join("policy.toml"))
+            .env_remove("DOCKER_HOST")
+            .env_remove("NOTIFY_SOCKET")
+            .env("STOWAGE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting stowage run");
+        Daemon {
+            child,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// The daemon's `status` view, by hand on the control socket.
+    fn status(&self) -> Option<Value> {
+        let mut s = UnixStream::connect(self.dir.join("control.sock")).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(b"{\"request\":\"status\"}\n").ok()?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).ok()?;
+        let v: Value = serde_json::from_str(&line).ok()?;
+        Some(v["daemon"].clone()).filter(|d| !d.is_null())
+    }
+
+    fn wait_reconciles(&self, at_least: u64) {
+        wait(
+            30,
+            &format!("{at_least} reconcile(s)\n{}", self.log()),
+            || {
+                self.status()
+                    .and_then(|d| d["reconciles"].as_u64())
+                    .is_some_and(|n| n >= at_least)
+            },
+        );
+    }
+
+    fn signal(&self, sig: Signal) {
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).unwrap()).unwrap();
+        kill_process(pid, sig).unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {secs}s waiting for {what}");
+}
+
+/// A short private folder (unix socket paths are limited to 108 bytes).
+fn folder() -> tempfile::TempDir {
+    let base = common::scratch_dir();
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::Builder::new()
+        .prefix("s-")
+        .tempdir_in(&base)
+        .unwrap()
+}
+
+/// A policy on `dir` (state, control socket) with `body` after `[daemon]`;
+/// the schedule is never due in a test.
+fn write_policy(dir: &Path, daemon_extra: &str, body: &str) -> PathBuf {
+    let path = dir.join("policy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "version = 1\n[daemon]\nschedule = \"0 0 0 1 1 * 2099\"\nstate_dir = \"{d}/state\"\ncontrol_socket = \"{d}/control.sock\"\n{daemon_extra}\n{body}",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn read_state(dir: &Path) -> State {
+    let bytes = std::fs::read(dir.join("state/state.json")).expect("reading the state");
+    serde_json::from_slice(&bytes).expect("the state parses")
+}
+
+fn corrupt_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir.join("state"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains(".corrupt-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Issue 12 item 5: ten `stowage apply` beside a running daemon while
+/// containers are created (activity marks the daemon writes). One owner of
+/// the state: the state always parses, no `last_used` is lost, nothing is
+/// moved aside as corrupt, every apply succeeds.
+#[tokio::test]
+async fn apply_beside_the_daemon_loses_nothing() {
+    let Some(engine) = common::engine().await else {
+        return;
+    };
+    let addr = common::engine_addr().unwrap();
+    let ns = common::unique_ns("two-writers");
+    let now = chrono::Utc::now().timestamp();
+    const ROUNDS: usize = 3;
+    let images: Vec<_> = (0..ROUNDS + 3)
+        .map(|i| common::image(&[&format!("{ns}/app:v{i}")], now - 30 * DAY, 4096))
+        .collect();
+    common::load(&engine, &images).await;
+    let dir = folder();
+    let d = dir.path();
+    let policy = write_policy(
+        d,
+        "min_age = \"0s\"",
+        &format!("[[retain]]\nname = \"all\"\nimages = [\"{ns}/app\"]\nkeep_last = 100\n"),
+    );
+    let daemon = Daemon::start(d, &addr);
+    daemon.wait_reconciles(1);
+
+    // A reader that never may see half a state.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        let path = d.join("state/state.json");
+        std::thread::spawn(move || {
+            let (mut reads, mut torn) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(bytes) = std::fs::read(&path) {
+                    reads += 1;
+                    if let Err(e) = serde_json::from_slice::<State>(&bytes) {
+                        torn.push(format!("{e} ({} bytes)", bytes.len()));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (reads, torn)
+        })
+    };
+
+    let mut containers = Vec::new();
+    for round in 0..ROUNDS {
+        let applies: Vec<Child> = (0..10)
+            .map(|_| {
+                common::stowage_cmd(&addr, &policy, &["apply"])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        // Activity while they run: the daemon marks the image used and
+        // writes the mark when SIGUSR1 asks it to reconcile.
+        containers.push(common::create_container(
+            &addr,
+            &format!("{ns}/app:v{round}"),
+        ));
+        std::thread::sleep(Duration::from_millis(300));
+        daemon.signal(Signal::USR1);
+        for child in applies {
+            let out: Output = child.wait_with_output().unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "round {round}: {}\ndaemon log:\n{}",
+                common::text(&out),
+                daemon.log()
+            );
+        }
+    }
+    // One more reconcile by the daemon: it writes the marks it still holds.
+    let out = common::stowage(&addr, &policy, &["reconcile"]);
+    assert_eq!(out.status.code(), Some(0), "{}", common::text(&out));
+    stop.store(true, Ordering::Relaxed);
+    let (reads, torn) = reader.join().unwrap();
+
+    assert!(reads > 0, "the reader never saw the state");
+    assert!(
+        torn.is_empty(),
+        "torn state seen {} time(s): {torn:?}",
+        torn.len()
+    );
+    assert_eq!(corrupt_files(d), Vec::<String>::new(), "{}", daemon.log());
+    let state = read_state(d);
+    for (round, image) in images.iter().take(ROUNDS).enumerate() {
+        let seen = state.images.get(&image.id());
+        assert!(
+            seen.is_some_and(|s| s.last_used.is_some()),
+            "round {round}: the last_used mark of {} was lost: {seen:?}\ndaemon log:\n{}",
+            image.id(),
+            daemon.log()
+        );
+    }
+    for c in containers {
+        common::remove_container(&addr, &c);
+    }
+}
+
+/// Issue 12 item 5, without a daemon: an `apply` that finds the state owned
+/// by another process (no daemon answers) waits for it, says for whom, and
+/// runs once the owner is gone.
+#[tokio::test]
+async fn apply_waits_for_the_owner_of_the_state() {
+    let Some(_engine) = common::engine().await else {
+        return;
+    };
+    let addr = common::engine_addr().unwrap();
+    let ns = common::unique_ns("lock-wait");
+    let dir = folder();
+    let d = dir.path();
+    let policy = write_policy(
+        d,
+        "",
+        &format!("[[retain]]\nname = \"all\"\nimages = [\"{ns}/app\"]\nkeep_last = 1\n"),
+    );
+    std::fs::create_dir_all(d.join("state")).unwrap();
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(d.join("state/lock"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    std::fs::write(d.join("state/lock"), "a test holder (pid 1)\n").unwrap();
+    let mut apply = common::stowage_cmd(&addr, &policy, &["apply"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        apply.try_wait().unwrap().is_none(),
+        "apply ran while another process owned the state"
+    );
+    assert!(!d.join("state/state.json").exists());
+    drop(lock);
+    let out = apply.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", common::text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use by a test holder (pid 1)"),
+        "{}",
+        common::text(&out)
+    );
+    read_state(d);
+}
