@@ -5,7 +5,7 @@
 //! rename, fsync of the folder), so a crash leaves either the old or the new
 //! state and a reader never sees half a file. A corrupt or unreadable state is
 //! moved aside and replaced by an empty one: losing activity times only makes
-//! stowage more conservative (images look new).
+//! stowage more conservative (images look new: see [`State::initialized`]).
 //!
 //! One process owns the state at a time: the daemon for its lifetime, or one
 //! `stowage apply` for its run, by an exclusive `flock` on [`LOCK_FILE`]
@@ -25,6 +25,9 @@ pub const STATE_FILE: &str = "state.json";
 /// The lock file inside `state_dir`: whoever holds its `flock` owns the
 /// state; its content names the holder, for the others' messages.
 pub const LOCK_FILE: &str = "lock";
+/// Left in `state_dir` by the first saved state. It outlives a lost or
+/// corrupt `state.json`, so a new state knows it is not the host's first run.
+const INITIALIZED_FILE: &str = "initialized";
 const FORMAT: u32 = 1;
 /// Temp files of saves: `.state.json.tmp.<pid>.<n>`.
 const TMP_PREFIX: &str = ".state.json.tmp";
@@ -89,8 +92,10 @@ pub struct State {
     /// Format version of the file, for future migrations.
     #[serde(default)]
     pub format: u32,
-    /// Whether any reconcile has run. On the very first one, images already
-    /// present count as first seen at their creation time.
+    /// Whether any reconcile has run on this host. On the very first one,
+    /// images already present count as first seen at their creation time;
+    /// afterwards (a lost or corrupt state included) an image the state has
+    /// not seen counts as first seen now, so `min_age` protects it.
     #[serde(default)]
     pub initialized: bool,
     #[serde(default)]
@@ -320,14 +325,17 @@ impl StateStore {
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // No state: the host's first run, unless an earlier one left
+                // its mark (the state was deleted).
+                let ran_before = self.dir.join(INITIALIZED_FILE).exists();
                 return Loaded {
-                    state: fresh(),
+                    state: reset(ran_before),
                     warning: None,
                 };
             }
             Err(e) => {
                 return Loaded {
-                    state: fresh(),
+                    state: reset(true),
                     warning: Some(format!(
                         "cannot read state {}: {e}; starting with an empty state",
                         path.display()
@@ -351,7 +359,7 @@ impl StateStore {
                     }
                 };
                 Loaded {
-                    state: fresh(),
+                    state: reset(true),
                     warning: Some(format!(
                         "state {} is corrupt ({e}); {moved}; starting with an empty state",
                         path.display()
@@ -393,6 +401,18 @@ impl StateStore {
             let _ = fs::remove_file(&tmp);
             return Err(write(e));
         }
+        if state.initialized {
+            let mark = self.dir.join(INITIALIZED_FILE);
+            // Best effort: the state is saved; the next save tries again.
+            if !mark.exists()
+                && let Err(e) = fs::write(
+                    &mark,
+                    "stowage has reconciled on this host: without state.json, images count as first seen when next seen\n",
+                )
+            {
+                tracing::warn!("cannot write {}: {e}", mark.display());
+            }
+        }
         sync_dir(&self.dir).map_err(write)?;
         Ok(())
     }
@@ -402,6 +422,16 @@ fn fresh() -> State {
     State {
         format: FORMAT,
         ..State::default()
+    }
+}
+
+/// The empty state that replaces a missing or corrupt one. Only on the
+/// host's first run do existing images count as first seen at creation;
+/// after a reset they count as first seen now (more careful, not less).
+fn reset(ran_before: bool) -> State {
+    State {
+        initialized: ran_before,
+        ..fresh()
     }
 }
 
@@ -491,6 +521,30 @@ mod tests {
             Err(StateError::Write { .. })
         ));
         assert!(temps(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_lost_or_corrupt_state_counts_images_as_first_seen_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path());
+        // The host's first run: creation time stands in for "first seen".
+        let mut st = store.load(100).state;
+        assert!(!st.initialized);
+        st.observe("old", 10, 100);
+        assert_eq!(st.images["old"].first_seen, 10);
+        st.initialized = true;
+        store.save(&st).unwrap();
+        // Deleted: the new state is not the host's first run.
+        fs::remove_file(store.path()).unwrap();
+        let mut lost = store.load(200).state;
+        lost.observe("old", 10, 200);
+        assert_eq!(lost.images["old"].first_seen, 200);
+        // Corrupt, even with no mark left: a state existed.
+        fs::remove_file(dir.path().join(INITIALIZED_FILE)).unwrap();
+        fs::write(store.path(), b"{\"images\": ").unwrap();
+        let mut broken = store.load(300).state;
+        broken.observe("old", 10, 300);
+        assert_eq!(broken.images["old"].first_seen, 300);
     }
 
     #[test]

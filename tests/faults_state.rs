@@ -293,3 +293,78 @@ async fn apply_waits_for_the_owner_of_the_state() {
     );
     read_state(d);
 }
+
+/// How the state is gone when the images arrive.
+#[derive(Debug, Clone, Copy)]
+enum Loss {
+    /// No earlier run on this `state_dir` at all: the host's first run.
+    FirstRun,
+    /// An earlier run, then `state.json` deleted.
+    Deleted,
+    /// An earlier run, then `state.json` corrupt.
+    Corrupt,
+}
+
+/// Issue 12 item 6: images built months ago but pulled just now, after the
+/// state was lost (deleted or corrupt), keep their `min_age` protection: an
+/// apply whose retention would remove one removes nothing. On the host's
+/// first run (the spec), creation time still stands in for "first seen".
+#[tokio::test]
+async fn a_lost_state_keeps_min_age_protection() {
+    let Some(engine) = common::engine().await else {
+        return;
+    };
+    let addr = common::engine_addr().unwrap();
+    for loss in [Loss::Deleted, Loss::Corrupt, Loss::FirstRun] {
+        let ns = common::unique_ns("lost-state");
+        let dir = folder();
+        let d = dir.path();
+        let policy = write_policy(
+            d,
+            "min_age = \"1h\"",
+            &format!("[[retain]]\nname = \"newest\"\nimages = [\"{ns}/app\"]\nkeep_last = 1\n"),
+        );
+        if !matches!(loss, Loss::FirstRun) {
+            // An earlier run, before the images came.
+            let out = common::stowage(&addr, &policy, &["apply"]);
+            assert_eq!(out.status.code(), Some(0), "{}", common::text(&out));
+            match loss {
+                Loss::Deleted => std::fs::remove_file(d.join("state/state.json")).unwrap(),
+                Loss::Corrupt => {
+                    std::fs::write(d.join("state/state.json"), "{\"images\": {").unwrap()
+                }
+                Loss::FirstRun => unreachable!(),
+            }
+        }
+        let now = chrono::Utc::now().timestamp();
+        let old = common::image(&[&format!("{ns}/app:v1")], now - 200 * DAY, 2048);
+        let newer = common::image(&[&format!("{ns}/app:v2")], now - 100 * DAY, 2048);
+        common::load(&engine, &[old.clone(), newer.clone()]).await;
+
+        let out = common::stowage(&addr, &policy, &["apply"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{loss:?}: {}",
+            common::text(&out)
+        );
+        let summary = String::from_utf8_lossy(&out.stdout).into_owned();
+        let state = read_state(d);
+        let first_seen = state.images.get(&old.id()).map(|s| s.first_seen);
+        match loss {
+            Loss::FirstRun => {
+                assert!(summary.contains("removed 1,"), "{loss:?}: {summary}");
+                assert_eq!(first_seen, None, "{loss:?}: v1 was not removed");
+            }
+            Loss::Deleted | Loss::Corrupt => {
+                assert!(summary.contains("removed 0,"), "{loss:?}: {summary}");
+                assert!(
+                    first_seen >= Some(now),
+                    "{loss:?}: first_seen {first_seen:?} is not now ({now})"
+                );
+                common::docker(&addr, &["rmi", &format!("{ns}/app:v1")]);
+            }
+        }
+        common::docker(&addr, &["rmi", &format!("{ns}/app:v2")]);
+    }
+}
