@@ -439,6 +439,10 @@ async fn cmd_status(
             images,
             references_error,
         }) => {
+            // As `plan` and `apply` say it, from the daemon's reading.
+            if let Some(w) = &daemon.state_warning {
+                tracing::warn!("{w}");
+            }
             if json {
                 print_json(&serde_json::json!({
                     "daemon": daemon,

@@ -368,3 +368,51 @@ async fn a_lost_state_keeps_min_age_protection() {
         common::docker(&addr, &["rmi", &format!("{ns}/app:v2")]);
     }
 }
+
+/// Issue 12 item 15 (`status` part): with the daemon running and the state
+/// file corrupt, `stowage status` warns as `plan` and `apply` do, and the
+/// JSON view carries the warning.
+#[tokio::test]
+async fn status_warns_about_a_corrupt_state() {
+    let Some(_engine) = common::engine().await else {
+        return;
+    };
+    let addr = common::engine_addr().unwrap();
+    let ns = common::unique_ns("corrupt-status");
+    let dir = folder();
+    let d = dir.path();
+    let policy = write_policy(
+        d,
+        "",
+        &format!("[[retain]]\nname = \"all\"\nimages = [\"{ns}/app\"]\nkeep_last = 1\n"),
+    );
+    let daemon = Daemon::start(d, &addr);
+    daemon.wait_reconciles(1);
+    std::fs::write(d.join("state/state.json"), "{\"images\": {").unwrap();
+
+    let out = common::stowage(&addr, &policy, &["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", common::text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("daemon: pid"), "{}", common::text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("state.json is corrupt"),
+        "{}",
+        common::text(&out)
+    );
+    let out = common::stowage(&addr, &policy, &["status", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["daemon"]["state_warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("corrupt")),
+        "{v}"
+    );
+    // Without a daemon, too.
+    drop(daemon);
+    let out = common::stowage(&addr, &policy, &["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("state.json is corrupt"),
+        "{}",
+        common::text(&out)
+    );
+}

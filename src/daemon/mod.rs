@@ -144,10 +144,10 @@ impl<E: Engine + 'static> Handler for Shared<E> {
         let policy = lock(&self.policy).clone();
         let engine = lock(&self.engine).clone();
         let now = self.clock.now();
-        let state = StateStore::new(&policy.daemon.state_dir)
-            .load_readonly(now.timestamp())
-            .state;
+        let loaded = StateStore::new(&policy.daemon.state_dir).load_readonly(now.timestamp());
+        let state = loaded.state;
         daemon.backoffs = status::backoffs(&state);
+        daemon.state_warning = loaded.warning;
         let (references, images, references_error) = match engine {
             None => (None, None, Some("the engine is unreachable".to_owned())),
             Some(engine) => {
@@ -287,6 +287,7 @@ where
         next_scheduled: None,
         errors: Vec::new(),
         backoffs: Vec::new(),
+        state_warning: None,
     };
     let shared = Arc::new(Shared {
         view: Mutex::new(view),
