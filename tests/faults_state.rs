@@ -416,3 +416,48 @@ async fn status_warns_about_a_corrupt_state() {
         common::text(&out)
     );
 }
+
+fn open_lock(dir: &Path) -> std::fs::File {
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("state/lock"))
+        .unwrap()
+}
+
+/// Issue 12 item 5: the daemon owns the state for its lifetime; at start it
+/// waits for an owner that is still there (an `apply`), then takes over.
+#[tokio::test]
+async fn the_daemon_owns_the_state_for_its_lifetime() {
+    let Some(_engine) = common::engine().await else {
+        return;
+    };
+    let addr = common::engine_addr().unwrap();
+    let ns = common::unique_ns("daemon-owner");
+    let dir = folder();
+    let d = dir.path();
+    write_policy(
+        d,
+        "",
+        &format!("[[retain]]\nname = \"all\"\nimages = [\"{ns}/app\"]\nkeep_last = 1\n"),
+    );
+    let held = open_lock(d);
+    held.try_lock().unwrap();
+    std::fs::write(d.join("state/lock"), "stowage apply (pid 1)\n").unwrap();
+    let daemon = Daemon::start(d, &addr);
+    wait(10, "the daemon to say it waits", || {
+        daemon.log().contains("in use by stowage apply (pid 1)")
+    });
+    assert!(!d.join("state/state.json").exists(), "{}", daemon.log());
+    drop(held);
+    daemon.wait_reconciles(1);
+    let other = open_lock(d);
+    assert!(
+        matches!(other.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+        "the running daemon does not hold the state lock"
+    );
+    let holder = std::fs::read_to_string(d.join("state/lock")).unwrap();
+    assert!(holder.starts_with("the stowage daemon (pid"), "{holder}");
+}

@@ -119,7 +119,7 @@ pub enum DaemonError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("{0}; the daemon cannot own its state (is a `stowage apply` still running?)")]
+    #[error("the daemon cannot own its state: {0}")]
     State(#[from] StateError),
 }
 
