@@ -22,10 +22,12 @@ use crate::engine::DockerEngine;
 use crate::plan;
 use crate::policy::{self, Policy};
 use crate::reconcile::{self, Clock, SystemClock};
-use crate::state::StateStore;
+use crate::state::{StateError, StateLock, StateStore};
 use crate::status;
 
 const DEFAULT_POLICY: &str = "/etc/stowage/policy.toml";
+/// How long `apply` waits for another `apply` that owns the state.
+const APPLY_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -349,6 +351,52 @@ async fn cmd_plan(
     })
 }
 
+/// Who runs `apply`'s reconcile: this process, owning the state, or the
+/// daemon that owns it (its answer already printed, with the exit code).
+enum Owner {
+    Here(StateLock),
+    Daemon(ExitCode),
+}
+
+/// One owner of the state: take its lock; if the daemon holds it, ask the
+/// daemon to reconcile (as `stowage reconcile` does); if another `apply`
+/// holds it, wait for it up to [`APPLY_LOCK_WAIT`].
+async fn own_state(policy: &Policy) -> Result<Owner, Fatal> {
+    let store = StateStore::new(&policy.daemon.state_dir);
+    match store.try_lock("stowage apply") {
+        Ok(lock) => return Ok(Owner::Here(lock)),
+        Err(StateError::Held { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let socket = &policy.daemon.control_socket;
+    let request = control::Request::Reconcile;
+    if let Some(answer) = daemon::ask(socket, &request, request.default_timeout()).await? {
+        errln(format_args!(
+            "the stowage daemon owns the state in {}: it ran this reconcile",
+            store.dir().display()
+        ));
+        return print_reconcile(answer).map(Owner::Daemon);
+    }
+    let lock = store
+        .lock_within("stowage apply", APPLY_LOCK_WAIT, |holder| {
+            errln(format_args!(
+                "the state in {} is in use by {holder}; waiting up to {}s for it",
+                store.dir().display(),
+                APPLY_LOCK_WAIT.as_secs()
+            ));
+        })
+        .await
+        .map_err(|e| match e {
+            StateError::Held { dir, holder } => Fatal(format!(
+                "the state in {} is still in use by {holder} after {}s; nothing done (run `stowage apply` again when it has finished)",
+                dir.display(),
+                APPLY_LOCK_WAIT.as_secs()
+            )),
+            e => e.into(),
+        })?;
+    Ok(Owner::Here(lock))
+}
+
 /// SIGTERM or SIGINT stop an `apply` cleanly: transfers in flight are
 /// cancelled (their temporary tags removed), a removal in flight finishes,
 /// the state is saved. A second signal exits at once (a temporary tag left
@@ -384,6 +432,15 @@ async fn cmd_apply(path: &Path, engine: Option<&str>, dry_run: bool) -> Result<E
     let signalled = stop_on_signals(shutdown.clone())?;
     let policy = load_policy(path)?;
     announce_credentials(&policy);
+    // A dry run writes no state (it reads it as `plan` does): no owner needed.
+    let _owner = if dry_run {
+        None
+    } else {
+        match own_state(&policy).await? {
+            Owner::Here(lock) => Some(lock),
+            Owner::Daemon(code) => return Ok(code),
+        }
+    };
     let engine = connect(engine).await?;
     // A one-shot apply checks pre-pull refreshes now, not on their schedule.
     let options = reconcile::Options {
@@ -470,7 +527,14 @@ async fn cmd_reconcile(
             "no stowage daemon answers at {} (is `stowage run` running? `stowage apply` reconciles without one)",
             socket.display()
         ))),
-        Some(control::Response::Reconcile { result }) => {
+        Some(answer) => print_reconcile(answer),
+    }
+}
+
+/// Prints the daemon's answer to a `reconcile` request; its exit code.
+fn print_reconcile(answer: control::Response) -> Result<ExitCode, Fatal> {
+    match answer {
+        control::Response::Reconcile { result } => {
             if let Some(e) = &result.error {
                 errln(format_args!("error: the reconcile could not run: {e}"));
             } else {
@@ -478,8 +542,8 @@ async fn cmd_reconcile(
             }
             Ok(ExitCode::from(result.exit_code()))
         }
-        Some(control::Response::Error { message }) => Err(Fatal(message)),
-        Some(other) => Err(Fatal(format!(
+        control::Response::Error { message } => Err(Fatal(message)),
+        other => Err(Fatal(format!(
             "unexpected answer from the daemon: {other:?}"
         ))),
     }
@@ -500,6 +564,10 @@ async fn cmd_status(
             images,
             references_error,
         }) => {
+            // As `plan` and `apply` say it, from the daemon's reading.
+            if let Some(w) = &daemon.state_warning {
+                tracing::warn!("{w}");
+            }
             if json {
                 print_json(&serde_json::json!({
                     "daemon": daemon,

@@ -273,7 +273,13 @@ pub async fn reconcile_with<E: Engine>(
     let dry_run = options.dry_run;
     let store = StateStore::new(&policy.daemon.state_dir);
     let now = clock.now();
-    let loaded = store.load(now.timestamp());
+    // A dry run changes nothing, not even a corrupt state's place: it needs
+    // no ownership of the state (`stowage apply --dry-run` beside the daemon).
+    let loaded = if dry_run || policy.daemon.dry_run {
+        store.load_readonly(now.timestamp())
+    } else {
+        store.load(now.timestamp())
+    };
     if let Some(w) = &loaded.warning {
         tracing::warn!("{w}");
     }

@@ -1,21 +1,38 @@
 //! Persistent state under `state_dir`: when each image was first seen, last
 //! used and last pulled on this host, and the backoff of failing references.
 //!
-//! Written atomically (temp file in the same folder, fsync, rename, fsync of
-//! the folder), so a crash leaves either the old or the new state. A corrupt or
-//! unreadable state is moved aside and replaced by an empty one: losing
-//! activity times only makes stowage more conservative (images look new).
+//! Written atomically (a temp file of its own in the same folder, fsync,
+//! rename, fsync of the folder), so a crash leaves either the old or the new
+//! state and a reader never sees half a file. A corrupt or unreadable state is
+//! moved aside and replaced by an empty one: losing activity times only makes
+//! stowage more conservative (images look new: see [`State::initialized`]).
+//!
+//! One process owns the state at a time: the daemon for its lifetime, or one
+//! `stowage apply` for its run, by an exclusive `flock` on [`LOCK_FILE`]
+//! ([`StateStore::try_lock`]). Readers (`plan`, `status`) take no lock.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 /// File name of the state inside `state_dir`.
 pub const STATE_FILE: &str = "state.json";
+/// The lock file inside `state_dir`: whoever holds its `flock` owns the
+/// state; its content names the holder, for the others' messages.
+pub const LOCK_FILE: &str = "lock";
+/// Left in `state_dir` by the first saved state. It outlives a lost or
+/// corrupt `state.json`, so a new state knows it is not the host's first run.
+const INITIALIZED_FILE: &str = "initialized";
 const FORMAT: u32 = 1;
+/// Temp files of saves: `.state.json.tmp.<pid>.<n>`.
+const TMP_PREFIX: &str = ".state.json.tmp";
+/// Makes each save's temp name unique within the process.
+static SAVES: AtomicU64 = AtomicU64::new(0);
 
 /// What stowage remembers about one image (keyed by image id).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,8 +92,10 @@ pub struct State {
     /// Format version of the file, for future migrations.
     #[serde(default)]
     pub format: u32,
-    /// Whether any reconcile has run. On the very first one, images already
-    /// present count as first seen at their creation time.
+    /// Whether any reconcile has run on this host. On the very first one,
+    /// images already present count as first seen at their creation time;
+    /// afterwards (a lost or corrupt state included) an image the state has
+    /// not seen counts as first seen now, so `min_age` protects it.
     #[serde(default)]
     pub initialized: bool,
     #[serde(default)]
@@ -155,6 +174,29 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot lock state {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Another process owns the state.
+    #[error("the state in {dir} is in use by {holder}")]
+    Held { dir: PathBuf, holder: String },
+}
+
+/// Ownership of the state: the `flock` on [`LOCK_FILE`], released when this
+/// is dropped (or the process dies, however it dies).
+#[derive(Debug)]
+pub struct StateLock {
+    dir: PathBuf,
+    _file: File,
+}
+
+impl StateLock {
+    /// The `state_dir` this lock owns.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
 }
 
 /// The state file in a folder.
@@ -179,6 +221,98 @@ impl StateStore {
         self.dir.join(STATE_FILE)
     }
 
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Take ownership of the state without waiting: [`StateError::Held`]
+    /// (naming the holder) when another process owns it. `who` says what
+    /// this process is (`stowage run`, `stowage apply`) in the others'
+    /// messages. Temp files left by a crashed save are removed: with the lock
+    /// held, no other save can be in flight.
+    pub fn try_lock(&self, who: &str) -> Result<StateLock, StateError> {
+        fs::create_dir_all(&self.dir).map_err(|source| StateError::CreateDir {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let path = self.dir.join(LOCK_FILE);
+        let failed = |source| StateError::Lock {
+            path: path.clone(),
+            source,
+        };
+        // Never truncated on open: the holder's name is in it.
+        let file = std::os::unix::fs::OpenOptionsExt::mode(
+            fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false),
+            0o600,
+        )
+        .open(&path)
+        .map_err(failed)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(StateError::Held {
+                    dir: self.dir.clone(),
+                    holder: self.holder(),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(failed(e)),
+        }
+        let name = format!("{who} (pid {})\n", std::process::id());
+        file.set_len(0).map_err(failed)?;
+        std::os::unix::fs::FileExt::write_all_at(&file, name.as_bytes(), 0).map_err(failed)?;
+        self.remove_stale_temps();
+        Ok(StateLock {
+            dir: self.dir.clone(),
+            _file: file,
+        })
+    }
+
+    /// [`Self::try_lock`], retried for up to `wait` while another process
+    /// owns the state; `on_wait` hears the holder once, when waiting starts.
+    pub async fn lock_within(
+        &self,
+        who: &str,
+        wait: Duration,
+        on_wait: impl FnOnce(&str),
+    ) -> Result<StateLock, StateError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut on_wait = Some(on_wait);
+        loop {
+            match self.try_lock(who) {
+                Err(StateError::Held { holder, .. }) if tokio::time::Instant::now() < deadline => {
+                    if let Some(f) = on_wait.take() {
+                        f(&holder);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Who owns the state, as the holder wrote it into the lock file.
+    fn holder(&self) -> String {
+        match fs::read_to_string(self.dir.join(LOCK_FILE)) {
+            Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),
+            _ => "another stowage process".to_owned(),
+        }
+    }
+
+    fn remove_stale_temps(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+
     /// Load the state. A missing file is an empty state; a corrupt one is
     /// moved aside (`state.json.corrupt-<unix>`) and reported in `warning`.
     pub fn load(&self, now: i64) -> Loaded {
@@ -196,14 +330,17 @@ impl StateStore {
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // No state: the host's first run, unless an earlier one left
+                // its mark (the state was deleted).
+                let ran_before = self.dir.join(INITIALIZED_FILE).exists();
                 return Loaded {
-                    state: fresh(),
+                    state: reset(ran_before),
                     warning: None,
                 };
             }
             Err(e) => {
                 return Loaded {
-                    state: fresh(),
+                    state: reset(true),
                     warning: Some(format!(
                         "cannot read state {}: {e}; starting with an empty state",
                         path.display()
@@ -227,7 +364,7 @@ impl StateStore {
                     }
                 };
                 Loaded {
-                    state: fresh(),
+                    state: reset(true),
                     warning: Some(format!(
                         "state {} is corrupt ({e}); {moved}; starting with an empty state",
                         path.display()
@@ -237,7 +374,9 @@ impl StateStore {
         }
     }
 
-    /// Atomically replace the state file.
+    /// Atomically replace the state file. The temp file is this save's own
+    /// (pid and a counter in its name), so even a writer that does not hold
+    /// the lock cannot tear another's file; it is removed when the save fails.
     pub fn save(&self, state: &State) -> Result<(), StateError> {
         fs::create_dir_all(&self.dir).map_err(|source| StateError::CreateDir {
             path: self.dir.clone(),
@@ -248,19 +387,36 @@ impl StateStore {
             path: path.clone(),
             source,
         };
-        let tmp = self.dir.join(format!(".{STATE_FILE}.tmp"));
+        let tmp = self.dir.join(format!(
+            "{TMP_PREFIX}.{}.{}",
+            std::process::id(),
+            SAVES.fetch_add(1, Ordering::Relaxed)
+        ));
         let mut state = state.clone();
         state.format = FORMAT;
         let bytes = serde_json::to_vec_pretty(&state).map_err(|e| write(e.into()))?;
-        let written = File::create(&tmp).and_then(|mut f| {
+        let written = (|| {
+            let mut f = File::create_new(&tmp)?;
             f.write_all(&bytes)?;
-            f.sync_all()
-        });
-        if let Err(e) = written.and_then(|()| fs::rename(&tmp, &path)) {
-            // A full disk leaves a partial temp file: it must not hold on to
-            // the space the next save (or eviction) needs.
+            f.sync_all()?;
+            drop(f);
+            fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
             return Err(write(e));
+        }
+        if state.initialized {
+            let mark = self.dir.join(INITIALIZED_FILE);
+            // Best effort: the state is saved; the next save tries again.
+            if !mark.exists()
+                && let Err(e) = fs::write(
+                    &mark,
+                    "stowage has reconciled on this host: without state.json, images count as first seen when next seen\n",
+                )
+            {
+                tracing::warn!("cannot write {}: {e}", mark.display());
+            }
         }
         sync_dir(&self.dir).map_err(write)?;
         Ok(())
@@ -271,6 +427,16 @@ fn fresh() -> State {
     State {
         format: FORMAT,
         ..State::default()
+    }
+}
+
+/// The empty state that replaces a missing or corrupt one. Only on the
+/// host's first run do existing images count as first seen at creation;
+/// after a reset they count as first seen now (more careful, not less).
+fn reset(ran_before: bool) -> State {
+    State {
+        initialized: ran_before,
+        ..fresh()
     }
 }
 
@@ -312,6 +478,78 @@ mod tests {
         assert!(broken.state.images.is_empty());
         assert!(dir.path().join("s/state.json.corrupt-140").exists());
         assert!(!store.path().exists());
+    }
+
+    fn temps(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(TMP_PREFIX))
+            .collect()
+    }
+
+    #[test]
+    fn one_owner_at_a_time_named_to_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("s"));
+        // A temp file a crashed save left behind.
+        fs::create_dir_all(store.dir()).unwrap();
+        fs::write(store.dir().join(".state.json.tmp.1.0"), b"{\"ima").unwrap();
+        let first = store.try_lock("first").unwrap();
+        assert!(
+            temps(store.dir()).is_empty(),
+            "the owner removes stale temps"
+        );
+        // flock is per open file: a second open in this process conflicts too.
+        match store.try_lock("second") {
+            Err(StateError::Held { holder, .. }) => {
+                assert_eq!(holder, format!("first (pid {})", std::process::id()));
+            }
+            other => panic!("expected Held, got {other:?}"),
+        }
+        drop(first);
+        let _again = store.try_lock("second").unwrap();
+    }
+
+    #[test]
+    fn a_failed_save_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path());
+        store.save(&State::default()).unwrap();
+        assert!(temps(dir.path()).is_empty());
+        // A folder where the state file goes: the rename fails.
+        fs::remove_file(store.path()).unwrap();
+        fs::create_dir_all(store.path().join("x")).unwrap();
+        assert!(matches!(
+            store.save(&State::default()),
+            Err(StateError::Write { .. })
+        ));
+        assert!(temps(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_lost_or_corrupt_state_counts_images_as_first_seen_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path());
+        // The host's first run: creation time stands in for "first seen".
+        let mut st = store.load(100).state;
+        assert!(!st.initialized);
+        st.observe("old", 10, 100);
+        assert_eq!(st.images["old"].first_seen, 10);
+        st.initialized = true;
+        store.save(&st).unwrap();
+        // Deleted: the new state is not the host's first run.
+        fs::remove_file(store.path()).unwrap();
+        let mut lost = store.load(200).state;
+        lost.observe("old", 10, 200);
+        assert_eq!(lost.images["old"].first_seen, 200);
+        // Corrupt, even with no mark left: a state existed.
+        fs::remove_file(dir.path().join(INITIALIZED_FILE)).unwrap();
+        fs::write(store.path(), b"{\"images\": ").unwrap();
+        let mut broken = store.load(300).state;
+        broken.observe("old", 10, 300);
+        assert_eq!(broken.images["old"].first_seen, 300);
     }
 
     #[test]

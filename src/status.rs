@@ -198,6 +198,10 @@ pub struct DaemonStatus {
     /// Recent errors, oldest first.
     pub errors: Vec<Dated>,
     pub backoffs: Vec<BackoffRow>,
+    /// The state file could not be read as it is (corrupt, unreadable): the
+    /// same warning `plan` and `apply` give.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_warning: Option<String>,
 }
 
 /// Backoff rows from a state.

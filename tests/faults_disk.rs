@@ -35,7 +35,12 @@ fn fill(dir: &Path) -> PathBuf {
         len = len.saturating_sub(st.f_frsize);
     }
     let st = rustix::fs::statvfs(dir).unwrap();
-    assert_eq!(st.f_bavail, 0, "the filesystem of {} is not full", dir.display());
+    assert_eq!(
+        st.f_bavail,
+        0,
+        "the filesystem of {} is not full",
+        dir.display()
+    );
     filler
 }
 
@@ -170,7 +175,10 @@ async fn a_full_disk_still_evicts_and_the_held_audit_records_are_written_after()
     // The final save succeeded, and no failed save left its temp file.
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(state_dir.join("state.json")).unwrap()).unwrap();
-    assert!(state["backoff"].as_object().is_some_and(|b| !b.is_empty()), "{state}");
+    assert!(
+        state["backoff"].as_object().is_some_and(|b| !b.is_empty()),
+        "{state}"
+    );
     assert_eq!(leftovers(&state_dir), Vec::<String>::new());
 }
 

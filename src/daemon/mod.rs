@@ -8,6 +8,9 @@
 //!   why it runs.
 //! - A reload validates the whole new policy first; an invalid one is logged
 //!   (`FILE:LINE:COL`), reported by `status`, and the old one stays in force.
+//! - The daemon owns the state for its lifetime (the `flock` of
+//!   [`crate::state::StateLock`]): `stowage apply` beside it asks it to
+//!   reconcile instead of writing the state itself.
 //! - Engine events become activity marks, written to the state in batches
 //!   between reconciles (the loop is then the state's only writer).
 //! - The engine may be down at start or go away: the loop reconnects with
@@ -45,7 +48,7 @@ use crate::audit::Record;
 use crate::engine::{Engine, EngineError, EngineResult};
 use crate::policy::{self, Policy};
 use crate::reconcile::{self, Clock, ReconcileError};
-use crate::state::StateStore;
+use crate::state::{StateError, StateLock, StateStore};
 use crate::status::{self, DaemonStatus, Dated, ReconcileResult};
 
 use self::control::{ControlError, Handler, Request, Response};
@@ -86,6 +89,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 const KEEP_ERRORS: usize = 10;
 /// `status` gives up on listing the engine after this long.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(15);
+/// At start, how long to wait for a `stowage apply` that owns the state to
+/// finish (systemd's start timeout in the unit is 30 s).
+const STATE_LOCK_WAIT: Duration = Duration::from_secs(20);
+/// What the lock file says about the daemon.
+const LOCK_HOLDER: &str = "the stowage daemon";
 
 /// Why the loop should look at something. Only `Reload` and
 /// `PolicyTouched` differ from "reconcile": they re-read the policy first.
@@ -125,6 +133,8 @@ pub enum DaemonError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("the daemon cannot own its state: {0}")]
+    State(#[from] StateError),
 }
 
 /// What the loop shares with the control socket.
@@ -148,10 +158,10 @@ impl<E: Engine + 'static> Handler for Shared<E> {
         let policy = lock(&self.policy).clone();
         let engine = lock(&self.engine).clone();
         let now = self.clock.now();
-        let state = StateStore::new(&policy.daemon.state_dir)
-            .load_readonly(now.timestamp())
-            .state;
+        let loaded = StateStore::new(&policy.daemon.state_dir).load_readonly(now.timestamp());
+        let state = loaded.state;
         daemon.backoffs = status::backoffs(&state);
+        daemon.state_warning = loaded.warning;
         let (references, images, references_error) = match engine {
             None => (None, None, Some("the engine is unreachable".to_owned())),
             Some(engine) => {
@@ -252,6 +262,10 @@ struct Daemon<E, F> {
     debounce_at: Option<Instant>,
     /// Cancelled at shutdown; the executor checks it between actions.
     stop: CancellationToken,
+    /// Ownership of the state; moves when a reload changes `state_dir`.
+    state_lock: StateLock,
+    /// The last `state_dir` that could not be owned, so it is logged once.
+    state_blocked: Option<PathBuf>,
 }
 
 /// Runs the daemon until `shutdown` completes. `connect` makes an engine
@@ -299,6 +313,7 @@ where
         next_scheduled: None,
         errors: Vec::new(),
         backoffs: Vec::new(),
+        state_warning: None,
     };
     let shared = Arc::new(Shared {
         view: Mutex::new(view),
@@ -309,7 +324,26 @@ where
     });
 
     let servers = CancellationToken::new();
+    // The socket first: a second daemon is told so by it, not by the lock.
     let listener = control::bind(&control_path)?;
+    let store = StateStore::new(&lock(&shared.policy).daemon.state_dir);
+    let state_lock = store
+        .lock_within(LOCK_HOLDER, STATE_LOCK_WAIT, |holder| {
+            tracing::info!(
+                "the state in {} is in use by {holder}; waiting up to {}s for it",
+                store.dir().display(),
+                STATE_LOCK_WAIT.as_secs()
+            );
+        })
+        .await;
+    let state_lock = match state_lock {
+        Ok(l) => l,
+        Err(e) => {
+            // Nobody else may find the socket of a daemon that never ran.
+            let _ = std::fs::remove_file(&control_path);
+            return Err(e.into());
+        }
+    };
     let control_task = tokio::spawn(control::serve(
         listener,
         control_path.clone(),
@@ -364,6 +398,8 @@ where
         next_fire: None,
         debounce_at: None,
         stop: CancellationToken::new(),
+        state_lock,
+        state_blocked: None,
     };
     d.schedule_next();
     d.notifier.ready("policy loaded; connecting to the engine");
@@ -809,13 +845,19 @@ where
             return;
         }
         let Some(engine) = self.engine() else { return };
+        if self.pending.is_none() {
+            return;
+        }
+        let policy = self.policy();
+        if !self.owns_state(&policy) {
+            return;
+        }
         let Some(waiters) = self.pending.take() else {
             return;
         };
         // The loop is the state's only writer: marks first, then the
         // reconcile, which loads what was just written.
         self.flush_marks();
-        let policy = self.policy();
         let clock = self.clock.clone();
         let stop = self.stop.clone();
         self.notifier.status("reconciling");
@@ -929,6 +971,33 @@ where
         }
     }
 
+    /// Whether the daemon owns the state of `policy`: after a reload moved
+    /// `state_dir`, the new folder is locked (and the old one released)
+    /// before anything is written there. While another process owns it,
+    /// reconciles and marks wait (said once); later loop turns retry.
+    fn owns_state(&mut self, policy: &Policy) -> bool {
+        let dir = &policy.daemon.state_dir;
+        if self.state_lock.dir() == dir.as_path() {
+            return true;
+        }
+        match StateStore::new(dir).try_lock(LOCK_HOLDER) {
+            Ok(l) => {
+                tracing::info!("state_dir is now {}", dir.display());
+                self.state_lock = l;
+                self.state_blocked = None;
+                true
+            }
+            Err(e) => {
+                if self.state_blocked.as_ref() != Some(dir) {
+                    tracing::warn!("{e}; reconciles wait until the daemon can own it");
+                    self.note_error(e.to_string());
+                    self.state_blocked = Some(dir.clone());
+                }
+                false
+            }
+        }
+    }
+
     /// Writes pending activity marks into the state file (load, apply, save).
     /// Called only while no reconcile runs.
     fn flush_marks(&mut self) {
@@ -938,6 +1007,10 @@ where
             return;
         }
         let policy = self.policy();
+        if !self.owns_state(&policy) {
+            events::put_back(&self.marks, marks);
+            return;
+        }
         let store = StateStore::new(&policy.daemon.state_dir);
         let loaded = store.load(self.clock.now().timestamp());
         if let Some(w) = &loaded.warning {
