@@ -262,8 +262,17 @@ impl StateStore {
             Err(fs::TryLockError::Error(e)) => return Err(failed(e)),
         }
         let name = format!("{who} (pid {})\n", std::process::id());
-        file.set_len(0).map_err(failed)?;
-        std::os::unix::fs::FileExt::write_all_at(&file, name.as_bytes(), 0).map_err(failed)?;
+        // The name only serves others' messages; the lock is the flock. On a
+        // full disk (where eviction must still run) it may not fit.
+        if let Err(e) = file
+            .set_len(0)
+            .and_then(|()| std::os::unix::fs::FileExt::write_all_at(&file, name.as_bytes(), 0))
+        {
+            tracing::warn!(
+                "cannot write the lock holder's name into {}: {e}",
+                path.display()
+            );
+        }
         self.remove_stale_temps();
         Ok(StateLock {
             dir: self.dir.clone(),
