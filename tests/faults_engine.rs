@@ -144,21 +144,28 @@ async fn refused_event_stream_backs_off_and_does_not_reconcile_in_a_loop() {
 }
 
 /// Runs `cmd` for at most `limit`; `None` (after killing it) when it is still
-/// running then.
+/// running then. Output goes through files in `dir`: a pipe nobody reads
+/// would block a child that writes much.
 async fn run_within(
     mut cmd: std::process::Command,
     limit: Duration,
+    dir: &Path,
 ) -> Option<std::process::Output> {
+    let (out, err) = (dir.join("cmd.stdout"), dir.join("cmd.stderr"));
     let mut child = cmd
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
         .spawn()
         .expect("starting stowage");
     let deadline = std::time::Instant::now() + limit;
     while std::time::Instant::now() < deadline {
-        if child.try_wait().unwrap().is_some() {
-            return Some(child.wait_with_output().unwrap());
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(std::process::Output {
+                status,
+                stdout: std::fs::read(&out).unwrap(),
+                stderr: std::fs::read(&err).unwrap(),
+            });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -188,7 +195,7 @@ async fn plan_against_an_engine_that_stalls_a_body_ends_with_a_timeout_naming_th
     let mut cmd = common::stowage_cmd(&proxy.addr(), &policy, &["plan"]);
     cmd.env("STOWAGE_ENGINE_TIMEOUT", "3s");
     let started = std::time::Instant::now();
-    let out = run_within(cmd, Duration::from_secs(30))
+    let out = run_within(cmd, Duration::from_secs(30), dir.path())
         .await
         .expect("`stowage plan` still hanging after 30 s on a stalled answer body");
     let text = common::text(&out);
@@ -280,4 +287,88 @@ async fn watchdog_is_withheld_while_an_engine_call_is_past_its_deadline() {
 
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
+}
+
+/// A fake registry on 127.0.0.1 that answers `/v2/` and every other request
+/// with an error whose body is `body_len` bytes of HTML. Returns its address.
+async fn huge_error_registry(body_len: usize) -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let body: std::sync::Arc<Vec<u8>> = std::sync::Arc::new(
+        format!("<html>{}</html>", "proxy error page ".repeat(body_len / 17)).into_bytes(),
+    );
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                let answer = format!(
+                    "HTTP/1.1 400 Bad Request\r\nContent-Type: text/html\r\n\
+                     Docker-Distribution-API-Version: registry/2.0\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+                if !head.starts_with("HEAD") {
+                    let _ = s.write_all(&body).await;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Regression (issue 12, item 15): a registry that answers an error with a
+/// huge body (a proxy's error page, here 4 MB) had it copied whole into the
+/// error text: into the log, the audit record and the state's backoff entry,
+/// at every attempt. Error texts from the engine and registry are capped, with
+/// a marker saying how much was cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_error_with_a_huge_body_is_cut_in_log_audit_and_state() {
+    let Some(engine) = common::engine_addr() else {
+        return;
+    };
+    let (registry, _task) = huge_error_registry(4 << 20).await;
+    let dir = folder();
+    let policy = write_policy(dir.path(), &common::unique_ns("huge-error"));
+    let mut text = std::fs::read_to_string(&policy).unwrap();
+    text.push_str(&format!(
+        "\n[[prepull]]\nimage = \"{registry}/team/app:1\"\n"
+    ));
+    std::fs::write(&policy, text).unwrap();
+    let cmd = common::stowage_cmd(&engine, &policy, &["apply"]);
+    let out = run_within(cmd, Duration::from_secs(50), dir.path())
+        .await
+        .expect("`stowage apply` finished");
+    let audit = std::fs::read_to_string(dir.path().join("state/audit.jsonl")).unwrap_or_default();
+    let state = std::fs::read_to_string(dir.path().join("state/state.json")).unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Copies of the page's phrase: the page holds 246,000; a capped text
+    // a hundred or so.
+    let copies = |t: &str| t.matches("proxy error page").count();
+    let summary = format!(
+        "exit {:?}, page copies: stderr {}, audit {}, state {}\nstderr starts: {}",
+        out.status.code(),
+        copies(&stderr),
+        copies(&audit),
+        copies(&state),
+        String::from_utf8_lossy(&out.stderr[..out.stderr.len().min(600)])
+    );
+    assert_eq!(out.status.code(), Some(1), "the pull failed: {summary}");
+    assert!(audit.contains("\"failed\""), "{summary}");
+    assert!(audit.contains("proxy error page"), "{summary}");
+    assert!(audit.contains("bytes cut]"), "the cut is marked: {summary}");
+    for (what, text) in [("stderr", &*stderr), ("audit", &*audit), ("state", &*state)] {
+        assert!(copies(text) < 1000, "{what}: {summary}");
+    }
 }

@@ -189,7 +189,7 @@ impl DockerEngine {
                 CONNECT_TIMEOUT.as_secs(),
                 bollard::API_DEFAULT_VERSION,
             )
-            .map_err(|e| unreachable(chain(&e)))?;
+            .map_err(|e| unreachable(one_line(&chain(&e))))?;
             (docker, Endpoint::Unix(path.to_owned()))
         } else if let Some(host) = address
             .strip_prefix("tcp://")
@@ -201,7 +201,7 @@ impl DockerEngine {
                 CONNECT_TIMEOUT.as_secs(),
                 bollard::API_DEFAULT_VERSION,
             )
-            .map_err(|e| unreachable(chain(&e)))?;
+            .map_err(|e| unreachable(one_line(&chain(&e))))?;
             (docker, Endpoint::Tcp(host.to_owned()))
         } else {
             return Err(unreachable(
@@ -301,7 +301,7 @@ impl DockerEngine {
                 address: self.address.clone(),
                 message: root_cause(&err),
             },
-            err => EngineError::Other(format!("{what}: {}", chain(&err))),
+            err => EngineError::Other(one_line(&format!("{what}: {}", chain(&err)))),
         }
     }
 
@@ -321,11 +321,11 @@ impl DockerEngine {
             BollardError::DockerResponseServerError { message, .. }
             | BollardError::DockerStreamError { error: message } => EngineError::Registry {
                 reference: reference.to_owned(),
-                message: redact(&one_line(&message), credentials),
+                message: one_line(&redact(&message, credentials)),
             },
             err => EngineError::Registry {
                 reference: reference.to_owned(),
-                message: redact(&chain(&err), credentials),
+                message: one_line(&redact(&chain(&err), credentials)),
             },
         }
     }
@@ -398,7 +398,7 @@ impl DockerEngine {
         if !(200..300).contains(&status) {
             let message = value["message"]
                 .as_str()
-                .map_or_else(|| one_line(body), str::to_owned);
+                .map_or_else(|| one_line(body), one_line);
             return Err(match status {
                 404 => EngineError::NotFound(message),
                 409 => EngineError::Conflict(message),
@@ -454,7 +454,7 @@ fn root_cause(err: &dyn StdError) -> String {
     one_line(&cause.to_string())
 }
 
-/// The error and its sources on one line, each cause once.
+/// The error and its sources, each cause once (not yet [`one_line`]).
 fn chain(err: &dyn StdError) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
@@ -466,11 +466,41 @@ fn chain(err: &dyn StdError) -> String {
         }
         source = cause.source();
     }
-    one_line(&out)
+    out
 }
 
+/// Longest engine or registry message kept in an error, in bytes. A registry
+/// (or a proxy before it) may answer an error with megabytes of HTML, which
+/// the engine passes on whole; uncut, it lands in the log, the audit record
+/// and the state's backoff entry at every attempt.
+const MAX_MESSAGE: usize = 2048;
+
+/// `text` on one line, cut after [`MAX_MESSAGE`] bytes with a marker saying
+/// how much was cut. Secrets must be redacted before: a cut could split one.
 fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    let mut out = String::with_capacity(text.len().min(MAX_MESSAGE + 64));
+    let mut words = text.split_whitespace();
+    for word in words.by_ref() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(word);
+        if out.len() > MAX_MESSAGE {
+            break;
+        }
+    }
+    if out.len() <= MAX_MESSAGE {
+        return out;
+    }
+    let mut end = MAX_MESSAGE;
+    while !out.is_char_boundary(end) {
+        end -= 1;
+    }
+    // What is left, counted as it would have been joined.
+    let rest = out.len() - end + words.map(|w| w.len() + 1).sum::<usize>();
+    out.truncate(end);
+    out.push_str(&format!(" … [{rest} more bytes cut]"));
+    out
 }
 
 /// Replaces any secret of `credentials` that an engine message might echo.
@@ -734,7 +764,7 @@ impl Engine for DockerEngine {
             if let Some(detail) = info.error_detail {
                 return Err(EngineError::Registry {
                     reference: reference.to_owned(),
-                    message: redact(&one_line(&detail.message.unwrap_or_default()), credentials),
+                    message: one_line(&redact(&detail.message.unwrap_or_default(), credentials)),
                 });
             }
             let (current, total) = info
@@ -780,7 +810,7 @@ impl Engine for DockerEngine {
             if let Some(detail) = info.error_detail {
                 return Err(EngineError::Registry {
                     reference: reference.to_owned(),
-                    message: redact(&one_line(&detail.message.unwrap_or_default()), credentials),
+                    message: one_line(&redact(&detail.message.unwrap_or_default(), credentials)),
                 });
             }
             let (current, total) = info
@@ -1035,6 +1065,24 @@ mod tests {
             "denied: bad password ***"
         );
         assert_eq!(redact("x", None), "x");
+    }
+
+    #[test]
+    fn long_messages_are_cut_with_a_marker() {
+        assert_eq!(one_line(" a \n b\t"), "a b");
+        let page = "é".repeat(3000);
+        let cut = one_line(&page);
+        assert!(cut.len() < MAX_MESSAGE + 40, "{}", cut.len());
+        let kept = cut.split(" … [").next().unwrap();
+        assert_eq!(kept.len(), MAX_MESSAGE, "cut on a character boundary");
+        assert!(cut.ends_with(&format!("[{} more bytes cut]", 6000 - MAX_MESSAGE)));
+        // Many words: the rest is counted with its spaces.
+        let words = "ab ".repeat(1000);
+        let cut = one_line(&words);
+        assert!(
+            cut.ends_with(&format!("[{} more bytes cut]", 2999 - MAX_MESSAGE)),
+            "{cut}"
+        );
     }
 
     #[test]
