@@ -181,7 +181,9 @@ pub fn take_unwritten(path: &Path) -> Vec<String> {
 }
 
 fn dropped_note(n: u64) -> String {
-    format!("{n} earlier audit record(s) were dropped: the log could not be written and the in-memory hold was full")
+    format!(
+        "{n} earlier audit record(s) were dropped: the log could not be written and the in-memory hold was full"
+    )
 }
 
 /// An open audit log, appending.
@@ -388,7 +390,10 @@ impl AuditLog {
         if len > 0 && len.saturating_add(line.len() as u64) > self.max {
             self.rotate()?;
         }
-        let file = self.file.as_mut().ok_or_else(|| std::io::Error::other("audit log not open"))?;
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("audit log not open"))?;
         if self.needs_newline {
             file.write_all(b"\n")?;
             self.needs_newline = false;
@@ -461,7 +466,8 @@ impl Drop for AuditLog {
 /// For a record that must not repeat (`warn`, `skip`, `deferred`), a
 /// fingerprint of what it says: everything but its time, run and figures.
 fn repeatable_fingerprint(r: &Record) -> Option<u64> {
-    let repeatable = matches!(r.action, Action::Warn | Action::Skip) || r.outcome == Outcome::Deferred;
+    let repeatable =
+        matches!(r.action, Action::Warn | Action::Skip) || r.outcome == Outcome::Deferred;
     if !repeatable {
         return None;
     }
@@ -750,7 +756,11 @@ mod tests {
         let mut log = AuditLog::open_lenient(Path::new("/dev/full"), u64::MAX);
         log.append(&rec(1));
         assert_eq!(log.held(), 1);
-        assert_eq!(take_unwritten(Path::new("/dev/full")).len(), 0, "still owned by the log");
+        assert_eq!(
+            take_unwritten(Path::new("/dev/full")).len(),
+            0,
+            "still owned by the log"
+        );
         drop(log);
         let lines = take_unwritten(Path::new("/dev/full"));
         assert_eq!(lines.len(), 1);

@@ -298,11 +298,13 @@ async fn cmd_apply(path: &Path, engine: Option<&str>, dry_run: bool) -> Result<E
     // A reference backing off after earlier failures is not as declared yet;
     // an unsaved state or unwritten records are a failure to report too.
     let unwritten = report.unsaved.is_some() || report.audit_held > 0;
-    Ok(if report.failed > 0 || report.backing_off > 0 || unwritten {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(
+        if report.failed > 0 || report.backing_off > 0 || unwritten {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        },
+    )
 }
 
 async fn cmd_run(path: &Path, engine: Option<&str>) -> Result<ExitCode, Fatal> {

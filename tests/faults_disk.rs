@@ -35,7 +35,12 @@ fn fill(dir: &Path) -> PathBuf {
         len = len.saturating_sub(st.f_frsize);
     }
     let st = rustix::fs::statvfs(dir).unwrap();
-    assert_eq!(st.f_bavail, 0, "the filesystem of {} is not full", dir.display());
+    assert_eq!(
+        st.f_bavail,
+        0,
+        "the filesystem of {} is not full",
+        dir.display()
+    );
     filler
 }
 
@@ -170,7 +175,10 @@ async fn a_full_disk_still_evicts_and_the_held_audit_records_are_written_after()
     // The final save succeeded, and no failed save left its temp file.
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(state_dir.join("state.json")).unwrap()).unwrap();
-    assert!(state["backoff"].as_object().is_some_and(|b| !b.is_empty()), "{state}");
+    assert!(
+        state["backoff"].as_object().is_some_and(|b| !b.is_empty()),
+        "{state}"
+    );
     assert_eq!(leftovers(&state_dir), Vec::<String>::new());
 }
 
@@ -298,4 +306,30 @@ async fn the_audit_log_rotates_at_audit_max_and_history_reads_both() {
         .collect();
     assert_eq!(shown, all);
     engine.remove(&image.id()).await.ok();
+}
+
+#[test]
+fn history_since_beyond_any_representable_time_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = policy_in(dir.path(), "");
+    let history = common::stowage_cmd(
+        "unix:///nonexistent.sock",
+        &policy,
+        &["history", "--since", "300000y"],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&history.stderr);
+    assert_eq!(history.status.code(), Some(2), "{}", text(&history));
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("--since 300000years"), "{err}");
+    // A long but representable window still works.
+    let history = common::stowage_cmd(
+        "unix:///nonexistent.sock",
+        &policy,
+        &["history", "--since", "1000y"],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(history.status.code(), Some(0), "{}", text(&history));
 }
