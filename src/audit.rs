@@ -197,6 +197,8 @@ pub struct AuditLog {
     /// A torn last line was found (or a cut-off failed): write a newline
     /// before the next record.
     needs_newline: bool,
+    /// A rotation failed (said once until one succeeds).
+    rotate_failed: bool,
     held: Held,
     /// Fingerprints of `warn`/`skip`/`deferred` records the previous
     /// reconcile stated, and those stated in this one.
@@ -235,6 +237,7 @@ impl AuditLog {
             file: None,
             max,
             needs_newline: false,
+            rotate_failed: false,
             held: unpark(path),
             previous: BTreeSet::new(),
             stated: BTreeSet::new(),
@@ -388,7 +391,21 @@ impl AuditLog {
         self.try_open()?;
         let len = self.file_len()?;
         if len > 0 && len.saturating_add(line.len() as u64) > self.max {
-            self.rotate()?;
+            match self.rotate() {
+                Ok(()) => self.rotate_failed = false,
+                // Not renamed: the record still goes into the current log,
+                // past the cap, rather than be held.
+                Err(e) if self.file.is_some() => {
+                    if !self.rotate_failed {
+                        tracing::warn!(
+                            "cannot rotate audit log {}: {e}; it grows past audit_max until it can",
+                            self.path.display()
+                        );
+                    }
+                    self.rotate_failed = true;
+                }
+                Err(e) => return Err(e),
+            }
         }
         let file = self
             .file

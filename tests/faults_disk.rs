@@ -307,3 +307,29 @@ async fn the_audit_log_rotates_at_audit_max_and_history_reads_both() {
     assert_eq!(shown, all);
     engine.remove(&image.id()).await.ok();
 }
+
+#[test]
+fn history_since_beyond_any_representable_time_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = policy_in(dir.path(), "");
+    let history = common::stowage_cmd(
+        "unix:///nonexistent.sock",
+        &policy,
+        &["history", "--since", "300000y"],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&history.stderr);
+    assert_eq!(history.status.code(), Some(2), "{}", text(&history));
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("--since 300000years"), "{err}");
+    // A long but representable window still works.
+    let history = common::stowage_cmd(
+        "unix:///nonexistent.sock",
+        &policy,
+        &["history", "--since", "1000y"],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(history.status.code(), Some(0), "{}", text(&history));
+}

@@ -866,7 +866,7 @@ where
             let started = clock.now();
             let t0 = Instant::now();
             let audit_path = policy.daemon.audit_log.clone();
-            let offset = std::fs::metadata(&audit_path).map_or(0, |m| m.len());
+            let offset = LogPosition::of(&audit_path);
             let result = reconcile::reconcile(&*engine, &policy, &*clock, false, &stop)
                 .await
                 .map(|(_, report)| report);
@@ -1058,20 +1058,54 @@ where
     }
 }
 
-/// The audit records appended after byte `offset` (torn lines skipped).
-fn records_since(path: &Path, offset: u64) -> Vec<Record> {
-    let read = || -> std::io::Result<String> {
-        let mut f = std::fs::File::open(path)?;
+/// Where the audit log ended before a reconcile: which file (inode) and
+/// how long it was.
+#[derive(Debug, Clone, Copy)]
+struct LogPosition {
+    inode: Option<u64>,
+    len: u64,
+}
+
+impl LogPosition {
+    fn of(path: &Path) -> LogPosition {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(path) {
+            Ok(m) => LogPosition {
+                inode: Some(m.ino()),
+                len: m.len(),
+            },
+            Err(_) => LogPosition {
+                inode: None,
+                len: 0,
+            },
+        }
+    }
+}
+
+/// The audit records appended after `start` (torn lines skipped). When the
+/// log was rotated meanwhile (`audit_max`), that is the rest of
+/// `<audit_log>.1` and the new log whole.
+fn records_since(path: &Path, start: LogPosition) -> Vec<Record> {
+    let read = |p: &Path, offset: u64| -> std::io::Result<String> {
+        let mut f = std::fs::File::open(p)?;
         let len = f.metadata()?.len();
-        // The log was rotated or truncated meanwhile: read it whole.
         f.seek(SeekFrom::Start(if offset <= len { offset } else { 0 }))?;
         let mut text = String::new();
         f.read_to_string(&mut text)?;
         Ok(text)
     };
-    read()
-        .unwrap_or_default()
-        .lines()
+    let now = LogPosition::of(path);
+    let mut text = String::new();
+    if start.inode.is_some() && now.inode != start.inode {
+        let older = crate::audit::rotated_path(path);
+        if LogPosition::of(&older).inode == start.inode {
+            text = read(&older, start.len).unwrap_or_default();
+        }
+        text.push_str(&read(path, 0).unwrap_or_default());
+    } else {
+        text = read(path, start.len).unwrap_or_default();
+    }
+    text.lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }
@@ -1116,5 +1150,47 @@ pub async fn ask(
         Ok(r) => Ok(Some(r)),
         Err(control::ClientError::NoDaemon { .. }) => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{Action, AuditLog, Outcome};
+
+    fn rec(n: u64) -> Record {
+        Record {
+            ts: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            run: format!("r{n}"),
+            action: Action::Remove,
+            reference: Some(format!("app:{n}")),
+            image: None,
+            rule: Some("old".into()),
+            reason: "beyond keep_last=1".into(),
+            outcome: Outcome::Ok,
+            error: None,
+            bytes: Some(n),
+            duration_ms: None,
+        }
+    }
+
+    #[test]
+    fn records_since_follows_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let line = serde_json::to_vec(&rec(1)).unwrap().len() as u64 + 1;
+        let mut log = AuditLog::open_lenient(&path, 3 * line);
+        log.append(&rec(1));
+        log.append(&rec(2));
+        let start = LogPosition::of(&path);
+        // The third fills the file; the fourth goes to a new one.
+        log.append(&rec(3));
+        log.append(&rec(4));
+        assert!(crate::audit::rotated_path(&path).exists());
+        let runs: Vec<_> = records_since(&path, start)
+            .into_iter()
+            .map(|r| r.run)
+            .collect();
+        assert_eq!(runs, ["r3", "r4"]);
     }
 }
