@@ -562,22 +562,6 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_save_leaves_no_temp_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::new(dir.path());
-        // A folder where the state goes: the rename fails after the temp
-        // file was written whole.
-        fs::create_dir(store.path()).unwrap();
-        fs::write(store.path().join("x"), b"").unwrap();
-        assert!(store.save(&State::default()).is_err());
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(names, [STATE_FILE]);
-    }
-
-    #[test]
     fn first_seen_uses_creation_time_only_before_first_reconcile() {
         let mut st = State::default();
         st.observe("a", 10, 100);
