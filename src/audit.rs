@@ -160,12 +160,18 @@ impl AuditLog {
             })
     }
 
-    /// Make everything appended so far durable (end of a reconcile).
-    pub fn sync(&mut self) -> Result<(), AuditError> {
-        self.file.sync_data().map_err(|source| AuditError::Write {
+    /// Make everything appended so far durable (end of a reconcile). The
+    /// fsync runs off the async threads: on a busy disk it takes seconds.
+    pub async fn sync(&mut self) -> Result<(), AuditError> {
+        let write = |source| AuditError::Write {
             path: self.path.clone(),
             source,
-        })
+        };
+        // The same open file: syncing the duplicate syncs the log.
+        let file = self.file.try_clone().map_err(write)?;
+        crate::blocking::off_loop(move || file.sync_data())
+            .await
+            .map_err(write)
     }
 }
 

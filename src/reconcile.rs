@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditError, AuditLog, Outcome, Record};
+use crate::blocking::off_loop;
 use crate::engine::{Engine, EngineError};
 use crate::plan::{self, Action, Kind, Observed, Plan};
 use crate::policy::Policy;
@@ -212,8 +213,32 @@ pub async fn plan_now<E: Engine>(
 ) -> Result<(Observed, Plan), EngineError> {
     let mut state = state.clone();
     let observed = observe_for(engine, policy, &mut state, now.timestamp()).await?;
-    let plan = plan::plan(policy, &observed, &state, now.timestamp());
-    Ok((observed, plan))
+    let policy = policy.clone();
+    Ok(off_loop(move || {
+        let plan = plan::plan(&policy, &observed, &state, now.timestamp());
+        (observed, plan)
+    })
+    .await)
+}
+
+/// [`note_observed`] off the async threads (a large store takes a while).
+async fn noted(mut state: State, observed: Observed, now: i64) -> (State, Observed) {
+    off_loop(move || {
+        note_observed(&mut state, &observed, now);
+        (state, observed)
+    })
+    .await
+}
+
+/// [`StateStore::save`] off the async threads: serialising a large state and
+/// its fsyncs take long. Gives the state back.
+async fn save_state(store: &StateStore, state: State) -> (State, Result<(), StateError>) {
+    let store = store.clone();
+    off_loop(move || {
+        let saved = store.save(&state);
+        (state, saved)
+    })
+    .await
 }
 
 /// One whole reconcile as the daemon runs it: pre-pull refreshes follow
@@ -254,15 +279,17 @@ pub async fn reconcile_with<E: Engine>(
     let dry_run = options.dry_run;
     let store = StateStore::new(&policy.daemon.state_dir);
     let now = clock.now();
-    let loaded = store.load(now.timestamp());
+    let loaded = {
+        let store = store.clone();
+        off_loop(move || store.load(now.timestamp())).await
+    };
     if let Some(w) = &loaded.warning {
         tracing::warn!("{w}");
     }
-    let mut state = loaded.state;
+    let state = loaded.state;
     let run = run_id(now);
     let mut audit = AuditLog::open(&policy.daemon.audit_log)?;
-    let mut observed = observe(engine).await?;
-    note_observed(&mut state, &observed, now.timestamp());
+    let (mut state, mut observed) = noted(state, observe(engine).await?, now.timestamp()).await;
     // Transfers come first so that retention plans on the store as the
     // pulls left it (a freshly pulled image is never a removal candidate).
     let transfers = transfer::run(
@@ -283,14 +310,23 @@ pub async fn reconcile_with<E: Engine>(
     let has_transfers = !policy.prepull.is_empty() || !policy.mirror.is_empty();
     if !(dry_run || policy.daemon.dry_run) && has_transfers {
         // Backoff must survive a crash later in this reconcile.
-        store.save(&state)?;
+        let saved;
+        (state, saved) = save_state(&store, state).await;
+        saved?;
     }
     if transfers.changed {
-        observed = observe(engine).await?;
-        note_observed(&mut state, &observed, clock.now().timestamp());
+        (state, observed) = noted(state, observe(engine).await?, clock.now().timestamp()).await;
     }
     add_storage(engine, policy, &mut state, &mut observed).await?;
-    let plan = plan::plan_to_apply(policy, &observed, &state, now.timestamp());
+    let (state, plan) = {
+        let policy = policy.clone();
+        off_loop(move || {
+            let plan = plan::plan_to_apply(&policy, &observed, &state, now.timestamp());
+            (state, plan)
+        })
+        .await
+    };
+    let mut state = state;
     let mut report = execute(
         engine,
         &plan,
@@ -318,7 +354,7 @@ pub async fn reconcile_with<E: Engine>(
             .map(|a| a.image.as_str())
             .collect();
         state.images.retain(|id, _| !gone.contains(&id.as_str()));
-        store.save(&state)?;
+        save_state(&store, state).await.1?;
     }
     Ok((plan, report))
 }
@@ -448,7 +484,7 @@ pub async fn execute<E: Engine>(
         })?;
         report.deferred += b.count;
     }
-    audit.sync()?;
+    audit.sync().await?;
     Ok(report)
 }
 

@@ -260,7 +260,7 @@ async fn connection<H: Handler>(
                     ),
                     LinesCodecError::Io(e) => (format!("bad request: {e}"), e.into()),
                 };
-                send(&mut framed, &Response::Error { message }).await?;
+                send(&mut framed, Response::Error { message }).await?;
                 return Err(error);
             }
         };
@@ -276,16 +276,19 @@ async fn connection<H: Handler>(
                 ),
             },
         };
-        send(&mut framed, &response).await?;
+        send(&mut framed, response).await?;
     }
 }
 
 /// Writes one answer line; a client that does not read it is dropped.
 async fn send(
     framed: &mut Framed<UnixStream, LinesCodec>,
-    response: &Response,
+    response: Response,
 ) -> Result<(), ConnectionError> {
-    let line = serde_json::to_string(response).map_err(std::io::Error::other)?;
+    // A status answer lists every reference: serialising it is CPU work.
+    let line = crate::blocking::off_loop(move || serde_json::to_string(&response))
+        .await
+        .map_err(std::io::Error::other)?;
     match tokio::time::timeout(WRITE_TIMEOUT, framed.send(line)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(LinesCodecError::Io(e))) => Err(e.into()),
