@@ -113,15 +113,17 @@ pub async fn observe<E: Engine>(engine: &E) -> Result<Observed, EngineError> {
 
 /// Observe everything the policy needs: images and containers, plus layers,
 /// the data root's filesystem and the build cache when `[storage]` is set.
-/// Notes first-seen times in `state`.
+/// Notes first-seen times in `state` (off the async threads; if this future
+/// is dropped mid-way, `state` may be left empty).
 pub async fn observe_for<E: Engine>(
     engine: &E,
     policy: &Policy,
     state: &mut State,
     now: i64,
 ) -> Result<Observed, EngineError> {
-    let mut observed = observe(engine).await?;
-    note_observed(state, &observed, now);
+    let observed = observe(engine).await?;
+    let (noted_state, mut observed) = noted(std::mem::take(state), observed, now).await;
+    *state = noted_state;
     add_storage(engine, policy, state, &mut observed).await?;
     Ok(observed)
 }
