@@ -320,7 +320,7 @@ pub async fn reconcile_with<E: Engine>(
         (state, observed) = noted(state, observe(engine).await?, clock.now().timestamp()).await;
     }
     add_storage(engine, policy, &mut state, &mut observed).await?;
-    let (state, plan) = {
+    let (mut state, plan) = {
         let policy = policy.clone();
         off_loop(move || {
             let plan = plan::plan_to_apply(&policy, &observed, &state, now.timestamp());
@@ -328,7 +328,6 @@ pub async fn reconcile_with<E: Engine>(
         })
         .await
     };
-    let mut state = state;
     let mut report = execute(
         engine,
         &plan,

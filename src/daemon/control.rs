@@ -321,9 +321,8 @@ async fn send(
     match tokio::time::timeout(WRITE_TIMEOUT, framed.send(line)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(LinesCodecError::Io(e))) => Err(e.into()),
-        Ok(Err(LinesCodecError::MaxLineLengthExceeded)) => {
-            unreachable!("the encoder has no line limit")
-        }
+        // The encoder has no line limit today; should it get one, say so.
+        Ok(Err(LinesCodecError::MaxLineLengthExceeded)) => Err(ConnectionError::TooLong),
         Err(_) => Err(ConnectionError::WriteTimeout),
     }
 }

@@ -138,7 +138,7 @@ impl<E: Engine + 'static> Handler for Shared<E> {
         // Parsing a large state, planning every verdict and the rows are CPU
         // work: off the loop, which must keep answering meanwhile.
         let store = StateStore::new(&policy.daemon.state_dir);
-        let state = Arc::new(off_loop(move || store.load_readonly(now.timestamp()).state).await);
+        let state = off_loop(move || store.load_readonly(now.timestamp()).state).await;
         daemon.backoffs = status::backoffs(&state);
         let (references, images, references_error) = match engine {
             None => (None, None, Some("the engine is unreachable".to_owned())),
