@@ -568,3 +568,37 @@ keep_last = 1000000
     stop_daemon.send(()).unwrap();
     daemon.await.unwrap().unwrap();
 }
+
+// Issue 12, item 7: drain on shutdown. The metrics server stops accepting
+// but waits for the scrape in flight (up to 2 s) before it returns.
+#[tokio::test]
+async fn metrics_shutdown_lets_a_scrape_in_flight_finish() {
+    use std::sync::Arc;
+    use stowage::daemon::metrics;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = metrics::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(metrics::serve(listener, Arc::default(), stop.clone()));
+    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    client
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Let the server read the first half before it is told to stop.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !server.is_finished(),
+        "serve waits for the scrape in flight"
+    );
+    client.write_all(b"\r\n").await.unwrap();
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(answer.contains("stowage_reconciles_total 0"), "{answer}");
+    server.await.unwrap();
+    // The listener is closed: no new scrapes after shutdown.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
