@@ -602,3 +602,61 @@ async fn metrics_shutdown_lets_a_scrape_in_flight_finish() {
     // The listener is closed: no new scrapes after shutdown.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+// Issue 12, item 7: the control socket caps its clients. Eight idle ones
+// hold every slot: a ninth is not served (nor given a descriptor) until one
+// of them leaves.
+#[tokio::test]
+async fn control_clients_beyond_the_cap_wait_for_a_slot() {
+    use std::sync::Arc;
+    use stowage::daemon::control::{self, ClientError, Handler, Request, Response};
+    struct Answer;
+    impl Handler for Answer {
+        async fn status(&self) -> Response {
+            Response::Error {
+                message: "status".into(),
+            }
+        }
+        async fn reconcile(&self) -> Response {
+            Response::Error {
+                message: "reconcile".into(),
+            }
+        }
+    }
+    let dir = folder();
+    let path = dir.path().join("control.sock");
+    let listener = control::bind(&path).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(control::serve(
+        listener,
+        path.clone(),
+        Arc::new(Answer),
+        stop.clone(),
+    ));
+    let mut idle = Vec::new();
+    for _ in 0..control::MAX_CLIENTS {
+        idle.push(tokio::net::UnixStream::connect(&path).await.unwrap());
+    }
+    let short = Duration::from_millis(500);
+    assert!(
+        matches!(
+            control::request_within(&path, &Request::Status, short).await,
+            Err(ClientError::TimedOut { .. })
+        ),
+        "served beyond the cap"
+    );
+    drop(idle.pop());
+    let answer = control::request_within(&path, &Request::Status, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer,
+        Response::Error {
+            message: "status".into()
+        }
+    );
+    // Idle clients do not hold up shutdown.
+    stop.cancel();
+    server.await.unwrap();
+    assert!(!path.exists());
+}
