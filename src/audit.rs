@@ -455,7 +455,8 @@ impl AuditLog {
 
     /// Make everything appended so far durable (end of a reconcile). Held
     /// records are written first; failures are logged, never returned.
-    pub fn sync(&mut self) {
+    /// The fsync runs off the async threads: on a busy disk it takes seconds.
+    pub async fn sync(&mut self) {
         if !self.flush_held() {
             tracing::error!(
                 "{} audit record(s) still held in memory: {} cannot be written",
@@ -464,9 +465,15 @@ impl AuditLog {
             );
             return;
         }
-        if let Some(f) = &self.file
-            && let Err(e) = f.sync_data()
-        {
+        let Some(f) = &self.file else {
+            return;
+        };
+        // The same open file: syncing the duplicate syncs the log.
+        let synced = match f.try_clone() {
+            Ok(file) => crate::blocking::off_loop(move || file.sync_data()).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = synced {
             tracing::error!("cannot sync audit log {}: {e}", self.path.display());
         }
     }
@@ -746,8 +753,8 @@ mod tests {
         assert!(it.line.capacity() <= 2 * MAX_LINE);
     }
 
-    #[test]
-    fn unwritable_records_are_held_and_written_when_the_log_can_be() {
+    #[tokio::test]
+    async fn unwritable_records_are_held_and_written_when_the_log_can_be() {
         let dir = tempfile::tempdir().unwrap();
         // The log's folder is a file for now: every write fails.
         let blocker = dir.path().join("logs");
@@ -756,7 +763,7 @@ mod tests {
         let mut log = AuditLog::open_lenient(&p, u64::MAX);
         log.append(&rec(1));
         log.append(&rec(2));
-        log.sync();
+        log.sync().await;
         assert_eq!(log.held(), 2);
         // Held beyond this log, for the next one on the same path.
         drop(log);

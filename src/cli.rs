@@ -82,7 +82,8 @@ enum Command {
         #[arg(long, env = "STOWAGE_CONTROL_SOCKET")]
         control_socket: Option<PathBuf>,
         /// Give up (exit 2) when the daemon has not answered after this long
-        /// (e.g. 90s, 2h); the reconcile itself may still run
+        /// (e.g. 90s); the reconcile itself may still run. The daemon answers
+        /// within 30m, with an error if the reconcile is still running
         #[arg(long, value_parser = humantime::parse_duration, default_value = "30m")]
         timeout: std::time::Duration,
     },

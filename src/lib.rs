@@ -9,6 +9,7 @@
 //! - [`refs`]: parsing `repository:tag` references.
 //! - [`state`]: crash-safe persistent state (first seen, last used, backoff).
 //! - [`audit`]: the JSON-lines audit log.
+//! - [`blocking`]: CPU and file work off the daemon's one async thread.
 //! - [`credentials`]: registry credentials from Docker's `config.json`.
 //! - [`fixture`]: docker-archive fixture images for tests, demos and benchmarks.
 //! - [`plan`]: the pure planner and its rendering.
@@ -22,6 +23,7 @@
 //! - [`cli`]: the command line.
 
 pub mod audit;
+pub mod blocking;
 pub mod cli;
 pub mod credentials;
 pub mod daemon;

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditError, AuditLog, Outcome, Record};
+use crate::blocking::off_loop;
 use crate::engine::{Engine, EngineError};
 use crate::plan::{self, Action, Kind, Observed, Plan};
 use crate::policy::Policy;
@@ -126,15 +127,17 @@ pub async fn observe<E: Engine>(engine: &E) -> Result<Observed, EngineError> {
 
 /// Observe everything the policy needs: images and containers, plus layers,
 /// the data root's filesystem and the build cache when `[storage]` is set.
-/// Notes first-seen times in `state`.
+/// Notes first-seen times in `state` (off the async threads; if this future
+/// is dropped mid-way, `state` may be left empty).
 pub async fn observe_for<E: Engine>(
     engine: &E,
     policy: &Policy,
     state: &mut State,
     now: i64,
 ) -> Result<Observed, EngineError> {
-    let mut observed = observe(engine).await?;
-    note_observed(state, &observed, now);
+    let observed = observe(engine).await?;
+    let (noted_state, mut observed) = noted(std::mem::take(state), observed, now).await;
+    *state = noted_state;
     add_storage(engine, policy, state, &mut observed).await?;
     Ok(observed)
 }
@@ -226,8 +229,32 @@ pub async fn plan_now<E: Engine>(
 ) -> Result<(Observed, Plan), EngineError> {
     let mut state = state.clone();
     let observed = observe_for(engine, policy, &mut state, now.timestamp()).await?;
-    let plan = plan::plan(policy, &observed, &state, now.timestamp());
-    Ok((observed, plan))
+    let policy = policy.clone();
+    Ok(off_loop(move || {
+        let plan = plan::plan(&policy, &observed, &state, now.timestamp());
+        (observed, plan)
+    })
+    .await)
+}
+
+/// [`note_observed`] off the async threads (a large store takes a while).
+async fn noted(mut state: State, observed: Observed, now: i64) -> (State, Observed) {
+    off_loop(move || {
+        note_observed(&mut state, &observed, now);
+        (state, observed)
+    })
+    .await
+}
+
+/// [`StateStore::save`] off the async threads: serialising a large state and
+/// its fsyncs take long. Gives the state back.
+async fn save_state(store: &StateStore, state: State) -> (State, Result<(), StateError>) {
+    let store = store.clone();
+    off_loop(move || {
+        let saved = store.save(&state);
+        (state, saved)
+    })
+    .await
 }
 
 /// One whole reconcile as the daemon runs it: pre-pull refreshes follow
@@ -275,20 +302,26 @@ pub async fn reconcile_with<E: Engine>(
     let now = clock.now();
     // A dry run changes nothing, not even a corrupt state's place: it needs
     // no ownership of the state (`stowage apply --dry-run` beside the daemon).
-    let loaded = if dry_run || policy.daemon.dry_run {
-        store.load_readonly(now.timestamp())
-    } else {
-        store.load(now.timestamp())
+    let loaded = {
+        let store = store.clone();
+        let readonly = dry_run || policy.daemon.dry_run;
+        off_loop(move || {
+            if readonly {
+                store.load_readonly(now.timestamp())
+            } else {
+                store.load(now.timestamp())
+            }
+        })
+        .await
     };
     if let Some(w) = &loaded.warning {
         tracing::warn!("{w}");
     }
-    let mut state = loaded.state;
+    let state = loaded.state;
     let run = run_id(now);
     let mut audit = AuditLog::open_lenient(&policy.daemon.audit_log, policy.daemon.audit_max);
     audit.set_previously_stated(state.reported.clone());
-    let mut observed = observe(engine).await?;
-    note_observed(&mut state, &observed, now.timestamp());
+    let (mut state, mut observed) = noted(state, observe(engine).await?, now.timestamp()).await;
     // Transfers come first so that retention plans on the store as the
     // pulls left it (a freshly pulled image is never a removal candidate).
     let transfers = transfer::run(
@@ -312,7 +345,9 @@ pub async fn reconcile_with<E: Engine>(
         // Backoff must survive a crash later in this reconcile, and what the
         // transfers finished (`previous`, refresh checks) a shutdown. On a
         // full disk this fails: eviction below may free it for the final save.
-        if let Err(e) = store.save(&state) {
+        let saved;
+        (state, saved) = save_state(&store, state).await;
+        if let Err(e) = saved {
             tracing::error!("{e}; going on (eviction may free space), saving again at the end");
         }
     }
@@ -324,16 +359,22 @@ pub async fn reconcile_with<E: Engine>(
             ..Report::default()
         };
         add_transfers(&mut report, &transfers);
-        audit.sync();
+        audit.sync().await;
         report.audit_held = audit.held();
         return Ok((Plan::default(), report));
     }
     if transfers.changed {
-        observed = observe(engine).await?;
-        note_observed(&mut state, &observed, clock.now().timestamp());
+        (state, observed) = noted(state, observe(engine).await?, clock.now().timestamp()).await;
     }
     add_storage(engine, policy, &mut state, &mut observed).await?;
-    let plan = plan::plan_to_apply(policy, &observed, &state, now.timestamp());
+    let (mut state, plan) = {
+        let policy = policy.clone();
+        off_loop(move || {
+            let plan = plan::plan_to_apply(&policy, &observed, &state, now.timestamp());
+            (state, plan)
+        })
+        .await
+    };
     let mut report = execute(
         engine,
         &plan,
@@ -355,7 +396,7 @@ pub async fn reconcile_with<E: Engine>(
             .collect();
         state.images.retain(|id, _| !gone.contains(&id.as_str()));
         state.reported = audit.stated().clone();
-        if let Err(e) = store.save(&state) {
+        if let Err(e) = save_state(&store, state).await.1 {
             tracing::error!("{e}; the next reconcile saves again");
             report.unsaved = Some(e.to_string());
         }
@@ -502,7 +543,7 @@ pub async fn execute<E: Engine>(
         });
         report.deferred += b.count;
     }
-    audit.sync();
+    audit.sync().await;
     Ok(report)
 }
 

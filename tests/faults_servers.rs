@@ -423,3 +423,240 @@ fn an_over_long_control_line_is_refused_and_the_connection_closed() {
     let ok = status(dir.path(), &sock);
     assert!(ok["pid"].is_number(), "{ok}");
 }
+
+/// Scrapes `port` every 50 ms (once it listens) until `stop`; the slowest
+/// answer. Its own thread, so a blocked daemon loop cannot delay the probe.
+fn probe_metrics(
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(Duration, usize)> {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let (mut slowest, mut scrapes) = (Duration::ZERO, 0);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let t0 = Instant::now();
+            // Not listening yet: the daemon is starting.
+            let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).unwrap();
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            slowest = slowest.max(t0.elapsed());
+            scrapes += 1;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (slowest, scrapes)
+    })
+}
+
+// Issue 12, item 14: the daemon runs on one thread; the planner on a large
+// store, the status handler's full verdict plan and every fsync ran on it,
+// so metrics and the control socket stopped answering meanwhile.
+#[tokio::test]
+async fn a_large_plan_does_not_block_metrics_or_the_control_socket() {
+    use std::sync::Arc;
+    use stowage::daemon::control::{Request, Response};
+    use stowage::daemon::{self, Config};
+    use stowage::engine::Image;
+    use stowage::engine::fake::FakeEngine;
+    // In-memory: no engine holds 100,000 images in a test's time, and the
+    // point is the daemon's own work, not the engine's.
+    const IMAGES: usize = 100_000;
+    let now = chrono::Utc::now().timestamp();
+    let images: Vec<Image> = (0..IMAGES)
+        .map(|i| Image {
+            id: format!("sha256:{i:064x}"),
+            repo_tags: vec![format!("app/r{}:{i}", i % 500)],
+            repo_digests: vec![],
+            created: now - 86_400 - i as i64,
+            size: 1_000_000,
+        })
+        .collect();
+    let dir = folder();
+    let port = free_port();
+    let sock = dir.path().join("control.sock");
+    let text = format!(
+        r#"version = 1
+[daemon]
+schedule = "0 0 0 1 1 * 2099"
+watch = false
+state_dir = "{d}/state"
+control_socket = "{s}"
+metrics = "127.0.0.1:{port}"
+
+[[retain]]
+name = "all"
+images = ["app/**"]
+keep_last = 1000000
+"#,
+        d = dir.path().display(),
+        s = sock.display()
+    );
+    std::fs::write(dir.path().join("policy.toml"), text).unwrap();
+    let policy = stowage::policy::load(&dir.path().join("policy.toml")).unwrap();
+    let metrics = Arc::new(stowage::daemon::metrics::Metrics::default());
+    let (_triggers, rx) = tokio::sync::mpsc::channel(8);
+    let (stop_daemon, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = Config {
+        policy,
+        engine_address: "fake".into(),
+        clock: Arc::new(stowage::reconcile::SystemClock),
+        notifier: stowage::daemon::notify::Notifier::disabled(),
+        metrics: metrics.clone(),
+    };
+    let engine = Arc::new(images);
+    let connect = move || {
+        let images = engine.clone();
+        async move { Ok(FakeEngine::new((*images).clone(), vec![])) }
+    };
+    // Probing from before the start: the first reconcile runs at once.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = probe_metrics(port, stop.clone());
+    let t0 = Instant::now();
+    // On this test's runtime: one thread, as `stowage run` has.
+    let daemon = tokio::spawn(daemon::run(config, connect, rx, async {
+        let _ = stopped.await;
+    }));
+    while metrics.reconciles() < 1 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no reconcile");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reconcile = t0.elapsed();
+    // Then a status, whose verdict plan covers the whole store. The client
+    // on its own thread: parsing the answer is not the daemon's work.
+    let t1 = Instant::now();
+    let answer = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(stowage::daemon::control::request(&sock, &Request::Status))
+    });
+    let answer = tokio::task::spawn_blocking(move || answer.join().unwrap())
+        .await
+        .unwrap();
+    match answer.unwrap() {
+        Response::Status { images, .. } => assert_eq!(images, Some(IMAGES)),
+        other => panic!("unexpected {other:?}"),
+    }
+    let status = t1.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (slowest, scrapes) = tokio::task::spawn_blocking(move || probe.join().unwrap())
+        .await
+        .unwrap();
+    eprintln!(
+        "reconcile {reconcile:?}, status {status:?}; slowest of {scrapes} scrapes {slowest:?}"
+    );
+    // The daemon must have had something heavy to do, or this proves nothing.
+    let heavy = reconcile.max(status);
+    assert!(
+        heavy > Duration::from_millis(300),
+        "the store is too small to block the loop measurably: {reconcile:?}, {status:?}"
+    );
+    // Blocked, a scrape waits about as long as the heavy work (measured:
+    // 2.4 s of a 3.4 s status); off the loop, a small part of it. Relative,
+    // so a faster or a busier machine scales both sides.
+    assert!(
+        slowest * 3 < heavy,
+        "a scrape waited {slowest:?} while the daemon planned (reconcile {reconcile:?}, status {status:?})"
+    );
+    stop_daemon.send(()).unwrap();
+    daemon.await.unwrap().unwrap();
+}
+
+// Issue 12, item 7: drain on shutdown. The metrics server stops accepting
+// but waits for the scrape in flight (up to 2 s) before it returns.
+#[tokio::test]
+async fn metrics_shutdown_lets_a_scrape_in_flight_finish() {
+    use std::sync::Arc;
+    use stowage::daemon::metrics;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = metrics::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(metrics::serve(listener, Arc::default(), stop.clone()));
+    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    client
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Let the server read the first half before it is told to stop.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !server.is_finished(),
+        "serve waits for the scrape in flight"
+    );
+    client.write_all(b"\r\n").await.unwrap();
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(answer.contains("stowage_reconciles_total 0"), "{answer}");
+    server.await.unwrap();
+    // The listener is closed: no new scrapes after shutdown.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+// Issue 12, item 7: the control socket caps its clients. Eight idle ones
+// hold every slot: a ninth is not served (nor given a descriptor) until one
+// of them leaves.
+#[tokio::test]
+async fn control_clients_beyond_the_cap_wait_for_a_slot() {
+    use std::sync::Arc;
+    use stowage::daemon::control::{self, ClientError, Handler, Request, Response};
+    struct Answer;
+    impl Handler for Answer {
+        async fn status(&self) -> Response {
+            Response::Error {
+                message: "status".into(),
+            }
+        }
+        async fn reconcile(&self) -> Response {
+            Response::Error {
+                message: "reconcile".into(),
+            }
+        }
+    }
+    let dir = folder();
+    let path = dir.path().join("control.sock");
+    let listener = control::bind(&path).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(control::serve(
+        listener,
+        path.clone(),
+        Arc::new(Answer),
+        stop.clone(),
+    ));
+    let mut idle = Vec::new();
+    for _ in 0..control::MAX_CLIENTS {
+        idle.push(tokio::net::UnixStream::connect(&path).await.unwrap());
+    }
+    let short = Duration::from_millis(500);
+    assert!(
+        matches!(
+            control::request_within(&path, &Request::Status, short).await,
+            Err(ClientError::TimedOut { .. })
+        ),
+        "served beyond the cap"
+    );
+    drop(idle.pop());
+    let answer = control::request_within(&path, &Request::Status, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer,
+        Response::Error {
+            message: "status".into()
+        }
+    );
+    // Idle clients do not hold up shutdown.
+    stop.cancel();
+    server.await.unwrap();
+    assert!(!path.exists());
+}

@@ -260,7 +260,7 @@ async fn connection<H: Handler>(
                     ),
                     LinesCodecError::Io(e) => (format!("bad request: {e}"), e.into()),
                 };
-                send(&mut framed, &Response::Error { message }).await?;
+                send(&mut framed, Response::Error { message }).await?;
                 return Err(error);
             }
         };
@@ -268,30 +268,61 @@ async fn connection<H: Handler>(
             continue;
         }
         let response = match serde_json::from_str::<Request>(&line) {
-            Ok(Request::Status) => handler.status().await,
-            Ok(Request::Reconcile) => handler.reconcile().await,
+            Ok(request) => answer(handler, request).await,
             Err(e) => Response::Error {
                 message: format!(
                     "bad request ({e}); send one JSON object per line: {{\"request\":\"status\"}} or {{\"request\":\"reconcile\"}}"
                 ),
             },
         };
-        send(&mut framed, &response).await?;
+        send(&mut framed, response).await?;
+    }
+}
+
+/// The handler's answer, or an error once [`Request::default_timeout`] has
+/// passed: a connection holds one of the [`MAX_CLIENTS`] slots meanwhile,
+/// and its client may have given up long ago (which cannot be told from a
+/// client that half-closed and still waits).
+async fn answer<H: Handler>(handler: &H, request: Request) -> Response {
+    let deadline = request.default_timeout();
+    let handled = async {
+        match request {
+            Request::Status => handler.status().await,
+            Request::Reconcile => handler.reconcile().await,
+        }
+    };
+    match tokio::time::timeout(deadline, handled).await {
+        Ok(response) => response,
+        Err(_) => Response::Error {
+            message: format!(
+                "no {} answer within {}{}",
+                request.name(),
+                humantime::format_duration(deadline),
+                match request {
+                    Request::Reconcile => {
+                        "; the reconcile goes on: see `stowage status` and `stowage history`"
+                    }
+                    Request::Status => "",
+                }
+            ),
+        },
     }
 }
 
 /// Writes one answer line; a client that does not read it is dropped.
 async fn send(
     framed: &mut Framed<UnixStream, LinesCodec>,
-    response: &Response,
+    response: Response,
 ) -> Result<(), ConnectionError> {
-    let line = serde_json::to_string(response).map_err(std::io::Error::other)?;
+    // A status answer lists every reference: serialising it is CPU work.
+    let line = crate::blocking::off_loop(move || serde_json::to_string(&response))
+        .await
+        .map_err(std::io::Error::other)?;
     match tokio::time::timeout(WRITE_TIMEOUT, framed.send(line)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(LinesCodecError::Io(e))) => Err(e.into()),
-        Ok(Err(LinesCodecError::MaxLineLengthExceeded)) => {
-            unreachable!("the encoder has no line limit")
-        }
+        // The encoder has no line limit today; should it get one, say so.
+        Ok(Err(LinesCodecError::MaxLineLengthExceeded)) => Err(ConnectionError::TooLong),
         Err(_) => Err(ConnectionError::WriteTimeout),
     }
 }
@@ -330,7 +361,8 @@ impl Request {
         }
     }
 
-    /// How long a client waits for the answer unless told otherwise. The
+    /// How long a client waits for the answer unless told otherwise, and the
+    /// longest the daemon takes to answer (with an error if need be). The
     /// daemon bounds its engine listing for `status` at 15 s; a `reconcile`
     /// waits for the running one and then its own, pulls included.
     pub fn default_timeout(&self) -> Duration {

@@ -45,6 +45,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::Record;
+use crate::blocking::off_loop;
 use crate::engine::{Engine, EngineError, EngineResult};
 use crate::policy::{self, Policy};
 use crate::reconcile::{self, Clock, ReconcileError};
@@ -158,7 +159,10 @@ impl<E: Engine + 'static> Handler for Shared<E> {
         let policy = lock(&self.policy).clone();
         let engine = lock(&self.engine).clone();
         let now = self.clock.now();
-        let loaded = StateStore::new(&policy.daemon.state_dir).load_readonly(now.timestamp());
+        // Parsing a large state, planning every verdict and the rows are CPU
+        // work: off the loop, which must keep answering meanwhile.
+        let store = StateStore::new(&policy.daemon.state_dir);
+        let loaded = off_loop(move || store.load_readonly(now.timestamp())).await;
         let state = loaded.state;
         daemon.backoffs = status::backoffs(&state);
         daemon.state_warning = loaded.warning;
@@ -171,11 +175,11 @@ impl<E: Engine + 'static> Handler for Shared<E> {
                 )
                 .await;
                 match planned {
-                    Ok(Ok((observed, plan))) => (
-                        Some(status::rows(&observed, &plan, &state)),
-                        Some(observed.images.len()),
-                        None,
-                    ),
+                    Ok(Ok((observed, plan))) => {
+                        let images = observed.images.len();
+                        let rows = off_loop(move || status::rows(&observed, &plan, &state)).await;
+                        (Some(rows), Some(images), None)
+                    }
                     Ok(Err(e)) => (None, None, Some(e.to_string())),
                     Err(_) => (None, None, Some("the engine did not answer in time".into())),
                 }
@@ -257,6 +261,8 @@ struct Daemon<E, F> {
     /// The event stream is failing (logged once until it works again).
     events_failing: bool,
     marks: SharedMarks,
+    /// Activity marks being written between reconciles (off the loop).
+    flushing: Option<JoinHandle<()>>,
     last_flush: Instant,
     next_fire: Option<DateTime<Utc>>,
     debounce_at: Option<Instant>,
@@ -394,6 +400,7 @@ where
         events_delay: EVENTS_RETRY_FIRST,
         events_failing: false,
         marks: SharedMarks::default(),
+        flushing: None,
         last_flush: Instant::now(),
         next_fire: None,
         debounce_at: None,
@@ -433,11 +440,15 @@ where
                 d.on_policy_settled();
             }
             () = tokio::time::sleep(cron_wait) => d.on_cron_wake(),
+            _ = join(&mut d.flushing) => {}
             _ = heartbeat.tick() => {
                 d.feed_watchdog();
                 d.check_events_recovered();
-                if d.running.is_none() && d.last_flush.elapsed() >= FLUSH_EVERY {
-                    d.flush_marks();
+                if d.running.is_none()
+                    && d.flushing.is_none()
+                    && d.last_flush.elapsed() >= FLUSH_EVERY
+                {
+                    d.flushing = Some(tokio::spawn(d.flush_marks()));
                 }
             }
         }
@@ -841,7 +852,7 @@ where
     }
 
     fn maybe_start_reconcile(&mut self) {
-        if self.running.is_some() || self.stop.is_cancelled() {
+        if self.running.is_some() || self.flushing.is_some() || self.stop.is_cancelled() {
             return;
         }
         let Some(engine) = self.engine() else { return };
@@ -855,14 +866,15 @@ where
         let Some(waiters) = self.pending.take() else {
             return;
         };
-        // The loop is the state's only writer: marks first, then the
+        // One writer of the state at a time: marks first, then the
         // reconcile, which loads what was just written.
-        self.flush_marks();
+        let flush = self.flush_marks();
         let clock = self.clock.clone();
         let stop = self.stop.clone();
         self.notifier.status("reconciling");
         self.running_engine = Some(engine.clone());
         let task = tokio::spawn(async move {
+            flush.await;
             let started = clock.now();
             let t0 = Instant::now();
             let audit_path = policy.daemon.audit_log.clone();
@@ -871,7 +883,7 @@ where
                 .await
                 .map(|(_, report)| report);
             let elapsed = t0.elapsed();
-            let records = records_since(&audit_path, offset);
+            let records = off_loop(move || records_since(&audit_path, offset)).await;
             let images = match &result {
                 // Shutting down: the gauge is not worth the wait.
                 Ok(_) if stop.is_cancelled() => None,
@@ -998,31 +1010,29 @@ where
         }
     }
 
-    /// Writes pending activity marks into the state file (load, apply, save).
-    /// Called only while no reconcile runs.
-    fn flush_marks(&mut self) {
+    /// Takes the pending activity marks; the future writes them into the
+    /// state file (load, apply, save) off the loop. Only one writer at a
+    /// time: awaited before a reconcile starts, or run as `flushing`, which
+    /// a reconcile waits for. Marks wait while another process owns the
+    /// state (after a reload moved `state_dir`).
+    fn flush_marks(&mut self) -> impl Future<Output = ()> + Send + 'static {
         self.last_flush = Instant::now();
-        let marks = events::take(&self.marks);
-        if marks.is_empty() {
-            return;
-        }
         let policy = self.policy();
-        if !self.owns_state(&policy) {
+        let marks = events::take(&self.marks);
+        let marks = if marks.is_empty() {
+            None
+        } else if self.owns_state(&policy) {
+            Some(marks)
+        } else {
             events::put_back(&self.marks, marks);
-            return;
-        }
+            None
+        };
+        let shared = self.marks.clone();
         let store = StateStore::new(&policy.daemon.state_dir);
-        let loaded = store.load(self.clock.now().timestamp());
-        if let Some(w) = &loaded.warning {
-            tracing::warn!("{w}");
-        }
-        let mut state = loaded.state;
-        marks.apply(&mut state);
-        match store.save(&state) {
-            Ok(()) => tracing::debug!("wrote {} activity mark(s) to the state", marks.len()),
-            Err(e) => {
-                tracing::warn!("cannot write activity marks: {e}; keeping them for the next try");
-                events::put_back(&self.marks, marks);
+        let now = self.clock.now().timestamp();
+        async move {
+            if let Some(marks) = marks {
+                off_loop(move || write_marks(&store, marks, &shared, now)).await;
             }
         }
     }
@@ -1052,7 +1062,10 @@ where
         if let Some(connecting) = self.connecting.take() {
             connecting.abort();
         }
-        self.flush_marks();
+        if let Some(flushing) = self.flushing.take() {
+            let _ = flushing.await;
+        }
+        self.flush_marks().await;
         // Waiters of a reconcile that will not run hear it: their sender drops.
         self.pending = None;
     }
@@ -1078,6 +1091,24 @@ impl LogPosition {
                 inode: None,
                 len: 0,
             },
+        }
+    }
+}
+
+/// Writes `marks` into the state (load, apply, save: blocking file work);
+/// marks that cannot be written go back to `shared` for the next try.
+fn write_marks(store: &StateStore, marks: events::Marks, shared: &SharedMarks, now: i64) {
+    let loaded = store.load(now);
+    if let Some(w) = &loaded.warning {
+        tracing::warn!("{w}");
+    }
+    let mut state = loaded.state;
+    marks.apply(&mut state);
+    match store.save(&state) {
+        Ok(()) => tracing::debug!("wrote {} activity mark(s) to the state", marks.len()),
+        Err(e) => {
+            tracing::warn!("cannot write activity marks: {e}; keeping them for the next try");
+            events::put_back(shared, marks);
         }
     }
 }
