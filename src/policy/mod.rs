@@ -10,7 +10,8 @@ mod raw;
 mod validate;
 
 pub use diag::{Diagnostic, Diagnostics};
-pub(crate) use validate::canonical_registry;
+// `transfer.rs` imports it from here; it lives with the reference grammar.
+pub(crate) use crate::refs::canonical_registry;
 pub use validate::{load, load_bytes, parse};
 
 use std::path::PathBuf;

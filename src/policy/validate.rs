@@ -15,7 +15,9 @@ use regex::{Regex, RegexSet};
 use toml::Spanned;
 use toml::de::DeTable;
 
-use crate::refs::{DEFAULT_REGISTRY, check_digest, check_host, check_path_component, check_tag};
+use crate::refs::{
+    Reference, canonical_registry, check_digest, check_host, check_path, check_platform, check_tag,
+};
 
 use super::diag::{Diagnostics, Sink};
 use super::raw::{self, List, Opt, RawPolicy, Section, SizeValue};
@@ -563,8 +565,9 @@ impl<'s, 'a> Validator<'s, 'a> {
         let at = format!("prepull[{}]", s.index);
         let mut ok = true;
         let reference = match &r.image {
-            Some(v) => match parse_reference(v.get_ref()) {
-                Ok(parts) => Some(parts),
+            Some(v) => match Reference::parse_explicit(v.get_ref()) {
+                // The image as written, and whether it is pinned by digest.
+                Ok(parts) => Some((v.get_ref().clone(), parts.digest.is_some())),
                 Err(e) => {
                     self.err(
                         v.span(),
@@ -578,7 +581,7 @@ impl<'s, 'a> Validator<'s, 'a> {
                 None
             }
         };
-        let by_digest = reference.as_ref().is_some_and(|p| p.digest.is_some());
+        let by_digest = reference.as_ref().is_some_and(|(_, pinned)| *pinned);
         let digest = match &r.digest {
             Some(v) => {
                 if by_digest {
@@ -648,9 +651,9 @@ impl<'s, 'a> Validator<'s, 'a> {
             Some(v) => self.count(v, &format!("{at}.keep_previous"), 0, None),
             None => Some(0),
         };
-        let (reference, refresh, keep_previous) = (reference?, refresh?, keep_previous?);
+        let ((image, _), refresh, keep_previous) = (reference?, refresh?, keep_previous?);
         ok.then_some(Prepull {
-            image: reference.text,
+            image,
             digest,
             platform,
             refresh,
@@ -672,7 +675,7 @@ impl<'s, 'a> Validator<'s, 'a> {
         };
         let scope = self.scope(s, &r.images, &r.tags, &at);
         let prefix = match &r.prefix {
-            Some(v) => match check_prefix(v.get_ref()) {
+            Some(v) => match check_path(v.get_ref()) {
                 Ok(()) => Some(Some(v.get_ref().clone())),
                 Err(e) => {
                     self.err(v.span(), format!("{at}.prefix: {e}"));
@@ -829,14 +832,15 @@ impl<'s, 'a> Validator<'s, 'a> {
             // With sources, the image's own registry is only the fallback.
             if sources.is_empty()
                 && let Some(image) = &s.raw.image
-                && let Ok(parts) = parse_reference(image.get_ref())
-                && !is_allowed(&parts.registry)
+                && let Ok(parts) = Reference::parse_explicit(image.get_ref())
+                && !is_allowed(parts.registry())
             {
                 self.err(
                     image.span(),
                     format!(
                         "prepull[{}].image: registry {:?} is not in daemon.allowed_registries",
-                        s.index, parts.registry
+                        s.index,
+                        parts.registry()
                     ),
                 );
             }
@@ -1333,112 +1337,11 @@ fn parse_percent(text: &str) -> Result<f64, String> {
     Ok(p)
 }
 
-/// A parsed `[registry/]path(:tag|@digest)`.
-struct ReferenceParts {
-    text: String,
-    /// The registry host, `docker.io` when the reference names none.
-    registry: String,
-    digest: Option<String>,
-}
-
-/// Docker's reference grammar, for the forms a policy may use: an explicit
-/// `:tag` or `@sha256:` digest is required (no implicit `latest`).
-fn parse_reference(text: &str) -> Result<ReferenceParts, String> {
-    if text.is_empty() {
-        return Err("empty".to_owned());
-    }
-    if text.len() > 512 {
-        return Err("too long".to_owned());
-    }
-    let (name_tag, digest) = match text.split_once('@') {
-        Some((n, d)) => {
-            check_digest(d)?;
-            (n, Some(d.to_owned()))
-        }
-        None => (text, None),
-    };
-    let (name, tag) = match name_tag.rfind(':') {
-        Some(i) if !name_tag[i..].contains('/') => (&name_tag[..i], Some(&name_tag[i + 1..])),
-        _ => (name_tag, None),
-    };
-    match (tag, &digest) {
-        (None, None) => {
-            return Err(format!(
-                "needs a tag or a digest, e.g. \"{name}:latest\" or \"{name}@sha256:...\""
-            ));
-        }
-        (Some(_), Some(_)) => {
-            return Err(
-                "give a tag or a digest, not both; pin a tag with `digest = ...`".to_owned(),
-            );
-        }
-        (Some(t), None) => check_tag(t).map_err(|e| format!("tag {t:?}: {e}"))?,
-        (None, Some(_)) => {}
-    }
-    let mut parts: Vec<&str> = name.split('/').collect();
-    let registry = match parts.first() {
-        Some(first)
-            if parts.len() > 1
-                && (first.contains('.') || first.contains(':') || *first == "localhost") =>
-        {
-            check_host(first).map_err(|e| format!("registry {first:?}: {e}"))?;
-            let host = (*first).to_owned();
-            parts.remove(0);
-            host
-        }
-        _ => DEFAULT_REGISTRY.to_owned(),
-    };
-    for part in &parts {
-        check_path_component(part)?;
-    }
-    Ok(ReferenceParts {
-        text: text.to_owned(),
-        registry,
-        digest,
-    })
-}
-
-/// `os/arch[/variant]`, e.g. `linux/arm64` or `linux/arm/v7`.
-fn check_platform(p: &str) -> Result<(), String> {
-    let parts: Vec<&str> = p.split('/').collect();
-    let valid = (2..=3).contains(&parts.len())
-        && parts.iter().all(|s| {
-            !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
-        });
-    if valid {
-        Ok(())
-    } else {
-        Err(format!(
-            "invalid platform {p:?}: expected os/arch[/variant], e.g. \"linux/arm64\" or \"linux/arm/v7\""
-        ))
-    }
-}
-
 fn has_port(text: &str) -> bool {
     match text.rsplit_once(':') {
         Some((_, p)) => p.parse::<u16>().is_ok_and(|n| n > 0) && !text.ends_with(']'),
         None => false,
     }
-}
-
-/// Docker Hub answers to several names; `allowed_registries` treats them as one.
-pub(crate) fn canonical_registry(host: &str) -> String {
-    match host {
-        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
-            DEFAULT_REGISTRY.to_owned()
-        }
-        h => h.to_ascii_lowercase(),
-    }
-}
-
-/// A mirror prefix: repository path components joined by `/`.
-fn check_prefix(prefix: &str) -> Result<(), String> {
-    if prefix.starts_with('/') || prefix.ends_with('/') {
-        return Err("no leading or trailing `/`".to_owned());
-    }
-    prefix.split('/').try_for_each(check_path_component)
 }
 
 #[cfg(test)]
@@ -1478,68 +1381,6 @@ mod tests {
         assert!(parse_percent("101%").is_err());
         assert!(parse_percent("-1%").is_err());
         assert!(parse_percent("NaN%").is_err());
-    }
-
-    #[test]
-    fn references() {
-        for ok in [
-            "nginx:1.25",
-            "team/app:v1.2.0",
-            "127.0.0.1:5000/team/app:v1.2.0",
-            "localhost/app:dev",
-            "ghcr.io/org/my-app__x.y:latest",
-            "alpine@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
-        ] {
-            assert!(parse_reference(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "nginx",
-            "Nginx:1",
-            "nginx:",
-            "nginx:-x",
-            "a//b:1",
-            "/a:1",
-            "a-:1",
-            "a:1@sha256:00",
-            "alpine@sha256:XYZ",
-            "my host/app:1",
-        ] {
-            assert!(parse_reference(bad).is_err(), "{bad}");
-        }
-        assert_eq!(
-            parse_reference("nginx:1").map(|p| p.registry),
-            Ok("docker.io".into())
-        );
-        assert_eq!(
-            parse_reference("10.0.0.5:5000/a:1").map(|p| p.registry),
-            Ok("10.0.0.5:5000".into())
-        );
-    }
-
-    #[test]
-    fn hosts() {
-        for ok in [
-            "registry.local",
-            "10.0.0.5:5000",
-            "localhost:5000",
-            "[::1]:5000",
-            "ghcr.io",
-        ] {
-            assert!(check_host(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "https://x.io",
-            "x.io/path",
-            "x.io:0",
-            "x.io:99999",
-            "",
-            "-x.io",
-            "a..b",
-            "[::1",
-            "x io",
-        ] {
-            assert!(check_host(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]
