@@ -1,5 +1,6 @@
-//! The policy: raw TOML (`raw`), validated into [`Policy`] (`validate`), with
-//! diagnostics that carry `FILE:LINE:COL` (`diag`).
+//! The policy: raw TOML (`raw`), validated into [`Policy`] (`validate`, with
+//! the rules of each section in `sections` and single values in `values`),
+//! with diagnostics that carry `FILE:LINE:COL` (`diag`).
 //!
 //! Everything here is pure: parsing takes a string, never touches the engine,
 //! and never reads the clock.
@@ -7,7 +8,9 @@
 mod diag;
 pub mod file;
 mod raw;
+mod sections;
 mod validate;
+mod values;
 
 pub use diag::{Diagnostic, Diagnostics};
 // `transfer.rs` imports it from here; it lives with the reference grammar.
@@ -34,6 +37,27 @@ pub struct Policy {
     pub prepull: Vec<Prepull>,
     pub mirror: Vec<Mirror>,
     pub storage: Option<Storage>,
+}
+
+impl Policy {
+    /// One line for `stowage check`.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "policy OK: {} retain, {} protect, {} tags, {} float, {} prepull, {} mirror rules; storage {}; schedule {:?}",
+            self.retain.len(),
+            self.protect.len(),
+            self.tags.len(),
+            self.float.len(),
+            self.prepull.len(),
+            self.mirror.len(),
+            if self.storage.is_some() { "on" } else { "off" },
+            self.daemon.schedule.source,
+        );
+        if self.daemon.dry_run {
+            s.push_str("; dry_run");
+        }
+        s
+    }
 }
 
 #[derive(Debug, Clone)]
