@@ -13,18 +13,18 @@ use std::net::Ipv6Addr;
 use std::str::FromStr;
 
 /// The registry the engine uses for references without a host part.
-pub const DEFAULT_REGISTRY: &str = "docker.io";
+pub(crate) const DEFAULT_REGISTRY: &str = "docker.io";
 
 /// A parsed reference. `repository` keeps its registry host, if it has one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Reference {
+pub(crate) struct Reference {
     pub repository: String,
     pub tag: Option<String>,
     pub digest: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RefError {
+pub(crate) enum RefError {
     #[error("empty reference")]
     Empty,
     #[error("invalid repository name {0:?}")]
@@ -33,14 +33,12 @@ pub enum RefError {
     Tag(String),
     #[error("invalid digest {0:?} (expected sha256:<64 hex digits>)")]
     Digest(String),
-    #[error("invalid registry host {0:?}")]
-    Host(String),
 }
 
 impl Reference {
     /// Parse `repo[:tag][@digest]`. A reference without tag and digest gets
     /// no implicit `latest`: callers decide.
-    pub fn parse(s: &str) -> Result<Self, RefError> {
+    pub(crate) fn parse(s: &str) -> Result<Self, RefError> {
         if s.is_empty() {
             return Err(RefError::Empty);
         }
@@ -104,13 +102,8 @@ impl Reference {
     }
 
     /// The registry host (`docker.io` when the name has none).
-    pub fn registry(&self) -> &str {
+    pub(crate) fn registry(&self) -> &str {
         registry_of(&self.repository)
-    }
-
-    /// The repository path without its registry host.
-    pub fn path(&self) -> &str {
-        path_of(&self.repository)
     }
 }
 
@@ -130,13 +123,13 @@ impl fmt::Display for Reference {
 /// The first 12 characters of an image id or digest's hex (`sha256:`
 /// dropped), for display. Ids and digests come from an engine or a
 /// registry and are not trusted to be ASCII: never sliced inside a character.
-pub fn short_id(id: &str) -> &str {
+pub(crate) fn short_id(id: &str) -> &str {
     let hex = id.strip_prefix("sha256:").unwrap_or(id);
     first_chars(hex, 12)
 }
 
 /// A digest shortened for display, keeping its algorithm: `sha256:0123456789ab`.
-pub fn short_digest(digest: &str) -> &str {
+pub(crate) fn short_digest(digest: &str) -> &str {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
     &digest[..digest.len() - hex.len() + first_chars(hex, 12).len()]
 }
@@ -169,12 +162,12 @@ fn host_part(repository: &str) -> Option<&str> {
 }
 
 /// The registry host of a repository (`docker.io` when it has none).
-pub fn registry_of(repository: &str) -> &str {
+pub(crate) fn registry_of(repository: &str) -> &str {
     host_part(repository).unwrap_or(DEFAULT_REGISTRY)
 }
 
 /// The repository path without its registry host.
-pub fn path_of(repository: &str) -> &str {
+pub(crate) fn path_of(repository: &str) -> &str {
     match host_part(repository) {
         Some(h) => &repository[h.len() + 1..],
         None => repository,
@@ -214,7 +207,7 @@ pub(crate) fn check_path(path: &str) -> Result<(), String> {
 }
 
 /// `[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*`, Docker's repository path grammar.
-pub fn check_path_component(part: &str) -> Result<(), String> {
+fn check_path_component(part: &str) -> Result<(), String> {
     if part.is_empty() {
         return Err("empty path component (a leading, trailing or doubled `/`)".to_owned());
     }
@@ -246,7 +239,7 @@ pub fn check_path_component(part: &str) -> Result<(), String> {
 }
 
 /// `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
-pub fn check_tag(tag: &str) -> Result<(), String> {
+pub(crate) fn check_tag(tag: &str) -> Result<(), String> {
     let mut chars = tag.chars();
     let first_ok = chars
         .next()
@@ -260,7 +253,7 @@ pub fn check_tag(tag: &str) -> Result<(), String> {
     Ok(())
 }
 
-pub fn check_digest(d: &str) -> Result<(), String> {
+pub(crate) fn check_digest(d: &str) -> Result<(), String> {
     match d.strip_prefix("sha256:") {
         Some(hex)
             if hex.len() == 64
@@ -277,7 +270,7 @@ pub fn check_digest(d: &str) -> Result<(), String> {
 }
 
 /// `host[:port]`: a DNS name or IPv4 address, or `[IPv6]`, with an optional port.
-pub fn check_host(text: &str) -> Result<(), String> {
+pub(crate) fn check_host(text: &str) -> Result<(), String> {
     if text.contains("://") {
         return Err("write host[:port] without a scheme".to_owned());
     }
@@ -371,7 +364,7 @@ mod tests {
         assert_eq!(r.repository, "127.0.0.1:5000/team/app");
         assert_eq!(r.tag.as_deref(), Some("v1.2.0"));
         assert_eq!(r.registry(), "127.0.0.1:5000");
-        assert_eq!(r.path(), "team/app");
+        assert_eq!(path_of(&r.repository), "team/app");
         assert_eq!(r.to_string(), "127.0.0.1:5000/team/app:v1.2.0");
     }
 
@@ -379,7 +372,7 @@ mod tests {
     fn docker_hub_names_have_the_default_registry() {
         let r = Reference::parse("nginx:1.25").unwrap();
         assert_eq!(r.registry(), "docker.io");
-        assert_eq!(r.path(), "nginx");
+        assert_eq!(path_of(&r.repository), "nginx");
         let r = Reference::parse("team/app").unwrap();
         assert_eq!(r.registry(), "docker.io");
         assert_eq!(r.tag, None);

@@ -6,7 +6,7 @@
 //! and never reads the clock.
 
 mod diag;
-pub mod file;
+pub(crate) mod file;
 mod raw;
 mod sections;
 mod validate;
@@ -117,7 +117,7 @@ pub struct Globs {
 }
 
 impl Globs {
-    pub fn is_match(&self, repository: &str) -> bool {
+    pub(crate) fn is_match(&self, repository: &str) -> bool {
         self.set.is_match(repository)
     }
 }
@@ -213,7 +213,7 @@ impl Prepull {
     /// The key of this entry in the persistent state (previous images, last
     /// refresh check, backoff): the image, plus the platform when one is set,
     /// since the same image may be listed once per platform.
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         match &self.platform {
             Some(p) => format!("{} {p}", self.image),
             None => self.image.clone(),
