@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::refs::{Reference, canonical_registry, check_digest, check_path, check_platform};
 
 use super::raw::{self, Section};
-use super::validate::Validator;
+use super::validate::{At, RuleKind, Validator};
 use super::values::default_schedule;
 use super::{
     Cron, Daemon, EvictOrder, Float, FloatOrder, Mirror, OnViolation, Order, Prepull, Protect,
@@ -143,8 +143,8 @@ impl Validator<'_, '_> {
 
     pub(super) fn retain(&mut self, s: &Section<raw::RawRetain>) -> Option<Retain> {
         let r = &s.raw;
-        let at = format!("retain[{}]", s.index);
-        let name = self.rule_name(s, &r.name, &at, "[[retain]]");
+        let at = At::new(RuleKind::Retain, s.index);
+        let name = self.rule_name(s, &r.name, at);
         let untagged = r.untagged.as_ref().is_some_and(|v| *v.get_ref());
         let mut ok = true;
 
@@ -185,7 +185,7 @@ impl Validator<'_, '_> {
                     format!("{at}: missing `images` (repository globs); or set `untagged = true` to scope dangling images"),
                 );
             }
-            self.scope(s, &r.images, &r.tags, &at)
+            self.scope(s, &r.images, &r.tags, at)
                 .map(RetainScope::Tagged)
         };
 
@@ -268,15 +268,18 @@ impl Validator<'_, '_> {
 
     pub(super) fn protect(&mut self, s: &Section<raw::RawProtect>) -> Option<Protect> {
         let r = &s.raw;
-        let at = format!("protect[{}]", s.index);
+        let at = At::new(RuleKind::Protect, s.index);
         let name = match &r.name {
-            Some(_) => self.rule_name(s, &r.name, &at, "[[protect]]"),
+            Some(_) => self.rule_name(s, &r.name, at),
             None if s.bad.contains("name") => None,
             // Unnamed entries get a positional name, which must not collide
             // with a name given elsewhere either.
-            None => self.unique_name(at.clone(), s.span.clone(), "[[protect]]", &at),
+            None => {
+                let key = at.to_string();
+                self.unique_name(key.clone(), s.span.clone(), at.kind, &key)
+            }
         };
-        let scope = self.scope(s, &r.images, &r.tags, &at);
+        let scope = self.scope(s, &r.images, &r.tags, at);
         Some(Protect {
             name: name?,
             scope: scope?,
@@ -285,13 +288,13 @@ impl Validator<'_, '_> {
 
     pub(super) fn tag_rule(&mut self, s: &Section<raw::RawTags>) -> Option<TagRule> {
         let r = &s.raw;
-        let at = format!("tags[{}]", s.index);
-        let name = self.rule_name(s, &r.name, &at, "[[tags]]");
-        let images = self.images(s, &r.images, &at);
+        let at = At::new(RuleKind::Tags, s.index);
+        let name = self.rule_name(s, &r.name, at);
+        let images = self.images(s, &r.images, at);
         let allow = match &r.allow {
             Some(list) => self.patterns(list, &format!("{at}.allow")),
             None => {
-                self.missing(s, "allow", &at, "tag regexes that references must match");
+                self.missing(s, "allow", at, "tag regexes that references must match");
                 None
             }
         };
@@ -313,16 +316,16 @@ impl Validator<'_, '_> {
 
     pub(super) fn float(&mut self, s: &Section<raw::RawFloat>) -> Option<Float> {
         let r = &s.raw;
-        let at = format!("float[{}]", s.index);
-        let name = self.rule_name(s, &r.name, &at, "[[float]]");
-        let images = self.images(s, &r.images, &at);
+        let at = At::new(RuleKind::Float, s.index);
+        let name = self.rule_name(s, &r.name, at);
+        let images = self.images(s, &r.images, at);
         let tag = match &r.tag {
             Some(v) => self.tag(v, &format!("{at}.tag")),
             None => {
                 self.missing(
                     s,
                     "tag",
-                    &at,
+                    at,
                     "the floating tag to maintain, e.g. \"stable\"",
                 );
                 None
@@ -331,7 +334,7 @@ impl Validator<'_, '_> {
         let follow = match &r.follow {
             Some(v) => self.regex(v, &format!("{at}.follow")),
             None => {
-                self.missing(s, "follow", &at, "a regex over candidate tags");
+                self.missing(s, "follow", at, "a regex over candidate tags");
                 None
             }
         };
@@ -368,9 +371,9 @@ impl Validator<'_, '_> {
 
     pub(super) fn prepull(&mut self, s: &Section<raw::RawPrepull>) -> Option<Prepull> {
         let r = &s.raw;
-        let at = format!("prepull[{}]", s.index);
+        let at = At::new(RuleKind::Prepull, s.index);
         let mut ok = true;
-        let reference = match &r.image {
+        let image = match &r.image {
             Some(v) => match Reference::parse_explicit(v.get_ref()) {
                 // The image as written, and whether it is pinned by digest.
                 Ok(parts) => Some((v.get_ref().clone(), parts.digest.is_some())),
@@ -383,11 +386,11 @@ impl Validator<'_, '_> {
                 }
             },
             None => {
-                self.missing(s, "image", &at, "a reference like \"nginx:1.25\"");
+                self.missing(s, "image", at, "a reference like \"nginx:1.25\"");
                 None
             }
         };
-        let by_digest = reference.as_ref().is_some_and(|(_, pinned)| *pinned);
+        let by_digest = image.as_ref().is_some_and(|(_, pinned)| *pinned);
         let digest = match &r.digest {
             Some(v) => {
                 if by_digest {
@@ -457,7 +460,7 @@ impl Validator<'_, '_> {
             Some(v) => self.count(v, &format!("{at}.keep_previous"), 0, None),
             None => Some(0),
         };
-        let ((image, _), refresh, keep_previous) = (reference?, refresh?, keep_previous?);
+        let ((image, _), refresh, keep_previous) = (image?, refresh?, keep_previous?);
         ok.then_some(Prepull {
             image,
             digest,
@@ -470,16 +473,16 @@ impl Validator<'_, '_> {
 
     pub(super) fn mirror(&mut self, s: &Section<raw::RawMirror>) -> Option<Mirror> {
         let r = &s.raw;
-        let at = format!("mirror[{}]", s.index);
-        let name = self.rule_name(s, &r.name, &at, "[[mirror]]");
+        let at = At::new(RuleKind::Mirror, s.index);
+        let name = self.rule_name(s, &r.name, at);
         let registry = match &r.registry {
             Some(v) => self.registry(v, &format!("{at}.registry")),
             None => {
-                self.missing(s, "registry", &at, "the target registry, host[:port]");
+                self.missing(s, "registry", at, "the target registry, host[:port]");
                 None
             }
         };
-        let scope = self.scope(s, &r.images, &r.tags, &at);
+        let scope = self.scope(s, &r.images, &r.tags, at);
         let prefix = match &r.prefix {
             Some(v) => match check_path(v.get_ref()) {
                 Ok(()) => Some(Some(v.get_ref().clone())),

@@ -10,6 +10,7 @@
 //! of single values in [`super::values`].
 
 use std::collections::HashMap;
+use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -67,6 +68,58 @@ pub fn parse(text: &str, path: &Path) -> Result<Policy, Diagnostics> {
     }
 }
 
+/// The kinds of rule written as arrays of tables (`[[retain]]`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RuleKind {
+    Retain,
+    Protect,
+    Tags,
+    Float,
+    Prepull,
+    Mirror,
+}
+
+impl RuleKind {
+    /// The table's key, as written in the policy.
+    fn key(self) -> &'static str {
+        match self {
+            RuleKind::Retain => "retain",
+            RuleKind::Protect => "protect",
+            RuleKind::Tags => "tags",
+            RuleKind::Float => "float",
+            RuleKind::Prepull => "prepull",
+            RuleKind::Mirror => "mirror",
+        }
+    }
+}
+
+/// `[[retain]]`: how messages name a kind of rule.
+impl fmt::Display for RuleKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[[{}]]", self.key())
+    }
+}
+
+/// Where a rule is, shown as `retain[2]` (1-based, in file order): the
+/// prefix of every message about its keys.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct At {
+    pub(super) kind: RuleKind,
+    index: usize,
+}
+
+impl At {
+    pub(super) fn new(kind: RuleKind, index: usize) -> Self {
+        At { kind, index }
+    }
+}
+
+impl fmt::Display for At {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.kind.key(), self.index)
+    }
+}
+
 /// Checks a [`raw::RawPolicy`] into a [`Policy`], reporting to the sink.
 pub(super) struct Validator<'s, 'a> {
     sink: &'s mut Sink<'a>,
@@ -74,7 +127,7 @@ pub(super) struct Validator<'s, 'a> {
     path: &'a Path,
     /// Rule names seen so far: name -> (rule kind, span), for uniqueness
     /// across every rule kind (the audit log names rules without their kind).
-    names: HashMap<String, (&'static str, Range<usize>)>,
+    names: HashMap<String, (RuleKind, Range<usize>)>,
 }
 
 impl<'s, 'a> Validator<'s, 'a> {
@@ -238,7 +291,7 @@ impl<'s, 'a> Validator<'s, 'a> {
         }
     }
 
-    pub(super) fn missing<T>(&mut self, s: &Section<T>, key: &str, at: &str, what: &str) {
+    pub(super) fn missing<T>(&mut self, s: &Section<T>, key: &str, at: At, what: &str) {
         if !s.bad.contains(key) {
             self.err(
                 s.span.clone(),
@@ -251,8 +304,7 @@ impl<'s, 'a> Validator<'s, 'a> {
         &mut self,
         s: &Section<T>,
         field: &Opt<String>,
-        at: &str,
-        kind: &'static str,
+        at: At,
     ) -> Option<String> {
         match field {
             Some(v) => {
@@ -268,7 +320,7 @@ impl<'s, 'a> Validator<'s, 'a> {
                     );
                     return None;
                 }
-                self.unique_name(name.to_owned(), v.span(), kind, &format!("{at}.name"))
+                self.unique_name(name.to_owned(), v.span(), at.kind, &format!("{at}.name"))
             }
             None => {
                 self.missing(s, "name", at, "written into the audit log as the reason");
@@ -281,7 +333,7 @@ impl<'s, 'a> Validator<'s, 'a> {
         &mut self,
         name: String,
         span: Range<usize>,
-        kind: &'static str,
+        kind: RuleKind,
         key: &str,
     ) -> Option<String> {
         if let Some((other_kind, other_span)) = self.names.get(&name) {

@@ -14,7 +14,7 @@ use toml::Spanned;
 use crate::refs::{check_host, check_tag};
 
 use super::raw::{self, List, Section, SizeValue};
-use super::validate::Validator;
+use super::validate::{At, RuleKind, Validator};
 use super::{Cron, Globs, Patterns, Scope};
 
 /// `[daemon].schedule` by default, and the example in cron messages.
@@ -58,7 +58,7 @@ impl Validator<'_, '_> {
         s: &Section<T>,
         images: &List,
         tags: &List,
-        at: &str,
+        at: At,
     ) -> Option<Scope> {
         let globs = self.images(s, images, at);
         let tags = match tags {
@@ -71,13 +71,13 @@ impl Validator<'_, '_> {
         })
     }
 
-    pub(super) fn images<T>(&mut self, s: &Section<T>, images: &List, at: &str) -> Option<Globs> {
+    pub(super) fn images<T>(&mut self, s: &Section<T>, images: &List, at: At) -> Option<Globs> {
         match images {
             Some(list) => self.globs(list, &format!("{at}.images")),
             None => {
                 // A missing `images` in a retain rule was already explained
                 // together with `untagged`.
-                if !at.starts_with("retain[") {
+                if at.kind != RuleKind::Retain {
                     self.missing(s, "images", at, "repository globs in scope");
                 }
                 None
