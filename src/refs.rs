@@ -54,7 +54,7 @@ impl Reference {
         {
             return Err(RefError::Tag(t.to_string()));
         }
-        if repository.len() > 255 || check_repository(repository).is_err() {
+        if check_repository(repository).is_err() {
             return Err(RefError::Repository(repository.to_string()));
         }
         Ok(Self {
@@ -185,8 +185,15 @@ pub(crate) fn canonical_registry(host: &str) -> String {
     }
 }
 
-/// An optional registry host (see [`check_host`]), then path components.
+/// An optional registry host (see [`check_host`]), then path components;
+/// at most 255 bytes in all, as the engine requires.
 fn check_repository(repository: &str) -> Result<(), String> {
+    if repository.len() > 255 {
+        return Err(format!(
+            "repository name is {} bytes long; at most 255",
+            repository.len()
+        ));
+    }
     let path = match host_part(repository) {
         Some(h) => {
             check_host(h).map_err(|e| format!("registry {h:?}: {e}"))?;
@@ -429,6 +436,25 @@ mod tests {
         let registry = |r: &str| Reference::parse_explicit(r).map(|p| p.registry().to_owned());
         assert_eq!(registry("nginx:1"), Ok("docker.io".into()));
         assert_eq!(registry("10.0.0.5:5000/a:1"), Ok("10.0.0.5:5000".into()));
+    }
+
+    /// `transfer` parses a pre-pull's image with [`Reference::parse`] and
+    /// skips what it refuses: nothing a policy accepts may be refused there.
+    #[test]
+    fn what_a_policy_accepts_the_engine_grammar_accepts() {
+        let long = format!("{}:1", "a".repeat(256));
+        assert!(Reference::parse(&long).is_err());
+        assert!(Reference::parse_explicit(&long).is_err());
+        let digest = format!("sha256:{}", "0".repeat(64));
+        for ok in [
+            "nginx:1.25".to_owned(),
+            "127.0.0.1:5000/team/app:v1.2.0".to_owned(),
+            format!("[::1]:5000/app@{digest}"),
+            format!("{}:1", "a".repeat(255)),
+        ] {
+            assert!(Reference::parse_explicit(&ok).is_ok(), "{ok}");
+            assert!(Reference::parse(&ok).is_ok(), "{ok}");
+        }
     }
 
     #[test]
