@@ -4,8 +4,8 @@
 //! Grammar follows the distribution reference format closely enough to reject
 //! what the engine would reject, without normalising names: stowage matches
 //! references exactly as `RepoTags` shows them. This is the one copy of that
-//! grammar: [`Reference::parse`] for what the engine and the state hold,
-//! [`Reference::parse_explicit`] and the `check_*` functions for the policy
+//! grammar: `Reference::parse` for what the engine and the state hold,
+//! `Reference::parse_explicit` and the `check_*` functions for the policy
 //! validator, which words their messages.
 
 use std::fmt;

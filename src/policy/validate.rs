@@ -23,7 +23,7 @@ use super::Policy;
 use super::diag::{Diagnostics, Sink};
 use super::raw::{self, Opt, RawPolicy, Section};
 
-/// Read and validate the policy at `path` (see [`super::file`]: a regular
+/// Read and validate the policy at `path` (see `policy::file`: a regular
 /// file, bounded, UTF-8). An unreadable file is a single diagnostic without
 /// a position.
 pub fn load(path: &Path) -> Result<Policy, Diagnostics> {
@@ -31,7 +31,7 @@ pub fn load(path: &Path) -> Result<Policy, Diagnostics> {
     load_bytes(&bytes, path)
 }
 
-/// Validate the policy file's `bytes` as read by [`super::file::read`]:
+/// Validate the policy file's `bytes` as read by `policy::file::read`:
 /// text that is not UTF-8 is refused, never repaired, so a reload accepts
 /// exactly what a start accepts.
 pub fn load_bytes(bytes: &[u8], path: &Path) -> Result<Policy, Diagnostics> {
