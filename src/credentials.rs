@@ -275,7 +275,7 @@ fn normalise_host(server: &str) -> String {
         .or_else(|| s.strip_prefix("http://"))
         .unwrap_or(s);
     let host = s.split('/').next().unwrap_or(s).to_ascii_lowercase();
-    crate::policy::canonical_registry(&host)
+    crate::refs::canonical_registry(&host)
 }
 
 #[cfg(test)]

@@ -3,26 +3,28 @@
 //!
 //! Grammar follows the distribution reference format closely enough to reject
 //! what the engine would reject, without normalising names: stowage matches
-//! references exactly as `RepoTags` shows them. The `check_*` functions are the
-//! one copy of that grammar; the policy validator uses them for its messages.
+//! references exactly as `RepoTags` shows them. This is the one copy of that
+//! grammar: `Reference::parse` for what the engine and the state hold,
+//! `Reference::parse_explicit` and the `check_*` functions for the policy
+//! validator, which words their messages.
 
 use std::fmt;
 use std::net::Ipv6Addr;
 use std::str::FromStr;
 
 /// The registry the engine uses for references without a host part.
-pub const DEFAULT_REGISTRY: &str = "docker.io";
+pub(crate) const DEFAULT_REGISTRY: &str = "docker.io";
 
 /// A parsed reference. `repository` keeps its registry host, if it has one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Reference {
+pub(crate) struct Reference {
     pub repository: String,
     pub tag: Option<String>,
     pub digest: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RefError {
+pub(crate) enum RefError {
     #[error("empty reference")]
     Empty,
     #[error("invalid repository name {0:?}")]
@@ -31,48 +33,77 @@ pub enum RefError {
     Tag(String),
     #[error("invalid digest {0:?} (expected sha256:<64 hex digits>)")]
     Digest(String),
-    #[error("invalid registry host {0:?}")]
-    Host(String),
 }
 
 impl Reference {
     /// Parse `repo[:tag][@digest]`. A reference without tag and digest gets
     /// no implicit `latest`: callers decide.
-    pub fn parse(s: &str) -> Result<Self, RefError> {
+    pub(crate) fn parse(s: &str) -> Result<Self, RefError> {
         if s.is_empty() {
             return Err(RefError::Empty);
         }
-        let (rest, digest) = match s.split_once('@') {
-            Some((r, d)) => {
-                if check_digest(d).is_err() {
-                    return Err(RefError::Digest(d.to_string()));
-                }
-                (r, Some(d.to_string()))
-            }
-            None => (s, None),
-        };
+        let (rest, digest) = split_digest(s);
+        if let Some(d) = digest
+            && check_digest(d).is_err()
+        {
+            return Err(RefError::Digest(d.to_string()));
+        }
         let (repository, tag) = split_tag(rest);
         if let Some(t) = tag
             && check_tag(t).is_err()
         {
             return Err(RefError::Tag(t.to_string()));
         }
-        validate_repository(repository)?;
+        if check_repository(repository).is_err() {
+            return Err(RefError::Repository(repository.to_string()));
+        }
         Ok(Self {
             repository: repository.to_string(),
             tag: tag.map(str::to_string),
-            digest,
+            digest: digest.map(str::to_string),
+        })
+    }
+
+    /// Parse a reference that names exactly one of a tag or a digest, as a
+    /// policy writes it (no implicit `latest`, no `repo:tag@digest`), with a
+    /// message saying which part is wrong.
+    pub(crate) fn parse_explicit(text: &str) -> Result<Self, String> {
+        if text.is_empty() {
+            return Err("empty".to_owned());
+        }
+        if text.len() > 512 {
+            return Err("too long".to_owned());
+        }
+        let (name_tag, digest) = split_digest(text);
+        if let Some(d) = digest {
+            check_digest(d)?;
+        }
+        let (name, tag) = split_tag(name_tag);
+        match (tag, digest) {
+            (None, None) => {
+                return Err(format!(
+                    "needs a tag or a digest, e.g. \"{name}:latest\" or \"{name}@sha256:...\""
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(
+                    "give a tag or a digest, not both; pin a tag with `digest = ...`".to_owned(),
+                );
+            }
+            (Some(t), None) => check_tag(t).map_err(|e| format!("tag {t:?}: {e}"))?,
+            (None, Some(_)) => {}
+        }
+        check_repository(name)?;
+        Ok(Self {
+            repository: name.to_owned(),
+            tag: tag.map(str::to_owned),
+            digest: digest.map(str::to_owned),
         })
     }
 
     /// The registry host (`docker.io` when the name has none).
-    pub fn registry(&self) -> &str {
+    pub(crate) fn registry(&self) -> &str {
         registry_of(&self.repository)
-    }
-
-    /// The repository path without its registry host.
-    pub fn path(&self) -> &str {
-        path_of(&self.repository)
     }
 }
 
@@ -92,13 +123,13 @@ impl fmt::Display for Reference {
 /// The first 12 characters of an image id or digest's hex (`sha256:`
 /// dropped), for display. Ids and digests come from an engine or a
 /// registry and are not trusted to be ASCII: never sliced inside a character.
-pub fn short_id(id: &str) -> &str {
+pub(crate) fn short_id(id: &str) -> &str {
     let hex = id.strip_prefix("sha256:").unwrap_or(id);
     first_chars(hex, 12)
 }
 
 /// A digest shortened for display, keeping its algorithm: `sha256:0123456789ab`.
-pub fn short_digest(digest: &str) -> &str {
+pub(crate) fn short_digest(digest: &str) -> &str {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
     &digest[..digest.len() - hex.len() + first_chars(hex, 12).len()]
 }
@@ -116,6 +147,14 @@ pub fn split_tag(s: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// Split `name@digest` at the first `@`.
+fn split_digest(s: &str) -> (&str, Option<&str>) {
+    match s.split_once('@') {
+        Some((name, digest)) => (name, Some(digest)),
+        None => (s, None),
+    }
+}
+
 /// Whether the first path component names a registry host, as the engine decides.
 fn host_part(repository: &str) -> Option<&str> {
     let (first, _) = repository.split_once('/')?;
@@ -123,38 +162,59 @@ fn host_part(repository: &str) -> Option<&str> {
 }
 
 /// The registry host of a repository (`docker.io` when it has none).
-pub fn registry_of(repository: &str) -> &str {
+pub(crate) fn registry_of(repository: &str) -> &str {
     host_part(repository).unwrap_or(DEFAULT_REGISTRY)
 }
 
 /// The repository path without its registry host.
-pub fn path_of(repository: &str) -> &str {
+pub(crate) fn path_of(repository: &str) -> &str {
     match host_part(repository) {
         Some(h) => &repository[h.len() + 1..],
         None => repository,
     }
 }
 
-fn validate_repository(repository: &str) -> Result<(), RefError> {
-    let bad = || RefError::Repository(repository.to_string());
+/// Docker Hub answers to several names; `allowed_registries` and mirror
+/// matching treat them as one.
+pub(crate) fn canonical_registry(host: &str) -> String {
+    match host {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            DEFAULT_REGISTRY.to_owned()
+        }
+        h => h.to_ascii_lowercase(),
+    }
+}
+
+/// An optional registry host (see [`check_host`]), then path components;
+/// at most 255 bytes in all, as the engine requires.
+fn check_repository(repository: &str) -> Result<(), String> {
     if repository.len() > 255 {
-        return Err(bad());
+        return Err(format!(
+            "repository name is {} bytes long; at most 255",
+            repository.len()
+        ));
     }
     let path = match host_part(repository) {
         Some(h) => {
-            check_host(h).map_err(|_| bad())?;
+            check_host(h).map_err(|e| format!("registry {h:?}: {e}"))?;
             &repository[h.len() + 1..]
         }
         None => repository,
     };
-    if path.is_empty() || !path.split('/').all(|c| check_path_component(c).is_ok()) {
-        return Err(bad());
+    path.split('/').try_for_each(check_path_component)
+}
+
+/// A repository path without a host (a mirror's `prefix`): path components
+/// joined by `/`.
+pub(crate) fn check_path(path: &str) -> Result<(), String> {
+    if path.starts_with('/') || path.ends_with('/') {
+        return Err("no leading or trailing `/`".to_owned());
     }
-    Ok(())
+    path.split('/').try_for_each(check_path_component)
 }
 
 /// `[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*`, Docker's repository path grammar.
-pub fn check_path_component(part: &str) -> Result<(), String> {
+fn check_path_component(part: &str) -> Result<(), String> {
     if part.is_empty() {
         return Err("empty path component (a leading, trailing or doubled `/`)".to_owned());
     }
@@ -186,7 +246,7 @@ pub fn check_path_component(part: &str) -> Result<(), String> {
 }
 
 /// `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
-pub fn check_tag(tag: &str) -> Result<(), String> {
+pub(crate) fn check_tag(tag: &str) -> Result<(), String> {
     let mut chars = tag.chars();
     let first_ok = chars
         .next()
@@ -200,7 +260,7 @@ pub fn check_tag(tag: &str) -> Result<(), String> {
     Ok(())
 }
 
-pub fn check_digest(d: &str) -> Result<(), String> {
+pub(crate) fn check_digest(d: &str) -> Result<(), String> {
     match d.strip_prefix("sha256:") {
         Some(hex)
             if hex.len() == 64
@@ -217,7 +277,7 @@ pub fn check_digest(d: &str) -> Result<(), String> {
 }
 
 /// `host[:port]`: a DNS name or IPv4 address, or `[IPv6]`, with an optional port.
-pub fn check_host(text: &str) -> Result<(), String> {
+pub(crate) fn check_host(text: &str) -> Result<(), String> {
     if text.contains("://") {
         return Err("write host[:port] without a scheme".to_owned());
     }
@@ -269,6 +329,24 @@ pub fn check_host(text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `os/arch[/variant]`, e.g. `linux/arm64` or `linux/arm/v7`.
+pub(crate) fn check_platform(p: &str) -> Result<(), String> {
+    let parts: Vec<&str> = p.split('/').collect();
+    let valid = (2..=3).contains(&parts.len())
+        && parts.iter().all(|s| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid platform {p:?}: expected os/arch[/variant], e.g. \"linux/arm64\" or \"linux/arm/v7\""
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,7 +371,7 @@ mod tests {
         assert_eq!(r.repository, "127.0.0.1:5000/team/app");
         assert_eq!(r.tag.as_deref(), Some("v1.2.0"));
         assert_eq!(r.registry(), "127.0.0.1:5000");
-        assert_eq!(r.path(), "team/app");
+        assert_eq!(path_of(&r.repository), "team/app");
         assert_eq!(r.to_string(), "127.0.0.1:5000/team/app:v1.2.0");
     }
 
@@ -301,7 +379,7 @@ mod tests {
     fn docker_hub_names_have_the_default_registry() {
         let r = Reference::parse("nginx:1.25").unwrap();
         assert_eq!(r.registry(), "docker.io");
-        assert_eq!(r.path(), "nginx");
+        assert_eq!(path_of(&r.repository), "nginx");
         let r = Reference::parse("team/app").unwrap();
         assert_eq!(r.registry(), "docker.io");
         assert_eq!(r.tag, None);
@@ -327,5 +405,81 @@ mod tests {
         assert!(check_host("127.0.0.1:5000").is_ok());
         assert!(check_host("registry.example.com").is_ok());
         assert!(check_host("http://x").is_err());
+    }
+
+    #[test]
+    fn explicit_references() {
+        for ok in [
+            "nginx:1.25",
+            "team/app:v1.2.0",
+            "127.0.0.1:5000/team/app:v1.2.0",
+            "localhost/app:dev",
+            "ghcr.io/org/my-app__x.y:latest",
+            "alpine@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(Reference::parse_explicit(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "nginx",
+            "Nginx:1",
+            "nginx:",
+            "nginx:-x",
+            "a//b:1",
+            "/a:1",
+            "a-:1",
+            "a:1@sha256:00",
+            "alpine@sha256:XYZ",
+            "my host/app:1",
+        ] {
+            assert!(Reference::parse_explicit(bad).is_err(), "{bad}");
+        }
+        let registry = |r: &str| Reference::parse_explicit(r).map(|p| p.registry().to_owned());
+        assert_eq!(registry("nginx:1"), Ok("docker.io".into()));
+        assert_eq!(registry("10.0.0.5:5000/a:1"), Ok("10.0.0.5:5000".into()));
+    }
+
+    /// `transfer` parses a pre-pull's image with [`Reference::parse`] and
+    /// skips what it refuses: nothing a policy accepts may be refused there.
+    #[test]
+    fn what_a_policy_accepts_the_engine_grammar_accepts() {
+        let long = format!("{}:1", "a".repeat(256));
+        assert!(Reference::parse(&long).is_err());
+        assert!(Reference::parse_explicit(&long).is_err());
+        let digest = format!("sha256:{}", "0".repeat(64));
+        for ok in [
+            "nginx:1.25".to_owned(),
+            "127.0.0.1:5000/team/app:v1.2.0".to_owned(),
+            format!("[::1]:5000/app@{digest}"),
+            format!("{}:1", "a".repeat(255)),
+        ] {
+            assert!(Reference::parse_explicit(&ok).is_ok(), "{ok}");
+            assert!(Reference::parse(&ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn hosts() {
+        for ok in [
+            "registry.local",
+            "10.0.0.5:5000",
+            "localhost:5000",
+            "[::1]:5000",
+            "ghcr.io",
+        ] {
+            assert!(check_host(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "https://x.io",
+            "x.io/path",
+            "x.io:0",
+            "x.io:99999",
+            "",
+            "-x.io",
+            "a..b",
+            "[::1",
+            "x io",
+        ] {
+            assert!(check_host(bad).is_err(), "{bad}");
+        }
     }
 }

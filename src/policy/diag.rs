@@ -22,7 +22,7 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     /// A problem with the file as a whole, not at a position.
-    pub fn file(path: &Path, message: impl Into<String>) -> Self {
+    pub(super) fn file(path: &Path, message: impl Into<String>) -> Self {
         Diagnostic {
             path: path.to_path_buf(),
             line: None,

@@ -15,7 +15,7 @@ use super::diag::{Diagnostic, Diagnostics, LineIndex};
 
 /// Far above any real policy (rules, not image lists); a file this large is
 /// a mistake, and reading it whole would cost the daemon its memory.
-pub const MAX_POLICY_BYTES: u64 = 4 * 1024 * 1024;
+const MAX_POLICY_BYTES: u64 = 4 * 1024 * 1024;
 
 fn refuse(path: &Path, message: String) -> Diagnostics {
     Diagnostics(vec![Diagnostic::file(path, message)])
@@ -23,7 +23,7 @@ fn refuse(path: &Path, message: String) -> Diagnostics {
 
 /// The bytes of the policy at `path`, checked to be a regular file of at most
 /// [`MAX_POLICY_BYTES`].
-pub fn read(path: &Path) -> Result<Vec<u8>, Diagnostics> {
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, Diagnostics> {
     let cannot = |e: std::io::Error| refuse(path, format!("cannot read policy: {e}"));
     // Non-blocking open: opening a FIFO for reading otherwise waits for a
     // writer, before there is any descriptor to check.
@@ -65,7 +65,7 @@ pub fn read(path: &Path) -> Result<Vec<u8>, Diagnostics> {
 }
 
 /// `bytes` as text, or a diagnostic at the first byte that is not UTF-8.
-pub fn decode<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a str, Diagnostics> {
+pub(crate) fn decode<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a str, Diagnostics> {
     std::str::from_utf8(bytes).map_err(|e| {
         let valid = e.valid_up_to();
         // The prefix is valid UTF-8, so positions in it are exact.

@@ -1,16 +1,20 @@
-//! The policy: raw TOML (`raw`), validated into [`Policy`] (`validate`), with
-//! diagnostics that carry `FILE:LINE:COL` (`diag`).
+//! The policy: raw TOML (`raw`), validated into [`Policy`] (`validate`, with
+//! the rules of each section in `sections` and single values in `values`),
+//! with diagnostics that carry `FILE:LINE:COL` (`diag`).
 //!
 //! Everything here is pure: parsing takes a string, never touches the engine,
 //! and never reads the clock.
 
 mod diag;
-pub mod file;
+pub(crate) mod file;
 mod raw;
+mod sections;
 mod validate;
+mod values;
 
 pub use diag::{Diagnostic, Diagnostics};
-pub(crate) use validate::canonical_registry;
+// `transfer.rs` imports it from here; it lives with the reference grammar.
+pub(crate) use crate::refs::canonical_registry;
 pub use validate::{load, load_bytes, parse};
 
 use std::path::PathBuf;
@@ -33,6 +37,27 @@ pub struct Policy {
     pub prepull: Vec<Prepull>,
     pub mirror: Vec<Mirror>,
     pub storage: Option<Storage>,
+}
+
+impl Policy {
+    /// One line for `stowage check`.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "policy OK: {} retain, {} protect, {} tags, {} float, {} prepull, {} mirror rules; storage {}; schedule {:?}",
+            self.retain.len(),
+            self.protect.len(),
+            self.tags.len(),
+            self.float.len(),
+            self.prepull.len(),
+            self.mirror.len(),
+            if self.storage.is_some() { "on" } else { "off" },
+            self.daemon.schedule.source,
+        );
+        if self.daemon.dry_run {
+            s.push_str("; dry_run");
+        }
+        s
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -92,7 +117,7 @@ pub struct Globs {
 }
 
 impl Globs {
-    pub fn is_match(&self, repository: &str) -> bool {
+    pub(crate) fn is_match(&self, repository: &str) -> bool {
         self.set.is_match(repository)
     }
 }
@@ -188,7 +213,7 @@ impl Prepull {
     /// The key of this entry in the persistent state (previous images, last
     /// refresh check, backoff): the image, plus the platform when one is set,
     /// since the same image may be listed once per platform.
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         match &self.platform {
             Some(p) => format!("{} {p}", self.image),
             None => self.image.clone(),
