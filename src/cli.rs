@@ -130,7 +130,7 @@ pub fn main() -> ExitCode {
     // What is still buffered goes now, under the same rule as every write.
     match finish_output() {
         Ok(()) => code,
-        Err(Fatal(msg)) => {
+        Err(msg) => {
             errln(format_args!("error: {msg}"));
             ExitCode::from(2)
         }
@@ -165,7 +165,7 @@ fn output_result(result: std::io::Result<()>) -> Result<(), Fatal> {
             STDOUT_GONE.store(true, Ordering::Relaxed);
             Ok(())
         }
-        Err(e) => Err(Fatal(format!("cannot write the output: {e}"))),
+        Err(e) => Err(Fatal::Output(e)),
         Ok(()) => Ok(()),
     }
 }
@@ -204,13 +204,30 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-/// A failure that ends a command with exit 2, printed as one line.
-struct Fatal(String);
-
-impl<E: std::fmt::Display> From<E> for Fatal {
-    fn from(e: E) -> Self {
-        Fatal(e.to_string())
-    }
+/// A failure that ends a command with exit 2, printed as one line. The
+/// error it came from stays typed and reachable through `source()`.
+#[derive(Debug, thiserror::Error)]
+enum Fatal {
+    #[error("{0}")]
+    Message(String),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error(transparent)]
+    Reconcile(#[from] reconcile::ReconcileError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
+    #[error(transparent)]
+    Control(#[from] control::ClientError),
+    #[error(transparent)]
+    Daemon(#[from] daemon::DaemonError),
+    #[error("cannot encode the answer as JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("cannot write the output: {0}")]
+    Output(std::io::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
@@ -233,7 +250,7 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(Fatal(msg)) => {
+        Err(msg) => {
             errln(format_args!("error: {msg}"));
             ExitCode::from(2)
         }
@@ -244,7 +261,7 @@ fn check(path: &Path) -> ExitCode {
     match policy::load(path) {
         Ok(p) => match outln!("{}: {}", path.display(), p.summary()) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(Fatal(msg)) => {
+            Err(msg) => {
                 errln(format_args!("error: {msg}"));
                 ExitCode::from(2)
             }
@@ -261,7 +278,7 @@ fn check(path: &Path) -> ExitCode {
 fn load_policy(path: &Path) -> Result<Policy, Fatal> {
     policy::load(path).map_err(|d| {
         let text = d.to_string();
-        Fatal(format!(
+        Fatal::Message(format!(
             "invalid policy, nothing done:\n{}",
             text.trim_end()
         ))
@@ -388,7 +405,7 @@ async fn own_state(policy: &Policy) -> Result<Owner, Fatal> {
         })
         .await
         .map_err(|e| match e {
-            StateError::Held { dir, holder } => Fatal(format!(
+            StateError::Held { dir, holder } => Fatal::Message(format!(
                 "the state in {} is still in use by {holder} after {}s; nothing done (run `stowage apply` again when it has finished)",
                 dir.display(),
                 APPLY_LOCK_WAIT.as_secs()
@@ -524,7 +541,7 @@ async fn cmd_reconcile(
 ) -> Result<ExitCode, Fatal> {
     let socket = control_socket(path, socket);
     match daemon::ask(&socket, &control::Request::Reconcile, timeout).await? {
-        None => Err(Fatal(format!(
+        None => Err(Fatal::Message(format!(
             "no stowage daemon answers at {} (is `stowage run` running? `stowage apply` reconciles without one)",
             socket.display()
         ))),
@@ -543,8 +560,8 @@ fn print_reconcile(answer: control::Response) -> Result<ExitCode, Fatal> {
             }
             Ok(ExitCode::from(result.exit_code()))
         }
-        control::Response::Error { message } => Err(Fatal(message)),
-        other => Err(Fatal(format!(
+        control::Response::Error { message } => Err(Fatal::Message(message)),
+        other => Err(Fatal::Message(format!(
             "unexpected answer from the daemon: {other:?}"
         ))),
     }
@@ -597,8 +614,8 @@ async fn cmd_status(
             out!("{out}")?;
             Ok(ExitCode::SUCCESS)
         }
-        Some(control::Response::Error { message }) => Err(Fatal(message)),
-        Some(other) => Err(Fatal(format!(
+        Some(control::Response::Error { message }) => Err(Fatal::Message(message)),
+        Some(other) => Err(Fatal::Message(format!(
             "unexpected answer from the daemon: {other:?}"
         ))),
         // No daemon: work from the engine directly.
@@ -687,7 +704,7 @@ fn since_cutoff(
         .ok()
         .and_then(|d| now.checked_sub_signed(d))
         .ok_or_else(|| {
-            Fatal(format!(
+            Fatal::Message(format!(
                 "--since {}: reaches back further than any time the audit log can hold; give a shorter duration",
                 humantime::format_duration(since)
             ))
