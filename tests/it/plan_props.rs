@@ -3,19 +3,17 @@
 //! - plan, apply to the fake engine, plan again gives no actions;
 //! - shuffling the input does not change the plan.
 
-mod support;
-
 use std::collections::{BTreeMap, HashSet};
 
+use crate::fake_store::{DAY, FixedClock, NOW, container, img, policy};
 use proptest::prelude::*;
 use stowage::audit::AuditLog;
 use stowage::engine::fake::FakeEngine;
 use stowage::engine::{Container, Image};
 use stowage::plan::{self, Kind, Observed};
 use stowage::policy::Policy;
-use stowage::reconcile::{self, Clock};
+use stowage::reconcile;
 use stowage::state::{ImageState, State};
-use support::{DAY, NOW, container, img, policy};
 use tokio_util::sync::CancellationToken;
 
 const REPOS: [&str; 4] = ["app", "team/web", "team/web/sub", "127.0.0.1:5000/team/app"];
@@ -129,13 +127,6 @@ fn protected_ref(p: &Policy, reference: &str) -> bool {
         .any(|pr| pr.scope.matches(repo, tag.unwrap_or("")))
 }
 
-struct Fixed;
-impl Clock for Fixed {
-    fn now(&self) -> chrono::DateTime<chrono::Utc> {
-        chrono::DateTime::from_timestamp(NOW, 0).unwrap()
-    }
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
@@ -212,7 +203,7 @@ proptest! {
         let mut audit = AuditLog::open(&dir.path().join("audit.jsonl")).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let report = rt.block_on(reconcile::execute(
-            &engine, &first, &mut audit, "r", false, &Fixed, &CancellationToken::new(),
+            &engine, &first, &mut audit, "r", false, &FixedClock, &CancellationToken::new(),
         )).unwrap();
         prop_assert_eq!(report.failed, 0);
         prop_assert_eq!(report.skipped, 0);

@@ -1,19 +1,18 @@
 //! Engine faults, against the real private engine behind an HTTP-aware proxy
-//! on a unix socket (`common::net::UnixHttpProxy`): an event stream that a
+//! on a unix socket (`net::UnixHttpProxy`): an event stream that a
 //! docker-socket-proxy refuses or closes, and an engine that sends an answer's
 //! head and then stalls its body.
 
-mod common;
-
+use crate::engine_env;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use common::net::{HttpAction, UnixHttpProxy};
+use crate::net::{HttpAction, UnixHttpProxy};
 
 /// A short private folder (unix socket paths are limited to 108 bytes).
 fn folder() -> tempfile::TempDir {
-    let base = common::scratch_dir();
+    let base = engine_env::scratch_dir();
     std::fs::create_dir_all(&base).unwrap();
     tempfile::Builder::new()
         .prefix("fe-")
@@ -61,7 +60,7 @@ impl Daemon {
     fn start(engine: &str, policy: &Path, dir: &Path) -> Daemon {
         let log = dir.join("daemon.log");
         let file = std::fs::File::create(&log).unwrap();
-        let child = common::stowage_cmd(engine, policy, &["run"])
+        let child = engine_env::stowage_cmd(engine, policy, &["run"])
             .env_remove("NOTIFY_SOCKET")
             .env("STOWAGE_LOG", "info")
             .stdin(Stdio::null())
@@ -98,11 +97,11 @@ impl Drop for Daemon {
 /// runs, and the stream is retried with backoff, not in a loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_event_stream_backs_off_and_does_not_reconcile_in_a_loop() {
-    let Some(engine) = common::engine_addr() else {
+    let Some(engine) = engine_env::engine_addr() else {
         return;
     };
     let upstream = socket_path(&engine);
-    let ns = common::unique_ns("events-refused");
+    let ns = engine_env::unique_ns("events-refused");
     let mut runs = Vec::new();
     for (name, action) in [
         ("403", HttpAction::Answer(403)),
@@ -180,7 +179,7 @@ async fn run_within(
 /// the body, and its error names the call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_against_an_engine_that_stalls_a_body_ends_with_a_timeout_naming_the_call() {
-    let Some(engine) = common::engine_addr() else {
+    let Some(engine) = engine_env::engine_addr() else {
         return;
     };
     let dir = folder();
@@ -191,14 +190,14 @@ async fn plan_against_an_engine_that_stalls_a_body_ends_with_a_timeout_naming_th
             HttpAction::Pass
         }
     });
-    let policy = write_policy(dir.path(), &common::unique_ns("stalled-body"));
-    let mut cmd = common::stowage_cmd(&proxy.addr(), &policy, &["plan"]);
+    let policy = write_policy(dir.path(), &engine_env::unique_ns("stalled-body"));
+    let mut cmd = engine_env::stowage_cmd(&proxy.addr(), &policy, &["plan"]);
     cmd.env("STOWAGE_ENGINE_TIMEOUT", "3s");
     let started = std::time::Instant::now();
     let out = run_within(cmd, Duration::from_secs(30), dir.path())
         .await
         .expect("`stowage plan` still hanging after 30 s on a stalled answer body");
-    let text = common::text(&out);
+    let text = engine_env::text(&out);
     assert!(proxy.requests("/images/json") >= 1, "{text}");
     assert_eq!(out.status.code(), Some(2), "{text}");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -335,18 +334,18 @@ async fn huge_error_registry(body_len: usize) -> (String, tokio::task::JoinHandl
 /// a marker saying how much was cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_error_with_a_huge_body_is_cut_in_log_audit_and_state() {
-    let Some(engine) = common::engine_addr() else {
+    let Some(engine) = engine_env::engine_addr() else {
         return;
     };
     let (registry, _task) = huge_error_registry(4 << 20).await;
     let dir = folder();
-    let policy = write_policy(dir.path(), &common::unique_ns("huge-error"));
+    let policy = write_policy(dir.path(), &engine_env::unique_ns("huge-error"));
     let mut text = std::fs::read_to_string(&policy).unwrap();
     text.push_str(&format!(
         "\n[[prepull]]\nimage = \"{registry}/team/app:1\"\n"
     ));
     std::fs::write(&policy, text).unwrap();
-    let cmd = common::stowage_cmd(&engine, &policy, &["apply"]);
+    let cmd = engine_env::stowage_cmd(&engine, &policy, &["apply"]);
     let out = run_within(cmd, Duration::from_secs(50), dir.path())
         .await
         .expect("`stowage apply` finished");

@@ -2,8 +2,7 @@
 //! `scripts/test`). Every test works in its own repository namespace with
 //! unique fixture seeds, so tests run in parallel on one engine.
 
-mod common;
-
+use crate::engine_env;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -22,22 +21,23 @@ fn no_progress() -> impl FnMut(&stowage::engine::Progress) + Send {
 
 #[tokio::test]
 async fn list_reports_loaded_tags_created_and_size() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let ns = common::unique_ns("list");
-    let base = common::unique_seed();
-    let multi = common::image(
+    let ns = engine_env::unique_ns("list");
+    let base = engine_env::unique_seed();
+    let multi = engine_env::image(
         &[&format!("{ns}/app:v1"), &format!("{ns}/app:latest")],
         CREATED,
         3000,
     )
     .with_base(base, 5000);
-    let single =
-        common::image(&[&format!("{ns}/other:1.0")], CREATED + 3600, 1234).with_base(base, 5000);
-    let dangling = common::image(&[], CREATED - 86_400, 777);
+    let single = engine_env::image(&[&format!("{ns}/other:1.0")], CREATED + 3600, 1234)
+        .with_base(base, 5000);
+    let dangling = engine_env::image(&[], CREATED - 86_400, 777);
 
-    let loaded = common::load(&engine, &[multi.clone(), single.clone(), dangling.clone()]).await;
+    let loaded =
+        engine_env::load(&engine, &[multi.clone(), single.clone(), dangling.clone()]).await;
     assert!(loaded.contains(&format!("{ns}/app:v1")), "{loaded:?}");
     assert!(loaded.contains(&format!("{ns}/other:1.0")), "{loaded:?}");
     assert!(
@@ -83,11 +83,11 @@ async fn list_reports_loaded_tags_created_and_size() {
 
 #[tokio::test]
 async fn load_of_dangling_fixture_gives_image_without_tags() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let dangling = common::image(&[], CREATED, 100);
-    let loaded = common::load(&engine, std::slice::from_ref(&dangling)).await;
+    let dangling = engine_env::image(&[], CREATED, 100);
+    let loaded = engine_env::load(&engine, std::slice::from_ref(&dangling)).await;
     assert_eq!(loaded, vec![dangling.id()]);
     let got = find(&engine, &dangling.id()).await.expect("listed");
     assert_eq!(got.repo_tags, Vec::<String>::new());
@@ -96,12 +96,12 @@ async fn load_of_dangling_fixture_gives_image_without_tags() {
 
 #[tokio::test]
 async fn tag_adds_a_reference() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let ns = common::unique_ns("tag");
-    let image = common::image(&[&format!("{ns}/app:v1")], CREATED, 100);
-    common::load(&engine, std::slice::from_ref(&image)).await;
+    let ns = engine_env::unique_ns("tag");
+    let image = engine_env::image(&[&format!("{ns}/app:v1")], CREATED, 100);
+    engine_env::load(&engine, std::slice::from_ref(&image)).await;
 
     engine
         .tag(&format!("{ns}/app:v1"), &format!("{ns}/app:stable"))
@@ -130,16 +130,16 @@ async fn tag_adds_a_reference() {
 
 #[tokio::test]
 async fn removing_one_reference_of_a_multi_tag_image_only_untags() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let ns = common::unique_ns("untag");
-    let image = common::image(
+    let ns = engine_env::unique_ns("untag");
+    let image = engine_env::image(
         &[&format!("{ns}/app:v1"), &format!("{ns}/app:v2")],
         CREATED,
         100,
     );
-    common::load(&engine, std::slice::from_ref(&image)).await;
+    engine_env::load(&engine, std::slice::from_ref(&image)).await;
 
     let removed = engine.remove(&format!("{ns}/app:v1")).await.unwrap();
     assert_eq!(removed.untagged, vec![format!("{ns}/app:v1")]);
@@ -150,12 +150,12 @@ async fn removing_one_reference_of_a_multi_tag_image_only_untags() {
 
 #[tokio::test]
 async fn removing_the_last_reference_deletes_the_image() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let ns = common::unique_ns("delete");
-    let image = common::image(&[&format!("{ns}/app:v1")], CREATED, 100);
-    common::load(&engine, std::slice::from_ref(&image)).await;
+    let ns = engine_env::unique_ns("delete");
+    let image = engine_env::image(&[&format!("{ns}/app:v1")], CREATED, 100);
+    engine_env::load(&engine, std::slice::from_ref(&image)).await;
 
     let removed = engine.remove(&format!("{ns}/app:v1")).await.unwrap();
     assert_eq!(removed.untagged, vec![format!("{ns}/app:v1")]);
@@ -168,15 +168,15 @@ async fn removing_the_last_reference_deletes_the_image() {
 
 #[tokio::test]
 async fn removing_an_image_used_by_a_stopped_container_is_refused() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
-    let ns = common::unique_ns("in-use");
+    let addr = engine_env::engine_addr().unwrap();
+    let ns = engine_env::unique_ns("in-use");
     let reference = format!("{ns}/app:v1");
-    let image = common::image(&[&reference], CREATED, 100);
-    common::load(&engine, std::slice::from_ref(&image)).await;
-    let container = common::create_container(&addr, &reference);
+    let image = engine_env::image(&[&reference], CREATED, 100);
+    engine_env::load(&engine, std::slice::from_ref(&image)).await;
+    let container = engine_env::create_container(&addr, &reference);
 
     let containers = engine.list_containers().await.unwrap();
     let listed = containers
@@ -197,22 +197,22 @@ async fn removing_an_image_used_by_a_stopped_container_is_refused() {
         "image still there"
     );
 
-    common::remove_container(&addr, &container);
+    engine_env::remove_container(&addr, &container);
     engine.remove(&reference).await.unwrap();
 }
 
 #[tokio::test]
 async fn push_remove_pull_roundtrip_and_remote_digest() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let Some(registry) = common::registry() else {
+    let Some(registry) = engine_env::registry() else {
         return;
     };
-    let ns = common::unique_ns("push");
+    let ns = engine_env::unique_ns("push");
     let reference = format!("{registry}/{ns}/app:v1");
-    let image = common::image(&[&reference], CREATED, 4096);
-    common::load(&engine, std::slice::from_ref(&image)).await;
+    let image = engine_env::image(&[&reference], CREATED, 4096);
+    engine_env::load(&engine, std::slice::from_ref(&image)).await;
 
     let mut statuses = Vec::new();
     engine
@@ -269,13 +269,13 @@ async fn push_remove_pull_roundtrip_and_remote_digest() {
 
 #[tokio::test]
 async fn pull_of_a_missing_tag_is_a_registry_error() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let Some(registry) = common::registry() else {
+    let Some(registry) = engine_env::registry() else {
         return;
     };
-    let ns = common::unique_ns("missing");
+    let ns = engine_env::unique_ns("missing");
     let reference = format!("{registry}/{ns}/nothing:v0");
     let err = engine
         .pull(&reference, None, None, &mut no_progress())
@@ -326,12 +326,12 @@ async fn unreachable_engine_gives_one_line_message() {
 
 #[tokio::test]
 async fn tag_produces_an_image_event() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let ns = common::unique_ns("events");
-    let image = common::image(&[&format!("{ns}/app:v1")], CREATED, 100);
-    common::load(&engine, std::slice::from_ref(&image)).await;
+    let ns = engine_env::unique_ns("events");
+    let image = engine_env::image(&[&format!("{ns}/app:v1")], CREATED, 100);
+    engine_env::load(&engine, std::slice::from_ref(&image)).await;
 
     let mut events = engine.events();
     let watch = async {
@@ -361,10 +361,10 @@ async fn tag_produces_an_image_event() {
 
 #[tokio::test]
 async fn info_reports_the_private_data_root() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
+    let addr = engine_env::engine_addr().unwrap();
     let socket = addr.trim_start_matches("unix://");
     let dir = std::path::Path::new(socket).parent().unwrap();
     let info = engine.info().await.unwrap();
@@ -376,13 +376,13 @@ async fn info_reports_the_private_data_root() {
 
 #[tokio::test]
 async fn save_returns_a_loadable_archive() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let ns = common::unique_ns("save");
+    let ns = engine_env::unique_ns("save");
     let reference = format!("{ns}/app:v1");
-    let image = common::image(&[&reference], CREATED, 100);
-    common::load(&engine, std::slice::from_ref(&image)).await;
+    let image = engine_env::image(&[&reference], CREATED, 100);
+    engine_env::load(&engine, std::slice::from_ref(&image)).await;
 
     let archive = engine.save(std::slice::from_ref(&reference)).await.unwrap();
     engine.remove(&reference).await.unwrap();
@@ -397,11 +397,11 @@ async fn save_returns_a_loadable_archive() {
 
 #[tokio::test]
 async fn disk_usage_and_build_cache_prune_answer() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let image = common::image(&[], CREATED, 10_000);
-    common::load(&engine, std::slice::from_ref(&image)).await;
+    let image = engine_env::image(&[], CREATED, 10_000);
+    engine_env::load(&engine, std::slice::from_ref(&image)).await;
     let usage = engine.disk_usage().await.unwrap();
     assert!(usage.images >= 1, "{usage:?}");
     assert!(usage.layers_size >= 10_000, "{usage:?}");
@@ -412,13 +412,13 @@ async fn disk_usage_and_build_cache_prune_answer() {
 
 #[tokio::test]
 async fn push_of_a_missing_local_image_is_not_found() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let Some(registry) = common::registry() else {
+    let Some(registry) = engine_env::registry() else {
         return;
     };
-    let ns = common::unique_ns("push-missing");
+    let ns = engine_env::unique_ns("push-missing");
     let err = engine
         .push(&format!("{registry}/{ns}/app:v1"), None, &mut no_progress())
         .await
@@ -428,15 +428,15 @@ async fn push_of_a_missing_local_image_is_not_found() {
 
 #[tokio::test]
 async fn narrow_lookups_used_right_before_each_removal() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
-    let ns = common::unique_ns("narrow");
-    let used = common::image(&[&format!("{ns}/app:used")], 1_700_000_000, 64);
-    let free = common::image(&[&format!("{ns}/app:free")], 1_700_000_000, 64);
-    common::load(&engine, &[used.clone(), free.clone()]).await;
-    let cid = common::create_container(&addr, &format!("{ns}/app:used"));
+    let addr = engine_env::engine_addr().unwrap();
+    let ns = engine_env::unique_ns("narrow");
+    let used = engine_env::image(&[&format!("{ns}/app:used")], 1_700_000_000, 64);
+    let free = engine_env::image(&[&format!("{ns}/app:free")], 1_700_000_000, 64);
+    engine_env::load(&engine, &[used.clone(), free.clone()]).await;
+    let cid = engine_env::create_container(&addr, &format!("{ns}/app:used"));
 
     let users = engine.containers_using(&used.id()).await.unwrap();
     assert_eq!(users.len(), 1);
@@ -460,5 +460,5 @@ async fn narrow_lookups_used_right_before_each_removal() {
             .unwrap(),
         None
     );
-    common::remove_container(&addr, &cid);
+    engine_env::remove_container(&addr, &cid);
 }

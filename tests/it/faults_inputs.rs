@@ -2,13 +2,12 @@
 //! `HOME` under systemd, a FIFO or `/dev/zero` as the policy, a closed
 //! stdout, megabyte values in a policy.
 
-mod common;
-
+use crate::engine_env;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::net::TestRegistry;
+use crate::net::TestRegistry;
 
 fn stowage() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stowage"));
@@ -164,7 +163,7 @@ fn is_root() -> bool {
 /// `~/.docker`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_are_found_without_home_as_under_systemd() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
     if !is_root() {
@@ -175,9 +174,9 @@ async fn credentials_are_found_without_home_as_under_systemd() {
         eprintln!("SKIP credentials_are_found_without_home_as_under_systemd: needs root");
         return;
     }
-    let addr = common::engine_addr().unwrap();
-    let dir = tempfile::tempdir_in(common::scratch_dir()).unwrap();
-    let secret = format!("s3cret-{:x}", common::unique_seed());
+    let addr = engine_env::engine_addr().unwrap();
+    let dir = tempfile::tempdir_in(engine_env::scratch_dir()).unwrap();
+    let secret = format!("s3cret-{:x}", engine_env::unique_seed());
     let hash = Command::new("htpasswd")
         .args(["-Bbn", "stowage", &secret])
         .output()
@@ -187,10 +186,10 @@ async fn credentials_are_found_without_home_as_under_systemd() {
     std::fs::write(&htpasswd, &hash.stdout).unwrap();
     let registry = TestRegistry::start(&dir.path().join("registry"), Some(&htpasswd));
 
-    let ns = common::unique_ns("nohome");
+    let ns = engine_env::unique_ns("nohome");
     let pulled = format!("{}/{ns}/app:1", registry.addr);
-    let image = common::image(&[&pulled], 1_700_000_000, 4096);
-    common::load(&engine, std::slice::from_ref(&image)).await;
+    let image = engine_env::image(&[&pulled], 1_700_000_000, 4096);
+    engine_env::load(&engine, std::slice::from_ref(&image)).await;
     let creds = stowage::engine::Credentials {
         username: Some("stowage".into()),
         password: Some(secret.clone()),
@@ -246,7 +245,7 @@ async fn credentials_are_found_without_home_as_under_systemd() {
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
     let out = run_bounded(cmd, Duration::from_secs(120));
-    let text = common::text(&out);
+    let text = engine_env::text(&out);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(
         text.contains(&format!(

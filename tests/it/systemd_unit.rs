@@ -8,11 +8,9 @@
 use std::path::Path;
 use std::process::Command;
 
-const UNIT: &str = include_str!("../systemd/stowage.service");
+use crate::engine_env::in_ci;
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
+const UNIT: &str = include_str!("../../systemd/stowage.service");
 
 /// `true` when systemd-analyze is there; a loud SKIP (a failure in CI) when not.
 fn have_systemd_analyze(test: &str) -> bool {

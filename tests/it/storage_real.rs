@@ -3,8 +3,7 @@
 //! `max_size` over images sharing a base layer freeing exactly their unique
 //! bytes, and an unreachable target reported once.
 
-mod common;
-
+use crate::engine_env;
 use std::path::Path;
 use std::process::Command;
 
@@ -13,7 +12,7 @@ use stowage::engine::{DockerEngine, Engine};
 const DAY: i64 = 86_400;
 const MIB: usize = 1024 * 1024;
 
-use common::{stowage, text};
+use crate::engine_env::{stowage, text};
 
 fn write_policy(dir: &Path, body: &str) -> std::path::PathBuf {
     write_policy_aged(dir, "1h", body)
@@ -46,7 +45,7 @@ async fn ids(engine: &DockerEngine) -> Vec<String> {
 
 #[tokio::test]
 async fn watermark_eviction_reaches_low_in_lru_order_and_keeps_protected() {
-    let Some(small) = common::PrivateEngine::start(Some(320)) else {
+    let Some(small) = engine_env::PrivateEngine::start(Some(320)) else {
         return;
     };
     let engine = DockerEngine::connect(Some(&small.addr)).await.unwrap();
@@ -54,7 +53,7 @@ async fn watermark_eviction_reaches_low_in_lru_order_and_keeps_protected() {
     // Eight 10 MiB images, oldest first; #0 is used by a container, #1 protected.
     let images: Vec<_> = (0..8)
         .map(|i| {
-            common::image(
+            engine_env::image(
                 &[&format!("fill/img{i}:v1")],
                 now - (100 - i as i64) * DAY,
                 10 * MIB,
@@ -63,9 +62,9 @@ async fn watermark_eviction_reaches_low_in_lru_order_and_keeps_protected() {
         .collect();
     // In small batches: a load needs room for its archive besides the layers.
     for batch in images.chunks(2) {
-        common::load(&engine, batch).await;
+        engine_env::load(&engine, batch).await;
     }
-    common::create_container(&small.addr, "fill/img0:v1");
+    engine_env::create_container(&small.addr, "fill/img0:v1");
     let (total, avail) = small.disk();
     let used_pct = (total - avail) as f64 * 100.0 / total as f64;
     // Ask for about three images' worth (30 MiB) to go.
@@ -115,17 +114,17 @@ async fn watermark_eviction_reaches_low_in_lru_order_and_keeps_protected() {
 
 #[tokio::test]
 async fn max_size_with_a_shared_base_frees_exactly_the_unique_bytes() {
-    let Some(small) = common::PrivateEngine::start(Some(200)) else {
+    let Some(small) = engine_env::PrivateEngine::start(Some(200)) else {
         return;
     };
     let engine = DockerEngine::connect(Some(&small.addr)).await.unwrap();
     let now = chrono::Utc::now().timestamp();
-    let base = common::unique_seed();
+    let base = engine_env::unique_seed();
     // Four images on one 20 MiB base, 4 MiB each of their own, plus a lone
     // 8 MiB image: unique bytes = 20 + 4*4 + 8 = 44 MiB.
     let mut images: Vec<_> = (0..4)
         .map(|i| {
-            common::image(
+            engine_env::image(
                 &[&format!("shared/app{i}:v1")],
                 now - (50 - i as i64) * DAY,
                 4 * MIB,
@@ -133,8 +132,8 @@ async fn max_size_with_a_shared_base_frees_exactly_the_unique_bytes() {
             .with_base(base, 20 * MIB)
         })
         .collect();
-    images.push(common::image(&["lone/app:v1"], now - 10 * DAY, 8 * MIB));
-    common::load(&engine, &images).await;
+    images.push(engine_env::image(&["lone/app:v1"], now - 10 * DAY, 8 * MIB));
+    engine_env::load(&engine, &images).await;
     let before = engine.disk_usage().await.unwrap().layers_size;
     // 38 MiB allowed: the two oldest sharing images go (4 MiB each, the base
     // stays for the others): 8 MiB freed, 36 MiB left.
@@ -172,17 +171,17 @@ async fn max_size_with_a_shared_base_frees_exactly_the_unique_bytes() {
 
 #[tokio::test]
 async fn unreachable_target_is_reported_once_with_protected_bytes() {
-    let Some(small) = common::PrivateEngine::start(Some(100)) else {
+    let Some(small) = engine_env::PrivateEngine::start(Some(100)) else {
         return;
     };
     let engine = DockerEngine::connect(Some(&small.addr)).await.unwrap();
     let now = chrono::Utc::now().timestamp();
     let images = [
-        common::image(&["db/main:v1"], now - 30 * DAY, 6 * MIB),
-        common::image(&["db/replica:v1"], now - 20 * DAY, 6 * MIB),
+        engine_env::image(&["db/main:v1"], now - 30 * DAY, 6 * MIB),
+        engine_env::image(&["db/replica:v1"], now - 20 * DAY, 6 * MIB),
     ];
-    common::load(&engine, &images).await;
-    common::create_container(&small.addr, "db/replica:v1");
+    engine_env::load(&engine, &images).await;
+    engine_env::create_container(&small.addr, "db/replica:v1");
     let dir = tempfile::tempdir().unwrap();
     let policy = write_policy(
         dir.path(),
@@ -210,7 +209,7 @@ async fn unreachable_target_is_reported_once_with_protected_bytes() {
 
 #[tokio::test]
 async fn a_large_load_is_answered_by_eviction_within_seconds() {
-    let Some(small) = common::PrivateEngine::start(Some(200)) else {
+    let Some(small) = engine_env::PrivateEngine::start(Some(200)) else {
         return;
     };
     let engine = DockerEngine::connect(Some(&small.addr)).await.unwrap();
@@ -218,14 +217,14 @@ async fn a_large_load_is_answered_by_eviction_within_seconds() {
     // Two old images are already there: 20 MiB of a 25 MiB budget.
     let old: Vec<_> = (0..2)
         .map(|i| {
-            common::image(
+            engine_env::image(
                 &[&format!("old/img{i}:v1")],
                 now - (30 - i as i64) * DAY,
                 10 * MIB,
             )
         })
         .collect();
-    common::load(&engine, &old).await;
+    engine_env::load(&engine, &old).await;
     let dir = tempfile::tempdir().unwrap();
     // No schedule to speak of and no file watching: only the load's event
     // can make it reconcile after the first pass.
@@ -238,7 +237,7 @@ async fn a_large_load_is_answered_by_eviction_within_seconds() {
             25 * MIB
         ),
     );
-    let mut daemon = common::stowage_cmd(&small.addr, &policy, &["run"])
+    let mut daemon = engine_env::stowage_cmd(&small.addr, &policy, &["run"])
         .env_remove("NOTIFY_SOCKET")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("daemon.log")).unwrap())
@@ -246,9 +245,9 @@ async fn a_large_load_is_answered_by_eviction_within_seconds() {
         .expect("starting stowage run");
     // Let the first reconcile pass (under budget: nothing to do).
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    let big = common::image(&["new/big:v1"], now, 10 * MIB);
+    let big = engine_env::image(&["new/big:v1"], now, 10 * MIB);
     let loaded_at = std::time::Instant::now();
-    common::load(&engine, std::slice::from_ref(&big)).await;
+    engine_env::load(&engine, std::slice::from_ref(&big)).await;
     let audit_path = dir.path().join("state/audit.jsonl");
     let mut evicted = Vec::new();
     while loaded_at.elapsed() < std::time::Duration::from_secs(20) {

@@ -1,11 +1,9 @@
-//! Shared helpers for tests against the real private engine and registry that
-//! `scripts/test` starts (see `scripts/lib.sh`).
+//! The real private engine and registry that `scripts/test` starts (see
+//! `scripts/lib.sh`): their addresses, fixture images loaded into them, the
+//! docker CLI and the stowage binary against them, and engines of a test's own.
 //!
 //! Outside CI a missing engine skips the test loudly; in CI it fails, so a
 //! broken harness can never pass as green.
-#![allow(dead_code)] // each test binary uses a different subset
-
-pub mod net;
 
 use std::io::Write;
 use std::process::Command;
@@ -23,7 +21,8 @@ pub const REGISTRY_VAR: &str = "STOWAGE_TEST_REGISTRY";
 /// A scratch folder tests may write into.
 pub const DIR_VAR: &str = "STOWAGE_TEST_DIR";
 
-fn in_ci() -> bool {
+/// Whether this runs in CI, where a missing engine or tool is a failure, not a skip.
+pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
 }
 

@@ -1,23 +1,13 @@
 //! The executor on the in-memory engine: order, failures that do not stop the
 //! others, removals racing a new container, dry runs, one record per action.
 
-mod support;
-
-use chrono::{DateTime, Utc};
+use crate::fake_store::{FixedClock, NOW, container, img, policy};
 use stowage::audit::{self, Action as AuditAction, AuditLog, Outcome};
 use stowage::engine::fake::FakeEngine;
 use stowage::plan::{self, Kind, Observed};
-use stowage::reconcile::{self, Clock};
+use stowage::reconcile;
 use stowage::state::State;
-use support::{NOW, container, img, policy};
 use tokio_util::sync::CancellationToken;
-
-struct Fixed;
-impl Clock for Fixed {
-    fn now(&self) -> DateTime<Utc> {
-        DateTime::from_timestamp(NOW, 0).unwrap()
-    }
-}
 
 const POLICY: &str = "[[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 1\n\n\
     [[float]]\nname = \"stable\"\nimages = [\"app\"]\ntag = \"stable\"\nfollow = '\\d+'\n";
@@ -62,7 +52,13 @@ fn execute(
         .unwrap();
     let report = rt
         .block_on(reconcile::execute(
-            engine, pl, &mut log, "run-1", dry_run, &Fixed, shutdown,
+            engine,
+            pl,
+            &mut log,
+            "run-1",
+            dry_run,
+            &FixedClock,
+            shutdown,
         ))
         .unwrap();
     (report, audit::read(&path).unwrap().records)

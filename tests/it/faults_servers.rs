@@ -3,15 +3,14 @@
 //! blocked by CPU or file work, a `stowage reconcile` whose daemon never
 //! answers. The real binary, against the private engine `scripts/test` starts.
 
-mod common;
-
+use crate::engine_env;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A short private folder (unix socket paths are limited to 108 bytes).
 fn folder() -> tempfile::TempDir {
-    let base = common::scratch_dir();
+    let base = engine_env::scratch_dir();
     std::fs::create_dir_all(&base).unwrap();
     tempfile::Builder::new()
         .prefix("fs-")
@@ -81,7 +80,7 @@ impl Drop for Reap {
 // Issue 12, item 8: `control_socket = "policy.toml"` deleted the policy.
 #[test]
 fn control_socket_on_a_regular_file_is_an_error_and_the_file_survives() {
-    let Some(engine) = common::engine_addr() else {
+    let Some(engine) = engine_env::engine_addr() else {
         return;
     };
     let dir = folder();
@@ -248,12 +247,12 @@ fn status(dir: &Path, sock: &Path) -> serde_json::Value {
         .env_remove("DOCKER_HOST")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", common::text(&out));
+    assert!(out.status.success(), "{}", engine_env::text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
         v["daemon"].is_object(),
         "the daemon must answer: {}",
-        common::text(&out)
+        engine_env::text(&out)
     );
     v["daemon"].clone()
 }
@@ -262,7 +261,7 @@ fn status(dir: &Path, sock: &Path) -> serde_json::Value {
 // descriptor of the daemon; a reload then failed with "Too many open files".
 #[test]
 fn slowloris_on_metrics_leaves_status_reload_and_descriptors_alone() {
-    let Some(engine) = common::engine_addr() else {
+    let Some(engine) = engine_env::engine_addr() else {
         return;
     };
     let dir = folder();
@@ -383,7 +382,7 @@ fn slowloris_on_metrics_leaves_status_reload_and_descriptors_alone() {
 #[test]
 fn an_over_long_control_line_is_refused_and_the_connection_closed() {
     use std::io::{BufRead, Write};
-    let Some(engine) = common::engine_addr() else {
+    let Some(engine) = engine_env::engine_addr() else {
         return;
     };
     let dir = folder();

@@ -2,15 +2,14 @@
 //! registry (issue 12): a dangling image tagged between planning and its
 //! removal; SIGTERM (and `kill -9`) in the middle of a mirror push.
 
-mod common;
-
+use crate::engine_env;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::net::{Mode, Proxy, TestRegistry};
 use bytes::Bytes;
-use common::net::{Mode, Proxy, TestRegistry};
 use rustix::process::{Pid, Signal, kill_process};
 use serde_json::Value;
 use stowage::audit::{self, Action as AuditAction, AuditLog, Outcome};
@@ -120,16 +119,16 @@ impl Engine for TagsDuringRemoval {
 /// only a container re-check, so a tag given to it meanwhile went with it.
 #[tokio::test]
 async fn dangling_image_tagged_after_planning_keeps_its_new_tag() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let ns = common::unique_ns("dangling-race");
-    let dangling = common::image(&[], now() - 30 * DAY, 4096);
-    let other = common::image(&[], now() - 30 * DAY, 4096);
-    common::load(&engine, &[dangling.clone(), other.clone()]).await;
+    let ns = engine_env::unique_ns("dangling-race");
+    let dangling = engine_env::image(&[], now() - 30 * DAY, 4096);
+    let other = engine_env::image(&[], now() - 30 * DAY, 4096);
+    engine_env::load(&engine, &[dangling.clone(), other.clone()]).await;
     let keep = format!("{ns}/app:keep");
 
-    let dir = tempfile::tempdir_in(common::scratch_dir()).unwrap();
+    let dir = tempfile::tempdir_in(engine_env::scratch_dir()).unwrap();
     let policy_path = dir.path().join("policy.toml");
     std::fs::write(
         &policy_path,
@@ -226,23 +225,23 @@ struct MidPush {
 
 impl MidPush {
     async fn new(name: &str) -> Option<MidPush> {
-        let engine = common::engine().await?;
-        let (addr, reg) = (common::engine_addr()?, common::registry()?);
-        let dir = tempfile::tempdir_in(common::scratch_dir()).unwrap();
+        let engine = engine_env::engine().await?;
+        let (addr, reg) = (engine_env::engine_addr()?, engine_env::registry()?);
+        let dir = tempfile::tempdir_in(engine_env::scratch_dir()).unwrap();
         let mirror = TestRegistry::start(&dir.path().join("mirror"), None);
         let proxy = Proxy::start(&mirror.addr).await;
-        let ns = common::unique_ns(name);
+        let ns = engine_env::unique_ns(name);
         let prepull = format!("{reg}/{ns}/app:1");
         // The registry serves `new`; the host has `old` under the same name.
-        let new = common::image(&[&prepull], now() - DAY, 4096);
-        common::load(&engine, std::slice::from_ref(&new)).await;
+        let new = engine_env::image(&[&prepull], now() - DAY, 4096);
+        engine_env::load(&engine, std::slice::from_ref(&new)).await;
         engine.push(&prepull, None, &mut |_| {}).await.unwrap();
         engine.remove(&prepull).await.unwrap();
-        let old = common::image(&[&prepull], now() - 2 * DAY, 4096);
+        let old = engine_env::image(&[&prepull], now() - 2 * DAY, 4096);
         let local = format!("{ns}/local:1");
         // Incompressible bytes: a push that takes a while through the proxy.
-        let pushed = common::image(&[&local], now() - DAY, 2 << 20);
-        common::load(&engine, &[old.clone(), pushed.clone()]).await;
+        let pushed = engine_env::image(&[&local], now() - DAY, 2 << 20);
+        engine_env::load(&engine, &[old.clone(), pushed.clone()]).await;
         std::fs::create_dir_all(dir.path().join("docker-config")).unwrap();
         std::fs::write(
             dir.path().join("policy.toml"),

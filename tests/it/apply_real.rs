@@ -5,14 +5,13 @@
 //! on the engine, so only `retention_scenario` uses it (cargo runs test
 //! binaries one after another, so no other binary is loading images meanwhile).
 
-mod common;
-
+use crate::engine_env;
 use serde_json::Value;
 use stowage::engine::Engine;
 
 const DAY: i64 = 86_400;
 
-use common::{stowage, text};
+use crate::engine_env::{stowage, text};
 
 async fn refs_in(engine: &impl Engine, ns: &str) -> Vec<String> {
     let mut v: Vec<String> = engine
@@ -29,17 +28,17 @@ async fn refs_in(engine: &impl Engine, ns: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn retention_scenario() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
-    let ns = common::unique_ns("retention");
+    let addr = engine_env::engine_addr().unwrap();
+    let ns = engine_env::unique_ns("retention");
     let now = chrono::Utc::now().timestamp();
     let app = format!("{ns}/app");
     let mut images = Vec::new();
     // A dozen semver tags, some not semver, on distinct images.
     for (i, v) in (0..=10).enumerate() {
-        let mut img = common::image(
+        let mut img = engine_env::image(
             &[&format!("{app}:v1.{v}.0")],
             now - (100 - 9 * i as i64) * DAY,
             2048,
@@ -49,25 +48,25 @@ async fn retention_scenario() {
         }
         images.push(img);
     }
-    images.push(common::image(
+    images.push(engine_env::image(
         &[&format!("{app}:nightly")],
         now - 3 * DAY,
         2048,
     ));
-    images.push(common::image(
+    images.push(engine_env::image(
         &[&format!("{ns}/untouched:anything")],
         now - 400 * DAY,
         1024,
     ));
     // Two old dangling images.
     let dangling = [
-        common::image(&[], now - 900 * DAY, 512),
-        common::image(&[], now - 800 * DAY, 512),
+        engine_env::image(&[], now - 900 * DAY, 512),
+        engine_env::image(&[], now - 800 * DAY, 512),
     ];
     images.extend(dangling.iter().cloned());
-    common::load(&engine, &images).await;
+    engine_env::load(&engine, &images).await;
     // v1.1.0 is used by a stopped container.
-    let cid = common::create_container(&addr, &format!("{app}:v1.1.0"));
+    let cid = engine_env::create_container(&addr, &format!("{app}:v1.1.0"));
 
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.toml");
@@ -204,22 +203,22 @@ on_violation = "untag"
         "{history}"
     );
 
-    common::remove_container(&addr, &cid);
+    engine_env::remove_container(&addr, &cid);
 }
 
 #[tokio::test]
 async fn invalid_policy_changes_nothing() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
-    let ns = common::unique_ns("invalid-policy");
+    let addr = engine_env::engine_addr().unwrap();
+    let ns = engine_env::unique_ns("invalid-policy");
     let now = chrono::Utc::now().timestamp();
-    common::load(
+    engine_env::load(
         &engine,
         &[
-            common::image(&[&format!("{ns}/app:1")], now - 50 * DAY, 256),
-            common::image(&[&format!("{ns}/app:2")], now - 40 * DAY, 256),
+            engine_env::image(&[&format!("{ns}/app:1")], now - 50 * DAY, 256),
+            engine_env::image(&[&format!("{ns}/app:2")], now - 40 * DAY, 256),
         ],
     )
     .await;

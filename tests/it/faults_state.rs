@@ -6,8 +6,7 @@
 //! Every policy scopes only its own repository namespace, so tests sharing
 //! the engine never touch each other's images.
 
-mod common;
-
+use crate::engine_env;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -101,7 +100,7 @@ fn wait(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
 
 /// A short private folder (unix socket paths are limited to 108 bytes).
 fn folder() -> tempfile::TempDir {
-    let base = common::scratch_dir();
+    let base = engine_env::scratch_dir();
     std::fs::create_dir_all(&base).unwrap();
     tempfile::Builder::new()
         .prefix("s-")
@@ -147,17 +146,17 @@ fn corrupt_files(dir: &Path) -> Vec<String> {
 /// moved aside as corrupt, every apply succeeds.
 #[tokio::test]
 async fn apply_beside_the_daemon_loses_nothing() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
-    let ns = common::unique_ns("two-writers");
+    let addr = engine_env::engine_addr().unwrap();
+    let ns = engine_env::unique_ns("two-writers");
     let now = chrono::Utc::now().timestamp();
     const ROUNDS: usize = 3;
     let images: Vec<_> = (0..ROUNDS + 3)
-        .map(|i| common::image(&[&format!("{ns}/app:v{i}")], now - 30 * DAY, 4096))
+        .map(|i| engine_env::image(&[&format!("{ns}/app:v{i}")], now - 30 * DAY, 4096))
         .collect();
-    common::load(&engine, &images).await;
+    engine_env::load(&engine, &images).await;
     let dir = folder();
     let d = dir.path();
     let policy = write_policy(
@@ -192,7 +191,7 @@ async fn apply_beside_the_daemon_loses_nothing() {
     for round in 0..ROUNDS {
         let applies: Vec<Child> = (0..10)
             .map(|_| {
-                common::stowage_cmd(&addr, &policy, &["apply"])
+                engine_env::stowage_cmd(&addr, &policy, &["apply"])
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())
                     .spawn()
@@ -201,7 +200,7 @@ async fn apply_beside_the_daemon_loses_nothing() {
             .collect();
         // Activity while they run: the daemon marks the image used and
         // writes the mark when SIGUSR1 asks it to reconcile.
-        containers.push(common::create_container(
+        containers.push(engine_env::create_container(
             &addr,
             &format!("{ns}/app:v{round}"),
         ));
@@ -213,14 +212,14 @@ async fn apply_beside_the_daemon_loses_nothing() {
                 out.status.code(),
                 Some(0),
                 "round {round}: {}\ndaemon log:\n{}",
-                common::text(&out),
+                engine_env::text(&out),
                 daemon.log()
             );
         }
     }
     // One more reconcile by the daemon: it writes the marks it still holds.
-    let out = common::stowage(&addr, &policy, &["reconcile"]);
-    assert_eq!(out.status.code(), Some(0), "{}", common::text(&out));
+    let out = engine_env::stowage(&addr, &policy, &["reconcile"]);
+    assert_eq!(out.status.code(), Some(0), "{}", engine_env::text(&out));
     stop.store(true, Ordering::Relaxed);
     let (reads, torn) = reader.join().unwrap();
 
@@ -242,7 +241,7 @@ async fn apply_beside_the_daemon_loses_nothing() {
         );
     }
     for c in containers {
-        common::remove_container(&addr, &c);
+        engine_env::remove_container(&addr, &c);
     }
 }
 
@@ -251,11 +250,11 @@ async fn apply_beside_the_daemon_loses_nothing() {
 /// runs once the owner is gone.
 #[tokio::test]
 async fn apply_waits_for_the_owner_of_the_state() {
-    let Some(_engine) = common::engine().await else {
+    let Some(_engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
-    let ns = common::unique_ns("lock-wait");
+    let addr = engine_env::engine_addr().unwrap();
+    let ns = engine_env::unique_ns("lock-wait");
     let dir = folder();
     let d = dir.path();
     let policy = write_policy(
@@ -272,7 +271,7 @@ async fn apply_waits_for_the_owner_of_the_state() {
         .unwrap();
     lock.try_lock().unwrap();
     std::fs::write(d.join("state/lock"), "a test holder (pid 1)\n").unwrap();
-    let mut apply = common::stowage_cmd(&addr, &policy, &["apply"])
+    let mut apply = engine_env::stowage_cmd(&addr, &policy, &["apply"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -285,11 +284,11 @@ async fn apply_waits_for_the_owner_of_the_state() {
     assert!(!d.join("state/state.json").exists());
     drop(lock);
     let out = apply.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", common::text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", engine_env::text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("in use by a test holder (pid 1)"),
         "{}",
-        common::text(&out)
+        engine_env::text(&out)
     );
     read_state(d);
 }
@@ -311,12 +310,12 @@ enum Loss {
 /// first run (the spec), creation time still stands in for "first seen".
 #[tokio::test]
 async fn a_lost_state_keeps_min_age_protection() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
+    let addr = engine_env::engine_addr().unwrap();
     for loss in [Loss::Deleted, Loss::Corrupt, Loss::FirstRun] {
-        let ns = common::unique_ns("lost-state");
+        let ns = engine_env::unique_ns("lost-state");
         let dir = folder();
         let d = dir.path();
         let policy = write_policy(
@@ -326,8 +325,8 @@ async fn a_lost_state_keeps_min_age_protection() {
         );
         if !matches!(loss, Loss::FirstRun) {
             // An earlier run, before the images came.
-            let out = common::stowage(&addr, &policy, &["apply"]);
-            assert_eq!(out.status.code(), Some(0), "{}", common::text(&out));
+            let out = engine_env::stowage(&addr, &policy, &["apply"]);
+            assert_eq!(out.status.code(), Some(0), "{}", engine_env::text(&out));
             match loss {
                 Loss::Deleted => std::fs::remove_file(d.join("state/state.json")).unwrap(),
                 Loss::Corrupt => {
@@ -337,16 +336,16 @@ async fn a_lost_state_keeps_min_age_protection() {
             }
         }
         let now = chrono::Utc::now().timestamp();
-        let old = common::image(&[&format!("{ns}/app:v1")], now - 200 * DAY, 2048);
-        let newer = common::image(&[&format!("{ns}/app:v2")], now - 100 * DAY, 2048);
-        common::load(&engine, &[old.clone(), newer.clone()]).await;
+        let old = engine_env::image(&[&format!("{ns}/app:v1")], now - 200 * DAY, 2048);
+        let newer = engine_env::image(&[&format!("{ns}/app:v2")], now - 100 * DAY, 2048);
+        engine_env::load(&engine, &[old.clone(), newer.clone()]).await;
 
-        let out = common::stowage(&addr, &policy, &["apply"]);
+        let out = engine_env::stowage(&addr, &policy, &["apply"]);
         assert_eq!(
             out.status.code(),
             Some(0),
             "{loss:?}: {}",
-            common::text(&out)
+            engine_env::text(&out)
         );
         let summary = String::from_utf8_lossy(&out.stdout).into_owned();
         let state = read_state(d);
@@ -362,10 +361,10 @@ async fn a_lost_state_keeps_min_age_protection() {
                     first_seen >= Some(now),
                     "{loss:?}: first_seen {first_seen:?} is not now ({now})"
                 );
-                common::docker(&addr, &["rmi", &format!("{ns}/app:v1")]);
+                engine_env::docker(&addr, &["rmi", &format!("{ns}/app:v1")]);
             }
         }
-        common::docker(&addr, &["rmi", &format!("{ns}/app:v2")]);
+        engine_env::docker(&addr, &["rmi", &format!("{ns}/app:v2")]);
     }
 }
 
@@ -374,11 +373,11 @@ async fn a_lost_state_keeps_min_age_protection() {
 /// JSON view carries the warning.
 #[tokio::test]
 async fn status_warns_about_a_corrupt_state() {
-    let Some(_engine) = common::engine().await else {
+    let Some(_engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
-    let ns = common::unique_ns("corrupt-status");
+    let addr = engine_env::engine_addr().unwrap();
+    let ns = engine_env::unique_ns("corrupt-status");
     let dir = folder();
     let d = dir.path();
     let policy = write_policy(
@@ -390,16 +389,16 @@ async fn status_warns_about_a_corrupt_state() {
     daemon.wait_reconciles(1);
     std::fs::write(d.join("state/state.json"), "{\"images\": {").unwrap();
 
-    let out = common::stowage(&addr, &policy, &["status"]);
-    assert_eq!(out.status.code(), Some(0), "{}", common::text(&out));
+    let out = engine_env::stowage(&addr, &policy, &["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", engine_env::text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("daemon: pid"), "{}", common::text(&out));
+    assert!(stdout.contains("daemon: pid"), "{}", engine_env::text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("state.json is corrupt"),
         "{}",
-        common::text(&out)
+        engine_env::text(&out)
     );
-    let out = common::stowage(&addr, &policy, &["status", "--json"]);
+    let out = engine_env::stowage(&addr, &policy, &["status", "--json"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
         v["daemon"]["state_warning"]
@@ -409,11 +408,11 @@ async fn status_warns_about_a_corrupt_state() {
     );
     // Without a daemon, too.
     drop(daemon);
-    let out = common::stowage(&addr, &policy, &["status"]);
+    let out = engine_env::stowage(&addr, &policy, &["status"]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("state.json is corrupt"),
         "{}",
-        common::text(&out)
+        engine_env::text(&out)
     );
 }
 
@@ -431,11 +430,11 @@ fn open_lock(dir: &Path) -> std::fs::File {
 /// waits for an owner that is still there (an `apply`), then takes over.
 #[tokio::test]
 async fn the_daemon_owns_the_state_for_its_lifetime() {
-    let Some(_engine) = common::engine().await else {
+    let Some(_engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
-    let ns = common::unique_ns("daemon-owner");
+    let addr = engine_env::engine_addr().unwrap();
+    let ns = engine_env::unique_ns("daemon-owner");
     let dir = folder();
     let d = dir.path();
     write_policy(

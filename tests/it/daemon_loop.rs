@@ -2,10 +2,9 @@
 //! coalescing of triggers, debouncing of policy-folder noise, reloads that
 //! keep the old policy when the new one is invalid, an engine that is down
 //! at start, and shutdown during a reconcile. The real binary against a real
-//! engine is `tests/daemon_real.rs`.
+//! engine is `tests/it/daemon_real.rs`.
 
-mod support;
-
+use crate::fake_store;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -50,9 +49,9 @@ keep_last = {keep_last}
 fn fake() -> FakeEngine {
     let engine = FakeEngine::new(
         vec![
-            support::img("a1", 30.0, &["app:1"]),
-            support::img("a2", 20.0, &["app:2"]),
-            support::img("a3", 10.0, &["app:3"]),
+            fake_store::img("a1", 30.0, &["app:1"]),
+            fake_store::img("a2", 20.0, &["app:2"]),
+            fake_store::img("a3", 10.0, &["app:3"]),
         ],
         vec![],
     );

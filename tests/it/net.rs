@@ -129,7 +129,6 @@ struct Shared {
     mode: Mutex<Mode>,
     upstream: Mutex<String>,
     connections: AtomicU64,
-    bytes_back: AtomicU64,
 }
 
 impl Shared {
@@ -153,7 +152,6 @@ impl Proxy {
             mode: Mutex::new(Mode::Pass),
             upstream: Mutex::new(upstream.to_owned()),
             connections: AtomicU64::new(0),
-            bytes_back: AtomicU64::new(0),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -176,11 +174,6 @@ impl Proxy {
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.shared.connections.load(Ordering::SeqCst)
-    }
-
-    /// Bytes forwarded from upstream to clients so far.
-    pub fn bytes_back(&self) -> u64 {
-        self.shared.bytes_back.load(Ordering::SeqCst)
     }
 }
 
@@ -233,9 +226,6 @@ async fn handle(client: TcpStream, shared: Arc<Shared>) {
                             return;
                         }
                         sent += chunk.len() as u64;
-                        shared
-                            .bytes_back
-                            .fetch_add(chunk.len() as u64, Ordering::SeqCst);
                         chunk = &[];
                     }
                     Mode::Stall => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -247,7 +237,6 @@ async fn handle(client: TcpStream, shared: Arc<Shared>) {
                             return;
                         }
                         sent += take as u64;
-                        shared.bytes_back.fetch_add(take as u64, Ordering::SeqCst);
                         if take < chunk.len() {
                             // Cut: close mid-answer.
                             return;
@@ -262,7 +251,6 @@ async fn handle(client: TcpStream, shared: Arc<Shared>) {
                             return;
                         }
                         sent += slice as u64;
-                        shared.bytes_back.fetch_add(slice as u64, Ordering::SeqCst);
                         chunk = &chunk[slice..];
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }

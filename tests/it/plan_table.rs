@@ -3,14 +3,12 @@
 //! checked by hand. `STOWAGE_BLESS=1 cargo test --test plan_table` rewrites
 //! them after an intended change (then read the diff).
 
-mod support;
-
 use std::path::PathBuf;
 
+use crate::fake_store::{DAY, NOW, container, id, img, policy};
 use stowage::engine::{Container, Image};
 use stowage::plan::{self, Observed};
 use stowage::state::{ImageState, State};
-use support::{DAY, NOW, container, id, img, policy};
 
 fn snapshot(name: &str, body: &str, images: Vec<Image>, containers: Vec<Container>) {
     snapshot_with_state(name, body, images, containers, State::default());

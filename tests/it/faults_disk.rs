@@ -3,12 +3,11 @@
 //! are held until they can be written), and the audit log's growth (rotation
 //! at `audit_max`, records that do not repeat, a streaming `history`).
 
-mod common;
-
+use crate::engine_env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{stowage, text};
+use crate::engine_env::{stowage, text};
 use stowage::audit::{self, Action, Outcome};
 use stowage::engine::{DockerEngine, Engine};
 
@@ -54,7 +53,7 @@ struct MetadataMount {
 }
 
 impl MetadataMount {
-    fn new(engine: &mut common::PrivateEngine) -> MetadataMount {
+    fn new(engine: &mut engine_env::PrivateEngine) -> MetadataMount {
         engine.stop();
         let path = engine.data_root.join("image");
         let saved = engine.dir.join("image-saved");
@@ -89,10 +88,10 @@ fn leftovers(dir: &Path) -> Vec<String> {
 
 #[tokio::test]
 async fn a_full_disk_still_evicts_and_the_held_audit_records_are_written_after() {
-    let Some(registry) = common::registry() else {
+    let Some(registry) = engine_env::registry() else {
         return;
     };
-    let Some(mut small) = common::PrivateEngine::start(Some(96)) else {
+    let Some(mut small) = engine_env::PrivateEngine::start(Some(96)) else {
         return;
     };
     // Dropped before the engine (declared after it).
@@ -102,25 +101,25 @@ async fn a_full_disk_still_evicts_and_the_held_audit_records_are_written_after()
     // Three old images nothing protects, 8 MiB each.
     let old: Vec<_> = (0..3)
         .map(|i| {
-            common::image(
+            engine_env::image(
                 &[&format!("full/old{i}:v1")],
                 now - (30 - i as i64) * DAY,
                 8 * MIB,
             )
         })
         .collect();
-    common::load(&engine, &old).await;
+    engine_env::load(&engine, &old).await;
     // The pre-pull wants a 16 MiB image from the registry: it cannot fit.
-    let want_ref = format!("{registry}/{}:v1", common::unique_ns("full-want"));
-    let want = common::image(&[&want_ref], now, 16 * MIB);
-    common::load(&engine, std::slice::from_ref(&want)).await;
+    let want_ref = format!("{registry}/{}:v1", engine_env::unique_ns("full-want"));
+    let want = engine_env::image(&[&want_ref], now, 16 * MIB);
+    engine_env::load(&engine, std::slice::from_ref(&want)).await;
     engine.push(&want_ref, None, &mut |_| {}).await.unwrap();
     engine.remove(&want_ref).await.unwrap();
 
     // State and audit log on the same filesystem as the data root.
     let state_dir = small.data_root.join("stowage");
     std::fs::create_dir_all(&state_dir).unwrap();
-    let dir = tempfile::tempdir_in(common::scratch_dir()).unwrap();
+    let dir = tempfile::tempdir_in(engine_env::scratch_dir()).unwrap();
     let policy = dir.path().join("policy.toml");
     std::fs::write(
         &policy,
@@ -206,20 +205,20 @@ fn warns(records: &[audit::Record]) -> Vec<String> {
 
 #[tokio::test]
 async fn the_same_bad_tags_are_warned_once_not_at_every_reconcile() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
-    let ns = common::unique_ns("warn-once");
+    let addr = engine_env::engine_addr().unwrap();
+    let ns = engine_env::unique_ns("warn-once");
     let now = chrono::Utc::now().timestamp();
     let bad = [format!("{ns}/app:latest"), format!("{ns}/app:wip")];
-    let image = common::image(
+    let image = engine_env::image(
         &[&format!("{ns}/app:v1"), &bad[0], &bad[1]],
         now - DAY,
         1024,
     );
-    common::load(&engine, std::slice::from_ref(&image)).await;
-    let dir = tempfile::tempdir_in(common::scratch_dir()).unwrap();
+    engine_env::load(&engine, std::slice::from_ref(&image)).await;
+    let dir = tempfile::tempdir_in(engine_env::scratch_dir()).unwrap();
     let rule = |extra: &str| {
         format!("[[tags]]\nname = \"names\"\nimages = [\"{ns}/app\"]\nallow = ['v\\d+'{extra}]\n")
     };
@@ -246,14 +245,14 @@ async fn the_same_bad_tags_are_warned_once_not_at_every_reconcile() {
 
 #[tokio::test]
 async fn the_audit_log_rotates_at_audit_max_and_history_reads_both() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
-    let ns = common::unique_ns("rotate");
-    let image = common::image(&[&format!("{ns}/app:bad")], 0, 1024);
-    common::load(&engine, std::slice::from_ref(&image)).await;
-    let dir = tempfile::tempdir_in(common::scratch_dir()).unwrap();
+    let addr = engine_env::engine_addr().unwrap();
+    let ns = engine_env::unique_ns("rotate");
+    let image = engine_env::image(&[&format!("{ns}/app:bad")], 0, 1024);
+    engine_env::load(&engine, std::slice::from_ref(&image)).await;
+    let dir = tempfile::tempdir_in(engine_env::scratch_dir()).unwrap();
     let policy = policy_in(
         dir.path(),
         &format!(
@@ -312,7 +311,7 @@ async fn the_audit_log_rotates_at_audit_max_and_history_reads_both() {
 fn history_since_beyond_any_representable_time_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let policy = policy_in(dir.path(), "");
-    let history = common::stowage_cmd(
+    let history = engine_env::stowage_cmd(
         "unix:///nonexistent.sock",
         &policy,
         &["history", "--since", "300000y"],
@@ -324,7 +323,7 @@ fn history_since_beyond_any_representable_time_is_an_error_not_a_panic() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(err.contains("--since 300000years"), "{err}");
     // A long but representable window still works.
-    let history = common::stowage_cmd(
+    let history = engine_env::stowage_cmd(
         "unix:///nonexistent.sock",
         &policy,
         &["history", "--since", "1000y"],

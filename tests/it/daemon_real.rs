@@ -7,8 +7,7 @@
 //! Every daemon scopes only its own repository namespace, so tests sharing
 //! the engine never touch each other's images.
 
-mod common;
-
+use crate::engine_env;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
@@ -157,7 +156,7 @@ fn wait(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
 
 /// A short private folder (unix socket paths are limited to 108 bytes).
 fn folder() -> tempfile::TempDir {
-    let base = common::scratch_dir();
+    let base = engine_env::scratch_dir();
     std::fs::create_dir_all(&base).unwrap();
     tempfile::Builder::new()
         .prefix("d-")
@@ -199,14 +198,14 @@ async fn load_app(engine: &DockerEngine, ns: &str, n: usize) {
     let now = chrono::Utc::now().timestamp();
     let images: Vec<_> = (0..n)
         .map(|i| {
-            common::image(
+            engine_env::image(
                 &[&format!("{ns}/app:{i}")],
                 now - (1000 - i as i64) * DAY,
                 256,
             )
         })
         .collect();
-    common::load(engine, &images).await;
+    engine_env::load(engine, &images).await;
 }
 
 async fn refs(engine: &impl Engine, ns: &str) -> Vec<String> {
@@ -230,11 +229,11 @@ fn audit_lines(dir: &Path) -> usize {
 
 #[tokio::test]
 async fn policy_edit_is_acted_on_within_two_seconds() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
-    let ns = common::unique_ns("edit");
+    let addr = engine_env::engine_addr().unwrap();
+    let ns = engine_env::unique_ns("edit");
     load_app(&engine, &ns, 3).await;
     let dir = folder();
     // At first the policy scopes another repository: nothing to do.
@@ -266,11 +265,11 @@ async fn policy_edit_is_acted_on_within_two_seconds() {
 
 #[tokio::test]
 async fn sighup_with_a_broken_policy_keeps_the_old_one_and_status_says_why() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
-    let ns = common::unique_ns("sighup");
+    let addr = engine_env::engine_addr().unwrap();
+    let ns = engine_env::unique_ns("sighup");
     let dir = folder();
     // systemd's side of sd_notify: a datagram socket named by NOTIFY_SOCKET.
     let notify_path = dir.path().join("notify.sock");
@@ -338,11 +337,11 @@ async fn sighup_with_a_broken_policy_keeps_the_old_one_and_status_says_why() {
 
 #[tokio::test]
 async fn sigusr1_reconciles_and_engine_events_mark_images_used() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
-    let ns = common::unique_ns("usr1");
+    let addr = engine_env::engine_addr().unwrap();
+    let ns = engine_env::unique_ns("usr1");
     let dir = folder();
     write_policy(dir.path(), &policy(dir.path(), &ns, 1, "watch = false"));
     let d = Daemon::start(dir.path(), &addr, &[]);
@@ -350,8 +349,8 @@ async fn sigusr1_reconciles_and_engine_events_mark_images_used() {
 
     load_app(&engine, &ns, 3).await;
     // A container created from the newest image: the event marks it used.
-    let cid = common::create_container(&addr, &format!("{ns}/app:2"));
-    let image_id = common::docker(
+    let cid = engine_env::create_container(&addr, &format!("{ns}/app:2"));
+    let image_id = engine_env::docker(
         &addr,
         &["image", "inspect", "-f", "{{.Id}}", &format!("{ns}/app:2")],
     );
@@ -369,16 +368,16 @@ async fn sigusr1_reconciles_and_engine_events_mark_images_used() {
         state["images"][&image_id]["last_used"].as_i64().is_some(),
         "last_used of {image_id} in {state:#}"
     );
-    common::remove_container(&addr, &cid);
+    engine_env::remove_container(&addr, &cid);
 }
 
 #[tokio::test]
 async fn control_socket_reconcile_round_trip() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
-    let ns = common::unique_ns("ctl");
+    let addr = engine_env::engine_addr().unwrap();
+    let ns = engine_env::unique_ns("ctl");
     let dir = folder();
     write_policy(dir.path(), &policy(dir.path(), &ns, 2, ""));
     let mut d = Daemon::start(dir.path(), &addr, &[]);
@@ -410,11 +409,11 @@ async fn control_socket_reconcile_round_trip() {
 
 #[tokio::test]
 async fn metrics_endpoint_is_scraped_and_parsed() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
-    let ns = common::unique_ns("metrics");
+    let addr = engine_env::engine_addr().unwrap();
+    let ns = engine_env::unique_ns("metrics");
     load_app(&engine, &ns, 3).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -487,11 +486,11 @@ async fn metrics_endpoint_is_scraped_and_parsed() {
 
 #[tokio::test]
 async fn kill_9_mid_apply_then_restart_converges() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
-    let ns = common::unique_ns("kill9");
+    let addr = engine_env::engine_addr().unwrap();
+    let ns = engine_env::unique_ns("kill9");
     const N: usize = 150;
     load_app(&engine, &ns, N).await;
     let dir = folder();
@@ -545,11 +544,11 @@ async fn kill_9_mid_apply_then_restart_converges() {
 
 #[tokio::test]
 async fn sigterm_mid_apply_exits_zero_within_ten_seconds() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
-    let addr = common::engine_addr().unwrap();
-    let ns = common::unique_ns("term");
+    let addr = engine_env::engine_addr().unwrap();
+    let ns = engine_env::unique_ns("term");
     const N: usize = 80;
     load_app(&engine, &ns, N).await;
     let dir = folder();
@@ -655,12 +654,12 @@ impl Drop for OwnEngine {
 async fn engine_stopped_and_started_under_the_daemon() {
     // Runs its own dockerd; the shared harness engine only tells whether
     // real-engine tests are on.
-    if common::engine_addr().is_none() {
+    if engine_env::engine_addr().is_none() {
         return;
     }
     let mut own = OwnEngine::new();
     let addr = own.address();
-    let ns = common::unique_ns("restart");
+    let ns = engine_env::unique_ns("restart");
     let dir = folder();
     write_policy(dir.path(), &policy(dir.path(), &ns, 1, ""));
 

@@ -3,18 +3,17 @@
 //!
 //! The harness registry (`STOWAGE_TEST_REGISTRY`) serves where no fault is
 //! needed; tests that stop a registry, add auth or need a second one start
-//! their own (`common::net::TestRegistry`). The binary runs through
+//! their own (`net::TestRegistry`). The binary runs through
 //! `tokio::process` on a multi-thread runtime so that the in-process proxy keeps
 //! serving while `stowage` waits on it.
 
-mod common;
-
+use crate::engine_env;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::net::{Mode, Proxy, TestRegistry};
-use common::text;
+use crate::engine_env::text;
+use crate::net::{Mode, Proxy, TestRegistry};
 use serde_json::Value;
 use stowage::audit::{self, Action, Outcome, Record};
 use stowage::engine::{Credentials, DockerEngine, Engine};
@@ -54,7 +53,7 @@ struct Dir {
 impl Dir {
     fn new() -> Dir {
         Dir {
-            tmp: tempfile::tempdir_in(common::scratch_dir()).unwrap(),
+            tmp: tempfile::tempdir_in(engine_env::scratch_dir()).unwrap(),
         }
     }
     fn path(&self) -> &Path {
@@ -91,7 +90,7 @@ async fn publish(
     image: &FixtureImage,
     credentials: Option<&Credentials>,
 ) -> String {
-    common::load(engine, std::slice::from_ref(image)).await;
+    engine_env::load(engine, std::slice::from_ref(image)).await;
     for t in &image.tags {
         engine
             .push(t, credentials, &mut |_| {})
@@ -150,14 +149,17 @@ fn now() -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_missing_image_then_nothing_to_do() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
     let _engine_wide = ENGINE_WIDE.read().await;
-    let (addr, reg) = (common::engine_addr().unwrap(), common::registry().unwrap());
-    let ns = common::unique_ns("pull-missing");
+    let (addr, reg) = (
+        engine_env::engine_addr().unwrap(),
+        engine_env::registry().unwrap(),
+    );
+    let ns = engine_env::unique_ns("pull-missing");
     let reference = format!("{reg}/{ns}/app:1");
-    let image = common::image(&[&reference], now() - DAY, 64 * 1024);
+    let image = engine_env::image(&[&reference], now() - DAY, 64 * 1024);
     publish(&engine, &image, None).await;
     assert!(!has_image(&engine, &image.id()).await);
 
@@ -202,17 +204,17 @@ async fn pull_missing_image_then_nothing_to_do() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_down_keeps_cache_backs_off_and_catches_up() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
     let _engine_wide = ENGINE_WIDE.read().await;
-    let addr = common::engine_addr().unwrap();
+    let addr = engine_env::engine_addr().unwrap();
     let dir = Dir::new();
     let mut registry = TestRegistry::start(&dir.path().join("registry"), None);
     let proxy = Proxy::start(&registry.addr).await;
-    let ns = common::unique_ns("registry-down");
+    let ns = engine_env::unique_ns("registry-down");
     // Published through the registry's own address; pulled through the proxy.
-    let a = common::image(
+    let a = engine_env::image(
         &[&format!("{}/{ns}/app:1", registry.addr)],
         now() - DAY,
         4096,
@@ -269,7 +271,7 @@ async fn registry_down_keeps_cache_backs_off_and_catches_up() {
 
     // The uplink returns and the window passes: it catches up.
     registry.restart();
-    let b = common::image(&[&format!("{}/{ns}/app:1", registry.addr)], now(), 4096);
+    let b = engine_env::image(&[&format!("{}/{ns}/app:1", registry.addr)], now(), 4096);
     publish(&engine, &b, None).await;
     let mut state = dir.state();
     state["backoff"][&key]["next_attempt"] = Value::from(0);
@@ -290,15 +292,18 @@ async fn registry_down_keeps_cache_backs_off_and_catches_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_transfer_leaves_host_as_it_was_then_heals() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
     let _engine_wide = ENGINE_WIDE.read().await;
-    let (addr, reg) = (common::engine_addr().unwrap(), common::registry().unwrap());
+    let (addr, reg) = (
+        engine_env::engine_addr().unwrap(),
+        engine_env::registry().unwrap(),
+    );
     let proxy = Proxy::start(&reg).await;
-    let ns = common::unique_ns("cut");
+    let ns = engine_env::unique_ns("cut");
     // 3 MB of incompressible bytes: the layer download is what gets cut.
-    let image = common::image(&[&format!("{reg}/{ns}/app:1")], now() - DAY, 3 << 20);
+    let image = engine_env::image(&[&format!("{reg}/{ns}/app:1")], now() - DAY, 3 << 20);
     publish(&engine, &image, None).await;
     let reference = format!("{}/{ns}/app:1", proxy.addr);
     let dir = Dir::new();
@@ -323,17 +328,20 @@ async fn cut_transfer_leaves_host_as_it_was_then_heals() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stall_is_abandoned_within_its_timeout() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
     let _engine_wide = ENGINE_WIDE.read().await;
-    let (addr, reg) = (common::engine_addr().unwrap(), common::registry().unwrap());
+    let (addr, reg) = (
+        engine_env::engine_addr().unwrap(),
+        engine_env::registry().unwrap(),
+    );
     let proxy = Proxy::start(&reg).await;
-    let ns = common::unique_ns("stall");
-    let a = common::image(&[&format!("{reg}/{ns}/a:1")], now() - DAY, 1 << 20);
-    let b = common::image(&[&format!("{reg}/{ns}/b:1")], now() - DAY, 1 << 20);
+    let ns = engine_env::unique_ns("stall");
+    let a = engine_env::image(&[&format!("{reg}/{ns}/a:1")], now() - DAY, 1 << 20);
+    let b = engine_env::image(&[&format!("{reg}/{ns}/b:1")], now() - DAY, 1 << 20);
     let healthy = format!("{reg}/{ns}/c:1");
-    let c = common::image(&[&healthy], now() - DAY, 4096);
+    let c = engine_env::image(&[&healthy], now() - DAY, 4096);
     publish(&engine, &a, None).await;
     let b_digest = publish(&engine, &b, None).await;
     publish(&engine, &c, None).await;
@@ -384,11 +392,11 @@ async fn stall_is_abandoned_within_its_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sources_fall_back_in_order_and_tag_the_canonical_reference() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
     let _engine_wide = ENGINE_WIDE.read().await;
-    let addr = common::engine_addr().unwrap();
+    let addr = engine_env::engine_addr().unwrap();
     let dir = Dir::new();
     let second = TestRegistry::start(&dir.path().join("second"), None);
     // The first source and the image's own registry are both down.
@@ -396,8 +404,8 @@ async fn sources_fall_back_in_order_and_tag_the_canonical_reference() {
     first.set(Mode::Refuse);
     let canonical = Proxy::start("127.0.0.1:9").await;
     canonical.set(Mode::Refuse);
-    let ns = common::unique_ns("sources");
-    let image = common::image(&[&format!("{}/{ns}/app:1", second.addr)], now() - DAY, 4096);
+    let ns = engine_env::unique_ns("sources");
+    let image = engine_env::image(&[&format!("{}/{ns}/app:1", second.addr)], now() - DAY, 4096);
     publish(&engine, &image, None).await;
     let reference = format!("{}/{ns}/app:1", canonical.addr);
     let policy = dir.policy(&format!(
@@ -430,14 +438,17 @@ async fn sources_fall_back_in_order_and_tag_the_canonical_reference() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn digest_pin_mismatch_is_rejected_and_the_image_stays() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
     let _engine_wide = ENGINE_WIDE.read().await;
-    let (addr, reg) = (common::engine_addr().unwrap(), common::registry().unwrap());
-    let ns = common::unique_ns("pin");
+    let (addr, reg) = (
+        engine_env::engine_addr().unwrap(),
+        engine_env::registry().unwrap(),
+    );
+    let ns = engine_env::unique_ns("pin");
     let reference = format!("{reg}/{ns}/app:1");
-    let a = common::image(&[&reference], now() - 2 * DAY, 4096);
+    let a = engine_env::image(&[&reference], now() - 2 * DAY, 4096);
     let a_digest = publish(&engine, &a, None).await;
     let dir = Dir::new();
     let pinned = |d: &str| format!("[[prepull]]\nimage = \"{reference}\"\ndigest = \"{d}\"\n");
@@ -446,7 +457,7 @@ async fn digest_pin_mismatch_is_rejected_and_the_image_stays() {
     assert_eq!(holder(&engine, &reference).await, Some(a.id()));
 
     // The registry's tag moves on, and the pin names a digest it does not have.
-    let b = common::image(&[&format!("{}/{ns}/app:1", alias(&reg))], now() - DAY, 4096);
+    let b = engine_env::image(&[&format!("{}/{ns}/app:1", alias(&reg))], now() - DAY, 4096);
     let b_digest = publish(&engine, &b, None).await;
     let bogus = format!("sha256:{}", "ab".repeat(32));
     let out = stowage(&addr, &dir.policy(&pinned(&bogus)), &["apply"]).await;
@@ -472,12 +483,15 @@ async fn digest_pin_mismatch_is_rejected_and_the_image_stays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_picks_up_a_new_digest_and_keeps_the_previous_one() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
     let _engine_wide = ENGINE_WIDE.write().await;
-    let (addr, reg) = (common::engine_addr().unwrap(), common::registry().unwrap());
-    let ns = common::unique_ns("refresh");
+    let (addr, reg) = (
+        engine_env::engine_addr().unwrap(),
+        engine_env::registry().unwrap(),
+    );
+    let ns = engine_env::unique_ns("refresh");
     let reference = format!("{reg}/{ns}/app:1");
     let dir = Dir::new();
     // Dangling images go at once unless protected: keep_previous must shield.
@@ -489,9 +503,9 @@ async fn refresh_picks_up_a_new_digest_and_keeps_the_previous_one() {
     // Later versions are published under the registry's other name, so the
     // host's reference stays on the current image until stowage moves it.
     let later = format!("{}/{ns}/app:1", alias(&reg));
-    let a = common::image(&[&reference], now() - 3 * DAY, 4096);
-    let b = common::image(&[&later], now() - 2 * DAY, 4096);
-    let c = common::image(&[&later], now() - DAY, 4096);
+    let a = engine_env::image(&[&reference], now() - 3 * DAY, 4096);
+    let b = engine_env::image(&[&later], now() - 2 * DAY, 4096);
+    let c = engine_env::image(&[&later], now() - DAY, 4096);
     publish(&engine, &a, None).await;
     let out = stowage(&addr, &policy, &["apply"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -554,20 +568,20 @@ fn skopeo_digest(registry: &str, name: &str, tag: &str, creds: Option<&str>) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_pushes_once_verified_by_skopeo() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
     let _engine_wide = ENGINE_WIDE.read().await;
-    let addr = common::engine_addr().unwrap();
+    let addr = engine_env::engine_addr().unwrap();
     let dir = Dir::new();
     let target = TestRegistry::start(&dir.path().join("mirror"), None);
-    let ns = common::unique_ns("mirror");
+    let ns = engine_env::unique_ns("mirror");
     let images = [
-        common::image(&[&format!("{ns}/app:1")], now() - DAY, 4096),
-        common::image(&[&format!("{ns}/app:2")], now() - DAY, 4096),
-        common::image(&[&format!("{ns}/other:1")], now() - DAY, 4096),
+        engine_env::image(&[&format!("{ns}/app:1")], now() - DAY, 4096),
+        engine_env::image(&[&format!("{ns}/app:2")], now() - DAY, 4096),
+        engine_env::image(&[&format!("{ns}/other:1")], now() - DAY, 4096),
     ];
-    common::load(&engine, &images).await;
+    engine_env::load(&engine, &images).await;
     let policy = dir.policy(&format!(
         "[[mirror]]\nname = \"edge\"\nregistry = \"{}\"\nprefix = \"cache\"\nimages = [\"{ns}/app\"]\n",
         target.addr
@@ -613,14 +627,17 @@ async fn mirror_pushes_once_verified_by_skopeo() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowed_registries_refuse_the_fallback() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
     let _engine_wide = ENGINE_WIDE.read().await;
-    let (addr, reg) = (common::engine_addr().unwrap(), common::registry().unwrap());
-    let ns = common::unique_ns("allowed");
+    let (addr, reg) = (
+        engine_env::engine_addr().unwrap(),
+        engine_env::registry().unwrap(),
+    );
+    let ns = engine_env::unique_ns("allowed");
     let reference = format!("{reg}/{ns}/app:1");
-    let image = common::image(&[&reference], now() - DAY, 4096);
+    let image = engine_env::image(&[&reference], now() - DAY, 4096);
     publish(&engine, &image, None).await;
     // The one allowed source is down; the image's own registry serves it but
     // is not allowed.
@@ -647,14 +664,14 @@ async fn allowed_registries_refuse_the_fallback() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_are_used_and_never_shown() {
-    let Some(engine) = common::engine().await else {
+    let Some(engine) = engine_env::engine().await else {
         return;
     };
     let _engine_wide = ENGINE_WIDE.read().await;
-    let addr = common::engine_addr().unwrap();
+    let addr = engine_env::engine_addr().unwrap();
     let dir = Dir::new();
-    let secret = format!("s3cret-{:x}", common::unique_seed());
-    let wrong = format!("wr0ng-{:x}", common::unique_seed());
+    let secret = format!("s3cret-{:x}", engine_env::unique_seed());
+    let wrong = format!("wr0ng-{:x}", engine_env::unique_seed());
     let htpasswd = dir.path().join("htpasswd");
     let hash = std::process::Command::new("htpasswd")
         .args(["-Bbn", "stowage", &secret])
@@ -669,12 +686,12 @@ async fn credentials_are_used_and_never_shown() {
         identity_token: None,
         server: registry.addr.clone(),
     };
-    let ns = common::unique_ns("creds");
+    let ns = engine_env::unique_ns("creds");
     let pulled = format!("{}/{ns}/app:1", registry.addr);
-    let image = common::image(&[&pulled], now() - DAY, 4096);
+    let image = engine_env::image(&[&pulled], now() - DAY, 4096);
     publish(&engine, &image, Some(&creds)).await;
-    let local = common::image(&[&format!("{ns}/local:1")], now() - DAY, 4096);
-    common::load(&engine, std::slice::from_ref(&local)).await;
+    let local = engine_env::image(&[&format!("{ns}/local:1")], now() - DAY, 4096);
+    engine_env::load(&engine, std::slice::from_ref(&local)).await;
 
     let write_creds = |password: &str| {
         use base64::Engine as _;
