@@ -1,9 +1,9 @@
 //! Planner table tests, snapshot style: policy + observed store -> rendered
-//! plan. Snapshots live in `tests/snapshots/plan/NAME.txt`; each was read and
-//! checked by hand. `STOWAGE_BLESS=1 cargo test --test plan_table` rewrites
-//! them after an intended change (then read the diff).
-
-use std::path::PathBuf;
+//! plan. Snapshots (insta) live in `tests/snapshots/plan/NAME.snap`; each was
+//! read and checked by hand. After an intended change,
+//! `INSTA_UPDATE=always cargo test --test it plan_table::` rewrites them (or
+//! `cargo insta review`, with cargo-insta); then read the diff. In CI a
+//! difference fails and writes nothing.
 
 use crate::fake_store::{DAY, NOW, container, id, img, policy};
 use stowage::engine::{Container, Image};
@@ -28,17 +28,19 @@ fn snapshot_with_state(
         ..Observed::default()
     };
     let got = plan::render(&plan::plan(&p, &observed, &state, NOW));
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/snapshots/plan")
-        .join(format!("{name}.txt"));
-    if std::env::var_os("STOWAGE_BLESS").is_some() {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, &got).unwrap();
-        return;
-    }
-    let want = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("missing snapshot {}: {e}", path.display()));
-    assert_eq!(got, want, "plan for case {name} differs from its snapshot");
+    assert_plan_snapshot(name, &got);
+}
+
+/// `got` against `tests/snapshots/plan/NAME.snap`, the one place snapshots
+/// are compared (and written, see the module comment).
+fn assert_plan_snapshot(name: &str, got: &str) {
+    insta::with_settings!({
+        snapshot_path => "../snapshots/plan",
+        prepend_module_to_snapshot => false,
+        omit_expression => true,
+    }, {
+        insta::assert_snapshot!(name, got);
+    });
 }
 
 const APP5: [(&str, f64, &str); 5] = [
@@ -543,16 +545,7 @@ fn layered(specs: &[(&str, f64, &[&str], Vec<Layer>)]) -> (Vec<Image>, stowage::
 fn snapshot_observed(name: &str, body: &str, observed: Observed, state: State) {
     let p = policy(body);
     let got = plan::render(&plan::plan(&p, &observed, &state, NOW));
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/snapshots/plan")
-        .join(format!("{name}.txt"));
-    if std::env::var_os("STOWAGE_BLESS").is_some() {
-        std::fs::write(&path, &got).unwrap();
-        return;
-    }
-    let want = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("missing snapshot {}: {e}", path.display()));
-    assert_eq!(got, want, "plan for case {name} differs from its snapshot");
+    assert_plan_snapshot(name, &got);
 }
 
 fn used(state: &mut State, name: &str, days_ago: f64) {
@@ -724,19 +717,7 @@ fn synthetic_text(references: usize, seed: u64) -> String {
 /// planner's second thread.
 #[test]
 fn synthetic_store_plan_and_verdicts() {
-    let got = synthetic_text(400, 3);
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/plan/synthetic_400.txt");
-    if std::env::var_os("STOWAGE_BLESS").is_some() {
-        std::fs::write(&path, &got).unwrap();
-        return;
-    }
-    let want = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("missing snapshot {}: {e}", path.display()));
-    assert_eq!(
-        got, want,
-        "plan of the synthetic store differs from its snapshot"
-    );
+    assert_plan_snapshot("synthetic_400", &synthetic_text(400, 3));
 }
 
 /// 20k references (5.5 MB of text): kept as its SHA-256.
