@@ -1,9 +1,10 @@
 //! The executor on the in-memory engine: order, failures that do not stop the
 //! others, removals racing a new container, dry runs, one record per action.
 
-use crate::fake_store::{FixedClock, NOW, container, img, policy};
+use crate::fake_store::{NOW, container, img, policy};
 use stowage::audit::{self, Action as AuditAction, AuditLog, Outcome};
 use stowage::engine::fake::FakeEngine;
+use stowage::fixture::FixedClock;
 use stowage::plan::{self, Kind, Observed};
 use stowage::reconcile;
 use stowage::state::State;
@@ -57,7 +58,7 @@ fn execute(
             &mut log,
             "run-1",
             dry_run,
-            &FixedClock,
+            &FixedClock(NOW),
             shutdown,
         ))
         .unwrap();

@@ -1,26 +1,15 @@
 //! Made-up stores for the planner, the executor on the fake engine and the
 //! daemon loop: images, containers and policies in a few words, at a fixed
-//! time.
+//! time (`stowage::fixture::FixedClock(NOW)` is its clock).
 
 use std::path::Path;
 
-use chrono::{DateTime, Utc};
 use stowage::engine::{Container, Image};
 use stowage::policy::{self, Policy};
-use stowage::reconcile::Clock;
 
 /// The fixed "now" of planner tests.
 pub const NOW: i64 = 1_800_000_000;
 pub const DAY: i64 = 86_400;
-
-/// A clock stopped at [`NOW`].
-pub struct FixedClock;
-
-impl Clock for FixedClock {
-    fn now(&self) -> DateTime<Utc> {
-        DateTime::from_timestamp(NOW, 0).expect("NOW is a valid time")
-    }
-}
 
 /// An image id that starts with the hex of `name` (unique per name), so
 /// rendered short ids stay recognisable.

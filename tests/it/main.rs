@@ -8,7 +8,8 @@
 //! - [`net`]: registries a test starts itself, fault-injecting TCP and HTTP
 //!   proxies;
 //! - [`fake_store`]: made-up images, containers and policies at a fixed time
-//!   (`NOW`, `FixedClock`), for the planner and the fake engine.
+//!   (`NOW`; the clock is `stowage::fixture::FixedClock(NOW)`), for the planner
+//!   and the fake engine.
 //!
 //! A new test file `tests/it/NAME.rs` gets its `mod NAME;` line below, in its
 //! group, and reaches the helpers as `crate::engine_env` and so on (no

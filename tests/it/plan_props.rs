@@ -5,11 +5,12 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use crate::fake_store::{DAY, FixedClock, NOW, container, img, policy};
+use crate::fake_store::{DAY, NOW, container, img, policy};
 use proptest::prelude::*;
 use stowage::audit::AuditLog;
 use stowage::engine::fake::FakeEngine;
 use stowage::engine::{Container, Image};
+use stowage::fixture::FixedClock;
 use stowage::plan::{self, Kind, Observed};
 use stowage::policy::Policy;
 use stowage::reconcile;
@@ -203,7 +204,7 @@ proptest! {
         let mut audit = AuditLog::open(&dir.path().join("audit.jsonl")).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let report = rt.block_on(reconcile::execute(
-            &engine, &first, &mut audit, "r", false, &FixedClock, &CancellationToken::new(),
+            &engine, &first, &mut audit, "r", false, &FixedClock(NOW), &CancellationToken::new(),
         )).unwrap();
         prop_assert_eq!(report.failed, 0);
         prop_assert_eq!(report.skipped, 0);
