@@ -11,6 +11,9 @@
 //!   (`NOW`; the clock is `stowage::fixture::FixedClock(NOW)`), for the planner
 //!   and the fake engine.
 //!
+//! proptest keeps its regression seeds in `tests/proptest-regressions/`
+//! (`MODULE.txt`): with a `main.rs` here, that is where it looks.
+//!
 //! A new test file `tests/it/NAME.rs` gets its `mod NAME;` line below, in its
 //! group, and reaches the helpers as `crate::engine_env` and so on (no
 //! `mod common;` of its own).
