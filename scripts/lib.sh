@@ -29,7 +29,7 @@ stowage_install_deps() {
     command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
     [ -x /bin/busybox ] || command -v busybox >/dev/null 2>&1 || missing+=(busybox-static)
     command -v skopeo >/dev/null 2>&1 || missing+=(skopeo)
-    # systemd-analyze: tests/systemd_unit.rs verifies systemd/stowage.service.
+    # systemd-analyze: tests/it/systemd_unit.rs verifies systemd/stowage.service.
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
     # htpasswd: bcrypt users for the registry with auth in the credentials tests.
     command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)

@@ -512,6 +512,7 @@ fn repeatable_fingerprint(r: &Record) -> Option<u64> {
 }
 
 /// The records of an audit log, and how many lines could not be read.
+#[cfg(any(test, feature = "testkit"))]
 #[derive(Debug, Default)]
 pub struct History {
     pub records: Vec<Record>,
@@ -519,8 +520,9 @@ pub struct History {
     pub unreadable: usize,
 }
 
-/// Read an audit log whole, both generations (for tests and small logs;
-/// `history` streams with [`records`]).
+/// Read an audit log whole, both generations (for tests; `history` streams
+/// with [`records`]).
+#[cfg(any(test, feature = "testkit"))]
 pub fn read(path: &Path) -> Result<History, AuditError> {
     let mut h = History::default();
     let mut it = records(path);

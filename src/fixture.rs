@@ -1,4 +1,5 @@
-//! Fixture images for tests, the demo seeder and benchmarks.
+//! Fixture images for tests, the demo seeder and benchmarks, and the tests'
+//! fixed clock ([`FixedClock`]).
 //!
 //! Builds docker-archive tarballs (the legacy `docker save` format) in memory,
 //! so one `Engine::load` call creates many distinct images with a chosen
@@ -17,6 +18,17 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+
+/// A clock stopped at a time (Unix seconds): the one fixed clock of the
+/// tests, unit and integration alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FixedClock(pub i64);
+
+impl crate::reconcile::Clock for FixedClock {
+    fn now(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp(self.0, 0).expect("a fixed time within chrono's range")
+    }
+}
 
 /// One image to put in an archive.
 #[derive(Debug, Clone, PartialEq, Eq)]

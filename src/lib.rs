@@ -5,13 +5,13 @@
 //!
 //! - [`policy`]: raw TOML -> validated [`policy::Policy`] with diagnostics.
 //! - [`engine`]: the [`engine::Engine`] trait; `engine::docker` is the one module
-//!   that knows bollard; `engine::fake` is an in-memory engine for tests.
+//!   that knows bollard; `engine::fake` (testkit) is an in-memory engine for tests.
 //! - [`refs`]: parsing `repository:tag` references.
 //! - [`state`]: crash-safe persistent state (first seen, last used, backoff).
 //! - [`audit`]: the JSON-lines audit log.
 //! - [`blocking`]: CPU and file work off the daemon's one async thread.
 //! - [`credentials`]: registry credentials from Docker's `config.json`.
-//! - [`fixture`]: docker-archive fixture images for tests, demos and benchmarks.
+//! - `fixture` (testkit): docker-archive fixture images for tests, demos and benchmarks.
 //! - [`plan`]: the pure planner and its rendering.
 //! - [`reconcile`]: observe, plan, execute through the audit log.
 //! - [`transfer`]: pre-pulls and mirror pushes: pure decisions, then pulls and
@@ -21,6 +21,11 @@
 //! - [`status`]: what `stowage status` shows, with or without a daemon.
 //! - [`storage`]: disk pressure: eviction by last use over unique layer bytes.
 //! - [`cli`]: the command line.
+//!
+//! The `testkit` feature (off by default; every test, bench and example target
+//! turns it on) adds what only tests and demos need: `fixture`, `engine::fake`,
+//! `Engine::load`/`Engine::save` and a few test-only constructors. The product
+//! is built without it.
 
 pub mod audit;
 pub mod blocking;
@@ -28,6 +33,7 @@ pub mod cli;
 pub mod credentials;
 pub mod daemon;
 pub mod engine;
+#[cfg(feature = "testkit")]
 pub mod fixture;
 pub mod plan;
 pub mod policy;

@@ -678,3 +678,176 @@ fn audit_action(kind: Kind) -> audit::Action {
         Kind::PruneBuild => audit::Action::PruneBuild,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::audit::Outcome;
+    use crate::engine::fake::FakeEngine;
+    use crate::engine::{Image, Layer};
+    use crate::fixture::FixedClock;
+
+    const NOW: i64 = 1_800_000_000;
+    const DAY: i64 = 86_400;
+    const MB: u64 = 1_000_000;
+
+    fn image(hex: &str, days: i64, tag: &str) -> Image {
+        Image {
+            id: format!("sha256:{hex:0<64}"),
+            repo_tags: vec![tag.to_owned()],
+            repo_digests: vec![],
+            created: NOW - days * DAY,
+            size: MB,
+        }
+    }
+
+    /// `app:1` to `app:3`, oldest first, and `other:1` that no rule scopes.
+    fn engine() -> FakeEngine {
+        FakeEngine::new(
+            vec![
+                image("a1", 30, "app:1"),
+                image("a2", 20, "app:2"),
+                image("a3", 10, "app:3"),
+                image("b1", 40, "other:1"),
+            ],
+            vec![],
+        )
+    }
+
+    fn policy(dir: &Path, extra: &str) -> Policy {
+        let text = format!(
+            "version = 1\n[daemon]\nstate_dir = {:?}\nmin_age = \"1h\"\n\
+             [[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 1\n{extra}",
+            dir.display().to_string()
+        );
+        crate::policy::parse(&text, Path::new("test.toml")).expect("a valid test policy")
+    }
+
+    async fn run(engine: &FakeEngine, policy: &Policy, dry_run: bool) -> (Plan, Report) {
+        let options = Options {
+            dry_run,
+            force_refresh: false,
+        };
+        reconcile_with(
+            engine,
+            policy,
+            &FixedClock(NOW),
+            options,
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("the reconcile runs")
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_applies_records_and_saves_then_has_nothing_left_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy(dir.path(), "");
+        let engine = engine();
+
+        let (plan, report) = run(&engine, &policy, false).await;
+        assert_eq!(plan.actions.len(), 2, "{}", plan::render(&plan));
+        assert_eq!((report.removed, report.failed, report.ok), (2, 0, 2));
+        assert_eq!(report.bytes_freed, 2 * MB);
+        assert_eq!(engine.references(), vec!["app:3", "other:1"]);
+
+        let records = audit::read(&policy.daemon.audit_log).unwrap().records;
+        let removed: Vec<(&str, Outcome)> = records
+            .iter()
+            .map(|r| (r.reference.as_deref().unwrap_or(""), r.outcome))
+            .collect();
+        assert_eq!(
+            removed,
+            vec![("app:1", Outcome::Ok), ("app:2", Outcome::Ok)]
+        );
+        assert!(records.iter().all(|r| r.run == report.run));
+
+        // The state knows what is left, and only that.
+        let state = StateStore::new(&policy.daemon.state_dir).load(NOW).state;
+        assert!(state.initialized);
+        let known: Vec<&str> = state.images.keys().map(|id| &id[7..9]).collect();
+        assert_eq!(known, vec!["a3", "b1"]);
+
+        let (again, report) = run(&engine, &policy, false).await;
+        assert!(again.actions.is_empty(), "{}", plan::render(&again));
+        assert_eq!(
+            report.summary(),
+            "removed 0, untagged 0, tagged 0, failed 0, skipped 0, deferred 0, freed 0 B"
+        );
+        assert_eq!(
+            audit::read(&policy.daemon.audit_log).unwrap().records.len(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dry_run_records_what_it_would_do_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy(dir.path(), "");
+        let engine = engine();
+        let (plan, report) = run(&engine, &policy, true).await;
+        assert_eq!(plan.actions.len(), 2);
+        assert_eq!((report.dry_run, report.removed), (2, 0));
+        assert_eq!(engine.references().len(), 4);
+        assert!(!engine.calls().iter().any(|c| c.starts_with("remove")));
+        let records = audit::read(&policy.daemon.audit_log).unwrap().records;
+        assert!(
+            records.iter().all(|r| r.outcome == Outcome::DryRun),
+            "{records:?}"
+        );
+        assert!(
+            !StateStore::new(&policy.daemon.state_dir).path().exists(),
+            "a dry run writes no state"
+        );
+    }
+
+    #[tokio::test]
+    async fn layers_are_read_once_then_taken_from_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        // Large enough that nothing is evicted: only the accounting counts.
+        let policy = policy(dir.path(), "[storage]\nmax_size = \"1GB\"\n");
+        let engine = engine();
+        let base = |mb: u64| Layer {
+            chain_id: "sha256:base".to_owned(),
+            size: mb * MB,
+        };
+        for hex in ["a3", "b1"] {
+            engine.set_layers(&format!("sha256:{hex:0<64}"), vec![base(5)]);
+        }
+        let (plan, _) = run(&engine, &policy, false).await;
+        let pressure = plan.pressure.expect("[storage] is set");
+        // Before retention: a1 and a2 as one pseudo-layer each, the shared base once.
+        assert_eq!(pressure.image_bytes, 7 * MB);
+        let state = StateStore::new(&policy.daemon.state_dir).load(NOW).state;
+        let a3 = &state.images[&format!("sha256:{:0<64}", "a3")];
+        assert_eq!(a3.layers, vec![base(5)]);
+
+        // An image's layers never change: the engine is not asked again.
+        for hex in ["a3", "b1"] {
+            engine.set_layers(&format!("sha256:{hex:0<64}"), vec![base(50)]);
+        }
+        let (plan, _) = run(&engine, &policy, false).await;
+        assert_eq!(plan.pressure.unwrap().image_bytes, 5 * MB);
+    }
+
+    #[test]
+    fn the_summary_says_what_is_not_done_yet() {
+        let report = Report {
+            removed: 1,
+            pulled: 1,
+            bytes_freed: 1_500_000,
+            interrupted: true,
+            unsaved: Some("disk full".to_owned()),
+            audit_held: 2,
+            ..Report::default()
+        };
+        assert_eq!(
+            report.summary(),
+            "removed 1, untagged 0, tagged 0, failed 0, skipped 0, deferred 0, \
+             pulled 1, pushed 0, backing off 0, freed 1.5 MB (interrupted by shutdown); \
+             state NOT saved: disk full; 2 audit record(s) NOT written yet"
+        );
+    }
+}

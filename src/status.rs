@@ -289,3 +289,243 @@ pub fn render_daemon(d: &DaemonStatus, now: DateTime<Utc>) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Image;
+    use crate::plan::{Decision, Verdict};
+    use crate::state::{Backoff, ImageState};
+
+    const NOW: i64 = 1_800_000_000;
+    const DAY: i64 = 86_400;
+
+    fn at(t: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(t, 0).unwrap()
+    }
+
+    fn image(hex: &str, created: i64, tags: &[&str]) -> Image {
+        Image {
+            id: format!("sha256:{hex:0<64}"),
+            repo_tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+            repo_digests: vec![],
+            created,
+            size: 2_500_000,
+        }
+    }
+
+    fn verdict(reference: Option<&str>, image: &Image, decision: Decision) -> Verdict {
+        Verdict {
+            reference: reference.map(str::to_owned),
+            image: image.id.clone(),
+            decision,
+            rule: Some("app".to_owned()),
+            reason: "because".to_owned(),
+        }
+    }
+
+    /// `app:2`, `app:1` (used a day ago), a dangling image, and a verdict
+    /// for an image no longer observed.
+    fn store() -> (Observed, Plan, State) {
+        let new = image("aa", NOW - 3 * DAY, &["app:2"]);
+        let old = image("bb", NOW - 30 * DAY, &["app:1", "web:1"]);
+        let dangling = image("cc", NOW - 10 * DAY, &[]);
+        let gone = image("dd", NOW - DAY, &["gone:1"]);
+        let mut plan = Plan::default();
+        plan.verdicts = vec![
+            verdict(Some("web:1"), &old, Decision::Keep),
+            verdict(Some("app:2"), &new, Decision::Keep),
+            verdict(None, &dangling, Decision::Remove),
+            verdict(Some("app:1"), &old, Decision::Keep),
+            verdict(Some("gone:1"), &gone, Decision::Remove),
+        ];
+        let mut state = State::default();
+        state.images.insert(
+            old.id.clone(),
+            ImageState {
+                first_seen: NOW - 20 * DAY,
+                last_used: Some(NOW - DAY),
+                ..ImageState::default()
+            },
+        );
+        let observed = Observed {
+            images: vec![new, old, dangling],
+            ..Observed::default()
+        };
+        (observed, plan, state)
+    }
+
+    #[test]
+    fn rows_are_sorted_dated_and_only_of_observed_images() {
+        let (observed, plan, state) = store();
+        let rows = rows(&observed, &plan, &state);
+        let refs: Vec<Option<&str>> = rows.iter().map(|r| r.reference.as_deref()).collect();
+        assert_eq!(
+            refs,
+            vec![None, Some("app:1"), Some("app:2"), Some("web:1")]
+        );
+        let app1 = &rows[1];
+        assert_eq!(app1.created, at(NOW - 30 * DAY));
+        // The latest of created, first seen and last used.
+        assert_eq!(app1.last_activity, Some(at(NOW - DAY)));
+        assert_eq!(app1.last_used, Some(at(NOW - DAY)));
+        // Nothing in the state: activity is the creation.
+        assert_eq!(rows[2].last_activity, Some(at(NOW - 3 * DAY)));
+        assert_eq!(rows[2].last_used, None);
+    }
+
+    #[test]
+    fn the_table_shows_ages_verdicts_and_a_closing_count() {
+        let (observed, plan, state) = store();
+        let rows = rows(&observed, &plan, &state);
+        let table = render_table(
+            &rows,
+            observed.images.len(),
+            Path::new("/etc/p.toml"),
+            at(NOW),
+        );
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 6, "{table}");
+        assert!(lines[0].starts_with("REFERENCE"), "{table}");
+        let dangling: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            dangling,
+            [
+                "<none>",
+                "cc0000000000",
+                "2.5",
+                "MB",
+                "10d",
+                "10d",
+                "remove",
+                "app:",
+                "because"
+            ]
+        );
+        let app1: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(app1[..6], ["app:1", "2.5", "MB", "30d", "24h", "keep"]);
+        assert_eq!(
+            lines[5],
+            "3 references in 2 repositories, 3 images; policy /etc/p.toml"
+        );
+    }
+
+    #[test]
+    fn ages_switch_units_at_a_minute_an_hour_and_two_days() {
+        for (secs, shown) in [
+            (-5, "0s"),
+            (59, "59s"),
+            (60, "1m"),
+            (3_599, "59m"),
+            (3_600, "1h"),
+            (2 * DAY - 1, "47h"),
+            (2 * DAY, "2d"),
+        ] {
+            assert_eq!(human_age(secs), shown, "{secs} s");
+        }
+    }
+
+    #[test]
+    fn exit_codes_follow_apply() {
+        let result = |failed, error: Option<&str>| ReconcileResult {
+            run: "r".to_owned(),
+            started: at(NOW),
+            finished: at(NOW),
+            duration_ms: 1,
+            failed,
+            summary: String::new(),
+            error: error.map(str::to_owned),
+        };
+        assert_eq!(result(0, None).exit_code(), 0);
+        assert_eq!(result(2, None).exit_code(), 1);
+        assert_eq!(result(0, Some("engine down")).exit_code(), 2);
+    }
+
+    fn daemon() -> DaemonStatus {
+        DaemonStatus {
+            pid: 42,
+            version: "0.1.0".to_owned(),
+            started: at(NOW - 3 * 3_600),
+            policy: PathBuf::from("/etc/stowage/policy.toml"),
+            policy_loaded: at(NOW - 3_600),
+            policy_summary: "2 rules".to_owned(),
+            reload_error: None,
+            engine: "unix:///run/docker.sock".to_owned(),
+            engine_reachable: true,
+            engine_error: None,
+            reconciling: false,
+            reconcile_pending: false,
+            reconciles: 0,
+            last_reconcile: None,
+            next_scheduled: None,
+            errors: vec![],
+            backoffs: vec![],
+            state_warning: None,
+        }
+    }
+
+    #[test]
+    fn the_daemon_view_of_a_healthy_daemon() {
+        let text = render_daemon(&daemon(), at(NOW));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "daemon: pid 42, stowage 0.1.0, up 3h");
+        assert!(lines[1].starts_with("policy: /etc/stowage/policy.toml (loaded "));
+        assert!(lines[1].ends_with("): 2 rules"), "{text}");
+        assert_eq!(lines[2], "engine: unix:///run/docker.sock reachable");
+        assert_eq!(lines[3], "last reconcile: none yet");
+        assert_eq!(lines.len(), 4, "{text}");
+    }
+
+    #[test]
+    fn the_daemon_view_says_what_is_wrong() {
+        let mut d = daemon();
+        d.reload_error = Some(Dated {
+            at: at(NOW),
+            message: "p.toml:3:1: error: unknown key\nsecond line".to_owned(),
+        });
+        d.engine_reachable = false;
+        d.engine_error = Some("connection refused".to_owned());
+        d.last_reconcile = Some(ReconcileResult {
+            run: String::new(),
+            started: at(NOW),
+            finished: at(NOW),
+            duration_ms: 7,
+            failed: 0,
+            summary: "never shown".to_owned(),
+            error: Some("engine unreachable".to_owned()),
+        });
+        d.reconcile_pending = true;
+        let text = render_daemon(&d, at(NOW));
+        for want in [
+            "; the policy above stays in force:\n  p.toml:3:1: error: unknown key\n  second line\n",
+            "engine: unix:///run/docker.sock UNREACHABLE: connection refused\n",
+            "(7 ms, run -): could not run: engine unreachable\n",
+            "a reconcile is pending\n",
+        ] {
+            assert!(text.contains(want), "{want:?} missing from:\n{text}");
+        }
+        assert!(!text.contains("never shown"), "{text}");
+    }
+
+    #[test]
+    fn backoffs_come_from_the_state() {
+        let mut state = State::default();
+        state.backoff.insert(
+            "pull nginx:1.25".to_owned(),
+            Backoff {
+                failures: 3,
+                next_attempt: NOW + 600,
+                last_error: "registry down".to_owned(),
+            },
+        );
+        assert_eq!(
+            backoffs(&state),
+            vec![BackoffRow {
+                key: "pull nginx:1.25".to_owned(),
+                failures: 3,
+                next_attempt: at(NOW + 600),
+                last_error: "registry down".to_owned(),
+            }]
+        );
+    }
+}

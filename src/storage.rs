@@ -406,3 +406,227 @@ impl Pressure {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: u64 = 1_000_000;
+
+    fn image(id: &str, created: i64, size: u64) -> Image {
+        Image {
+            id: id.to_owned(),
+            repo_tags: vec![format!("{id}:1")],
+            repo_digests: vec![],
+            created,
+            size,
+        }
+    }
+
+    fn layers(spec: &[(&str, u64)]) -> Vec<Layer> {
+        spec.iter()
+            .map(|(id, mb)| Layer {
+                chain_id: (*id).to_owned(),
+                size: mb * MB,
+            })
+            .collect()
+    }
+
+    fn storage(max_size: Option<u64>, order: EvictOrder) -> Storage {
+        Storage {
+            max_size,
+            high_watermark: None,
+            low_watermark: None,
+            order,
+            build_cache_max: None,
+        }
+    }
+
+    fn inputs(storage: &Storage) -> Inputs<'_> {
+        Inputs {
+            storage,
+            image_bytes_before: 0,
+            disk: None,
+            disk_error: None,
+            build_cache: None,
+            now: 1_000_000,
+        }
+    }
+
+    /// Three images on one 50 MB base, each with a 10 MB layer of its own.
+    fn shared_base() -> (Vec<Image>, LayerMap) {
+        let images = vec![
+            image("a", 10, 60 * MB),
+            image("b", 20, 60 * MB),
+            image("c", 30, 60 * MB),
+        ];
+        let mut map = LayerMap::default();
+        for i in &images {
+            let own = format!("own-{}", i.id);
+            map.insert(i.id.clone(), layers(&[("base", 50), (&own, 10)]));
+        }
+        (images, map)
+    }
+
+    fn candidates<'a>(images: &'a [Image], activity: &[i64]) -> Vec<Candidate<'a>> {
+        images
+            .iter()
+            .zip(activity)
+            .enumerate()
+            .map(|(k, (image, &activity))| Candidate {
+                image,
+                counted: k,
+                first_tag: image.repo_tags.first().map(String::as_str),
+                tags: image.repo_tags.len(),
+                activity,
+                protection: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_shared_layer_counts_once_and_is_freed_with_its_last_image() {
+        let (images, map) = shared_base();
+        assert_eq!(unique_bytes(&map, &images), 80 * MB);
+        let mut counts = LayerCounts::count(&images, &map);
+        assert_eq!(counts.remove(0), 10 * MB, "only its own layer");
+        assert_eq!(counts.remove(1), 10 * MB);
+        assert_eq!(counts.remove(2), 60 * MB, "the last one takes the base");
+        assert_eq!(counts.bytes(), 0);
+    }
+
+    #[test]
+    fn an_image_without_known_layers_is_one_layer_of_its_size() {
+        let images = vec![image("a", 0, 7 * MB), image("b", 0, 3 * MB)];
+        assert_eq!(unique_bytes(&LayerMap::default(), &images), 10 * MB);
+    }
+
+    #[test]
+    fn under_max_size_nothing_is_evicted() {
+        let (images, map) = shared_base();
+        let s = storage(Some(80 * MB), EvictOrder::Lru);
+        let c = candidates(&images, &[3, 2, 1]);
+        let out = plan(&inputs(&s), &c, LayerCounts::count(&images, &map));
+        assert!(out.evictions.is_empty());
+        assert_eq!(out.pressure.to_free, 0);
+        assert_eq!(out.pressure.image_bytes, 80 * MB);
+        assert!(out.pressure.shortfall.is_none());
+    }
+
+    #[test]
+    fn lru_takes_the_least_recently_active_until_under_max_size() {
+        let (images, map) = shared_base();
+        // 80 MB against 65 MB: two own layers (10 MB each) must go.
+        let s = storage(Some(65 * MB), EvictOrder::Lru);
+        let c = candidates(&images, &[300, 100, 200]);
+        let out = plan(&inputs(&s), &c, LayerCounts::count(&images, &map));
+        assert_eq!(out.pressure.to_free, 15 * MB);
+        let taken: Vec<(usize, u64)> = out
+            .evictions
+            .iter()
+            .map(|e| (e.candidate, e.bytes))
+            .collect();
+        assert_eq!(taken, vec![(1, 10 * MB), (2, 10 * MB)]);
+    }
+
+    #[test]
+    fn created_order_ignores_activity() {
+        let (images, map) = shared_base();
+        let s = storage(Some(75 * MB), EvictOrder::Created);
+        // "a" was active last, but it is the oldest created.
+        let c = candidates(&images, &[900, 100, 200]);
+        let out = plan(&inputs(&s), &c, LayerCounts::count(&images, &map));
+        let taken: Vec<usize> = out.evictions.iter().map(|e| e.candidate).collect();
+        assert_eq!(taken, vec![0]);
+    }
+
+    #[test]
+    fn protected_images_stay_and_the_shortfall_names_their_rule() {
+        let (images, map) = shared_base();
+        let s = storage(Some(10 * MB), EvictOrder::Lru);
+        let mut c = candidates(&images, &[1, 2, 3]);
+        c[2].protection = Some("keep-c");
+        let out = plan(&inputs(&s), &c, LayerCounts::count(&images, &map));
+        let taken: Vec<usize> = out.evictions.iter().map(|e| e.candidate).collect();
+        assert_eq!(taken, vec![0, 1], "every unprotected image, never c");
+        let short = out.pressure.shortfall.as_ref().expect("60 MB remain");
+        // c holds the base alone now: 60 MB against a 10 MB target.
+        assert_eq!(short.bytes, 50 * MB);
+        assert_eq!(short.protected_bytes, 60 * MB);
+        assert_eq!(short.protected_by, vec![("keep-c".to_owned(), 60 * MB)]);
+        let message = out.pressure.shortfall_message().unwrap();
+        assert!(message.contains("keep-c"), "{message}");
+    }
+
+    #[test]
+    fn watermarks_free_down_to_the_low_mark_counting_retention() {
+        let (images, map) = shared_base();
+        let s = Storage {
+            high_watermark: Some(90.0),
+            low_watermark: Some(80.0),
+            ..storage(None, EvictOrder::Lru)
+        };
+        // 950 of 1000 MB used; retention already frees 20 MB (100 MB of
+        // images before it, 80 MB now): 930 MB, above 90%, down to 800 MB.
+        let disk = Disk {
+            path: "/var/lib/docker".to_owned(),
+            total: 1000 * MB,
+            available: 50 * MB,
+        };
+        let i = Inputs {
+            disk: Some(&disk),
+            image_bytes_before: 100 * MB,
+            ..inputs(&s)
+        };
+        let c = candidates(&images, &[1, 2, 3]);
+        let out = plan(&i, &c, LayerCounts::count(&images, &map));
+        assert_eq!(out.pressure.freed_by_retention, 20 * MB);
+        assert_eq!(out.pressure.to_free, 130 * MB);
+        assert!(
+            out.pressure.summary.contains("> high_watermark 90%"),
+            "{}",
+            out.pressure.summary
+        );
+        // All three together free 80 MB: not enough, and nothing protected.
+        assert_eq!(out.evictions.len(), 3);
+        assert_eq!(out.pressure.shortfall.as_ref().unwrap().bytes, 50 * MB);
+    }
+
+    #[test]
+    fn watermarks_without_a_disk_say_why() {
+        let (images, map) = shared_base();
+        let s = Storage {
+            high_watermark: Some(90.0),
+            low_watermark: Some(80.0),
+            ..storage(None, EvictOrder::Lru)
+        };
+        let i = Inputs {
+            disk_error: Some("the engine is not on this host"),
+            ..inputs(&s)
+        };
+        let c = candidates(&images, &[1, 2, 3]);
+        let out = plan(&i, &c, LayerCounts::count(&images, &map));
+        assert!(out.evictions.is_empty());
+        assert_eq!(
+            out.pressure.summary,
+            "watermarks not evaluated: the engine is not on this host"
+        );
+    }
+
+    #[test]
+    fn the_build_cache_is_reported_against_its_maximum() {
+        let s = Storage {
+            build_cache_max: Some(100 * MB),
+            ..storage(None, EvictOrder::Lru)
+        };
+        for (size, due) in [(100 * MB, false), (101 * MB, true)] {
+            let i = Inputs {
+                build_cache: Some(size),
+                ..inputs(&s)
+            };
+            let out = plan(&i, &[], LayerCounts::count(&[], &LayerMap::default()));
+            assert_eq!(out.pressure.build_cache, Some((size, 100 * MB)));
+            assert_eq!(out.prune.is_some(), due, "{size}");
+        }
+    }
+}

@@ -88,7 +88,8 @@ impl Metrics {
         self.with(|v| v.engine_reachable = up);
     }
 
-    /// Finished reconciles so far (tests and status).
+    /// Finished reconciles so far (tests of the loop).
+    #[cfg(feature = "testkit")]
     pub fn reconciles(&self) -> u64 {
         self.with(|v| v.reconciles)
     }

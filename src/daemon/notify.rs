@@ -53,6 +53,7 @@ impl Notifier {
     /// A notifier that sends to the datagram socket at `path` (`@name`:
     /// abstract), with a watchdog of `watchdog`, as `from_env` would with
     /// `NOTIFY_SOCKET` and `WATCHDOG_USEC` set (tests of the loop).
+    #[cfg(feature = "testkit")]
     pub fn to_socket(path: &str, watchdog: Option<Duration>) -> std::io::Result<Self> {
         Ok(Notifier {
             target: Some(Self::open(path)?),
@@ -60,7 +61,8 @@ impl Notifier {
         })
     }
 
-    /// A notifier that sends nothing (tests, `stowage run` by hand).
+    /// A notifier that sends nothing (tests of the loop).
+    #[cfg(feature = "testkit")]
     pub fn disabled() -> Self {
         Notifier::default()
     }

@@ -23,11 +23,10 @@ use bollard::Docker;
 use bollard::auth::DockerCredentials;
 use bollard::errors::Error as BollardError;
 use bollard::query_parameters::{
-    CreateImageOptionsBuilder, EventsOptionsBuilder, ImportImageOptionsBuilder,
-    ListContainersOptionsBuilder, ListImagesOptionsBuilder, PushImageOptionsBuilder,
-    RemoveImageOptionsBuilder, TagImageOptionsBuilder,
+    CreateImageOptionsBuilder, EventsOptionsBuilder, ListContainersOptionsBuilder,
+    ListImagesOptionsBuilder, PushImageOptionsBuilder, RemoveImageOptionsBuilder,
+    TagImageOptionsBuilder,
 };
-use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -847,7 +846,9 @@ impl Engine for DockerEngine {
             })
     }
 
-    async fn load(&self, archive: Bytes) -> EngineResult<Vec<String>> {
+    #[cfg(feature = "testkit")]
+    async fn load(&self, archive: bytes::Bytes) -> EngineResult<Vec<String>> {
+        use bollard::query_parameters::ImportImageOptionsBuilder;
         let options = ImportImageOptionsBuilder::new().quiet(true).build();
         // The engine answers only once it has read the whole archive: the
         // first item may take long.
@@ -875,7 +876,8 @@ impl Engine for DockerEngine {
         Ok(loaded)
     }
 
-    async fn save(&self, references: &[String]) -> EngineResult<Bytes> {
+    #[cfg(feature = "testkit")]
+    async fn save(&self, references: &[String]) -> EngineResult<bytes::Bytes> {
         let names: Vec<&str> = references.iter().map(String::as_str).collect();
         let call = format!("save {}", references.join(" "));
         let guard = self.calls.start(&call, self.slow());
@@ -884,7 +886,7 @@ impl Engine for DockerEngine {
         while let Some(chunk) = Self::next_within(&mut stream, &guard, &call, self.slow()).await? {
             chunks.push(chunk.map_err(|e| self.error(e, &call))?);
         }
-        Ok(Bytes::from(chunks.concat()))
+        Ok(bytes::Bytes::from(chunks.concat()))
     }
 
     fn events(&self) -> BoxStream<'_, EngineResult<Event>> {

@@ -1,7 +1,7 @@
 //! An in-memory engine for planner, executor and loop tests. It follows the
 //! real engine's rules that stowage relies on: removing a reference of a
 //! multi-tag image only untags; an image used by any container is refused.
-//! Never the only proof of engine behaviour: `tests/engine_real.rs` is.
+//! Never the only proof of engine behaviour: `tests/it/engine_real.rs` is.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

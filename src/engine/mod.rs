@@ -1,15 +1,15 @@
 //! The engine boundary. The rest of stowage talks to Docker only through the
 //! [`Engine`] trait; `docker.rs` is the one module that knows bollard, and
-//! `fake.rs` is an in-memory engine for planner and loop tests.
+//! `fake.rs` (feature `testkit`) is an in-memory engine for planner and loop tests.
 
 pub mod docker;
+#[cfg(feature = "testkit")]
 pub mod fake;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 
@@ -232,9 +232,16 @@ pub trait Engine: Send + Sync {
         credentials: Option<&Credentials>,
     ) -> impl Future<Output = EngineResult<String>> + Send;
     /// Load a `docker save`/docker-archive tarball; returns the loaded references or ids.
-    fn load(&self, archive: Bytes) -> impl Future<Output = EngineResult<Vec<String>>> + Send;
-    /// Save images as a docker-archive tarball.
-    fn save(&self, references: &[String]) -> impl Future<Output = EngineResult<Bytes>> + Send;
+    /// Tests and demos seed engines with it; stowage itself never loads.
+    #[cfg(feature = "testkit")]
+    fn load(&self, archive: bytes::Bytes)
+    -> impl Future<Output = EngineResult<Vec<String>>> + Send;
+    /// Save images as a docker-archive tarball (tests only, like `load`).
+    #[cfg(feature = "testkit")]
+    fn save(
+        &self,
+        references: &[String],
+    ) -> impl Future<Output = EngineResult<bytes::Bytes>> + Send;
     /// The engine's event stream (container and image events), from now on.
     fn events(&self) -> BoxStream<'_, EngineResult<Event>>;
     /// The layers of an image, bottom first, with their sizes. When the
