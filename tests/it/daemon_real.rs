@@ -97,7 +97,7 @@ impl Daemon {
     }
 
     fn wait_reconciles(&self, at_least: u64, secs: u64) {
-        wait(
+        engine_env::wait(
             secs,
             &format!("{at_least} reconcile(s)\n{}", self.log()),
             || self.reconciles() >= at_least,
@@ -140,28 +140,6 @@ impl Drop for Daemon {
 fn send(pid: u32, sig: Signal) {
     let pid = Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
     kill_process(pid, sig).unwrap_or_else(|e| panic!("kill {pid:?}: {e}"));
-}
-
-/// Polls `cond` every 50 ms for up to `secs`; panics with `what` otherwise.
-fn wait(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out after {secs}s waiting for {what}");
-}
-
-/// A short private folder (unix socket paths are limited to 108 bytes).
-fn folder() -> tempfile::TempDir {
-    let base = engine_env::scratch_dir();
-    std::fs::create_dir_all(&base).unwrap();
-    tempfile::Builder::new()
-        .prefix("d-")
-        .tempdir_in(&base)
-        .unwrap()
 }
 
 /// The policy text: `keep_last` newest tags of `{ns}/app` stay; nothing is
@@ -235,7 +213,7 @@ async fn policy_edit_is_acted_on_within_two_seconds() {
     let addr = engine_env::engine_addr().unwrap();
     let ns = engine_env::unique_ns("edit");
     load_app(&engine, &ns, 3).await;
-    let dir = folder();
+    let dir = engine_env::short_folder("d-");
     // At first the policy scopes another repository: nothing to do.
     write_policy(dir.path(), &policy(dir.path(), &format!("{ns}/x"), 1, ""));
     let d = Daemon::start(dir.path(), &addr, &[]);
@@ -244,7 +222,7 @@ async fn policy_edit_is_acted_on_within_two_seconds() {
 
     write_policy(dir.path(), &policy(dir.path(), &ns, 1, ""));
     let edited = chrono::Utc::now();
-    wait(10, "the first audit record after the edit", || {
+    engine_env::wait(10, "the first audit record after the edit", || {
         audit_lines(dir.path()) > 0
     });
     // The record's `ts` is when the action started: the time to act, not
@@ -270,7 +248,7 @@ async fn sighup_with_a_broken_policy_keeps_the_old_one_and_status_says_why() {
     };
     let addr = engine_env::engine_addr().unwrap();
     let ns = engine_env::unique_ns("sighup");
-    let dir = folder();
+    let dir = engine_env::short_folder("d-");
     // systemd's side of sd_notify: a datagram socket named by NOTIFY_SOCKET.
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
@@ -342,7 +320,7 @@ async fn sigusr1_reconciles_and_engine_events_mark_images_used() {
     };
     let addr = engine_env::engine_addr().unwrap();
     let ns = engine_env::unique_ns("usr1");
-    let dir = folder();
+    let dir = engine_env::short_folder("d-");
     write_policy(dir.path(), &policy(dir.path(), &ns, 1, "watch = false"));
     let d = Daemon::start(dir.path(), &addr, &[]);
     d.wait_reconciles(1, 30);
@@ -378,7 +356,7 @@ async fn control_socket_reconcile_round_trip() {
     };
     let addr = engine_env::engine_addr().unwrap();
     let ns = engine_env::unique_ns("ctl");
-    let dir = folder();
+    let dir = engine_env::short_folder("d-");
     write_policy(dir.path(), &policy(dir.path(), &ns, 2, ""));
     let mut d = Daemon::start(dir.path(), &addr, &[]);
     d.wait_reconciles(1, 30);
@@ -420,7 +398,7 @@ async fn metrics_endpoint_is_scraped_and_parsed() {
         .local_addr()
         .unwrap()
         .port();
-    let dir = folder();
+    let dir = engine_env::short_folder("d-");
     write_policy(
         dir.path(),
         &policy(
@@ -493,10 +471,10 @@ async fn kill_9_mid_apply_then_restart_converges() {
     let ns = engine_env::unique_ns("kill9");
     const N: usize = 150;
     load_app(&engine, &ns, N).await;
-    let dir = folder();
+    let dir = engine_env::short_folder("d-");
     write_policy(dir.path(), &policy(dir.path(), &ns, 1, ""));
     let mut d = Daemon::start(dir.path(), &addr, &[]);
-    wait(60, "the audit log to grow", || {
+    engine_env::wait(60, "the audit log to grow", || {
         audit_lines(dir.path()) >= 10
     });
     d.signal(Signal::KILL);
@@ -551,10 +529,10 @@ async fn sigterm_mid_apply_exits_zero_within_ten_seconds() {
     let ns = engine_env::unique_ns("term");
     const N: usize = 80;
     load_app(&engine, &ns, N).await;
-    let dir = folder();
+    let dir = engine_env::short_folder("d-");
     write_policy(dir.path(), &policy(dir.path(), &ns, 1, ""));
     let mut d = Daemon::start(dir.path(), &addr, &[]);
-    wait(60, "the audit log to grow", || audit_lines(dir.path()) >= 3);
+    engine_env::wait(60, "the audit log to grow", || audit_lines(dir.path()) >= 3);
     let sent = Instant::now();
     d.signal(Signal::TERM);
     let status = d.wait_exit(10).expect("exited within 10 s");
@@ -620,7 +598,7 @@ impl OwnEngine {
             .expect("starting dockerd");
         self.pid = Some(child.id());
         let addr = self.address();
-        wait(60, "the own dockerd to answer", || {
+        engine_env::wait(60, "the own dockerd to answer", || {
             Command::new("docker")
                 .arg("version")
                 .env("DOCKER_HOST", &addr)
@@ -636,7 +614,7 @@ impl OwnEngine {
     fn stop(&mut self) {
         let Some(pid) = self.pid.take() else { return };
         send(pid, Signal::TERM);
-        wait(60, "the own dockerd to exit", || {
+        engine_env::wait(60, "the own dockerd to exit", || {
             // A zombie child still has /proc/PID; its state is Z.
             std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .map_or(true, |s| s.split_whitespace().nth(2) == Some("Z"))
@@ -660,12 +638,12 @@ async fn engine_stopped_and_started_under_the_daemon() {
     let mut own = OwnEngine::new();
     let addr = own.address();
     let ns = engine_env::unique_ns("restart");
-    let dir = folder();
+    let dir = engine_env::short_folder("d-");
     write_policy(dir.path(), &policy(dir.path(), &ns, 1, ""));
 
     // Down at start: the daemon stays up and says so.
     let mut d = Daemon::start(dir.path(), &addr, &[]);
-    wait(20, "status while the engine is down", || {
+    engine_env::wait(20, "status while the engine is down", || {
         d.status()
             .is_some_and(|s| s["engine_reachable"] == false && s["reconcile_pending"] == true)
     });
@@ -674,7 +652,7 @@ async fn engine_stopped_and_started_under_the_daemon() {
     d.wait_reconciles(1, 30);
 
     own.stop();
-    wait(30, "the daemon to notice", || {
+    engine_env::wait(30, "the daemon to notice", || {
         d.status().is_some_and(|s| s["engine_reachable"] == false)
     });
     // Several retries happen meanwhile; the change is logged once.

@@ -290,3 +290,26 @@ pub fn text(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// A short private folder under the scratch dir (unix socket paths are
+/// limited to 108 bytes).
+pub fn short_folder(prefix: &str) -> tempfile::TempDir {
+    let base = scratch_dir();
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(&base)
+        .unwrap()
+}
+
+/// Polls `cond` every 50 ms for up to `secs`; panics with `what` otherwise.
+pub fn wait(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("timed out after {secs}s waiting for {what}");
+}

@@ -10,16 +10,6 @@ use std::time::Duration;
 
 use crate::net::{HttpAction, UnixHttpProxy};
 
-/// A short private folder (unix socket paths are limited to 108 bytes).
-fn folder() -> tempfile::TempDir {
-    let base = engine_env::scratch_dir();
-    std::fs::create_dir_all(&base).unwrap();
-    tempfile::Builder::new()
-        .prefix("fe-")
-        .tempdir_in(&base)
-        .unwrap()
-}
-
 /// A policy scoping only `ns`, whose schedule is never due in a test.
 fn write_policy(dir: &Path, ns: &str) -> PathBuf {
     let path = dir.join("policy.toml");
@@ -107,7 +97,7 @@ async fn refused_event_stream_backs_off_and_does_not_reconcile_in_a_loop() {
         ("403", HttpAction::Answer(403)),
         ("closed", HttpAction::Close),
     ] {
-        let dir = folder();
+        let dir = engine_env::short_folder("fe-");
         let proxy = UnixHttpProxy::start(&upstream, &dir.path().join("p.sock"), move |_, t| {
             if t.contains("/events") {
                 action
@@ -182,7 +172,7 @@ async fn plan_against_an_engine_that_stalls_a_body_ends_with_a_timeout_naming_th
     let Some(engine) = engine_env::engine_addr() else {
         return;
     };
-    let dir = folder();
+    let dir = engine_env::short_folder("fe-");
     let proxy = UnixHttpProxy::start(&socket_path(&engine), &dir.path().join("p.sock"), |m, t| {
         if m == "GET" && t.contains("/images/json") {
             HttpAction::StallBody
@@ -338,7 +328,7 @@ async fn a_registry_error_with_a_huge_body_is_cut_in_log_audit_and_state() {
         return;
     };
     let (registry, _task) = huge_error_registry(4 << 20).await;
-    let dir = folder();
+    let dir = engine_env::short_folder("fe-");
     let policy = write_policy(dir.path(), &engine_env::unique_ns("huge-error"));
     let mut text = std::fs::read_to_string(&policy).unwrap();
     text.push_str(&format!(

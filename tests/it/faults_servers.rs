@@ -8,16 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A short private folder (unix socket paths are limited to 108 bytes).
-fn folder() -> tempfile::TempDir {
-    let base = engine_env::scratch_dir();
-    std::fs::create_dir_all(&base).unwrap();
-    tempfile::Builder::new()
-        .prefix("fs-")
-        .tempdir_in(&base)
-        .unwrap()
-}
-
 /// A policy that scopes a repository nobody uses (nothing to do) and never
 /// fires on schedule; `extra_daemon` goes into `[daemon]`.
 fn policy(dir: &Path, extra_daemon: &str) -> String {
@@ -83,7 +73,7 @@ fn control_socket_on_a_regular_file_is_an_error_and_the_file_survives() {
     let Some(engine) = engine_env::engine_addr() else {
         return;
     };
-    let dir = folder();
+    let dir = engine_env::short_folder("fs-");
     // Relative to the policy's folder: the policy file itself.
     let text = policy(dir.path(), "control_socket = \"policy.toml\"");
     let policy_path: PathBuf = dir.path().join("policy.toml");
@@ -125,7 +115,7 @@ fn control_socket_on_a_regular_file_is_an_error_and_the_file_survives() {
 // connection but never answers waited forever.
 #[test]
 fn reconcile_against_a_daemon_that_never_answers_times_out_clearly() {
-    let dir = folder();
+    let dir = engine_env::short_folder("fs-");
     let sock = dir.path().join("hung.sock");
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     // Accepts and reads, never answers; the connections stay open.
@@ -264,7 +254,7 @@ fn slowloris_on_metrics_leaves_status_reload_and_descriptors_alone() {
     let Some(engine) = engine_env::engine_addr() else {
         return;
     };
-    let dir = folder();
+    let dir = engine_env::short_folder("fs-");
     let port = free_port();
     let sock = dir.path().join("control.sock");
     let extra = format!(
@@ -385,7 +375,7 @@ fn an_over_long_control_line_is_refused_and_the_connection_closed() {
     let Some(engine) = engine_env::engine_addr() else {
         return;
     };
-    let dir = folder();
+    let dir = engine_env::short_folder("fs-");
     let sock = dir.path().join("control.sock");
     let extra = format!("control_socket = \"{}\"", sock.display());
     std::fs::write(dir.path().join("policy.toml"), policy(dir.path(), &extra)).unwrap();
@@ -476,7 +466,7 @@ async fn a_large_plan_does_not_block_metrics_or_the_control_socket() {
             size: 1_000_000,
         })
         .collect();
-    let dir = folder();
+    let dir = engine_env::short_folder("fs-");
     let port = free_port();
     let sock = dir.path().join("control.sock");
     let text = format!(
@@ -622,7 +612,7 @@ async fn control_clients_beyond_the_cap_wait_for_a_slot() {
             }
         }
     }
-    let dir = folder();
+    let dir = engine_env::short_folder("fs-");
     let path = dir.path().join("control.sock");
     let listener = control::bind(&path).unwrap();
     let stop = tokio_util::sync::CancellationToken::new();

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustix::process::{Pid, Signal, kill_process};
 use serde_json::Value;
@@ -63,7 +63,7 @@ impl Daemon {
     }
 
     fn wait_reconciles(&self, at_least: u64) {
-        wait(
+        engine_env::wait(
             30,
             &format!("{at_least} reconcile(s)\n{}", self.log()),
             || {
@@ -85,27 +85,6 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn wait(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out after {secs}s waiting for {what}");
-}
-
-/// A short private folder (unix socket paths are limited to 108 bytes).
-fn folder() -> tempfile::TempDir {
-    let base = engine_env::scratch_dir();
-    std::fs::create_dir_all(&base).unwrap();
-    tempfile::Builder::new()
-        .prefix("s-")
-        .tempdir_in(&base)
-        .unwrap()
 }
 
 /// A policy on `dir` (state, control socket) with `body` after `[daemon]`;
@@ -157,7 +136,7 @@ async fn apply_beside_the_daemon_loses_nothing() {
         .map(|i| engine_env::image(&[&format!("{ns}/app:v{i}")], now - 30 * DAY, 4096))
         .collect();
     engine_env::load(&engine, &images).await;
-    let dir = folder();
+    let dir = engine_env::short_folder("st-");
     let d = dir.path();
     let policy = write_policy(
         d,
@@ -255,7 +234,7 @@ async fn apply_waits_for_the_owner_of_the_state() {
     };
     let addr = engine_env::engine_addr().unwrap();
     let ns = engine_env::unique_ns("lock-wait");
-    let dir = folder();
+    let dir = engine_env::short_folder("st-");
     let d = dir.path();
     let policy = write_policy(
         d,
@@ -316,7 +295,7 @@ async fn a_lost_state_keeps_min_age_protection() {
     let addr = engine_env::engine_addr().unwrap();
     for loss in [Loss::Deleted, Loss::Corrupt, Loss::FirstRun] {
         let ns = engine_env::unique_ns("lost-state");
-        let dir = folder();
+        let dir = engine_env::short_folder("st-");
         let d = dir.path();
         let policy = write_policy(
             d,
@@ -378,7 +357,7 @@ async fn status_warns_about_a_corrupt_state() {
     };
     let addr = engine_env::engine_addr().unwrap();
     let ns = engine_env::unique_ns("corrupt-status");
-    let dir = folder();
+    let dir = engine_env::short_folder("st-");
     let d = dir.path();
     let policy = write_policy(
         d,
@@ -435,7 +414,7 @@ async fn the_daemon_owns_the_state_for_its_lifetime() {
     };
     let addr = engine_env::engine_addr().unwrap();
     let ns = engine_env::unique_ns("daemon-owner");
-    let dir = folder();
+    let dir = engine_env::short_folder("st-");
     let d = dir.path();
     write_policy(
         d,
@@ -446,7 +425,7 @@ async fn the_daemon_owns_the_state_for_its_lifetime() {
     held.try_lock().unwrap();
     std::fs::write(d.join("state/lock"), "stowage apply (pid 1)\n").unwrap();
     let daemon = Daemon::start(d, &addr);
-    wait(10, "the daemon to say it waits", || {
+    engine_env::wait(10, "the daemon to say it waits", || {
         daemon.log().contains("in use by stowage apply (pid 1)")
     });
     assert!(!d.join("state/state.json").exists(), "{}", daemon.log());
