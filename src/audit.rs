@@ -381,7 +381,7 @@ impl AuditLog {
             tracing::error!(
                 "cannot write audit log {}: {e}; holding records in memory (up to {}) and writing them when it can",
                 self.path.display(),
-                crate::plan::human_bytes(HELD_MAX_BYTES as u64)
+                crate::fmt::human_bytes(HELD_MAX_BYTES as u64)
             );
         }
         self.held.failing = true;
@@ -447,7 +447,7 @@ impl AuditLog {
         tracing::info!(
             "audit log {} reached audit_max ({}): rotated to {}",
             self.path.display(),
-            crate::plan::human_bytes(self.max),
+            crate::fmt::human_bytes(self.max),
             old.display()
         );
         self.try_open()

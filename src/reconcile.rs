@@ -12,10 +12,15 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::{self, AuditError, AuditLog, Outcome, Record};
 use crate::blocking::off_loop;
 use crate::engine::{Engine, EngineError};
-use crate::plan::{self, Action, Kind, Observed, Plan};
+use crate::fmt::{human_bytes, short_id};
+use crate::observe::{Observed, add_storage, noted, observe, observe_for};
+use crate::plan::{self, Action, Kind, Plan};
 use crate::policy::Policy;
 use crate::state::{State, StateError, StateStore};
 use crate::transfer;
+
+// Re-exported under their old paths (tests, benches and examples name them so).
+pub use crate::clock::{Clock, SystemClock};
 
 /// Why a reconcile could not run at all (exit 2).
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +78,7 @@ impl Report {
         if self.dry_run > 0 {
             s.push_str(&format!(", dry-run {}", self.dry_run));
         }
-        s.push_str(&format!(", freed {}", plan::human_bytes(self.bytes_freed)));
+        s.push_str(&format!(", freed {}", human_bytes(self.bytes_freed)));
         if self.interrupted {
             s.push_str(" (interrupted by shutdown)");
         }
@@ -90,21 +95,6 @@ impl Report {
     }
 }
 
-/// A source of time, so tests can fix it. The planner never reads it.
-pub trait Clock: Send + Sync {
-    fn now(&self) -> DateTime<Utc>;
-}
-
-/// The system clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> DateTime<Utc> {
-        Utc::now()
-    }
-}
-
 /// A reconcile id: time plus process id, readable and unique enough per host.
 pub fn run_id(now: DateTime<Utc>) -> String {
     format!(
@@ -112,112 +102,6 @@ pub fn run_id(now: DateTime<Utc>) -> String {
         now.format("%Y%m%dT%H%M%S%.3fZ"),
         std::process::id()
     )
-}
-
-/// Observe the engine: one image listing and one container listing, whatever
-/// the number of images.
-pub async fn observe<E: Engine>(engine: &E) -> Result<Observed, EngineError> {
-    let (images, containers) = tokio::try_join!(engine.list_images(), engine.list_containers())?;
-    Ok(Observed {
-        images,
-        containers,
-        ..Observed::default()
-    })
-}
-
-/// Observe everything the policy needs: images and containers, plus layers,
-/// the data root's filesystem and the build cache when `[storage]` is set.
-/// Notes first-seen times in `state` (off the async threads; if this future
-/// is dropped mid-way, `state` may be left empty).
-pub async fn observe_for<E: Engine>(
-    engine: &E,
-    policy: &Policy,
-    state: &mut State,
-    now: i64,
-) -> Result<Observed, EngineError> {
-    let observed = observe(engine).await?;
-    let (noted_state, mut observed) = noted(std::mem::take(state), observed, now).await;
-    *state = noted_state;
-    add_storage(engine, policy, state, &mut observed).await?;
-    Ok(observed)
-}
-
-/// Add what `[storage]` needs to an observation: layers (from the state's
-/// cache; new ones are added to it), the data root's filesystem, the build
-/// cache. Nothing without `[storage]`.
-pub async fn add_storage<E: Engine>(
-    engine: &E,
-    policy: &Policy,
-    state: &mut State,
-    observed: &mut Observed,
-) -> Result<(), EngineError> {
-    let Some(storage) = &policy.storage else {
-        return Ok(());
-    };
-    // Owned ids, and no borrow of `state` across an await: the future must
-    // stay `Send` for the daemon's spawned reconcile.
-    let ids: Vec<String> = observed.images.iter().map(|i| i.id.clone()).collect();
-    for id in ids {
-        let cached: Vec<crate::engine::Layer> = match state.images.get(&id) {
-            Some(s) => s.layers.clone(),
-            None => Vec::new(),
-        };
-        let layers = if cached.is_empty() {
-            match engine.image_layers(&id).await {
-                Ok(l) => {
-                    if let Some(s) = state.images.get_mut(&id) {
-                        s.layers.clone_from(&l);
-                    }
-                    l
-                }
-                // Removed meanwhile: it counts as one pseudo-layer this time.
-                Err(EngineError::NotFound(_)) => continue,
-                Err(e) => return Err(e),
-            }
-        } else {
-            cached
-        };
-        observed.layers.insert(id, layers);
-    }
-    if storage.high_watermark.is_some() {
-        let info = engine.info().await?;
-        if !engine.is_local() {
-            observed.disk_error = Some(format!(
-                "the engine is not on this host, so its data root {} cannot be measured here",
-                info.data_root
-            ));
-        } else {
-            match rustix::fs::statvfs(info.data_root.as_str()) {
-                Ok(st) => {
-                    observed.disk = Some(crate::storage::Disk {
-                        path: info.data_root.clone(),
-                        total: st.f_blocks.saturating_mul(st.f_frsize),
-                        available: st.f_bavail.saturating_mul(st.f_frsize),
-                    });
-                }
-                Err(e) => {
-                    observed.disk_error = Some(format!(
-                        "the engine's data root {} is not readable on this host ({e}); is the engine in another mount namespace or on another machine?",
-                        info.data_root
-                    ));
-                }
-            }
-        }
-    }
-    if storage.build_cache_max.is_some() {
-        observed.build_cache = Some(engine.disk_usage().await?.build_cache_size);
-    }
-    Ok(())
-}
-
-/// Update the state with what is on the host now (first-seen times), and
-/// forget images that are gone.
-pub fn note_observed(state: &mut State, observed: &Observed, now: i64) {
-    for img in &observed.images {
-        state.observe(&img.id, img.created, now);
-    }
-    state.retain_images(observed.images.iter().map(|i| i.id.as_str()));
-    state.initialized = true;
 }
 
 /// Observe, plan: the read-only half of a reconcile (`stowage plan`).
@@ -235,15 +119,6 @@ pub async fn plan_now<E: Engine>(
         (observed, plan)
     })
     .await)
-}
-
-/// [`note_observed`] off the async threads (a large store takes a while).
-async fn noted(mut state: State, observed: Observed, now: i64) -> (State, Observed) {
-    off_loop(move || {
-        note_observed(&mut state, &observed, now);
-        (state, observed)
-    })
-    .await
 }
 
 /// [`StateStore::save`] off the async threads: serialising a large state and
@@ -582,7 +457,7 @@ async fn now_in_use<E: Engine>(engine: &E, image: &str) -> Result<Option<String>
     Ok(engine.containers_using(image).await?.first().map(|c| {
         format!(
             "image is now used by container {} (created since planning); never forced",
-            crate::refs::short_id(&c.id)
+            short_id(&c.id)
         )
     }))
 }

@@ -39,12 +39,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditError, AuditLog, Outcome, Record};
+use crate::clock::Clock;
 use crate::credentials::CredentialStore;
 use crate::engine::{Credentials, Engine, EngineError, Image, Progress};
-use crate::plan::Observed;
+use crate::fmt::short_digest;
+use crate::observe::{self, Observed};
 use crate::policy::{Policy, Prepull, Refresh, canonical_registry};
-use crate::reconcile::Clock;
-use crate::refs::{self, DEFAULT_REGISTRY, short_digest, split_tag};
+use crate::refs::{self, DEFAULT_REGISTRY, split_tag};
 use crate::state::{Backoff, State};
 
 /// First retry delay; doubles per consecutive failure up to `retry_max`.
@@ -949,7 +950,7 @@ pub async fn run<E: Engine>(
     }
     let observed_clean;
     let observed = if report.changed {
-        observed_clean = match crate::reconcile::observe(engine).await {
+        observed_clean = match observe::observe(engine).await {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(
@@ -1005,7 +1006,7 @@ pub async fn run<E: Engine>(
     // uplink and serves the local mirror in the same reconcile.
     let observed_now;
     let observed = if report.pulled + report.tagged > 0 {
-        observed_now = match crate::reconcile::observe(engine).await {
+        observed_now = match observe::observe(engine).await {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(

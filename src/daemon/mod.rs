@@ -46,9 +46,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::Record;
 use crate::blocking::off_loop;
+use crate::clock::Clock;
 use crate::engine::{Engine, EngineError, EngineResult};
 use crate::policy::{self, Policy};
-use crate::reconcile::{self, Clock, ReconcileError};
+use crate::reconcile::{self, ReconcileError};
 use crate::state::{StateError, StateLock, StateStore};
 use crate::status::{self, DaemonStatus, Dated, ReconcileResult};
 
