@@ -11,13 +11,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditError, AuditLog, Outcome, Record};
 use crate::blocking::off_loop;
-use crate::engine::{Engine, EngineError};
+use crate::engine::{Engine, EngineError, Image, Removed};
 use crate::fmt::{human_bytes, short_id};
 use crate::observe::{Observed, add_storage, noted, observe, observe_for};
 use crate::plan::{self, Action, Kind, Plan};
 use crate::policy::Policy;
 use crate::state::{State, StateError, StateStore};
 use crate::transfer;
+use futures_util::StreamExt;
 
 // Re-exported under their old paths (tests, benches and examples name them so).
 pub use crate::clock::{Clock, SystemClock};
@@ -61,6 +62,12 @@ pub struct Report {
     pub unsaved: Option<String>,
     /// Audit records held in memory at the end, not yet written.
     pub audit_held: usize,
+    /// What this reconcile's audit records say, counted as written (the
+    /// daemon's metrics).
+    pub records: audit::Tally,
+    /// `(count, bytes)` of the images after a reconcile that ran to its
+    /// end, from its observation (the daemon's gauges).
+    pub images: Option<(u64, u64)>,
 }
 
 impl Report {
@@ -158,13 +165,7 @@ pub struct Options {
     pub force_refresh: bool,
 }
 
-/// One whole reconcile: load state, observe, transfers (pre-pulls, then
-/// mirror pushes), observe again, plan retention, execute, save state.
-///
-/// A failed state or audit write never ends the reconcile: on a full disk
-/// eviction is what frees it. Audit records are held until they can be
-/// written (see [`crate::audit`]); a failed state save is logged and tried
-/// again at the end of the reconcile, then by the next one.
+/// One whole reconcile: load state, then [`reconcile_state`].
 pub async fn reconcile_with<E: Engine>(
     engine: &E,
     policy: &Policy,
@@ -172,42 +173,86 @@ pub async fn reconcile_with<E: Engine>(
     options: Options,
     shutdown: &CancellationToken,
 ) -> Result<(Plan, Report), ReconcileError> {
-    let dry_run = options.dry_run;
     let store = StateStore::new(&policy.daemon.state_dir);
-    let now = clock.now();
+    let now = clock.now().timestamp();
     // A dry run changes nothing, not even a corrupt state's place: it needs
     // no ownership of the state (`stowage apply --dry-run` beside the daemon).
-    let loaded = {
-        let store = store.clone();
-        let readonly = dry_run || policy.daemon.dry_run;
-        off_loop(move || {
-            if readonly {
-                store.load_readonly(now.timestamp())
-            } else {
-                store.load(now.timestamp())
-            }
-        })
-        .await
-    };
+    let readonly = options.dry_run || policy.daemon.dry_run;
+    let loaded = off_loop(move || {
+        if readonly {
+            store.load_readonly(now)
+        } else {
+            store.load(now)
+        }
+    })
+    .await;
     if let Some(w) = &loaded.warning {
         tracing::warn!("{w}");
     }
-    let state = loaded.state;
+    let mut state = loaded.state;
+    reconcile_state(engine, policy, clock, options, shutdown, &mut state).await
+}
+
+/// One whole reconcile on a state its caller holds (the daemon keeps it in
+/// memory; `apply` loads it): observe once, transfers (pre-pulls, then
+/// mirror pushes), plan retention, execute, save the state. The engine is
+/// listed once (again only after pulls changed it); the executor keeps the
+/// observation current, and the `Report` carries the counts and gauges.
+/// In a dry run `state` is left as it came.
+///
+/// A failed state or audit write never ends the reconcile: on a full disk
+/// eviction is what frees it. Audit records are held until they can be
+/// written (see [`crate::audit`]); a failed state save is logged and tried
+/// again at the end of the reconcile, then by the next one.
+pub async fn reconcile_state<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    clock: &dyn Clock,
+    options: Options,
+    shutdown: &CancellationToken,
+    state: &mut State,
+) -> Result<(Plan, Report), ReconcileError> {
+    let dry_run = options.dry_run || policy.daemon.dry_run;
+    if dry_run {
+        // Worked on a copy: what a dry run notes is not kept.
+        let mut copy = state.clone();
+        return run_reconcile(engine, policy, clock, options, shutdown, &mut copy).await;
+    }
+    run_reconcile(engine, policy, clock, options, shutdown, state).await
+}
+
+async fn run_reconcile<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    clock: &dyn Clock,
+    options: Options,
+    shutdown: &CancellationToken,
+    state: &mut State,
+) -> Result<(Plan, Report), ReconcileError> {
+    let dry_run = options.dry_run || policy.daemon.dry_run;
+    let store = StateStore::new(&policy.daemon.state_dir);
+    let now = clock.now();
     let run = run_id(now);
     let mut audit = AuditLog::open_lenient(&policy.daemon.audit_log, policy.daemon.audit_max);
     audit.set_previously_stated(state.reported.clone());
-    let (mut state, mut observed) = noted(state, observe(engine).await?, now.timestamp()).await;
+    let mut observed;
+    (*state, observed) = noted(
+        std::mem::take(state),
+        observe(engine).await?,
+        now.timestamp(),
+    )
+    .await;
     // Transfers come first so that retention plans on the store as the
     // pulls left it (a freshly pulled image is never a removal candidate).
     let transfers = transfer::run(
         engine,
         policy,
-        &observed,
-        &mut state,
+        &mut observed,
+        state,
         &mut audit,
         &run,
         transfer::RunOptions {
-            dry_run: dry_run || policy.daemon.dry_run,
+            dry_run,
             force_refresh: options.force_refresh,
         },
         clock,
@@ -216,12 +261,12 @@ pub async fn reconcile_with<E: Engine>(
     .await?;
     let has_transfers = !policy.prepull.is_empty() || !policy.mirror.is_empty();
     let stopped = shutdown.is_cancelled();
-    if !(dry_run || policy.daemon.dry_run) && (has_transfers || stopped) {
+    if !dry_run && (has_transfers || stopped) {
         // Backoff must survive a crash later in this reconcile, and what the
         // transfers finished (`previous`, refresh checks) a shutdown. On a
         // full disk this fails: eviction below may free it for the final save.
         let saved;
-        (state, saved) = save_state(&store, state).await;
+        (*state, saved) = save_state(&store, std::mem::take(state)).await;
         if let Err(e) = saved {
             tracing::error!("{e}; going on (eviction may free space), saving again at the end");
         }
@@ -236,47 +281,62 @@ pub async fn reconcile_with<E: Engine>(
         add_transfers(&mut report, &transfers);
         audit.sync().await;
         report.audit_held = audit.held();
+        report.records = audit.tally().clone();
         return Ok((Plan::default(), report));
     }
-    if transfers.changed {
-        (state, observed) = noted(state, observe(engine).await?, clock.now().timestamp()).await;
+    if transfers.stale {
+        observed = observe(engine).await?;
     }
-    add_storage(engine, policy, &mut state, &mut observed).await?;
-    let (mut state, plan) = {
+    if transfers.changed {
+        (*state, observed) = noted(std::mem::take(state), observed, clock.now().timestamp()).await;
+    }
+    add_storage(engine, policy, state, &mut observed).await?;
+    let (planned_state, observed, plan) = {
         let policy = policy.clone();
+        let state = std::mem::take(state);
         off_loop(move || {
             let plan = plan::plan_to_apply(&policy, &observed, &state, now.timestamp());
-            (state, plan)
+            (state, observed, plan)
         })
         .await
     };
-    let mut report = execute(
+    *state = planned_state;
+    let mut observed = observed;
+    let mut report = execute_on(
         engine,
         &plan,
+        &mut observed,
         &mut audit,
         &run,
-        dry_run || policy.daemon.dry_run,
+        dry_run,
         clock,
         shutdown,
     )
     .await?;
     add_transfers(&mut report, &transfers);
-    if !(dry_run || policy.daemon.dry_run) {
-        // Forget what is gone; the next observation adds what is new.
-        let gone: Vec<&str> = plan
+    if !report.interrupted {
+        report.images = Some(observed.totals());
+    }
+    if !dry_run {
+        // Forget what is gone (the observation follows what the engine
+        // removed); the next observation adds what is new.
+        let gone: std::collections::HashSet<&str> = plan
             .actions
             .iter()
             .filter(|a| matches!(a.kind, Kind::Remove | Kind::Evict))
             .map(|a| a.image.as_str())
             .collect();
-        state.images.retain(|id, _| !gone.contains(&id.as_str()));
+        state.images.retain(|id, _| !gone.contains(id.as_str()));
         state.reported = audit.stated().clone();
-        if let Err(e) = save_state(&store, state).await.1 {
+        let saved;
+        (*state, saved) = save_state(&store, std::mem::take(state)).await;
+        if let Err(e) = saved {
             tracing::error!("{e}; the next reconcile saves again");
             report.unsaved = Some(e.to_string());
         }
     }
     report.audit_held = audit.held();
+    report.records = audit.tally().clone();
     Ok((plan, report))
 }
 
@@ -293,11 +353,59 @@ fn add_transfers(report: &mut Report, transfers: &transfer::TransferReport) {
     report.interrupted |= transfers.interrupted;
 }
 
+/// Removals of different images in flight at once. The engine removes
+/// layers one at a time; a few removals in flight keep it busy while the
+/// re-checks of the next ones travel, which is what brings a bulk removal
+/// near the engine's own `image prune`.
+const REMOVALS_AT_ONCE: usize = 4;
+
 /// Apply a plan: tags first (the plan is already in that order), then
-/// removals, each re-checked against the containers right before it.
+/// removals, each re-checked right before it. See [`execute_on`].
 pub async fn execute<E: Engine>(
     engine: &E,
     plan: &Plan,
+    audit: &mut AuditLog,
+    run: &str,
+    dry_run: bool,
+    clock: &dyn Clock,
+    shutdown: &CancellationToken,
+) -> Result<Report, ReconcileError> {
+    let mut observed = Observed::default();
+    execute_on(
+        engine,
+        plan,
+        &mut observed,
+        audit,
+        run,
+        dry_run,
+        clock,
+        shutdown,
+    )
+    .await
+}
+
+/// What one action did.
+enum Done {
+    /// Nothing: the re-check found a reason not to (said in the record).
+    Skipped(String),
+    /// What the engine untagged and deleted.
+    Removed(Removed),
+    Tagged,
+    Pruned,
+}
+
+/// [`execute`], keeping `observed` current from what each action did (the
+/// engine's answers), so the reconcile needs no listing afterwards.
+///
+/// Tags run one by one before any removal. Removals are grouped per image
+/// (its untags, then its removal, in plan order) and up to
+/// [`REMOVALS_AT_ONCE`] images are worked on at once; each record is written
+/// as its image's group finishes. The build-cache prune comes last.
+#[allow(clippy::too_many_arguments)]
+pub async fn execute_on<E: Engine>(
+    engine: &E,
+    plan: &Plan,
+    observed: &mut Observed,
     audit: &mut AuditLog,
     run: &str,
     dry_run: bool,
@@ -327,74 +435,53 @@ pub async fn execute<E: Engine>(
         audit.append(&warn_record(clock, run, None, None, "storage", &msg));
         report.warnings += 1;
     }
-    for a in &plan.actions {
-        // Shutdown is heard between actions, never inside one.
-        if shutdown.is_cancelled() {
-            report.interrupted = true;
-            break;
-        }
-        let started = clock.now();
-        let mut rec = record(a, run, started);
-        if dry_run {
+    if dry_run {
+        for a in &plan.actions {
+            if shutdown.is_cancelled() {
+                report.interrupted = true;
+                break;
+            }
+            let mut rec = record(a, run, clock.now());
             rec.outcome = Outcome::DryRun;
             report.dry_run += 1;
             tracing::info!(action = a.kind.as_str(), rule = %a.rule, "dry-run {}", describe(a));
             audit.append(&rec);
-            continue;
         }
-        let result = match a.kind {
-            Kind::Tag => match &a.reference {
-                Some(r) => engine.tag(&a.image, r).await.map(|()| None),
-                None => Ok(None),
-            },
-            Kind::Untag | Kind::Remove => match still_free(engine, a).await {
-                Ok(None) => {
-                    let target = a.reference.as_deref().unwrap_or(&a.image);
-                    engine.remove(target).await.map(|_| None)
-                }
-                Ok(Some(skip)) => Ok(Some(skip)),
-                Err(e) => Err(e),
-            },
-            Kind::Evict => evict(engine, a).await,
-            Kind::PruneBuild => engine
-                .prune_build_cache(a.keep_bytes.unwrap_or(0))
-                .await
-                .map(|_| None),
-        };
-        rec.duration_ms =
-            Some(u64::try_from((clock.now() - started).num_milliseconds()).unwrap_or_default());
-        match result {
-            Ok(None) => {
-                rec.outcome = Outcome::Ok;
-                report.ok += 1;
-                match a.kind {
-                    Kind::Tag => report.tagged += 1,
-                    Kind::Untag => report.untagged += 1,
-                    Kind::Remove | Kind::Evict => {
-                        report.removed += 1;
-                        report.bytes_freed += a.bytes.unwrap_or(0);
-                    }
-                    Kind::PruneBuild => report.bytes_freed += a.bytes.unwrap_or(0),
-                }
-                tracing::info!(action = a.kind.as_str(), rule = %a.rule, "{}", describe(a));
+    } else {
+        let (tags, rest): (Vec<&Action>, Vec<&Action>) =
+            plan.actions.iter().partition(|a| a.kind == Kind::Tag);
+        let (prunes, removals): (Vec<&Action>, Vec<&Action>) =
+            rest.into_iter().partition(|a| a.kind == Kind::PruneBuild);
+        // Floating tags move before anything is removed.
+        let done = run_group(engine, tags, clock, shutdown).await;
+        report.interrupted |= settle(done, observed, audit, &mut report);
+        if !report.interrupted {
+            let mut groups: Vec<Vec<&Action>> = Vec::new();
+            let mut group_of: std::collections::HashMap<&str, usize> =
+                std::collections::HashMap::new();
+            for a in removals {
+                let g = *group_of.entry(a.image.as_str()).or_insert_with(|| {
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                });
+                groups[g].push(a);
             }
-            Ok(Some(why)) => {
-                rec.action = audit::Action::Skip;
-                rec.outcome = Outcome::Ok;
-                rec.reason = format!("{why}; planned: {}", a.reason);
-                rec.bytes = None;
-                report.skipped += 1;
-                tracing::info!(rule = %a.rule, "skip {}: {why}", describe(a));
-            }
-            Err(e) => {
-                rec.outcome = Outcome::Failed;
-                rec.error = Some(e.to_string());
-                rec.bytes = None;
-                report.failed += 1;
-                tracing::warn!(action = a.kind.as_str(), rule = %a.rule, "failed {}: {e}", describe(a));
+            // Futures of a plain `async fn` collected first: a closure in
+            // the stream trips the compiler's `Send` inference for the
+            // daemon's spawn.
+            let jobs: Vec<_> = groups
+                .into_iter()
+                .map(|g| run_group(engine, g, clock, shutdown))
+                .collect();
+            let mut running = futures_util::stream::iter(jobs).buffer_unordered(REMOVALS_AT_ONCE);
+            while let Some(done) = running.next().await {
+                report.interrupted |= settle(done, observed, audit, &mut report);
             }
         }
-        audit.append(&rec);
+        if !report.interrupted {
+            let done = run_group(engine, prunes, clock, shutdown).await;
+            report.interrupted |= settle(done, observed, audit, &mut report);
+        }
     }
     // One record per kind and rule, not per removal: a backlog of thousands
     // would otherwise write thousands of records on every reconcile until it
@@ -422,34 +509,181 @@ pub async fn execute<E: Engine>(
     Ok(report)
 }
 
-/// Evict one image with all its references: re-check containers, then
-/// untag each reference (the last one removes the image), never forced.
-async fn evict<E: Engine>(engine: &E, a: &Action) -> Result<Option<String>, EngineError> {
-    if let Some(why) = now_in_use(engine, &a.image).await? {
-        return Ok(Some(why));
+/// Actions run one after the other, each with its record (its outcome not
+/// set yet); `true` when shutdown stopped them between two actions.
+struct GroupDone<'a> {
+    done: Vec<(&'a Action, Record, Result<Done, EngineError>)>,
+    interrupted: bool,
+}
+
+async fn run_group<'a, E: Engine>(
+    engine: &E,
+    actions: Vec<&'a Action>,
+    clock: &dyn Clock,
+    shutdown: &CancellationToken,
+) -> GroupDone<'a> {
+    let mut out = GroupDone {
+        done: Vec::with_capacity(actions.len()),
+        interrupted: false,
+    };
+    for a in actions {
+        // Shutdown is heard between actions, never inside one.
+        if shutdown.is_cancelled() {
+            out.interrupted = true;
+            break;
+        }
+        let started = clock.now();
+        let mut rec = record(a, "", started);
+        let result = run_one(engine, a).await;
+        rec.duration_ms =
+            Some(u64::try_from((clock.now() - started).num_milliseconds()).unwrap_or_default());
+        out.done.push((a, rec, result));
     }
-    let images = engine.list_images().await?;
-    let Some(img) = images.iter().find(|i| i.id == a.image) else {
-        return Ok(Some(format!("{} is already gone", a.image)));
+    out
+}
+
+async fn run_one<E: Engine>(engine: &E, a: &Action) -> Result<Done, EngineError> {
+    match a.kind {
+        Kind::Tag => match &a.reference {
+            Some(r) => engine.tag(&a.image, r).await.map(|()| Done::Tagged),
+            None => Ok(Done::Tagged),
+        },
+        Kind::Untag | Kind::Remove => match still_free(engine, a).await? {
+            Err(skip) => Ok(Done::Skipped(skip)),
+            Ok(target) => remove_checked(engine, a, &target).await,
+        },
+        Kind::Evict => evict(engine, a).await,
+        Kind::PruneBuild => engine
+            .prune_build_cache(a.keep_bytes.unwrap_or(0))
+            .await
+            .map(|_| Done::Pruned),
+    }
+}
+
+/// Writes the records of a finished group, counts them into `report` and
+/// keeps `observed` current. Returns whether the group was interrupted.
+fn settle(
+    group: GroupDone<'_>,
+    observed: &mut Observed,
+    audit: &mut AuditLog,
+    report: &mut Report,
+) -> bool {
+    for (a, mut rec, result) in group.done {
+        rec.run.clone_from(&report.run);
+        match result {
+            Ok(Done::Skipped(why)) => {
+                rec.action = audit::Action::Skip;
+                rec.outcome = Outcome::Ok;
+                rec.reason = format!("{why}; planned: {}", a.reason);
+                rec.bytes = None;
+                report.skipped += 1;
+                tracing::info!(rule = %a.rule, "skip {}: {why}", describe(a));
+            }
+            Ok(done) => {
+                rec.outcome = Outcome::Ok;
+                report.ok += 1;
+                match done {
+                    Done::Tagged => {
+                        if let Some(r) = &a.reference {
+                            observed.tagged(&a.image, r);
+                        }
+                    }
+                    Done::Removed(removed) => observed.removed(&removed),
+                    Done::Pruned | Done::Skipped(_) => {}
+                }
+                match a.kind {
+                    Kind::Tag => report.tagged += 1,
+                    Kind::Untag => report.untagged += 1,
+                    Kind::Remove | Kind::Evict => {
+                        report.removed += 1;
+                        report.bytes_freed += a.bytes.unwrap_or(0);
+                    }
+                    Kind::PruneBuild => report.bytes_freed += a.bytes.unwrap_or(0),
+                }
+                tracing::info!(action = a.kind.as_str(), rule = %a.rule, "{}", describe(a));
+            }
+            Err(e) => {
+                rec.outcome = Outcome::Failed;
+                rec.error = Some(e.to_string());
+                rec.bytes = None;
+                report.failed += 1;
+                tracing::warn!(action = a.kind.as_str(), rule = %a.rule, "failed {}: {e}", describe(a));
+            }
+        }
+        audit.append(&rec);
+    }
+    group.interrupted
+}
+
+/// Evict one image with all its references, never forced: untag each
+/// reference (the last one removes the image), or remove it by id when it
+/// has none. One inspect of the image right before: it is gone, or its
+/// references as they are now (a dangling one's included: a removal by id
+/// would take a tag given since planning along).
+async fn evict<E: Engine>(engine: &E, a: &Action) -> Result<Done, EngineError> {
+    let Some(img) = engine.image(&a.image).await? else {
+        return Ok(Done::Skipped(format!("{} is already gone", a.image)));
     };
     let mut refs = img.repo_tags.clone();
     refs.sort();
     if refs.is_empty() {
-        // By id, so the same last question as for a dangling removal.
-        if let Some(tags) = engine.tags_of(&a.image).await?
-            && !tags.is_empty()
-        {
-            return Ok(Some(format!(
-                "the image is no longer dangling: tagged {} since planning",
-                tags.join(", ")
-            )));
+        return remove_checked(engine, a, &a.image).await;
+    }
+    // Untags before the last reference are not checked by the engine.
+    if !engine_checks_containers(&img, &refs[0])
+        && let Some(why) = now_in_use(engine, &a.image).await?
+    {
+        return Ok(Done::Skipped(why));
+    }
+    let (last, first) = refs.split_last().expect("not empty");
+    let mut removed = Removed::default();
+    for r in first {
+        let r = engine.remove(r).await?;
+        removed.untagged.extend(r.untagged);
+        removed.deleted.extend(r.deleted);
+    }
+    match remove_checked(engine, a, last).await? {
+        Done::Removed(r) => {
+            removed.untagged.extend(r.untagged);
+            removed.deleted.extend(r.deleted);
+            Ok(Done::Removed(removed))
         }
-        engine.remove(&a.image).await?;
+        other => Ok(other),
     }
-    for r in &refs {
-        engine.remove(r).await?;
+}
+
+/// Remove `target` (a reference or the image id), never forced. The
+/// engine refuses to delete an image a container uses; when it refuses and
+/// a container uses the image, that is a skip (created since planning), as
+/// when the re-check found it first.
+async fn remove_checked<E: Engine>(
+    engine: &E,
+    a: &Action,
+    target: &str,
+) -> Result<Done, EngineError> {
+    match engine.remove(target).await {
+        Ok(removed) => Ok(Done::Removed(removed)),
+        Err(EngineError::Conflict(refused)) => match now_in_use(engine, &a.image).await? {
+            Some(why) => Ok(Done::Skipped(why)),
+            None => Err(EngineError::Conflict(refused)),
+        },
+        Err(e) => Err(e),
     }
-    Ok(None)
+}
+
+/// Whether the engine itself refuses, unforced, when a container uses the
+/// image and `reference` is removed: when it is the image's only tag and
+/// every digest reference is of the same repository (the removal then
+/// deletes the image, which a container's use blocks). With other
+/// references the engine only untags, and asks no container.
+fn engine_checks_containers(img: &Image, reference: &str) -> bool {
+    let repo = crate::refs::split_tag(reference).0;
+    img.repo_tags.len() == 1
+        && img.repo_tags[0] == reference
+        && img
+            .repo_digests
+            .iter()
+            .all(|d| d.split_once('@').is_some_and(|(r, _)| r == repo))
 }
 
 /// Why an image may not go after all: a container created since planning.
@@ -462,38 +696,46 @@ async fn now_in_use<E: Engine>(engine: &E, image: &str) -> Result<Option<String>
     }))
 }
 
-/// `None` when the image may still go; `Some(reason)` to skip: a container
-/// created since planning uses it, the reference now names another image,
-/// or a dangling image has been tagged since planning.
-async fn still_free<E: Engine>(engine: &E, a: &Action) -> Result<Option<String>, EngineError> {
-    // Narrow questions, not full listings: this runs per removal.
-    if let Some(why) = now_in_use(engine, &a.image).await? {
-        return Ok(Some(why));
-    }
+/// What to remove for an `untag`/`remove` (the reference, or the id of a
+/// dangling image), or why to skip it: a container created since planning
+/// uses it, the reference now names another image, or a dangling image has
+/// been tagged since planning. One inspect, plus a container query only
+/// where the engine would not refuse by itself (see
+/// [`engine_checks_containers`]).
+async fn still_free<E: Engine>(
+    engine: &E,
+    a: &Action,
+) -> Result<Result<String, String>, EngineError> {
+    let target = a.reference.as_deref().unwrap_or(&a.image);
+    let Some(img) = engine.image(target).await? else {
+        return Ok(Err(format!("{target} is already gone")));
+    };
     match &a.reference {
-        Some(r) => match engine.image_id_of(r).await? {
-            Some(id) if id != a.image => {
-                return Ok(Some(format!(
-                    "{r} now points at another image {id} (changed since planning)"
+        Some(r) => {
+            if img.id != a.image {
+                return Ok(Err(format!(
+                    "{r} now points at another image {} (changed since planning)",
+                    img.id
                 )));
             }
-            None => return Ok(Some(format!("{r} is already gone"))),
-            Some(_) => {}
-        },
+            if (a.kind == Kind::Untag || !engine_checks_containers(&img, r))
+                && let Some(why) = now_in_use(engine, &a.image).await?
+            {
+                return Ok(Err(why));
+            }
+        }
         // A removal by id takes every tag the image has, and the engine has
         // no call that refuses a tagged image: ask last, right before it.
-        None => match engine.tags_of(&a.image).await? {
-            None => return Ok(Some(format!("{} is already gone", a.image))),
-            Some(tags) if !tags.is_empty() => {
-                return Ok(Some(format!(
-                    "the image is no longer dangling: tagged {} since planning",
-                    tags.join(", ")
-                )));
-            }
-            Some(_) => {}
-        },
+        // Without tags, the engine refuses if a container uses the image.
+        None if !img.repo_tags.is_empty() => {
+            return Ok(Err(format!(
+                "the image is no longer dangling: tagged {} since planning",
+                img.repo_tags.join(", ")
+            )));
+        }
+        None => {}
     }
-    Ok(None)
+    Ok(Ok(target.to_owned()))
 }
 
 fn describe(a: &Action) -> String {

@@ -33,7 +33,6 @@ pub mod notify;
 pub mod sources;
 
 use std::future::Future;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,7 +43,6 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::Record;
 use crate::blocking::off_loop;
 use crate::clock::Clock;
 use crate::engine::{Engine, EngineError, EngineResult};
@@ -222,10 +220,6 @@ struct Finished {
     started: DateTime<Utc>,
     elapsed: Duration,
     result: Result<reconcile::Report, ReconcileError>,
-    /// Audit records this reconcile wrote.
-    records: Vec<Record>,
-    /// `(count, bytes)` of the images after it.
-    images: Option<(u64, u64)>,
 }
 
 /// The loop's own state.
@@ -878,29 +872,13 @@ where
             flush.await;
             let started = clock.now();
             let t0 = Instant::now();
-            let audit_path = policy.daemon.audit_log.clone();
-            let offset = LogPosition::of(&audit_path);
             let result = reconcile::reconcile(&*engine, &policy, &*clock, false, &stop)
                 .await
                 .map(|(_, report)| report);
-            let elapsed = t0.elapsed();
-            let records = off_loop(move || records_since(&audit_path, offset)).await;
-            let images = match &result {
-                // Shutting down: the gauge is not worth the wait.
-                Ok(_) if stop.is_cancelled() => None,
-                Ok(_) => engine
-                    .list_images()
-                    .await
-                    .ok()
-                    .map(|i| (i.len() as u64, i.iter().map(|i| i.size).sum())),
-                Err(_) => None,
-            };
             Finished {
                 started,
-                elapsed,
+                elapsed: t0.elapsed(),
                 result,
-                records,
-                images,
             }
         });
         self.running = Some(task);
@@ -957,13 +935,17 @@ where
             }
         };
         let failed = result.error.is_some() || result.failed > 0;
+        let (records, images) = match &f.result {
+            Ok(report) => (report.records.clone(), report.images),
+            Err(_) => (Default::default(), None),
+        };
         self.metrics.reconciled(
             now.timestamp_millis() as f64 / 1000.0,
             f.elapsed,
             failed,
-            &f.records,
+            &records,
         );
-        if let Some((count, bytes)) = f.images {
+        if let Some((count, bytes)) = images {
             self.metrics.images(count, bytes);
         }
         self.notifier.status(&format!(
@@ -1072,30 +1054,6 @@ where
     }
 }
 
-/// Where the audit log ended before a reconcile: which file (inode) and
-/// how long it was.
-#[derive(Debug, Clone, Copy)]
-struct LogPosition {
-    inode: Option<u64>,
-    len: u64,
-}
-
-impl LogPosition {
-    fn of(path: &Path) -> LogPosition {
-        use std::os::unix::fs::MetadataExt;
-        match std::fs::metadata(path) {
-            Ok(m) => LogPosition {
-                inode: Some(m.ino()),
-                len: m.len(),
-            },
-            Err(_) => LogPosition {
-                inode: None,
-                len: 0,
-            },
-        }
-    }
-}
-
 /// Writes `marks` into the state (load, apply, save: blocking file work);
 /// marks that cannot be written go back to `shared` for the next try.
 fn write_marks(store: &StateStore, marks: events::Marks, shared: &SharedMarks, now: i64) {
@@ -1112,34 +1070,6 @@ fn write_marks(store: &StateStore, marks: events::Marks, shared: &SharedMarks, n
             events::put_back(shared, marks);
         }
     }
-}
-
-/// The audit records appended after `start` (torn lines skipped). When the
-/// log was rotated meanwhile (`audit_max`), that is the rest of
-/// `<audit_log>.1` and the new log whole.
-fn records_since(path: &Path, start: LogPosition) -> Vec<Record> {
-    let read = |p: &Path, offset: u64| -> std::io::Result<String> {
-        let mut f = std::fs::File::open(p)?;
-        let len = f.metadata()?.len();
-        f.seek(SeekFrom::Start(if offset <= len { offset } else { 0 }))?;
-        let mut text = String::new();
-        f.read_to_string(&mut text)?;
-        Ok(text)
-    };
-    let now = LogPosition::of(path);
-    let mut text = String::new();
-    if start.inode.is_some() && now.inode != start.inode {
-        let older = crate::audit::rotated_path(path);
-        if LogPosition::of(&older).inode == start.inode {
-            text = read(&older, start.len).unwrap_or_default();
-        }
-        text.push_str(&read(path, 0).unwrap_or_default());
-    } else {
-        text = read(path, start.len).unwrap_or_default();
-    }
-    text.lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 /// Where a `status`/`reconcile` client finds the daemon's control socket
@@ -1182,47 +1112,5 @@ pub async fn ask(
         Ok(r) => Ok(Some(r)),
         Err(control::ClientError::NoDaemon { .. }) => Ok(None),
         Err(e) => Err(e),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::audit::{Action, AuditLog, Outcome};
-
-    fn rec(n: u64) -> Record {
-        Record {
-            ts: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
-            run: format!("r{n}"),
-            action: Action::Remove,
-            reference: Some(format!("app:{n}")),
-            image: None,
-            rule: Some("old".into()),
-            reason: "beyond keep_last=1".into(),
-            outcome: Outcome::Ok,
-            error: None,
-            bytes: Some(n),
-            duration_ms: None,
-        }
-    }
-
-    #[test]
-    fn records_since_follows_a_rotation() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let line = serde_json::to_vec(&rec(1)).unwrap().len() as u64 + 1;
-        let mut log = AuditLog::open_lenient(&path, 3 * line);
-        log.append(&rec(1));
-        log.append(&rec(2));
-        let start = LogPosition::of(&path);
-        // The third fills the file; the fourth goes to a new one.
-        log.append(&rec(3));
-        log.append(&rec(4));
-        assert!(crate::audit::rotated_path(&path).exists());
-        let runs: Vec<_> = records_since(&path, start)
-            .into_iter()
-            .map(|r| r.run)
-            .collect();
-        assert_eq!(runs, ["r3", "r4"]);
     }
 }

@@ -74,7 +74,8 @@ impl FakeEngine {
     }
 
     /// A container using `image_id` appears right before the next engine call
-    /// that lists containers after planning (simulates a race).
+    /// that lists containers after planning, or the next removal, whichever
+    /// comes first (simulates a race).
     pub fn add_container_later(&self, c: Container) {
         self.lock().race_containers.push(c);
     }
@@ -139,6 +140,10 @@ impl Engine for FakeEngine {
                 "injected failure removing {reference}"
             )));
         }
+        // A racing container exists by the time of any removal, whether or
+        // not the executor asked for containers first (the engine checks).
+        let race = std::mem::take(&mut g.race_containers);
+        g.containers.extend(race);
         let inner = &mut *g;
         let Some(img) = find(&mut inner.images, reference) else {
             return Err(EngineError::NotFound(reference.to_string()));
