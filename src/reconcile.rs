@@ -18,7 +18,6 @@ use crate::plan::{self, Action, Kind, Plan};
 use crate::policy::Policy;
 use crate::state::{State, StateError, StateStore};
 use crate::transfer;
-use futures_util::StreamExt;
 
 // Re-exported under their old paths (tests, benches and examples name them so).
 pub use crate::clock::{Clock, SystemClock};
@@ -353,12 +352,6 @@ fn add_transfers(report: &mut Report, transfers: &transfer::TransferReport) {
     report.interrupted |= transfers.interrupted;
 }
 
-/// Removals of different images in flight at once. The engine removes
-/// layers one at a time; a few removals in flight keep it busy while the
-/// re-checks of the next ones travel, which is what brings a bulk removal
-/// near the engine's own `image prune`.
-const REMOVALS_AT_ONCE: usize = 4;
-
 /// Apply a plan: tags first (the plan is already in that order), then
 /// removals, each re-checked right before it. See [`execute_on`].
 pub async fn execute<E: Engine>(
@@ -384,9 +377,21 @@ pub async fn execute<E: Engine>(
     .await
 }
 
+/// What the re-check before an action found.
+enum Checked {
+    /// Not to be done after all (said in the record).
+    Skip(String),
+    /// Remove these, in order (never forced): the last one removes the
+    /// image, unless the engine refuses for a container.
+    Remove(Vec<String>),
+    /// Tags and build-cache prunes need no re-check.
+    Go,
+}
+
 /// What one action did.
 enum Done {
-    /// Nothing: the re-check found a reason not to (said in the record).
+    /// Nothing: the re-check (or the engine's refusal for a container)
+    /// found a reason not to.
     Skipped(String),
     /// What the engine untagged and deleted.
     Removed(Removed),
@@ -397,10 +402,12 @@ enum Done {
 /// [`execute`], keeping `observed` current from what each action did (the
 /// engine's answers), so the reconcile needs no listing afterwards.
 ///
-/// Tags run one by one before any removal. Removals are grouped per image
-/// (its untags, then its removal, in plan order) and up to
-/// [`REMOVALS_AT_ONCE`] images are worked on at once; each record is written
-/// as its image's group finishes. The build-cache prune comes last.
+/// Actions run one at a time, in plan order, each record written as soon
+/// as its action is done. Between two removals of different images, the
+/// next one's re-check runs while the engine carries out the current one:
+/// the engine removes layers one at a time anyway, and this keeps it busy,
+/// which brings a bulk removal to the engine's own `image prune`. The
+/// re-check is then at most one removal older than its own removal.
 #[allow(clippy::too_many_arguments)]
 pub async fn execute_on<E: Engine>(
     engine: &E,
@@ -435,53 +442,46 @@ pub async fn execute_on<E: Engine>(
         audit.append(&warn_record(clock, run, None, None, "storage", &msg));
         report.warnings += 1;
     }
-    if dry_run {
-        for a in &plan.actions {
-            if shutdown.is_cancelled() {
-                report.interrupted = true;
-                break;
-            }
+    let actions = &plan.actions;
+    let mut ahead: Option<(DateTime<Utc>, Result<Checked, EngineError>)> = None;
+    for (i, a) in actions.iter().enumerate() {
+        // Shutdown is heard between actions, never inside one.
+        if shutdown.is_cancelled() {
+            report.interrupted = true;
+            break;
+        }
+        if dry_run {
             let mut rec = record(a, run, clock.now());
             rec.outcome = Outcome::DryRun;
             report.dry_run += 1;
             tracing::info!(action = a.kind.as_str(), rule = %a.rule, "dry-run {}", describe(a));
             audit.append(&rec);
+            continue;
         }
-    } else {
-        let (tags, rest): (Vec<&Action>, Vec<&Action>) =
-            plan.actions.iter().partition(|a| a.kind == Kind::Tag);
-        let (prunes, removals): (Vec<&Action>, Vec<&Action>) =
-            rest.into_iter().partition(|a| a.kind == Kind::PruneBuild);
-        // Floating tags move before anything is removed.
-        let done = run_group(engine, tags, clock, shutdown).await;
-        report.interrupted |= settle(done, observed, audit, &mut report);
-        if !report.interrupted {
-            let mut groups: Vec<Vec<&Action>> = Vec::new();
-            let mut group_of: std::collections::HashMap<&str, usize> =
-                std::collections::HashMap::new();
-            for a in removals {
-                let g = *group_of.entry(a.image.as_str()).or_insert_with(|| {
-                    groups.push(Vec::new());
-                    groups.len() - 1
-                });
-                groups[g].push(a);
+        let (started, checked) = match ahead.take() {
+            Some(done) => done,
+            None => (clock.now(), check(engine, a).await),
+        };
+        // Checked ahead only between removals of different images: one
+        // image's untags and removal stay strictly one after the other.
+        let next = actions
+            .get(i + 1)
+            .filter(|n| a.kind.is_removal() && n.kind.is_removal() && n.image != a.image);
+        let result = match (checked, next) {
+            (Ok(c), Some(n)) => {
+                let next_started = clock.now();
+                let (done, next_checked) = tokio::join!(act(engine, a, c), check(engine, n));
+                ahead = Some((next_started, next_checked));
+                done
             }
-            // Futures of a plain `async fn` collected first: a closure in
-            // the stream trips the compiler's `Send` inference for the
-            // daemon's spawn.
-            let jobs: Vec<_> = groups
-                .into_iter()
-                .map(|g| run_group(engine, g, clock, shutdown))
-                .collect();
-            let mut running = futures_util::stream::iter(jobs).buffer_unordered(REMOVALS_AT_ONCE);
-            while let Some(done) = running.next().await {
-                report.interrupted |= settle(done, observed, audit, &mut report);
-            }
-        }
-        if !report.interrupted {
-            let done = run_group(engine, prunes, clock, shutdown).await;
-            report.interrupted |= settle(done, observed, audit, &mut report);
-        }
+            (Ok(c), None) => act(engine, a, c).await,
+            (Err(e), _) => Err(e),
+        };
+        let mut rec = record(a, run, started);
+        rec.duration_ms =
+            Some(u64::try_from((clock.now() - started).num_milliseconds()).unwrap_or_default());
+        let rec = settle(a, rec, result, observed, &mut report);
+        audit.append(&rec);
     }
     // One record per kind and rule, not per removal: a backlog of thousands
     // would otherwise write thousands of records on every reconcile until it
@@ -509,147 +509,126 @@ pub async fn execute_on<E: Engine>(
     Ok(report)
 }
 
-/// Actions run one after the other, each with its record (its outcome not
-/// set yet); `true` when shutdown stopped them between two actions.
-struct GroupDone<'a> {
-    done: Vec<(&'a Action, Record, Result<Done, EngineError>)>,
-    interrupted: bool,
+/// The re-check right before an action (see [`still_free`], [`evict_targets`]).
+async fn check<E: Engine>(engine: &E, a: &Action) -> Result<Checked, EngineError> {
+    Ok(match a.kind {
+        Kind::Tag | Kind::PruneBuild => Checked::Go,
+        Kind::Untag | Kind::Remove => match still_free(engine, a).await? {
+            Ok(target) => Checked::Remove(vec![target]),
+            Err(skip) => Checked::Skip(skip),
+        },
+        Kind::Evict => evict_targets(engine, a).await?,
+    })
 }
 
-async fn run_group<'a, E: Engine>(
-    engine: &E,
-    actions: Vec<&'a Action>,
-    clock: &dyn Clock,
-    shutdown: &CancellationToken,
-) -> GroupDone<'a> {
-    let mut out = GroupDone {
-        done: Vec::with_capacity(actions.len()),
-        interrupted: false,
-    };
-    for a in actions {
-        // Shutdown is heard between actions, never inside one.
-        if shutdown.is_cancelled() {
-            out.interrupted = true;
-            break;
-        }
-        let started = clock.now();
-        let mut rec = record(a, "", started);
-        let result = run_one(engine, a).await;
-        rec.duration_ms =
-            Some(u64::try_from((clock.now() - started).num_milliseconds()).unwrap_or_default());
-        out.done.push((a, rec, result));
-    }
-    out
-}
-
-async fn run_one<E: Engine>(engine: &E, a: &Action) -> Result<Done, EngineError> {
-    match a.kind {
-        Kind::Tag => match &a.reference {
+/// Carry out a checked action.
+async fn act<E: Engine>(engine: &E, a: &Action, checked: Checked) -> Result<Done, EngineError> {
+    match (a.kind, checked) {
+        (_, Checked::Skip(why)) => Ok(Done::Skipped(why)),
+        (Kind::Tag, _) => match &a.reference {
             Some(r) => engine.tag(&a.image, r).await.map(|()| Done::Tagged),
             None => Ok(Done::Tagged),
         },
-        Kind::Untag | Kind::Remove => match still_free(engine, a).await? {
-            Err(skip) => Ok(Done::Skipped(skip)),
-            Ok(target) => remove_checked(engine, a, &target).await,
-        },
-        Kind::Evict => evict(engine, a).await,
-        Kind::PruneBuild => engine
+        (Kind::PruneBuild, _) => engine
             .prune_build_cache(a.keep_bytes.unwrap_or(0))
             .await
             .map(|_| Done::Pruned),
-    }
-}
-
-/// Writes the records of a finished group, counts them into `report` and
-/// keeps `observed` current. Returns whether the group was interrupted.
-fn settle(
-    group: GroupDone<'_>,
-    observed: &mut Observed,
-    audit: &mut AuditLog,
-    report: &mut Report,
-) -> bool {
-    for (a, mut rec, result) in group.done {
-        rec.run.clone_from(&report.run);
-        match result {
-            Ok(Done::Skipped(why)) => {
-                rec.action = audit::Action::Skip;
-                rec.outcome = Outcome::Ok;
-                rec.reason = format!("{why}; planned: {}", a.reason);
-                rec.bytes = None;
-                report.skipped += 1;
-                tracing::info!(rule = %a.rule, "skip {}: {why}", describe(a));
+        (_, Checked::Remove(targets)) => {
+            let Some((last, first)) = targets.split_last() else {
+                return Ok(Done::Removed(Removed::default()));
+            };
+            let mut removed = Removed::default();
+            for r in first {
+                let r = engine.remove(r).await?;
+                removed.untagged.extend(r.untagged);
+                removed.deleted.extend(r.deleted);
             }
-            Ok(done) => {
-                rec.outcome = Outcome::Ok;
-                report.ok += 1;
-                match done {
-                    Done::Tagged => {
-                        if let Some(r) = &a.reference {
-                            observed.tagged(&a.image, r);
-                        }
-                    }
-                    Done::Removed(removed) => observed.removed(&removed),
-                    Done::Pruned | Done::Skipped(_) => {}
+            match remove_checked(engine, a, last).await? {
+                Done::Removed(r) => {
+                    removed.untagged.extend(r.untagged);
+                    removed.deleted.extend(r.deleted);
+                    Ok(Done::Removed(removed))
                 }
-                match a.kind {
-                    Kind::Tag => report.tagged += 1,
-                    Kind::Untag => report.untagged += 1,
-                    Kind::Remove | Kind::Evict => {
-                        report.removed += 1;
-                        report.bytes_freed += a.bytes.unwrap_or(0);
-                    }
-                    Kind::PruneBuild => report.bytes_freed += a.bytes.unwrap_or(0),
-                }
-                tracing::info!(action = a.kind.as_str(), rule = %a.rule, "{}", describe(a));
-            }
-            Err(e) => {
-                rec.outcome = Outcome::Failed;
-                rec.error = Some(e.to_string());
-                rec.bytes = None;
-                report.failed += 1;
-                tracing::warn!(action = a.kind.as_str(), rule = %a.rule, "failed {}: {e}", describe(a));
+                other => Ok(other),
             }
         }
-        audit.append(&rec);
+        (_, Checked::Go) => Ok(Done::Removed(Removed::default())),
     }
-    group.interrupted
 }
 
-/// Evict one image with all its references, never forced: untag each
-/// reference (the last one removes the image), or remove it by id when it
-/// has none. One inspect of the image right before: it is gone, or its
-/// references as they are now (a dangling one's included: a removal by id
-/// would take a tag given since planning along).
-async fn evict<E: Engine>(engine: &E, a: &Action) -> Result<Done, EngineError> {
+/// Counts a finished action into `report`, keeps `observed` current, and
+/// gives its record back, outcome set.
+fn settle(
+    a: &Action,
+    mut rec: Record,
+    result: Result<Done, EngineError>,
+    observed: &mut Observed,
+    report: &mut Report,
+) -> Record {
+    match result {
+        Ok(Done::Skipped(why)) => {
+            rec.action = audit::Action::Skip;
+            rec.outcome = Outcome::Ok;
+            rec.reason = format!("{why}; planned: {}", a.reason);
+            rec.bytes = None;
+            report.skipped += 1;
+            tracing::info!(rule = %a.rule, "skip {}: {why}", describe(a));
+        }
+        Ok(done) => {
+            rec.outcome = Outcome::Ok;
+            report.ok += 1;
+            match done {
+                Done::Tagged => {
+                    if let Some(r) = &a.reference {
+                        observed.tagged(&a.image, r);
+                    }
+                }
+                Done::Removed(removed) => observed.removed(&removed),
+                Done::Pruned | Done::Skipped(_) => {}
+            }
+            match a.kind {
+                Kind::Tag => report.tagged += 1,
+                Kind::Untag => report.untagged += 1,
+                Kind::Remove | Kind::Evict => {
+                    report.removed += 1;
+                    report.bytes_freed += a.bytes.unwrap_or(0);
+                }
+                Kind::PruneBuild => report.bytes_freed += a.bytes.unwrap_or(0),
+            }
+            tracing::info!(action = a.kind.as_str(), rule = %a.rule, "{}", describe(a));
+        }
+        Err(e) => {
+            rec.outcome = Outcome::Failed;
+            rec.error = Some(e.to_string());
+            rec.bytes = None;
+            report.failed += 1;
+            tracing::warn!(action = a.kind.as_str(), rule = %a.rule, "failed {}: {e}", describe(a));
+        }
+    }
+    rec
+}
+
+/// What evicting one image removes: each of its references (the last one
+/// removes the image), or its id when it has none. One inspect of the image
+/// right before: it is gone, or its references as they are now (a dangling
+/// one's included: a removal by id would take a tag given since planning
+/// along). Containers are asked only when the engine would not refuse by
+/// itself (untags before the last reference are not checked by it).
+async fn evict_targets<E: Engine>(engine: &E, a: &Action) -> Result<Checked, EngineError> {
     let Some(img) = engine.image(&a.image).await? else {
-        return Ok(Done::Skipped(format!("{} is already gone", a.image)));
+        return Ok(Checked::Skip(format!("{} is already gone", a.image)));
     };
     let mut refs = img.repo_tags.clone();
     refs.sort();
     if refs.is_empty() {
-        return remove_checked(engine, a, &a.image).await;
+        return Ok(Checked::Remove(vec![a.image.clone()]));
     }
-    // Untags before the last reference are not checked by the engine.
     if !engine_checks_containers(&img, &refs[0])
         && let Some(why) = now_in_use(engine, &a.image).await?
     {
-        return Ok(Done::Skipped(why));
+        return Ok(Checked::Skip(why));
     }
-    let (last, first) = refs.split_last().expect("not empty");
-    let mut removed = Removed::default();
-    for r in first {
-        let r = engine.remove(r).await?;
-        removed.untagged.extend(r.untagged);
-        removed.deleted.extend(r.deleted);
-    }
-    match remove_checked(engine, a, last).await? {
-        Done::Removed(r) => {
-            removed.untagged.extend(r.untagged);
-            removed.deleted.extend(r.deleted);
-            Ok(Done::Removed(removed))
-        }
-        other => Ok(other),
-    }
+    Ok(Checked::Remove(refs))
 }
 
 /// Remove `target` (a reference or the image id), never forced. The
@@ -793,5 +772,85 @@ fn audit_action(kind: Kind) -> audit::Action {
         Kind::Remove => audit::Action::Remove,
         Kind::Evict => audit::Action::Evict,
         Kind::PruneBuild => audit::Action::PruneBuild,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::fake::FakeEngine;
+
+    const NOW: i64 = 1_700_000_000;
+
+    struct Fixed;
+    impl Clock for Fixed {
+        fn now(&self) -> DateTime<Utc> {
+            DateTime::from_timestamp(NOW, 0).unwrap()
+        }
+    }
+
+    fn img(name: &str, days: i64, tags: &[&str]) -> Image {
+        Image {
+            id: format!("sha256:{name}"),
+            repo_tags: tags.iter().map(|t| t.to_string()).collect(),
+            repo_digests: vec![],
+            created: NOW - days * 86_400,
+            size: 1_000_000,
+        }
+    }
+
+    /// Retention removes two releases, eviction (max_size) takes one more
+    /// and a dangling image goes: the engine is listed once, not again per
+    /// eviction nor for the gauges, and the report carries what the audit
+    /// records say.
+    #[tokio::test]
+    async fn a_reconcile_lists_the_engine_once_and_reports_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "version = 1\n[daemon]\nmin_age = \"0s\"\nstate_dir = \"{}\"\n\n\
+             [storage]\nmax_size = 2500000\n\n\
+             [[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 3\n\n\
+             [[retain]]\nname = \"dangling\"\nuntagged = true\n",
+            dir.path().display()
+        );
+        let policy = crate::policy::parse(&text, std::path::Path::new("t.toml")).unwrap();
+        let engine = FakeEngine::new(
+            vec![
+                img("a1", 50, &["app:1"]),
+                img("a2", 40, &["app:2"]),
+                img("a3", 30, &["app:3"]),
+                img("a4", 20, &["app:4"]),
+                img("a5", 10, &["app:5"]),
+                img("d1", 60, &[]),
+            ],
+            vec![],
+        );
+        let (plan, report) = reconcile_with(
+            &engine,
+            &policy,
+            &Fixed,
+            Options::default(),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let kinds: Vec<Kind> = plan.actions.iter().map(|a| a.kind).collect();
+        assert_eq!(
+            kinds,
+            [Kind::Remove, Kind::Remove, Kind::Remove, Kind::Evict],
+            "{}",
+            plan::render(&plan)
+        );
+        let calls = engine.calls();
+        let lists = calls.iter().filter(|c| *c == "list_images").count();
+        assert_eq!(lists, 1, "{calls:?}");
+        assert_eq!((report.removed, report.failed), (4, 0));
+        let removals = report.records.records[&(audit::Action::Remove, Outcome::Ok)];
+        let evictions = report.records.records[&(audit::Action::Evict, Outcome::Ok)];
+        assert_eq!((removals, evictions), (3, 1));
+        assert_eq!(report.records.bytes_freed, report.bytes_freed);
+        // Two images left, from the observation the executor kept current.
+        assert_eq!(report.images, Some((2, 2_000_000)));
+        assert_eq!(engine.images().len(), 2);
     }
 }

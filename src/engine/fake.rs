@@ -132,6 +132,19 @@ impl Engine for FakeEngine {
         Ok(g.containers.clone())
     }
 
+    async fn image(&self, reference: &str) -> EngineResult<Option<Image>> {
+        let mut g = self.lock();
+        g.calls.push(format!("image {reference}"));
+        Ok(g.images
+            .iter()
+            .find(|i| {
+                i.id == reference
+                    || i.repo_tags.iter().any(|t| t == reference)
+                    || i.repo_digests.iter().any(|d| d == reference)
+            })
+            .cloned())
+    }
+
     async fn remove(&self, reference: &str) -> EngineResult<Removed> {
         let mut g = self.lock();
         g.calls.push(format!("remove {reference}"));
