@@ -60,7 +60,7 @@ impl Action {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Ok,
@@ -204,6 +204,32 @@ pub struct AuditLog {
     /// reconcile stated, and those stated in this one.
     previous: BTreeSet<u64>,
     stated: BTreeSet<u64>,
+    tally: Tally,
+}
+
+/// What the records appended through one [`AuditLog`] say, counted as they
+/// are appended (repeats it does not write are not counted): the daemon's
+/// metrics, without reading the log back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Records per action and outcome.
+    pub records: BTreeMap<(Action, Outcome), u64>,
+    /// Bytes that `ok` removals, evictions and build-cache prunes freed.
+    pub bytes_freed: u64,
+}
+
+impl Tally {
+    fn count(&mut self, r: &Record) {
+        *self.records.entry((r.action, r.outcome)).or_default() += 1;
+        if r.outcome == Outcome::Ok
+            && matches!(
+                r.action,
+                Action::Remove | Action::Evict | Action::PruneBuild
+            )
+        {
+            self.bytes_freed += r.bytes.unwrap_or(0);
+        }
+    }
 }
 
 impl AuditLog {
@@ -241,6 +267,7 @@ impl AuditLog {
             held: unpark(path),
             previous: BTreeSet::new(),
             stated: BTreeSet::new(),
+            tally: Tally::default(),
         }
     }
 
@@ -285,6 +312,11 @@ impl AuditLog {
         &self.stated
     }
 
+    /// What the records appended so far say.
+    pub fn tally(&self) -> &Tally {
+        &self.tally
+    }
+
     /// Records held in memory, not yet written.
     pub fn held(&self) -> usize {
         self.held.lines.len()
@@ -308,6 +340,7 @@ impl AuditLog {
             }
         };
         line.push(b'\n');
+        self.tally.count(record);
         self.hold(line);
         self.flush_held();
     }
@@ -381,7 +414,7 @@ impl AuditLog {
             tracing::error!(
                 "cannot write audit log {}: {e}; holding records in memory (up to {}) and writing them when it can",
                 self.path.display(),
-                crate::plan::human_bytes(HELD_MAX_BYTES as u64)
+                crate::fmt::human_bytes(HELD_MAX_BYTES as u64)
             );
         }
         self.held.failing = true;
@@ -447,7 +480,7 @@ impl AuditLog {
         tracing::info!(
             "audit log {} reached audit_max ({}): rotated to {}",
             self.path.display(),
-            crate::plan::human_bytes(self.max),
+            crate::fmt::human_bytes(self.max),
             old.display()
         );
         self.try_open()

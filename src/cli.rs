@@ -17,11 +17,13 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit;
+use crate::clock::{Clock, SystemClock};
 use crate::daemon::{self, control};
 use crate::engine::DockerEngine;
+use crate::fmt::human_bytes;
 use crate::plan;
 use crate::policy::{self, Policy};
-use crate::reconcile::{self, Clock, SystemClock};
+use crate::reconcile;
 use crate::state::{StateError, StateLock, StateStore};
 use crate::status;
 
@@ -314,7 +316,7 @@ struct Planned {
     engine: DockerEngine,
     now: DateTime<Utc>,
     state: crate::state::State,
-    observed: crate::plan::Observed,
+    observed: crate::observe::Observed,
     plan: crate::plan::Plan,
 }
 
@@ -726,7 +728,7 @@ fn history_line(r: &audit::Record) -> String {
         line.push_str(&format!("  ({})", r.reason));
     }
     if let Some(b) = r.bytes {
-        line.push_str(&format!(" [{}]", plan::human_bytes(b)));
+        line.push_str(&format!(" [{}]", human_bytes(b)));
     }
     if let Some(e) = &r.error {
         line.push_str(&format!(" error: {e}"));

@@ -7,11 +7,15 @@
 //! - [`engine`]: the [`engine::Engine`] trait; `engine::docker` is the one module
 //!   that knows bollard; `engine::fake` (testkit) is an in-memory engine for tests.
 //! - [`refs`]: parsing `repository:tag` references.
+//! - [`fmt`]: sizes, durations and short ids for people.
+//! - [`clock`]: the [`clock::Clock`] trait and the system clock.
 //! - [`state`]: crash-safe persistent state (first seen, last used, backoff).
 //! - [`audit`]: the JSON-lines audit log.
 //! - [`blocking`]: CPU and file work off the daemon's one async thread.
 //! - [`credentials`]: registry credentials from Docker's `config.json`.
 //! - `fixture` (testkit): docker-archive fixture images for tests, demos and benchmarks.
+//! - [`observe`]: one observation of the engine per reconcile, kept
+//!   current from what each action did.
 //! - [`plan`]: the pure planner and its rendering.
 //! - [`reconcile`]: observe, plan, execute through the audit log.
 //! - [`transfer`]: pre-pulls and mirror pushes: pure decisions, then pulls and
@@ -30,11 +34,14 @@
 pub mod audit;
 pub mod blocking;
 pub mod cli;
+pub mod clock;
 pub mod credentials;
 pub mod daemon;
 pub mod engine;
 #[cfg(feature = "testkit")]
 pub mod fixture;
+pub mod fmt;
+pub mod observe;
 pub mod plan;
 pub mod policy;
 pub mod reconcile;

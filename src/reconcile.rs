@@ -11,11 +11,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditError, AuditLog, Outcome, Record};
 use crate::blocking::off_loop;
-use crate::engine::{Engine, EngineError};
-use crate::plan::{self, Action, Kind, Observed, Plan};
+use crate::engine::{Engine, EngineError, Image, Removed};
+use crate::fmt::{human_bytes, short_id};
+use crate::observe::{Observed, add_storage, noted, observe, observe_for};
+use crate::plan::{self, Action, Kind, Plan};
 use crate::policy::Policy;
 use crate::state::{State, StateError, StateStore};
 use crate::transfer;
+
+// Re-exported under their old paths (tests, benches and examples name them so).
+pub use crate::clock::{Clock, SystemClock};
 
 /// Why a reconcile could not run at all (exit 2).
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +61,12 @@ pub struct Report {
     pub unsaved: Option<String>,
     /// Audit records held in memory at the end, not yet written.
     pub audit_held: usize,
+    /// What this reconcile's audit records say, counted as written (the
+    /// daemon's metrics).
+    pub records: audit::Tally,
+    /// `(count, bytes)` of the images after a reconcile that ran to its
+    /// end, from its observation (the daemon's gauges).
+    pub images: Option<(u64, u64)>,
 }
 
 impl Report {
@@ -73,7 +84,7 @@ impl Report {
         if self.dry_run > 0 {
             s.push_str(&format!(", dry-run {}", self.dry_run));
         }
-        s.push_str(&format!(", freed {}", plan::human_bytes(self.bytes_freed)));
+        s.push_str(&format!(", freed {}", human_bytes(self.bytes_freed)));
         if self.interrupted {
             s.push_str(" (interrupted by shutdown)");
         }
@@ -90,21 +101,6 @@ impl Report {
     }
 }
 
-/// A source of time, so tests can fix it. The planner never reads it.
-pub trait Clock: Send + Sync {
-    fn now(&self) -> DateTime<Utc>;
-}
-
-/// The system clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> DateTime<Utc> {
-        Utc::now()
-    }
-}
-
 /// A reconcile id: time plus process id, readable and unique enough per host.
 pub fn run_id(now: DateTime<Utc>) -> String {
     format!(
@@ -112,112 +108,6 @@ pub fn run_id(now: DateTime<Utc>) -> String {
         now.format("%Y%m%dT%H%M%S%.3fZ"),
         std::process::id()
     )
-}
-
-/// Observe the engine: one image listing and one container listing, whatever
-/// the number of images.
-pub async fn observe<E: Engine>(engine: &E) -> Result<Observed, EngineError> {
-    let (images, containers) = tokio::try_join!(engine.list_images(), engine.list_containers())?;
-    Ok(Observed {
-        images,
-        containers,
-        ..Observed::default()
-    })
-}
-
-/// Observe everything the policy needs: images and containers, plus layers,
-/// the data root's filesystem and the build cache when `[storage]` is set.
-/// Notes first-seen times in `state` (off the async threads; if this future
-/// is dropped mid-way, `state` may be left empty).
-pub async fn observe_for<E: Engine>(
-    engine: &E,
-    policy: &Policy,
-    state: &mut State,
-    now: i64,
-) -> Result<Observed, EngineError> {
-    let observed = observe(engine).await?;
-    let (noted_state, mut observed) = noted(std::mem::take(state), observed, now).await;
-    *state = noted_state;
-    add_storage(engine, policy, state, &mut observed).await?;
-    Ok(observed)
-}
-
-/// Add what `[storage]` needs to an observation: layers (from the state's
-/// cache; new ones are added to it), the data root's filesystem, the build
-/// cache. Nothing without `[storage]`.
-pub async fn add_storage<E: Engine>(
-    engine: &E,
-    policy: &Policy,
-    state: &mut State,
-    observed: &mut Observed,
-) -> Result<(), EngineError> {
-    let Some(storage) = &policy.storage else {
-        return Ok(());
-    };
-    // Owned ids, and no borrow of `state` across an await: the future must
-    // stay `Send` for the daemon's spawned reconcile.
-    let ids: Vec<String> = observed.images.iter().map(|i| i.id.clone()).collect();
-    for id in ids {
-        let cached: Vec<crate::engine::Layer> = match state.images.get(&id) {
-            Some(s) => s.layers.clone(),
-            None => Vec::new(),
-        };
-        let layers = if cached.is_empty() {
-            match engine.image_layers(&id).await {
-                Ok(l) => {
-                    if let Some(s) = state.images.get_mut(&id) {
-                        s.layers.clone_from(&l);
-                    }
-                    l
-                }
-                // Removed meanwhile: it counts as one pseudo-layer this time.
-                Err(EngineError::NotFound(_)) => continue,
-                Err(e) => return Err(e),
-            }
-        } else {
-            cached
-        };
-        observed.layers.insert(id, layers);
-    }
-    if storage.high_watermark.is_some() {
-        let info = engine.info().await?;
-        if !engine.is_local() {
-            observed.disk_error = Some(format!(
-                "the engine is not on this host, so its data root {} cannot be measured here",
-                info.data_root
-            ));
-        } else {
-            match rustix::fs::statvfs(info.data_root.as_str()) {
-                Ok(st) => {
-                    observed.disk = Some(crate::storage::Disk {
-                        path: info.data_root.clone(),
-                        total: st.f_blocks.saturating_mul(st.f_frsize),
-                        available: st.f_bavail.saturating_mul(st.f_frsize),
-                    });
-                }
-                Err(e) => {
-                    observed.disk_error = Some(format!(
-                        "the engine's data root {} is not readable on this host ({e}); is the engine in another mount namespace or on another machine?",
-                        info.data_root
-                    ));
-                }
-            }
-        }
-    }
-    if storage.build_cache_max.is_some() {
-        observed.build_cache = Some(engine.disk_usage().await?.build_cache_size);
-    }
-    Ok(())
-}
-
-/// Update the state with what is on the host now (first-seen times), and
-/// forget images that are gone.
-pub fn note_observed(state: &mut State, observed: &Observed, now: i64) {
-    for img in &observed.images {
-        state.observe(&img.id, img.created, now);
-    }
-    state.retain_images(observed.images.iter().map(|i| i.id.as_str()));
-    state.initialized = true;
 }
 
 /// Observe, plan: the read-only half of a reconcile (`stowage plan`).
@@ -235,15 +125,6 @@ pub async fn plan_now<E: Engine>(
         (observed, plan)
     })
     .await)
-}
-
-/// [`note_observed`] off the async threads (a large store takes a while).
-async fn noted(mut state: State, observed: Observed, now: i64) -> (State, Observed) {
-    off_loop(move || {
-        note_observed(&mut state, &observed, now);
-        (state, observed)
-    })
-    .await
 }
 
 /// [`StateStore::save`] off the async threads: serialising a large state and
@@ -283,13 +164,7 @@ pub struct Options {
     pub force_refresh: bool,
 }
 
-/// One whole reconcile: load state, observe, transfers (pre-pulls, then
-/// mirror pushes), observe again, plan retention, execute, save state.
-///
-/// A failed state or audit write never ends the reconcile: on a full disk
-/// eviction is what frees it. Audit records are held until they can be
-/// written (see [`crate::audit`]); a failed state save is logged and tried
-/// again at the end of the reconcile, then by the next one.
+/// One whole reconcile: load state, then [`reconcile_state`].
 pub async fn reconcile_with<E: Engine>(
     engine: &E,
     policy: &Policy,
@@ -297,42 +172,86 @@ pub async fn reconcile_with<E: Engine>(
     options: Options,
     shutdown: &CancellationToken,
 ) -> Result<(Plan, Report), ReconcileError> {
-    let dry_run = options.dry_run;
     let store = StateStore::new(&policy.daemon.state_dir);
-    let now = clock.now();
+    let now = clock.now().timestamp();
     // A dry run changes nothing, not even a corrupt state's place: it needs
     // no ownership of the state (`stowage apply --dry-run` beside the daemon).
-    let loaded = {
-        let store = store.clone();
-        let readonly = dry_run || policy.daemon.dry_run;
-        off_loop(move || {
-            if readonly {
-                store.load_readonly(now.timestamp())
-            } else {
-                store.load(now.timestamp())
-            }
-        })
-        .await
-    };
+    let readonly = options.dry_run || policy.daemon.dry_run;
+    let loaded = off_loop(move || {
+        if readonly {
+            store.load_readonly(now)
+        } else {
+            store.load(now)
+        }
+    })
+    .await;
     if let Some(w) = &loaded.warning {
         tracing::warn!("{w}");
     }
-    let state = loaded.state;
+    let mut state = loaded.state;
+    reconcile_state(engine, policy, clock, options, shutdown, &mut state).await
+}
+
+/// One whole reconcile on a state its caller holds (the daemon keeps it in
+/// memory; `apply` loads it): observe once, transfers (pre-pulls, then
+/// mirror pushes), plan retention, execute, save the state. The engine is
+/// listed once (again only after pulls changed it); the executor keeps the
+/// observation current, and the `Report` carries the counts and gauges.
+/// In a dry run `state` is left as it came.
+///
+/// A failed state or audit write never ends the reconcile: on a full disk
+/// eviction is what frees it. Audit records are held until they can be
+/// written (see [`crate::audit`]); a failed state save is logged and tried
+/// again at the end of the reconcile, then by the next one.
+pub async fn reconcile_state<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    clock: &dyn Clock,
+    options: Options,
+    shutdown: &CancellationToken,
+    state: &mut State,
+) -> Result<(Plan, Report), ReconcileError> {
+    let dry_run = options.dry_run || policy.daemon.dry_run;
+    if dry_run {
+        // Worked on a copy: what a dry run notes is not kept.
+        let mut copy = state.clone();
+        return run_reconcile(engine, policy, clock, options, shutdown, &mut copy).await;
+    }
+    run_reconcile(engine, policy, clock, options, shutdown, state).await
+}
+
+async fn run_reconcile<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    clock: &dyn Clock,
+    options: Options,
+    shutdown: &CancellationToken,
+    state: &mut State,
+) -> Result<(Plan, Report), ReconcileError> {
+    let dry_run = options.dry_run || policy.daemon.dry_run;
+    let store = StateStore::new(&policy.daemon.state_dir);
+    let now = clock.now();
     let run = run_id(now);
     let mut audit = AuditLog::open_lenient(&policy.daemon.audit_log, policy.daemon.audit_max);
     audit.set_previously_stated(state.reported.clone());
-    let (mut state, mut observed) = noted(state, observe(engine).await?, now.timestamp()).await;
+    let mut observed;
+    (*state, observed) = noted(
+        std::mem::take(state),
+        observe(engine).await?,
+        now.timestamp(),
+    )
+    .await;
     // Transfers come first so that retention plans on the store as the
     // pulls left it (a freshly pulled image is never a removal candidate).
     let transfers = transfer::run(
         engine,
         policy,
-        &observed,
-        &mut state,
+        &mut observed,
+        state,
         &mut audit,
         &run,
         transfer::RunOptions {
-            dry_run: dry_run || policy.daemon.dry_run,
+            dry_run,
             force_refresh: options.force_refresh,
         },
         clock,
@@ -341,12 +260,12 @@ pub async fn reconcile_with<E: Engine>(
     .await?;
     let has_transfers = !policy.prepull.is_empty() || !policy.mirror.is_empty();
     let stopped = shutdown.is_cancelled();
-    if !(dry_run || policy.daemon.dry_run) && (has_transfers || stopped) {
+    if !dry_run && (has_transfers || stopped) {
         // Backoff must survive a crash later in this reconcile, and what the
         // transfers finished (`previous`, refresh checks) a shutdown. On a
         // full disk this fails: eviction below may free it for the final save.
         let saved;
-        (state, saved) = save_state(&store, state).await;
+        (*state, saved) = save_state(&store, std::mem::take(state)).await;
         if let Err(e) = saved {
             tracing::error!("{e}; going on (eviction may free space), saving again at the end");
         }
@@ -361,47 +280,62 @@ pub async fn reconcile_with<E: Engine>(
         add_transfers(&mut report, &transfers);
         audit.sync().await;
         report.audit_held = audit.held();
+        report.records = audit.tally().clone();
         return Ok((Plan::default(), report));
     }
-    if transfers.changed {
-        (state, observed) = noted(state, observe(engine).await?, clock.now().timestamp()).await;
+    if transfers.stale {
+        observed = observe(engine).await?;
     }
-    add_storage(engine, policy, &mut state, &mut observed).await?;
-    let (mut state, plan) = {
+    if transfers.changed {
+        (*state, observed) = noted(std::mem::take(state), observed, clock.now().timestamp()).await;
+    }
+    add_storage(engine, policy, state, &mut observed).await?;
+    let (planned_state, observed, plan) = {
         let policy = policy.clone();
+        let state = std::mem::take(state);
         off_loop(move || {
             let plan = plan::plan_to_apply(&policy, &observed, &state, now.timestamp());
-            (state, plan)
+            (state, observed, plan)
         })
         .await
     };
-    let mut report = execute(
+    *state = planned_state;
+    let mut observed = observed;
+    let mut report = execute_on(
         engine,
         &plan,
+        &mut observed,
         &mut audit,
         &run,
-        dry_run || policy.daemon.dry_run,
+        dry_run,
         clock,
         shutdown,
     )
     .await?;
     add_transfers(&mut report, &transfers);
-    if !(dry_run || policy.daemon.dry_run) {
-        // Forget what is gone; the next observation adds what is new.
-        let gone: Vec<&str> = plan
+    if !report.interrupted {
+        report.images = Some(observed.totals());
+    }
+    if !dry_run {
+        // Forget what is gone (the observation follows what the engine
+        // removed); the next observation adds what is new.
+        let gone: std::collections::HashSet<&str> = plan
             .actions
             .iter()
             .filter(|a| matches!(a.kind, Kind::Remove | Kind::Evict))
             .map(|a| a.image.as_str())
             .collect();
-        state.images.retain(|id, _| !gone.contains(&id.as_str()));
+        state.images.retain(|id, _| !gone.contains(id.as_str()));
         state.reported = audit.stated().clone();
-        if let Err(e) = save_state(&store, state).await.1 {
+        let saved;
+        (*state, saved) = save_state(&store, std::mem::take(state)).await;
+        if let Err(e) = saved {
             tracing::error!("{e}; the next reconcile saves again");
             report.unsaved = Some(e.to_string());
         }
     }
     report.audit_held = audit.held();
+    report.records = audit.tally().clone();
     Ok((plan, report))
 }
 
@@ -419,10 +353,66 @@ fn add_transfers(report: &mut Report, transfers: &transfer::TransferReport) {
 }
 
 /// Apply a plan: tags first (the plan is already in that order), then
-/// removals, each re-checked against the containers right before it.
+/// removals, each re-checked right before it. See [`execute_on`].
 pub async fn execute<E: Engine>(
     engine: &E,
     plan: &Plan,
+    audit: &mut AuditLog,
+    run: &str,
+    dry_run: bool,
+    clock: &dyn Clock,
+    shutdown: &CancellationToken,
+) -> Result<Report, ReconcileError> {
+    let mut observed = Observed::default();
+    execute_on(
+        engine,
+        plan,
+        &mut observed,
+        audit,
+        run,
+        dry_run,
+        clock,
+        shutdown,
+    )
+    .await
+}
+
+/// What the re-check before an action found.
+enum Checked {
+    /// Not to be done after all (said in the record).
+    Skip(String),
+    /// Remove these, in order (never forced): the last one removes the
+    /// image, unless the engine refuses for a container.
+    Remove(Vec<String>),
+    /// Tags and build-cache prunes need no re-check.
+    Go,
+}
+
+/// What one action did.
+enum Done {
+    /// Nothing: the re-check (or the engine's refusal for a container)
+    /// found a reason not to.
+    Skipped(String),
+    /// What the engine untagged and deleted.
+    Removed(Removed),
+    Tagged,
+    Pruned,
+}
+
+/// [`execute`], keeping `observed` current from what each action did (the
+/// engine's answers), so the reconcile needs no listing afterwards.
+///
+/// Actions run one at a time, in plan order, each record written as soon
+/// as its action is done. Between two removals of different images, the
+/// next one's re-check runs while the engine carries out the current one:
+/// the engine removes layers one at a time anyway, and this keeps it busy,
+/// which brings a bulk removal to the engine's own `image prune`. The
+/// re-check is then at most one removal older than its own removal.
+#[allow(clippy::too_many_arguments)]
+pub async fn execute_on<E: Engine>(
+    engine: &E,
+    plan: &Plan,
+    observed: &mut Observed,
     audit: &mut AuditLog,
     run: &str,
     dry_run: bool,
@@ -452,73 +442,45 @@ pub async fn execute<E: Engine>(
         audit.append(&warn_record(clock, run, None, None, "storage", &msg));
         report.warnings += 1;
     }
-    for a in &plan.actions {
+    let actions = &plan.actions;
+    let mut ahead: Option<(DateTime<Utc>, Result<Checked, EngineError>)> = None;
+    for (i, a) in actions.iter().enumerate() {
         // Shutdown is heard between actions, never inside one.
         if shutdown.is_cancelled() {
             report.interrupted = true;
             break;
         }
-        let started = clock.now();
-        let mut rec = record(a, run, started);
         if dry_run {
+            let mut rec = record(a, run, clock.now());
             rec.outcome = Outcome::DryRun;
             report.dry_run += 1;
             tracing::info!(action = a.kind.as_str(), rule = %a.rule, "dry-run {}", describe(a));
             audit.append(&rec);
             continue;
         }
-        let result = match a.kind {
-            Kind::Tag => match &a.reference {
-                Some(r) => engine.tag(&a.image, r).await.map(|()| None),
-                None => Ok(None),
-            },
-            Kind::Untag | Kind::Remove => match still_free(engine, a).await {
-                Ok(None) => {
-                    let target = a.reference.as_deref().unwrap_or(&a.image);
-                    engine.remove(target).await.map(|_| None)
-                }
-                Ok(Some(skip)) => Ok(Some(skip)),
-                Err(e) => Err(e),
-            },
-            Kind::Evict => evict(engine, a).await,
-            Kind::PruneBuild => engine
-                .prune_build_cache(a.keep_bytes.unwrap_or(0))
-                .await
-                .map(|_| None),
+        let (started, checked) = match ahead.take() {
+            Some(done) => done,
+            None => (clock.now(), check(engine, a).await),
         };
+        // Checked ahead only between removals of different images: one
+        // image's untags and removal stay strictly one after the other.
+        let next = actions
+            .get(i + 1)
+            .filter(|n| a.kind.is_removal() && n.kind.is_removal() && n.image != a.image);
+        let result = match (checked, next) {
+            (Ok(c), Some(n)) => {
+                let next_started = clock.now();
+                let (done, next_checked) = tokio::join!(act(engine, a, c), check(engine, n));
+                ahead = Some((next_started, next_checked));
+                done
+            }
+            (Ok(c), None) => act(engine, a, c).await,
+            (Err(e), _) => Err(e),
+        };
+        let mut rec = record(a, run, started);
         rec.duration_ms =
             Some(u64::try_from((clock.now() - started).num_milliseconds()).unwrap_or_default());
-        match result {
-            Ok(None) => {
-                rec.outcome = Outcome::Ok;
-                report.ok += 1;
-                match a.kind {
-                    Kind::Tag => report.tagged += 1,
-                    Kind::Untag => report.untagged += 1,
-                    Kind::Remove | Kind::Evict => {
-                        report.removed += 1;
-                        report.bytes_freed += a.bytes.unwrap_or(0);
-                    }
-                    Kind::PruneBuild => report.bytes_freed += a.bytes.unwrap_or(0),
-                }
-                tracing::info!(action = a.kind.as_str(), rule = %a.rule, "{}", describe(a));
-            }
-            Ok(Some(why)) => {
-                rec.action = audit::Action::Skip;
-                rec.outcome = Outcome::Ok;
-                rec.reason = format!("{why}; planned: {}", a.reason);
-                rec.bytes = None;
-                report.skipped += 1;
-                tracing::info!(rule = %a.rule, "skip {}: {why}", describe(a));
-            }
-            Err(e) => {
-                rec.outcome = Outcome::Failed;
-                rec.error = Some(e.to_string());
-                rec.bytes = None;
-                report.failed += 1;
-                tracing::warn!(action = a.kind.as_str(), rule = %a.rule, "failed {}: {e}", describe(a));
-            }
-        }
+        let rec = settle(a, rec, result, observed, &mut report);
         audit.append(&rec);
     }
     // One record per kind and rule, not per removal: a backlog of thousands
@@ -547,34 +509,160 @@ pub async fn execute<E: Engine>(
     Ok(report)
 }
 
-/// Evict one image with all its references: re-check containers, then
-/// untag each reference (the last one removes the image), never forced.
-async fn evict<E: Engine>(engine: &E, a: &Action) -> Result<Option<String>, EngineError> {
-    if let Some(why) = now_in_use(engine, &a.image).await? {
-        return Ok(Some(why));
+/// The re-check right before an action (see [`still_free`], [`evict_targets`]).
+async fn check<E: Engine>(engine: &E, a: &Action) -> Result<Checked, EngineError> {
+    Ok(match a.kind {
+        Kind::Tag | Kind::PruneBuild => Checked::Go,
+        Kind::Untag | Kind::Remove => match still_free(engine, a).await? {
+            Ok(target) => Checked::Remove(vec![target]),
+            Err(skip) => Checked::Skip(skip),
+        },
+        Kind::Evict => evict_targets(engine, a).await?,
+    })
+}
+
+/// Carry out a checked action.
+async fn act<E: Engine>(engine: &E, a: &Action, checked: Checked) -> Result<Done, EngineError> {
+    match (a.kind, checked) {
+        (_, Checked::Skip(why)) => Ok(Done::Skipped(why)),
+        (Kind::Tag, _) => match &a.reference {
+            Some(r) => engine.tag(&a.image, r).await.map(|()| Done::Tagged),
+            None => Ok(Done::Tagged),
+        },
+        (Kind::PruneBuild, _) => engine
+            .prune_build_cache(a.keep_bytes.unwrap_or(0))
+            .await
+            .map(|_| Done::Pruned),
+        (_, Checked::Remove(targets)) => {
+            let Some((last, first)) = targets.split_last() else {
+                return Ok(Done::Removed(Removed::default()));
+            };
+            let mut removed = Removed::default();
+            for r in first {
+                let r = engine.remove(r).await?;
+                removed.untagged.extend(r.untagged);
+                removed.deleted.extend(r.deleted);
+            }
+            match remove_checked(engine, a, last).await? {
+                Done::Removed(r) => {
+                    removed.untagged.extend(r.untagged);
+                    removed.deleted.extend(r.deleted);
+                    Ok(Done::Removed(removed))
+                }
+                other => Ok(other),
+            }
+        }
+        (_, Checked::Go) => Ok(Done::Removed(Removed::default())),
     }
-    let images = engine.list_images().await?;
-    let Some(img) = images.iter().find(|i| i.id == a.image) else {
-        return Ok(Some(format!("{} is already gone", a.image)));
+}
+
+/// Counts a finished action into `report`, keeps `observed` current, and
+/// gives its record back, outcome set.
+fn settle(
+    a: &Action,
+    mut rec: Record,
+    result: Result<Done, EngineError>,
+    observed: &mut Observed,
+    report: &mut Report,
+) -> Record {
+    match result {
+        Ok(Done::Skipped(why)) => {
+            rec.action = audit::Action::Skip;
+            rec.outcome = Outcome::Ok;
+            rec.reason = format!("{why}; planned: {}", a.reason);
+            rec.bytes = None;
+            report.skipped += 1;
+            tracing::info!(rule = %a.rule, "skip {}: {why}", describe(a));
+        }
+        Ok(done) => {
+            rec.outcome = Outcome::Ok;
+            report.ok += 1;
+            match done {
+                Done::Tagged => {
+                    if let Some(r) = &a.reference {
+                        observed.tagged(&a.image, r);
+                    }
+                }
+                Done::Removed(removed) => observed.removed(&removed),
+                Done::Pruned | Done::Skipped(_) => {}
+            }
+            match a.kind {
+                Kind::Tag => report.tagged += 1,
+                Kind::Untag => report.untagged += 1,
+                Kind::Remove | Kind::Evict => {
+                    report.removed += 1;
+                    report.bytes_freed += a.bytes.unwrap_or(0);
+                }
+                Kind::PruneBuild => report.bytes_freed += a.bytes.unwrap_or(0),
+            }
+            tracing::info!(action = a.kind.as_str(), rule = %a.rule, "{}", describe(a));
+        }
+        Err(e) => {
+            rec.outcome = Outcome::Failed;
+            rec.error = Some(e.to_string());
+            rec.bytes = None;
+            report.failed += 1;
+            tracing::warn!(action = a.kind.as_str(), rule = %a.rule, "failed {}: {e}", describe(a));
+        }
+    }
+    rec
+}
+
+/// What evicting one image removes: each of its references (the last one
+/// removes the image), or its id when it has none. One inspect of the image
+/// right before: it is gone, or its references as they are now (a dangling
+/// one's included: a removal by id would take a tag given since planning
+/// along). Containers are asked only when the engine would not refuse by
+/// itself (untags before the last reference are not checked by it).
+async fn evict_targets<E: Engine>(engine: &E, a: &Action) -> Result<Checked, EngineError> {
+    let Some(img) = engine.image(&a.image).await? else {
+        return Ok(Checked::Skip(format!("{} is already gone", a.image)));
     };
     let mut refs = img.repo_tags.clone();
     refs.sort();
     if refs.is_empty() {
-        // By id, so the same last question as for a dangling removal.
-        if let Some(tags) = engine.tags_of(&a.image).await?
-            && !tags.is_empty()
-        {
-            return Ok(Some(format!(
-                "the image is no longer dangling: tagged {} since planning",
-                tags.join(", ")
-            )));
-        }
-        engine.remove(&a.image).await?;
+        return Ok(Checked::Remove(vec![a.image.clone()]));
     }
-    for r in &refs {
-        engine.remove(r).await?;
+    if !engine_checks_containers(&img, &refs[0])
+        && let Some(why) = now_in_use(engine, &a.image).await?
+    {
+        return Ok(Checked::Skip(why));
     }
-    Ok(None)
+    Ok(Checked::Remove(refs))
+}
+
+/// Remove `target` (a reference or the image id), never forced. The
+/// engine refuses to delete an image a container uses; when it refuses and
+/// a container uses the image, that is a skip (created since planning), as
+/// when the re-check found it first.
+async fn remove_checked<E: Engine>(
+    engine: &E,
+    a: &Action,
+    target: &str,
+) -> Result<Done, EngineError> {
+    match engine.remove(target).await {
+        Ok(removed) => Ok(Done::Removed(removed)),
+        Err(EngineError::Conflict(refused)) => match now_in_use(engine, &a.image).await? {
+            Some(why) => Ok(Done::Skipped(why)),
+            None => Err(EngineError::Conflict(refused)),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the engine itself refuses, unforced, when a container uses the
+/// image and `reference` is removed: when it is the image's only tag and
+/// every digest reference is of the same repository (the removal then
+/// deletes the image, which a container's use blocks). With other
+/// references the engine only untags, and asks no container.
+fn engine_checks_containers(img: &Image, reference: &str) -> bool {
+    let repo = crate::refs::split_tag(reference).0;
+    img.repo_tags.len() == 1
+        && img.repo_tags[0] == reference
+        && img
+            .repo_digests
+            .iter()
+            .all(|d| d.split_once('@').is_some_and(|(r, _)| r == repo))
 }
 
 /// Why an image may not go after all: a container created since planning.
@@ -582,43 +670,51 @@ async fn now_in_use<E: Engine>(engine: &E, image: &str) -> Result<Option<String>
     Ok(engine.containers_using(image).await?.first().map(|c| {
         format!(
             "image is now used by container {} (created since planning); never forced",
-            crate::refs::short_id(&c.id)
+            short_id(&c.id)
         )
     }))
 }
 
-/// `None` when the image may still go; `Some(reason)` to skip: a container
-/// created since planning uses it, the reference now names another image,
-/// or a dangling image has been tagged since planning.
-async fn still_free<E: Engine>(engine: &E, a: &Action) -> Result<Option<String>, EngineError> {
-    // Narrow questions, not full listings: this runs per removal.
-    if let Some(why) = now_in_use(engine, &a.image).await? {
-        return Ok(Some(why));
-    }
+/// What to remove for an `untag`/`remove` (the reference, or the id of a
+/// dangling image), or why to skip it: a container created since planning
+/// uses it, the reference now names another image, or a dangling image has
+/// been tagged since planning. One inspect, plus a container query only
+/// where the engine would not refuse by itself (see
+/// [`engine_checks_containers`]).
+async fn still_free<E: Engine>(
+    engine: &E,
+    a: &Action,
+) -> Result<Result<String, String>, EngineError> {
+    let target = a.reference.as_deref().unwrap_or(&a.image);
+    let Some(img) = engine.image(target).await? else {
+        return Ok(Err(format!("{target} is already gone")));
+    };
     match &a.reference {
-        Some(r) => match engine.image_id_of(r).await? {
-            Some(id) if id != a.image => {
-                return Ok(Some(format!(
-                    "{r} now points at another image {id} (changed since planning)"
+        Some(r) => {
+            if img.id != a.image {
+                return Ok(Err(format!(
+                    "{r} now points at another image {} (changed since planning)",
+                    img.id
                 )));
             }
-            None => return Ok(Some(format!("{r} is already gone"))),
-            Some(_) => {}
-        },
+            if (a.kind == Kind::Untag || !engine_checks_containers(&img, r))
+                && let Some(why) = now_in_use(engine, &a.image).await?
+            {
+                return Ok(Err(why));
+            }
+        }
         // A removal by id takes every tag the image has, and the engine has
         // no call that refuses a tagged image: ask last, right before it.
-        None => match engine.tags_of(&a.image).await? {
-            None => return Ok(Some(format!("{} is already gone", a.image))),
-            Some(tags) if !tags.is_empty() => {
-                return Ok(Some(format!(
-                    "the image is no longer dangling: tagged {} since planning",
-                    tags.join(", ")
-                )));
-            }
-            Some(_) => {}
-        },
+        // Without tags, the engine refuses if a container uses the image.
+        None if !img.repo_tags.is_empty() => {
+            return Ok(Err(format!(
+                "the image is no longer dangling: tagged {} since planning",
+                img.repo_tags.join(", ")
+            )));
+        }
+        None => {}
     }
-    Ok(None)
+    Ok(Ok(target.to_owned()))
 }
 
 fn describe(a: &Action) -> String {
@@ -849,5 +945,70 @@ mod tests {
              pulled 1, pushed 0, backing off 0, freed 1.5 MB (interrupted by shutdown); \
              state NOT saved: disk full; 2 audit record(s) NOT written yet"
         );
+    }
+
+    fn named(name: &str, days: i64, tags: &[&str]) -> Image {
+        Image {
+            id: format!("sha256:{name}"),
+            repo_tags: tags.iter().map(|t| t.to_string()).collect(),
+            repo_digests: vec![],
+            created: NOW - days * 86_400,
+            size: 1_000_000,
+        }
+    }
+
+    /// Retention removes two releases, eviction (max_size) takes one more
+    /// and a dangling image goes: the engine is listed once, not again per
+    /// eviction nor for the gauges, and the report carries what the audit
+    /// records say.
+    #[tokio::test]
+    async fn a_reconcile_lists_the_engine_once_and_reports_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "version = 1\n[daemon]\nmin_age = \"0s\"\nstate_dir = \"{}\"\n\n\
+             [storage]\nmax_size = 2500000\n\n\
+             [[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 3\n\n\
+             [[retain]]\nname = \"dangling\"\nuntagged = true\n",
+            dir.path().display()
+        );
+        let policy = crate::policy::parse(&text, std::path::Path::new("t.toml")).unwrap();
+        let engine = FakeEngine::new(
+            vec![
+                named("a1", 50, &["app:1"]),
+                named("a2", 40, &["app:2"]),
+                named("a3", 30, &["app:3"]),
+                named("a4", 20, &["app:4"]),
+                named("a5", 10, &["app:5"]),
+                named("d1", 60, &[]),
+            ],
+            vec![],
+        );
+        let (plan, report) = reconcile_with(
+            &engine,
+            &policy,
+            &FixedClock(NOW),
+            Options::default(),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let kinds: Vec<Kind> = plan.actions.iter().map(|a| a.kind).collect();
+        assert_eq!(
+            kinds,
+            [Kind::Remove, Kind::Remove, Kind::Remove, Kind::Evict],
+            "{}",
+            plan::render(&plan)
+        );
+        let calls = engine.calls();
+        let lists = calls.iter().filter(|c| *c == "list_images").count();
+        assert_eq!(lists, 1, "{calls:?}");
+        assert_eq!((report.removed, report.failed), (4, 0));
+        let removals = report.records.records[&(audit::Action::Remove, Outcome::Ok)];
+        let evictions = report.records.records[&(audit::Action::Evict, Outcome::Ok)];
+        assert_eq!((removals, evictions), (3, 1));
+        assert_eq!(report.records.bytes_freed, report.bytes_freed);
+        // Two images left, from the observation the executor kept current.
+        assert_eq!(report.images, Some((2, 2_000_000)));
+        assert_eq!(engine.images().len(), 2);
     }
 }

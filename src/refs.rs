@@ -120,24 +120,6 @@ impl fmt::Display for Reference {
     }
 }
 
-/// The first 12 characters of an image id or digest's hex (`sha256:`
-/// dropped), for display. Ids and digests come from an engine or a
-/// registry and are not trusted to be ASCII: never sliced inside a character.
-pub(crate) fn short_id(id: &str) -> &str {
-    let hex = id.strip_prefix("sha256:").unwrap_or(id);
-    first_chars(hex, 12)
-}
-
-/// A digest shortened for display, keeping its algorithm: `sha256:0123456789ab`.
-pub(crate) fn short_digest(digest: &str) -> &str {
-    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-    &digest[..digest.len() - hex.len() + first_chars(hex, 12).len()]
-}
-
-fn first_chars(s: &str, n: usize) -> &str {
-    s.char_indices().nth(n).map_or(s, |(i, _)| &s[..i])
-}
-
 /// Split `repo:tag` at the last `:` after the last `/` (a `:` before it is a port).
 pub fn split_tag(s: &str) -> (&str, Option<&str>) {
     let slash = s.rfind('/').map_or(0, |i| i + 1);
@@ -350,20 +332,6 @@ pub(crate) fn check_platform(p: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn short_forms_never_cut_a_character() {
-        assert_eq!(short_id("sha256:0123456789abcdef"), "0123456789ab");
-        assert_eq!(short_id("sha256:abc"), "abc");
-        assert_eq!(short_id("sha256:"), "");
-        assert_eq!(short_id("sha256:éééééééééééééé"), "éééééééééééé");
-        assert_eq!(
-            short_digest("sha256:0123456789abcdef"),
-            "sha256:0123456789ab"
-        );
-        assert_eq!(short_digest("sha256:ééééééééééééé€"), "sha256:éééééééééééé");
-        assert_eq!(short_digest("x"), "x");
-    }
 
     #[test]
     fn splits_host_port_repo_and_tag() {

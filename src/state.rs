@@ -205,6 +205,17 @@ pub struct StateStore {
     dir: PathBuf,
 }
 
+/// Which state file is on disk and as of when: its inode, length and
+/// modification time. The daemon notes it after each load and save, so
+/// `status` knows without parsing whether someone changed the file behind
+/// the daemon's back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    inode: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
 /// The result of loading: the state, and a warning when it had to be reset.
 #[derive(Debug)]
 pub struct Loaded {
@@ -219,6 +230,17 @@ impl StateStore {
 
     pub fn path(&self) -> PathBuf {
         self.dir.join(STATE_FILE)
+    }
+
+    /// The state file's [`Stamp`]; `None` when there is none.
+    pub fn stamp(&self) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(self.path()).ok()?;
+        Some(Stamp {
+            inode: m.ino(),
+            len: m.len(),
+            modified: m.modified().ok(),
+        })
     }
 
     pub fn dir(&self) -> &Path {

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::plan::{self, Observed, Plan};
+use crate::fmt::{human_age, human_bytes, short_id};
+use crate::observe::Observed;
+use crate::plan::Plan;
 use crate::refs::split_tag;
 use crate::state::State;
 
@@ -85,11 +87,11 @@ pub fn render_table(
         let name = r
             .reference
             .clone()
-            .unwrap_or_else(|| format!("<none> {}", crate::refs::short_id(&r.image)));
+            .unwrap_or_else(|| format!("<none> {}", short_id(&r.image)));
         out.push_str(&format!(
             "{:<48} {:>9} {:>8} {:>8}  {:<10} {}{}\n",
             name,
-            plan::human_bytes(r.size),
+            human_bytes(r.size),
             ago(Some(r.created)),
             ago(r.last_activity),
             r.verdict,
@@ -112,16 +114,6 @@ pub fn render_table(
         policy.display()
     ));
     out
-}
-
-pub fn human_age(secs: i64) -> String {
-    let s = secs.max(0);
-    match s {
-        s if s >= 2 * 86_400 => format!("{}d", s / 86_400),
-        s if s >= 3_600 => format!("{}h", s / 3_600),
-        s if s >= 60 => format!("{}m", s / 60),
-        s => format!("{s}s"),
-    }
 }
 
 /// The outcome of one reconcile run by the daemon.

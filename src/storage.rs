@@ -6,37 +6,21 @@
 //! Freed bytes come from layers: a layer's bytes are freed when the last image
 //! holding it goes, so images sharing a base count it once, and no engine call
 //! is needed after each removal to know where we stand.
+//!
+//! Only decisions come out of here (what to evict, in which order, whether
+//! to prune the build cache, the pressure found): `plan::evict` words them
+//! as the plan's actions.
 
 use rustc_hash::FxHashMap as HashMap;
-
 use serde::Serialize;
 
 use crate::engine::{Image, Layer};
-use std::fmt::Write as _;
-
-use crate::plan::{Action, Human, Kind, LayerMap, human_bytes};
+use crate::fmt::human_bytes;
+use crate::observe::LayerMap;
 use crate::policy::{EvictOrder, Storage};
 
-/// The filesystem holding the engine's data root.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Disk {
-    pub path: String,
-    pub total: u64,
-    pub available: u64,
-}
-
-impl Disk {
-    pub fn used(&self) -> u64 {
-        self.total.saturating_sub(self.available)
-    }
-    pub fn percent(&self) -> f64 {
-        if self.total == 0 {
-            0.0
-        } else {
-            self.used() as f64 * 100.0 / self.total as f64
-        }
-    }
-}
+// Re-exported under its old path (tests name it so).
+pub use crate::observe::Disk;
 
 /// What the planner found about disk pressure: for `plan`, `status` and logs.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -204,56 +188,30 @@ pub struct Eviction {
     pub bytes: u64,
 }
 
-/// What eviction decided.
-pub struct Outcome {
-    /// In order. Their `evict` actions are built on demand ([`Outcome::action`]):
-    /// a plan spells out only those it shows.
-    pub evictions: Vec<Eviction>,
-    /// A build-cache `prune_build`, if due.
-    pub prune: Option<Action>,
-    pub pressure: Pressure,
-    /// Why eviction runs, for the reasons.
-    targets: String,
+/// The build cache is over `build_cache_max`: prune it down to `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prune {
+    /// Bytes the build cache takes now.
+    pub size: u64,
+    /// Bytes it may keep.
+    pub max: u64,
 }
 
-impl Outcome {
-    /// The `evict` action of one of `evictions`.
-    pub fn action(&self, inputs: &Inputs, candidates: &[Candidate], e: Eviction) -> Action {
-        let c = &candidates[e.candidate];
-        let mut reason = String::with_capacity(80 + self.targets.len());
-        let _ = match inputs.storage.order {
-            EvictOrder::Lru => write!(
-                reason,
-                "least recently active (last activity {} ago)",
-                Human(inputs.now - c.activity)
-            ),
-            EvictOrder::Created => write!(
-                reason,
-                "oldest created ({} ago)",
-                Human(inputs.now - c.image.created)
-            ),
-        };
-        if c.tags > 1 {
-            let _ = write!(reason, ", with {} more reference(s)", c.tags - 1);
-        }
-        reason.push_str("; ");
-        reason.push_str(&self.targets);
-        Action {
-            kind: Kind::Evict,
-            reference: c.first_tag.map(str::to_string),
-            image: c.image.id.clone(),
-            rule: "storage".to_string(),
-            reason,
-            bytes: Some(e.bytes),
-            keep_bytes: None,
-        }
-    }
+/// What eviction decided.
+pub struct Decided {
+    /// In order; a plan words as actions only those it shows.
+    pub evictions: Vec<Eviction>,
+    /// A build-cache prune, if due.
+    pub prune: Option<Prune>,
+    pub pressure: Pressure,
+    /// Why eviction runs, for the reasons.
+    pub targets: String,
 }
 
 /// Plan evictions over the store as retention leaves it, in full: the
 /// caller holds back what exceeds `max_removals`. `counts` cover exactly
 /// the candidates.
-pub fn plan(inputs: &Inputs, candidates: &[Candidate], mut counts: LayerCounts) -> Outcome {
+pub fn decide(inputs: &Inputs, candidates: &[Candidate], mut counts: LayerCounts) -> Decided {
     let s = inputs.storage;
     let now_bytes = counts.bytes();
     let before = inputs.image_bytes_before.max(now_bytes);
@@ -361,23 +319,11 @@ pub fn plan(inputs: &Inputs, candidates: &[Candidate], mut counts: LayerCounts) 
     {
         pressure.build_cache = Some((size, max));
         if size > max {
-            prune = Some(Action {
-                kind: Kind::PruneBuild,
-                reference: None,
-                image: String::new(),
-                rule: "storage".to_string(),
-                reason: format!(
-                    "build cache {} > build_cache_max {}",
-                    human_bytes(size),
-                    human_bytes(max)
-                ),
-                bytes: Some(size - max),
-                keep_bytes: Some(max),
-            });
+            prune = Some(Prune { size, max });
         }
     }
     pressure.summary = targets.clone();
-    Outcome {
+    Decided {
         evictions,
         prune,
         pressure,
@@ -506,7 +452,7 @@ mod tests {
         let (images, map) = shared_base();
         let s = storage(Some(80 * MB), EvictOrder::Lru);
         let c = candidates(&images, &[3, 2, 1]);
-        let out = plan(&inputs(&s), &c, LayerCounts::count(&images, &map));
+        let out = decide(&inputs(&s), &c, LayerCounts::count(&images, &map));
         assert!(out.evictions.is_empty());
         assert_eq!(out.pressure.to_free, 0);
         assert_eq!(out.pressure.image_bytes, 80 * MB);
@@ -519,7 +465,7 @@ mod tests {
         // 80 MB against 65 MB: two own layers (10 MB each) must go.
         let s = storage(Some(65 * MB), EvictOrder::Lru);
         let c = candidates(&images, &[300, 100, 200]);
-        let out = plan(&inputs(&s), &c, LayerCounts::count(&images, &map));
+        let out = decide(&inputs(&s), &c, LayerCounts::count(&images, &map));
         assert_eq!(out.pressure.to_free, 15 * MB);
         let taken: Vec<(usize, u64)> = out
             .evictions
@@ -535,7 +481,7 @@ mod tests {
         let s = storage(Some(75 * MB), EvictOrder::Created);
         // "a" was active last, but it is the oldest created.
         let c = candidates(&images, &[900, 100, 200]);
-        let out = plan(&inputs(&s), &c, LayerCounts::count(&images, &map));
+        let out = decide(&inputs(&s), &c, LayerCounts::count(&images, &map));
         let taken: Vec<usize> = out.evictions.iter().map(|e| e.candidate).collect();
         assert_eq!(taken, vec![0]);
     }
@@ -546,7 +492,7 @@ mod tests {
         let s = storage(Some(10 * MB), EvictOrder::Lru);
         let mut c = candidates(&images, &[1, 2, 3]);
         c[2].protection = Some("keep-c");
-        let out = plan(&inputs(&s), &c, LayerCounts::count(&images, &map));
+        let out = decide(&inputs(&s), &c, LayerCounts::count(&images, &map));
         let taken: Vec<usize> = out.evictions.iter().map(|e| e.candidate).collect();
         assert_eq!(taken, vec![0, 1], "every unprotected image, never c");
         let short = out.pressure.shortfall.as_ref().expect("60 MB remain");
@@ -579,7 +525,7 @@ mod tests {
             ..inputs(&s)
         };
         let c = candidates(&images, &[1, 2, 3]);
-        let out = plan(&i, &c, LayerCounts::count(&images, &map));
+        let out = decide(&i, &c, LayerCounts::count(&images, &map));
         assert_eq!(out.pressure.freed_by_retention, 20 * MB);
         assert_eq!(out.pressure.to_free, 130 * MB);
         assert!(
@@ -605,7 +551,7 @@ mod tests {
             ..inputs(&s)
         };
         let c = candidates(&images, &[1, 2, 3]);
-        let out = plan(&i, &c, LayerCounts::count(&images, &map));
+        let out = decide(&i, &c, LayerCounts::count(&images, &map));
         assert!(out.evictions.is_empty());
         assert_eq!(
             out.pressure.summary,
@@ -624,7 +570,7 @@ mod tests {
                 build_cache: Some(size),
                 ..inputs(&s)
             };
-            let out = plan(&i, &[], LayerCounts::count(&[], &LayerMap::default()));
+            let out = decide(&i, &[], LayerCounts::count(&[], &LayerMap::default()));
             assert_eq!(out.pressure.build_cache, Some((size, 100 * MB)));
             assert_eq!(out.prune.is_some(), due, "{size}");
         }

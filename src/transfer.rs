@@ -39,12 +39,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditError, AuditLog, Outcome, Record};
+use crate::clock::Clock;
 use crate::credentials::CredentialStore;
 use crate::engine::{Credentials, Engine, EngineError, Image, Progress};
-use crate::plan::Observed;
+use crate::fmt::short_digest;
+use crate::observe::{self, Observed};
 use crate::policy::{Policy, Prepull, Refresh, canonical_registry};
-use crate::reconcile::Clock;
-use crate::refs::{self, DEFAULT_REGISTRY, short_digest, split_tag};
+use crate::refs::{self, DEFAULT_REGISTRY, split_tag};
 use crate::state::{Backoff, State};
 
 /// First retry delay; doubles per consecutive failure up to `retry_max`.
@@ -665,8 +666,12 @@ pub struct TransferReport {
     /// Not attempted: backing off.
     pub backing_off: usize,
     pub dry_run: usize,
-    /// Whether the engine's images changed (so the caller observes again).
+    /// Whether the engine's images changed (the caller notes the
+    /// observation again).
     pub changed: bool,
+    /// The observation could not be brought up to date after a change: the
+    /// caller lists the engine again.
+    pub stale: bool,
     pub interrupted: bool,
 }
 
@@ -844,6 +849,7 @@ impl TempTags {
 async fn remove_leftover_tags<E: Engine>(
     engine: &E,
     journal: &TempTags,
+    observed: &mut Observed,
     audit: &mut AuditLog,
     run_id: &str,
     dry_run: bool,
@@ -882,7 +888,8 @@ async fn remove_leftover_tags<E: Engine>(
             report.dry_run += 1;
         } else {
             match engine.remove(&target).await {
-                Ok(_) => {
+                Ok(removed) => {
+                    observed.removed(&removed);
                     journal.forget(&target);
                     tracing::info!(rule = %tag.rule, "untag {target}: {}", rec.reason);
                     report.untagged += 1;
@@ -917,12 +924,14 @@ pub struct RunOptions {
 
 /// The transfer phase of a reconcile: pre-pulls first, then (on the store as
 /// the pulls left it) mirror pushes. Updates `state` (backoff, previous
-/// images, refresh checks) and writes one audit record per action.
+/// images, refresh checks) and writes one audit record per action. Leaves
+/// `observed` as the store is after it: a removed leftover tag is taken out
+/// of it, and after pulls the engine is listed once (the only listing here).
 #[allow(clippy::too_many_arguments)]
 pub async fn run<E: Engine>(
     engine: &E,
     policy: &Policy,
-    observed: &Observed,
+    observed: &mut Observed,
     state: &mut State,
     audit: &mut AuditLog,
     run_id: &str,
@@ -937,6 +946,7 @@ pub async fn run<E: Engine>(
     remove_leftover_tags(
         engine,
         &journal,
+        observed,
         audit,
         run_id,
         options.dry_run,
@@ -947,21 +957,6 @@ pub async fn run<E: Engine>(
     if policy.prepull.is_empty() && policy.mirror.is_empty() {
         return Ok(report);
     }
-    let observed_clean;
-    let observed = if report.changed {
-        observed_clean = match crate::reconcile::observe(engine).await {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::warn!(
-                    "cannot list images after removing temporary tags: {e}; transfers wait for the next reconcile"
-                );
-                return Ok(report);
-            }
-        };
-        &observed_clean
-    } else {
-        observed
-    };
     let (creds, creds_error) = load_credentials(policy);
     let ctx = Ctx {
         engine,
@@ -1003,21 +998,20 @@ pub async fn run<E: Engine>(
 
     // Mirrors see what the pulls brought: an edge gateway pulls from its
     // uplink and serves the local mirror in the same reconcile.
-    let observed_now;
-    let observed = if report.pulled + report.tagged > 0 {
-        observed_now = match crate::reconcile::observe(engine).await {
-            Ok(o) => o,
+    if report.pulled + report.tagged > 0 {
+        match observe::observe(engine).await {
+            Ok(o) => *observed = o,
             Err(e) => {
                 tracing::warn!(
                     "cannot list images after pulling: {e}; mirrors wait for the next reconcile"
                 );
+                // The caller lists again: the pulls changed the store.
+                report.stale = true;
                 return Ok(report);
             }
-        };
-        &observed_now
-    } else {
-        observed
-    };
+        }
+    }
+    let observed = &*observed;
     let mut pushes = push_intents(policy, observed, state, now);
     // A journaled tag still there (its removal failed) is stowage's too.
     for p in &mut pushes.due {
@@ -1311,15 +1305,16 @@ async fn pull_once<E: Engine>(
                     causes.push(cause);
                     continue;
                 }
-                // Verify: the engine lists an image for exactly that digest.
-                let listed = match ctx.engine.list_images().await {
-                    Ok(l) => l,
+                // Verify: the engine has an image for exactly that digest
+                // (one inspect of `repo@digest`, not a listing).
+                let found = match ctx.engine.image(&from).await {
+                    Ok(i) => i.filter(|i| i.repo_digests.contains(&from)),
                     Err(e) => {
                         causes.push(format!("after pulling {from}: {e}"));
                         continue;
                     }
                 };
-                match listed.iter().find(|i| i.repo_digests.contains(&from)) {
+                match found {
                     Some(img) => {
                         rec.bytes = Some(img.size);
                         result.pulled = Some(img.id.clone());
@@ -1472,11 +1467,11 @@ async fn push_once<E: Engine>(
         // engine's record of that digest) goes.
         let repo = split_tag(&intent.target).0;
         let prefix = format!("{repo}@");
-        if let Ok(listed) = ctx.engine.list_images().await
-            && let Some(digest) = listed
+        if let Ok(Some(img)) = ctx.engine.image(&intent.image).await
+            && let Some(digest) = img
+                .repo_digests
                 .iter()
-                .find(|i| i.id == intent.image)
-                .and_then(|i| i.repo_digests.iter().find_map(|d| d.strip_prefix(&prefix)))
+                .find_map(|d| d.strip_prefix(&prefix))
         {
             result.mirrored = Some((
                 intent.target.clone(),

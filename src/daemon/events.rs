@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
+use crate::clock::Clock;
 use crate::engine::{Engine, Event, Image};
-use crate::reconcile::Clock;
 use crate::state::State;
 
 /// Events arriving within this window after the first are resolved with one

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::Record;
+use crate::audit::Tally;
 
 /// The content type Prometheus expects for the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -23,7 +23,8 @@ const MAX_REQUEST: usize = 8 * 1024;
 struct Values {
     reconciles: u64,
     failures: u64,
-    /// `(action, outcome)` -> count, from the audit records of each reconcile.
+    /// `(action, outcome)` -> count, from what each reconcile reported of
+    /// the audit records it wrote.
     actions: BTreeMap<(String, String), u64>,
     bytes_freed: u64,
     last_timestamp: Option<f64>,
@@ -47,14 +48,10 @@ impl Metrics {
         f(&mut guard)
     }
 
-    /// Counts one finished reconcile and the audit records it wrote.
-    pub fn reconciled(
-        &self,
-        finished_at: f64,
-        duration: Duration,
-        failed: bool,
-        records: &[Record],
-    ) {
+    /// Counts one finished reconcile and the audit records it wrote (its
+    /// report's tally, not the log read back: another process's records
+    /// are not this daemon's, and a rotated log is not counted twice).
+    pub fn reconciled(&self, finished_at: f64, duration: Duration, failed: bool, records: &Tally) {
         self.with(|v| {
             v.reconciles += 1;
             if failed {
@@ -62,14 +59,12 @@ impl Metrics {
             }
             v.last_timestamp = Some(finished_at);
             v.last_duration = Some(duration.as_secs_f64());
-            for r in records {
+            for (&(action, outcome), n) in &records.records {
                 *v.actions
-                    .entry((r.action.as_str().to_owned(), r.outcome.as_str().to_owned()))
-                    .or_default() += 1;
-                if r.outcome == crate::audit::Outcome::Ok {
-                    v.bytes_freed += freed(r);
-                }
+                    .entry((action.as_str().to_owned(), outcome.as_str().to_owned()))
+                    .or_default() += n;
             }
+            v.bytes_freed += records.bytes_freed;
         });
     }
 
@@ -187,14 +182,6 @@ impl Metrics {
 }
 
 /// Bytes an audit record freed: removals, evictions and build-cache pruning.
-fn freed(r: &Record) -> u64 {
-    use crate::audit::Action;
-    match r.action {
-        Action::Remove | Action::Evict | Action::PruneBuild => r.bytes.unwrap_or(0),
-        _ => 0,
-    }
-}
-
 /// Label values escape `\`, `"` and newlines.
 fn escape(v: &str) -> String {
     v.replace('\\', r"\\")
@@ -326,7 +313,7 @@ fn answer(req: &hyper::Request<hyper::body::Incoming>, metrics: &Metrics) -> hyp
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{Action, Outcome};
+    use crate::audit::{Action, AuditLog, Outcome, Record};
 
     fn record(action: Action, outcome: Outcome, bytes: Option<u64>) -> Record {
         Record {
@@ -347,16 +334,21 @@ mod tests {
     #[test]
     fn renders_every_family_with_help_and_type() {
         let m = Metrics::default();
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = AuditLog::open_lenient(&dir.path().join("audit.jsonl"), u64::MAX);
+        for r in [
+            record(Action::Remove, Outcome::Ok, Some(100)),
+            record(Action::Remove, Outcome::Ok, Some(50)),
+            record(Action::Remove, Outcome::Failed, None),
+            record(Action::Untag, Outcome::Ok, None),
+        ] {
+            log.append(&r);
+        }
         m.reconciled(
             1_700_000_000.5,
             Duration::from_millis(1500),
             true,
-            &[
-                record(Action::Remove, Outcome::Ok, Some(100)),
-                record(Action::Remove, Outcome::Ok, Some(50)),
-                record(Action::Remove, Outcome::Failed, None),
-                record(Action::Untag, Outcome::Ok, None),
-            ],
+            log.tally(),
         );
         m.images(3, 4096);
         m.engine_reachable(true);

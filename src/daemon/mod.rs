@@ -33,7 +33,6 @@ pub mod notify;
 pub mod sources;
 
 use std::future::Future;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,12 +43,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::Record;
 use crate::blocking::off_loop;
+use crate::clock::Clock;
 use crate::engine::{Engine, EngineError, EngineResult};
 use crate::policy::{self, Policy};
-use crate::reconcile::{self, Clock, ReconcileError};
-use crate::state::{StateError, StateLock, StateStore};
+use crate::reconcile::{self, ReconcileError};
+use crate::state::{Stamp, State, StateError, StateLock, StateStore};
 use crate::status::{self, DaemonStatus, Dated, ReconcileResult};
 
 use self::control::{ControlError, Handler, Request, Response};
@@ -146,6 +145,65 @@ struct Shared<E> {
     /// Control `reconcile` requests into the loop.
     requests: mpsc::Sender<Trigger>,
     clock: Arc<dyn Clock>,
+    /// The state as the loop last had it, for `status`.
+    snapshot: Mutex<Snapshot>,
+}
+
+/// The state as the daemon holds it: in memory, owned by the loop and lent
+/// to one task at a time (a reconcile or a write of activity marks), which
+/// gives it back. Loaded once at start (and when a reload moves
+/// `state_dir`), never read back from the file meanwhile.
+struct Held {
+    /// The `state_dir` it belongs to.
+    dir: PathBuf,
+    state: State,
+    /// Changed in memory since it was last written (activity marks, or a
+    /// reconcile whose save failed).
+    unsaved: bool,
+}
+
+/// What `status` reads of the state: a copy as of the last reconcile or
+/// write, and the file's [`Stamp`] then.
+#[derive(Clone, Default)]
+struct Snapshot {
+    dir: PathBuf,
+    state: Arc<State>,
+    stamp: Option<Stamp>,
+    /// What loading it said (a corrupt file moved aside), until a save.
+    warning: Option<String>,
+}
+
+/// The held state of `dir`: `held` when it is that folder's, else loaded
+/// (off the loop) from it.
+async fn hold(held: Option<Held>, dir: &Path, now: i64) -> Held {
+    if let Some(h) = held.filter(|h| h.dir == dir) {
+        return h;
+    }
+    let store = StateStore::new(dir);
+    let loaded = off_loop(move || store.load(now)).await;
+    if let Some(w) = &loaded.warning {
+        tracing::warn!("{w}");
+    }
+    Held {
+        dir: dir.to_path_buf(),
+        state: loaded.state,
+        unsaved: false,
+    }
+}
+
+/// A copy of `held` for `status` (off the loop: a large state takes a
+/// while), with the file's stamp as it is now.
+async fn snapshot_of(held: Held, warning: Option<String>) -> (Held, Snapshot) {
+    off_loop(move || {
+        let snapshot = Snapshot {
+            dir: held.dir.clone(),
+            state: Arc::new(held.state.clone()),
+            stamp: StateStore::new(&held.dir).stamp(),
+            warning,
+        };
+        (held, snapshot)
+    })
+    .await
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -159,13 +217,22 @@ impl<E: Engine + 'static> Handler for Shared<E> {
         let policy = lock(&self.policy).clone();
         let engine = lock(&self.engine).clone();
         let now = self.clock.now();
-        // Parsing a large state, planning every verdict and the rows are CPU
-        // work: off the loop, which must keep answering meanwhile.
-        let store = StateStore::new(&policy.daemon.state_dir);
-        let loaded = off_loop(move || store.load_readonly(now.timestamp())).await;
-        let state = loaded.state;
+        // The daemon's state as it holds it; the file is read only when it
+        // changed behind the daemon's back, to say whether it is corrupt.
+        // Planning every verdict and the rows are CPU work: off the loop,
+        // which must keep answering meanwhile.
+        let snapshot = lock(&self.snapshot).clone();
+        let store = StateStore::new(&snapshot.dir);
+        let stamp = snapshot.stamp;
+        let changed = off_loop(move || {
+            (store.stamp() != stamp)
+                .then(|| store.load_readonly(now.timestamp()).warning)
+                .flatten()
+        })
+        .await;
+        let state = (*snapshot.state).clone();
         daemon.backoffs = status::backoffs(&state);
-        daemon.state_warning = loaded.warning;
+        daemon.state_warning = changed.or(snapshot.warning);
         let (references, images, references_error) = match engine {
             None => (None, None, Some("the engine is unreachable".to_owned())),
             Some(engine) => {
@@ -221,10 +288,9 @@ struct Finished {
     started: DateTime<Utc>,
     elapsed: Duration,
     result: Result<reconcile::Report, ReconcileError>,
-    /// Audit records this reconcile wrote.
-    records: Vec<Record>,
-    /// `(count, bytes)` of the images after it.
-    images: Option<(u64, u64)>,
+    /// The state, given back.
+    held: Held,
+    snapshot: Snapshot,
 }
 
 /// The loop's own state.
@@ -261,8 +327,12 @@ struct Daemon<E, F> {
     /// The event stream is failing (logged once until it works again).
     events_failing: bool,
     marks: SharedMarks,
-    /// Activity marks being written between reconciles (off the loop).
-    flushing: Option<JoinHandle<()>>,
+    /// The state; `None` while a reconcile or a write has it (or after
+    /// one panicked: then it is loaded again).
+    state: Option<Held>,
+    /// Activity marks being written between reconciles (off the loop); gives
+    /// the state back.
+    flushing: Option<JoinHandle<(Held, Snapshot)>>,
     last_flush: Instant,
     next_fire: Option<DateTime<Utc>>,
     debounce_at: Option<Instant>,
@@ -327,6 +397,7 @@ where
         engine: Mutex::new(None),
         requests: requests_tx,
         clock: clock.clone(),
+        snapshot: Mutex::new(Snapshot::default()),
     });
 
     let servers = CancellationToken::new();
@@ -350,6 +421,22 @@ where
             return Err(e.into());
         }
     };
+    // The state is loaded here once; reconciles borrow it from the loop.
+    let dir = store.dir().to_path_buf();
+    let (held, snapshot) = {
+        let store = store.clone();
+        let loaded = off_loop(move || store.load(now.timestamp())).await;
+        if let Some(w) = &loaded.warning {
+            tracing::warn!("{w}");
+        }
+        let held = Held {
+            dir,
+            state: loaded.state,
+            unsaved: false,
+        };
+        snapshot_of(held, loaded.warning).await
+    };
+    *lock(&shared.snapshot) = snapshot;
     let control_task = tokio::spawn(control::serve(
         listener,
         control_path.clone(),
@@ -400,6 +487,7 @@ where
         events_delay: EVENTS_RETRY_FIRST,
         events_failing: false,
         marks: SharedMarks::default(),
+        state: Some(held),
         flushing: None,
         last_flush: Instant::now(),
         next_fire: None,
@@ -440,7 +528,7 @@ where
                 d.on_policy_settled();
             }
             () = tokio::time::sleep(cron_wait) => d.on_cron_wake(),
-            _ = join(&mut d.flushing) => {}
+            written = join(&mut d.flushing) => d.on_written(written),
             _ = heartbeat.tick() => {
                 d.feed_watchdog();
                 d.check_events_recovered();
@@ -448,7 +536,7 @@ where
                     && d.flushing.is_none()
                     && d.last_flush.elapsed() >= FLUSH_EVERY
                 {
-                    d.flushing = Some(tokio::spawn(d.flush_marks()));
+                    d.flushing = d.flush_marks().map(tokio::spawn);
                 }
             }
         }
@@ -866,40 +954,43 @@ where
         let Some(waiters) = self.pending.take() else {
             return;
         };
-        // One writer of the state at a time: marks first, then the
-        // reconcile, which loads what was just written.
-        let flush = self.flush_marks();
+        // The reconcile borrows the state with the marks so far in it, and
+        // saves both; the loop writes nothing meanwhile.
+        let held = self.state.take();
+        let marks = events::take(&self.marks);
         let clock = self.clock.clone();
         let stop = self.stop.clone();
         self.notifier.status("reconciling");
         self.running_engine = Some(engine.clone());
         let task = tokio::spawn(async move {
-            flush.await;
             let started = clock.now();
             let t0 = Instant::now();
-            let audit_path = policy.daemon.audit_log.clone();
-            let offset = LogPosition::of(&audit_path);
-            let result = reconcile::reconcile(&*engine, &policy, &*clock, false, &stop)
-                .await
-                .map(|(_, report)| report);
-            let elapsed = t0.elapsed();
-            let records = off_loop(move || records_since(&audit_path, offset)).await;
-            let images = match &result {
-                // Shutting down: the gauge is not worth the wait.
-                Ok(_) if stop.is_cancelled() => None,
-                Ok(_) => engine
-                    .list_images()
-                    .await
-                    .ok()
-                    .map(|i| (i.len() as u64, i.iter().map(|i| i.size).sum())),
-                Err(_) => None,
-            };
+            let dir = policy.daemon.state_dir.clone();
+            let mut held = hold(held, &dir, started.timestamp()).await;
+            if !marks.is_empty() {
+                marks.apply(&mut held.state);
+                held.unsaved = true;
+            }
+            let result = reconcile::reconcile_state(
+                &*engine,
+                &policy,
+                &*clock,
+                reconcile::Options::default(),
+                &stop,
+                &mut held.state,
+            )
+            .await
+            .map(|(_, report)| report);
+            if !policy.daemon.dry_run && matches!(&result, Ok(r) if r.unsaved.is_none()) {
+                held.unsaved = false;
+            }
+            let (held, snapshot) = snapshot_of(held, None).await;
             Finished {
                 started,
-                elapsed,
+                elapsed: t0.elapsed(),
                 result,
-                records,
-                images,
+                held,
+                snapshot,
             }
         });
         self.running = Some(task);
@@ -912,12 +1003,15 @@ where
         let waiters = std::mem::take(&mut self.running_waiters);
         let now = self.clock.now();
         let Some(f) = finished else {
+            // The state went with it: loaded again by the next user.
             let message = "the reconcile task panicked".to_owned();
             tracing::error!("{message}");
             self.note_error(message);
             return;
         };
         let duration_ms = u64::try_from(f.elapsed.as_millis()).unwrap_or(u64::MAX);
+        self.state = Some(f.held);
+        *lock(&self.shared.snapshot) = f.snapshot;
         let result = match &f.result {
             Ok(report) => {
                 tracing::info!(
@@ -956,13 +1050,17 @@ where
             }
         };
         let failed = result.error.is_some() || result.failed > 0;
+        let (records, images) = match &f.result {
+            Ok(report) => (report.records.clone(), report.images),
+            Err(_) => (Default::default(), None),
+        };
         self.metrics.reconciled(
             now.timestamp_millis() as f64 / 1000.0,
             f.elapsed,
             failed,
-            &f.records,
+            &records,
         );
-        if let Some((count, bytes)) = f.images {
+        if let Some((count, bytes)) = images {
             self.metrics.images(count, bytes);
         }
         self.notifier.status(&format!(
@@ -1010,30 +1108,54 @@ where
         }
     }
 
-    /// Takes the pending activity marks; the future writes them into the
-    /// state file (load, apply, save) off the loop. Only one writer at a
-    /// time: awaited before a reconcile starts, or run as `flushing`, which
-    /// a reconcile waits for. Marks wait while another process owns the
-    /// state (after a reload moved `state_dir`).
-    fn flush_marks(&mut self) -> impl Future<Output = ()> + Send + 'static {
+    /// Takes the pending activity marks and the state; the future (`None`
+    /// when there is nothing to write) applies them and saves the state off
+    /// the loop, then gives it back. Only one writer at a time: run as
+    /// `flushing`, which a reconcile waits for, or awaited at shutdown.
+    /// Marks wait while another process owns the state (after a reload moved
+    /// `state_dir`).
+    fn flush_marks(&mut self) -> Option<impl Future<Output = (Held, Snapshot)> + Send + 'static> {
         self.last_flush = Instant::now();
         let policy = self.policy();
         let marks = events::take(&self.marks);
-        let marks = if marks.is_empty() {
-            None
-        } else if self.owns_state(&policy) {
-            Some(marks)
-        } else {
+        let unsaved = self.state.as_ref().is_some_and(|h| h.unsaved);
+        if marks.is_empty() && !unsaved {
+            return None;
+        }
+        if !self.owns_state(&policy) {
             events::put_back(&self.marks, marks);
-            None
-        };
-        let shared = self.marks.clone();
-        let store = StateStore::new(&policy.daemon.state_dir);
+            return None;
+        }
+        let held = self.state.take();
+        let dir = policy.daemon.state_dir.clone();
         let now = self.clock.now().timestamp();
-        async move {
-            if let Some(marks) = marks {
-                off_loop(move || write_marks(&store, marks, &shared, now)).await;
+        Some(async move {
+            let mut held = hold(held, &dir, now).await;
+            marks.apply(&mut held.state);
+            let (mut held, saved) = off_loop(move || {
+                let saved = StateStore::new(&held.dir).save(&held.state);
+                (held, saved)
+            })
+            .await;
+            match saved {
+                Ok(()) => {
+                    tracing::debug!("wrote {} activity mark(s) to the state", marks.len());
+                    held.unsaved = false;
+                }
+                Err(e) => {
+                    tracing::warn!("cannot write activity marks: {e}; trying again later");
+                    held.unsaved = true;
+                }
             }
+            snapshot_of(held, None).await
+        })
+    }
+
+    /// A write of marks is over: the state is back.
+    fn on_written(&mut self, written: Option<(Held, Snapshot)>) {
+        if let Some((held, snapshot)) = written {
+            self.state = Some(held);
+            *lock(&self.shared.snapshot) = snapshot;
         }
     }
 
@@ -1063,82 +1185,15 @@ where
             connecting.abort();
         }
         if let Some(flushing) = self.flushing.take() {
-            let _ = flushing.await;
+            self.on_written(flushing.await.ok());
         }
-        self.flush_marks().await;
+        if let Some(write) = self.flush_marks() {
+            let written = write.await;
+            self.on_written(Some(written));
+        }
         // Waiters of a reconcile that will not run hear it: their sender drops.
         self.pending = None;
     }
-}
-
-/// Where the audit log ended before a reconcile: which file (inode) and
-/// how long it was.
-#[derive(Debug, Clone, Copy)]
-struct LogPosition {
-    inode: Option<u64>,
-    len: u64,
-}
-
-impl LogPosition {
-    fn of(path: &Path) -> LogPosition {
-        use std::os::unix::fs::MetadataExt;
-        match std::fs::metadata(path) {
-            Ok(m) => LogPosition {
-                inode: Some(m.ino()),
-                len: m.len(),
-            },
-            Err(_) => LogPosition {
-                inode: None,
-                len: 0,
-            },
-        }
-    }
-}
-
-/// Writes `marks` into the state (load, apply, save: blocking file work);
-/// marks that cannot be written go back to `shared` for the next try.
-fn write_marks(store: &StateStore, marks: events::Marks, shared: &SharedMarks, now: i64) {
-    let loaded = store.load(now);
-    if let Some(w) = &loaded.warning {
-        tracing::warn!("{w}");
-    }
-    let mut state = loaded.state;
-    marks.apply(&mut state);
-    match store.save(&state) {
-        Ok(()) => tracing::debug!("wrote {} activity mark(s) to the state", marks.len()),
-        Err(e) => {
-            tracing::warn!("cannot write activity marks: {e}; keeping them for the next try");
-            events::put_back(shared, marks);
-        }
-    }
-}
-
-/// The audit records appended after `start` (torn lines skipped). When the
-/// log was rotated meanwhile (`audit_max`), that is the rest of
-/// `<audit_log>.1` and the new log whole.
-fn records_since(path: &Path, start: LogPosition) -> Vec<Record> {
-    let read = |p: &Path, offset: u64| -> std::io::Result<String> {
-        let mut f = std::fs::File::open(p)?;
-        let len = f.metadata()?.len();
-        f.seek(SeekFrom::Start(if offset <= len { offset } else { 0 }))?;
-        let mut text = String::new();
-        f.read_to_string(&mut text)?;
-        Ok(text)
-    };
-    let now = LogPosition::of(path);
-    let mut text = String::new();
-    if start.inode.is_some() && now.inode != start.inode {
-        let older = crate::audit::rotated_path(path);
-        if LogPosition::of(&older).inode == start.inode {
-            text = read(&older, start.len).unwrap_or_default();
-        }
-        text.push_str(&read(path, 0).unwrap_or_default());
-    } else {
-        text = read(path, start.len).unwrap_or_default();
-    }
-    text.lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 /// Where a `status`/`reconcile` client finds the daemon's control socket
@@ -1181,47 +1236,5 @@ pub async fn ask(
         Ok(r) => Ok(Some(r)),
         Err(control::ClientError::NoDaemon { .. }) => Ok(None),
         Err(e) => Err(e),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::audit::{Action, AuditLog, Outcome};
-
-    fn rec(n: u64) -> Record {
-        Record {
-            ts: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
-            run: format!("r{n}"),
-            action: Action::Remove,
-            reference: Some(format!("app:{n}")),
-            image: None,
-            rule: Some("old".into()),
-            reason: "beyond keep_last=1".into(),
-            outcome: Outcome::Ok,
-            error: None,
-            bytes: Some(n),
-            duration_ms: None,
-        }
-    }
-
-    #[test]
-    fn records_since_follows_a_rotation() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let line = serde_json::to_vec(&rec(1)).unwrap().len() as u64 + 1;
-        let mut log = AuditLog::open_lenient(&path, 3 * line);
-        log.append(&rec(1));
-        log.append(&rec(2));
-        let start = LogPosition::of(&path);
-        // The third fills the file; the fourth goes to a new one.
-        log.append(&rec(3));
-        log.append(&rec(4));
-        assert!(crate::audit::rotated_path(&path).exists());
-        let runs: Vec<_> = records_since(&path, start)
-            .into_iter()
-            .map(|r| r.run)
-            .collect();
-        assert_eq!(runs, ["r3", "r4"]);
     }
 }

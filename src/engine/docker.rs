@@ -558,6 +558,17 @@ fn progress(
 
 /// Drops the `<none>:<none>` / `<none>@<none>` placeholders older engines list
 /// for dangling images.
+/// The strings of a JSON array (nothing for anything else).
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn real_refs(refs: Vec<String>) -> Vec<String> {
     refs.into_iter()
         .filter(|r| !r.starts_with("<none>"))
@@ -667,6 +678,26 @@ impl Engine for DockerEngine {
             .await
         {
             Ok(v) => Ok(v["Id"].as_str().map(str::to_owned)),
+            Err(EngineError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn image(&self, reference: &str) -> EngineResult<Option<Image>> {
+        match self
+            .raw_json("GET", &format!("/images/{reference}/json"), self.timeout)
+            .await
+        {
+            Ok(v) => Ok(v["Id"].as_str().map(|id| Image {
+                id: id.to_owned(),
+                repo_tags: real_refs(strings(&v["RepoTags"])),
+                repo_digests: real_refs(strings(&v["RepoDigests"])),
+                created: v["Created"]
+                    .as_str()
+                    .and_then(|c| chrono::DateTime::parse_from_rfc3339(c).ok())
+                    .map_or(0, |c| c.timestamp()),
+                size: v["Size"].as_u64().unwrap_or(0),
+            })),
             Err(EngineError::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
         }

@@ -74,7 +74,8 @@ impl FakeEngine {
     }
 
     /// A container using `image_id` appears right before the next engine call
-    /// that lists containers after planning (simulates a race).
+    /// that lists containers after planning, or the next removal, whichever
+    /// comes first (simulates a race).
     pub fn add_container_later(&self, c: Container) {
         self.lock().race_containers.push(c);
     }
@@ -131,6 +132,19 @@ impl Engine for FakeEngine {
         Ok(g.containers.clone())
     }
 
+    async fn image(&self, reference: &str) -> EngineResult<Option<Image>> {
+        let mut g = self.lock();
+        g.calls.push(format!("image {reference}"));
+        Ok(g.images
+            .iter()
+            .find(|i| {
+                i.id == reference
+                    || i.repo_tags.iter().any(|t| t == reference)
+                    || i.repo_digests.iter().any(|d| d == reference)
+            })
+            .cloned())
+    }
+
     async fn remove(&self, reference: &str) -> EngineResult<Removed> {
         let mut g = self.lock();
         g.calls.push(format!("remove {reference}"));
@@ -139,6 +153,10 @@ impl Engine for FakeEngine {
                 "injected failure removing {reference}"
             )));
         }
+        // A racing container exists by the time of any removal, whether or
+        // not the executor asked for containers first (the engine checks).
+        let race = std::mem::take(&mut g.race_containers);
+        g.containers.extend(race);
         let inner = &mut *g;
         let Some(img) = find(&mut inner.images, reference) else {
             return Err(EngineError::NotFound(reference.to_string()));

@@ -176,6 +176,19 @@ pub trait Engine: Send + Sync {
             Ok(all.into_iter().filter(|c| c.image_id == image_id).collect())
         }
     }
+    /// The image a reference (`repo:tag`, `repo@digest`) or image id names
+    /// now, `None` when it names nothing. Asked right before removals: one
+    /// inspect, not a listing.
+    fn image(&self, reference: &str) -> impl Future<Output = EngineResult<Option<Image>>> + Send {
+        async move {
+            let images = self.list_images().await?;
+            Ok(images.into_iter().find(|i| {
+                i.id == reference
+                    || i.repo_tags.iter().any(|t| t == reference)
+                    || i.repo_digests.iter().any(|d| d == reference)
+            }))
+        }
+    }
     /// The image id a reference names now, `None` when it names nothing.
     fn image_id_of(
         &self,

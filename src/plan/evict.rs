@@ -2,11 +2,16 @@
 //! what is left of `max_removals`. The index and its per-image facts are the
 //! ones retention used; nothing is derived twice.
 
-use crate::policy::{Policy, Storage};
+use std::fmt::Write as _;
+
+use crate::fmt::{Human, human_bytes};
+use crate::policy::{EvictOrder, Policy, Storage};
 use crate::storage;
 
 use super::index::Index;
-use super::{Decision, Detail, Kind, Observed, Plan, count_removals, decision_of, parallel_map};
+use super::{
+    Action, Decision, Detail, Kind, Observed, Plan, count_removals, decision_of, parallel_map,
+};
 
 /// `counts`: the layer counts of `observed.images`, in their order.
 #[allow(clippy::too_many_arguments)]
@@ -90,26 +95,26 @@ pub(super) fn evict(
         build_cache: observed.build_cache,
         now,
     };
-    let outcome = storage::plan(&inputs, &candidates, counts);
+    let decided = storage::decide(&inputs, &candidates, counts);
     let budget = policy
         .daemon
         .max_removals
         .saturating_sub(count_removals(&result.actions));
     // Evictions are all removals: the first `budget` go now, the rest are
     // counted, and spelled out only when asked.
-    let evictions = &outcome.evictions;
+    let evictions = &decided.evictions;
     let now_count = evictions.len().min(budget);
     let built = detail.removals_to_build(evictions.len(), now_count);
     let mut now_actions = parallel_map(built, |j| {
-        outcome.action(&inputs, &candidates, evictions[j])
+        evict_action(&inputs, &decided.targets, &candidates, evictions[j])
     });
     let later = now_actions.split_off(now_count);
     result.defer(Kind::Evict, "storage", evictions.len() - now_count);
     if detail.verdicts {
         // Per image: what eviction decided, and the action behind it.
-        let mut decided: Vec<Option<(Decision, &super::Action)>> = vec![None; images.len()];
+        let mut per_image: Vec<Option<(Decision, &Action)>> = vec![None; images.len()];
         for (j, e) in evictions.iter().enumerate() {
-            decided[kept[e.candidate]] = Some(if j < now_count {
+            per_image[kept[e.candidate]] = Some(if j < now_count {
                 (decision_of(now_actions[j].kind), &now_actions[j])
             } else {
                 (Decision::Deferred, &later[j - now_count])
@@ -122,7 +127,7 @@ pub(super) fn evict(
                 Some(e) => Some(e.img),
                 None => index.image(&v.image),
             };
-            if let Some((decision, a)) = k.and_then(|k| decided[k]) {
+            if let Some((decision, a)) = k.and_then(|k| per_image[k]) {
                 v.decision = decision;
                 v.rule = Some(a.rule.clone());
                 v.reason.clone_from(&a.reason);
@@ -130,7 +135,61 @@ pub(super) fn evict(
         }
     }
     result.actions.extend(now_actions);
-    result.actions.extend(outcome.prune);
+    result.actions.extend(decided.prune.map(prune_action));
     result.deferred.extend(later);
-    result.pressure = Some(outcome.pressure);
+    result.pressure = Some(decided.pressure);
+}
+
+/// The `evict` action of one eviction.
+fn evict_action(
+    inputs: &storage::Inputs,
+    targets: &str,
+    candidates: &[storage::Candidate],
+    e: storage::Eviction,
+) -> Action {
+    let c = &candidates[e.candidate];
+    let mut reason = String::with_capacity(80 + targets.len());
+    let _ = match inputs.storage.order {
+        EvictOrder::Lru => write!(
+            reason,
+            "least recently active (last activity {} ago)",
+            Human(inputs.now - c.activity)
+        ),
+        EvictOrder::Created => write!(
+            reason,
+            "oldest created ({} ago)",
+            Human(inputs.now - c.image.created)
+        ),
+    };
+    if c.tags > 1 {
+        let _ = write!(reason, ", with {} more reference(s)", c.tags - 1);
+    }
+    reason.push_str("; ");
+    reason.push_str(targets);
+    Action {
+        kind: Kind::Evict,
+        reference: c.first_tag.map(str::to_string),
+        image: c.image.id.clone(),
+        rule: "storage".to_string(),
+        reason,
+        bytes: Some(e.bytes),
+        keep_bytes: None,
+    }
+}
+
+/// The `prune_build` action of a due build-cache prune.
+fn prune_action(p: storage::Prune) -> Action {
+    Action {
+        kind: Kind::PruneBuild,
+        reference: None,
+        image: String::new(),
+        rule: "storage".to_string(),
+        reason: format!(
+            "build cache {} > build_cache_max {}",
+            human_bytes(p.size),
+            human_bytes(p.max)
+        ),
+        bytes: Some(p.size - p.max),
+        keep_bytes: Some(p.max),
+    }
 }

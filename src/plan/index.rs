@@ -17,7 +17,9 @@ use crate::policy::{Globs, Policy};
 use crate::refs::split_tag;
 use crate::state::{ImageState, State};
 
-use super::{human_duration, parse_semver, short};
+use crate::fmt::{human_duration, short_id as short};
+
+use super::parse_semver;
 
 /// One reference (or a dangling image) in the store.
 pub(super) struct Entry<'a> {

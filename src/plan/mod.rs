@@ -29,35 +29,18 @@ use std::fmt::Write as _;
 use rustc_hash::FxHashSet as HashSet;
 use serde::Serialize;
 
-use crate::engine::{Container, Image, Layer};
+use crate::engine::Image;
+use crate::fmt::{human_bytes, short_id as short};
 use crate::policy::{Policy, RetainScope};
-use crate::refs::{short_id as short, split_tag};
+use crate::refs::split_tag;
 use crate::state::State;
-use crate::storage::{self, Disk, Pressure};
+use crate::storage::{self, Pressure};
 
 use index::{Index, Sorted};
 use retention::retention;
 
-/// Layers per image id (Fx-hashed: the keys are engine ids, not input an
-/// attacker picks).
-pub type LayerMap = rustc_hash::FxHashMap<String, Vec<Layer>>;
-
-/// What the engine showed: the input of a plan besides policy, state and time.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Observed {
-    pub images: Vec<Image>,
-    pub containers: Vec<Container>,
-    /// Layers per image id; gathered only when `[storage]` is set. Images
-    /// without an entry count as one layer of their size.
-    #[serde(skip)]
-    pub layers: LayerMap,
-    /// The filesystem holding the engine's data root, when on this host.
-    pub disk: Option<Disk>,
-    /// Why `disk` is unknown, for the plan and status.
-    pub disk_error: Option<String>,
-    /// Build cache bytes; gathered only with `build_cache_max`.
-    pub build_cache: Option<u64>,
-}
+// The observation is the planner's input; re-exported under its old path.
+pub use crate::observe::{LayerMap, Observed};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -539,25 +522,6 @@ fn split_budget(actions: Vec<Action>, budget: usize) -> (Vec<Action>, Vec<Action
     (now, later)
 }
 
-/// Compact durations for reasons: the largest whole unit (`45d`, `5h`, `10m`).
-pub fn human_duration(secs: i64) -> String {
-    Human(secs).to_string()
-}
-
-/// [`human_duration`] written in place, without a string of its own.
-pub(crate) struct Human(pub i64);
-
-impl std::fmt::Display for Human {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0.max(0) {
-            s if s >= 86_400 => write!(f, "{}d", s / 86_400),
-            s if s >= 3_600 => write!(f, "{}h", s / 3_600),
-            s if s >= 60 => write!(f, "{}m", s / 60),
-            s => write!(f, "{s}s"),
-        }
-    }
-}
-
 fn parse_semver(tag: &str) -> Option<semver::Version> {
     let t = tag.strip_prefix('v').unwrap_or(tag);
     if let Ok(v) = semver::Version::parse(t) {
@@ -720,22 +684,6 @@ pub fn render(plan: &Plan) -> String {
         plan.warnings.len()
     );
     out
-}
-
-/// `1.5 GB`-style sizes (decimal units, as `docker images` shows them).
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u + 1 < UNITS.len() {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 #[cfg(test)]

@@ -9,12 +9,13 @@ use std::fmt::{self, Write as _};
 
 use rustc_hash::FxHashMap as HashMap;
 
+use crate::fmt::Human;
 use crate::policy::{FloatOrder, OnViolation, Order, Policy, Retain, RetainScope};
 
 use super::index::{DANGLING, Entry, Index, TagMemo};
 use super::{
-    Action, Decision, Detail, Human, Kind, Plan, Protected, Verdict, Warning, decision_of,
-    parallel_map, parallel_tasks,
+    Action, Decision, Detail, Kind, Plan, Protected, Verdict, Warning, decision_of, parallel_map,
+    parallel_tasks,
 };
 
 /// How one retention rule placed an entry.

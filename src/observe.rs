@@ -1,0 +1,206 @@
+//! What the engine shows, gathered once per reconcile: images and
+//! containers, plus layers, the data root's filesystem and the build cache
+//! when `[storage]` is set; and the state's notes of what was seen.
+//!
+//! A reconcile observes once and keeps the observation current from what
+//! each of its actions did ([`Observed::removed`], [`Observed::tagged`]),
+//! rather than listing the engine again.
+
+use rustc_hash::FxHashMap;
+use serde::Serialize;
+
+use crate::blocking::off_loop;
+use crate::engine::{Container, Engine, EngineError, Image, Layer, Removed};
+use crate::policy::Policy;
+use crate::state::State;
+
+/// Layers per image id (Fx-hashed: the keys are engine ids, not input an
+/// attacker picks).
+pub type LayerMap = FxHashMap<String, Vec<Layer>>;
+
+/// What the engine showed: the input of a plan besides policy, state and time.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Observed {
+    pub images: Vec<Image>,
+    pub containers: Vec<Container>,
+    /// Layers per image id; gathered only when `[storage]` is set. Images
+    /// without an entry count as one layer of their size.
+    #[serde(skip)]
+    pub layers: LayerMap,
+    /// The filesystem holding the engine's data root, when on this host.
+    pub disk: Option<Disk>,
+    /// Why `disk` is unknown, for the plan and status.
+    pub disk_error: Option<String>,
+    /// Build cache bytes; gathered only with `build_cache_max`.
+    pub build_cache: Option<u64>,
+}
+
+impl Observed {
+    /// What a removal did, as the engine answered it: untagged references
+    /// leave their image, deleted images leave the observation.
+    pub fn removed(&mut self, removed: &Removed) {
+        for img in &mut self.images {
+            img.repo_tags.retain(|t| !removed.untagged.contains(t));
+            img.repo_digests.retain(|d| !removed.untagged.contains(d));
+        }
+        if !removed.deleted.is_empty() {
+            self.images.retain(|i| !removed.deleted.contains(&i.id));
+            self.layers.retain(|id, _| !removed.deleted.contains(id));
+        }
+    }
+
+    /// `reference` now names `image` (and no other image).
+    pub fn tagged(&mut self, image: &str, reference: &str) {
+        for img in &mut self.images {
+            img.repo_tags.retain(|t| t != reference);
+            if img.id == image {
+                img.repo_tags.push(reference.to_owned());
+            }
+        }
+    }
+
+    /// Image count and their summed sizes (shared layers counted per image,
+    /// as `docker images` shows them): the metrics gauges.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.images.len() as u64,
+            self.images.iter().map(|i| i.size).sum(),
+        )
+    }
+}
+
+/// The filesystem holding the engine's data root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Disk {
+    pub path: String,
+    pub total: u64,
+    pub available: u64,
+}
+
+impl Disk {
+    pub fn used(&self) -> u64 {
+        self.total.saturating_sub(self.available)
+    }
+    pub fn percent(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.used() as f64 * 100.0 / self.total as f64
+        }
+    }
+}
+
+/// Observe the engine: one image listing and one container listing, whatever
+/// the number of images.
+pub async fn observe<E: Engine>(engine: &E) -> Result<Observed, EngineError> {
+    let (images, containers) = tokio::try_join!(engine.list_images(), engine.list_containers())?;
+    Ok(Observed {
+        images,
+        containers,
+        ..Observed::default()
+    })
+}
+
+/// Observe everything the policy needs: images and containers, plus layers,
+/// the data root's filesystem and the build cache when `[storage]` is set.
+/// Notes first-seen times in `state` (off the async threads; if this future
+/// is dropped mid-way, `state` may be left empty).
+pub async fn observe_for<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    state: &mut State,
+    now: i64,
+) -> Result<Observed, EngineError> {
+    let observed = observe(engine).await?;
+    let (noted_state, mut observed) = noted(std::mem::take(state), observed, now).await;
+    *state = noted_state;
+    add_storage(engine, policy, state, &mut observed).await?;
+    Ok(observed)
+}
+
+/// Add what `[storage]` needs to an observation: layers (from the state's
+/// cache; new ones are added to it), the data root's filesystem, the build
+/// cache. Nothing without `[storage]`.
+pub async fn add_storage<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    state: &mut State,
+    observed: &mut Observed,
+) -> Result<(), EngineError> {
+    let Some(storage) = &policy.storage else {
+        return Ok(());
+    };
+    // Owned ids, and no borrow of `state` across an await: the future must
+    // stay `Send` for the daemon's spawned reconcile.
+    let ids: Vec<String> = observed.images.iter().map(|i| i.id.clone()).collect();
+    for id in ids {
+        let cached: Vec<Layer> = match state.images.get(&id) {
+            Some(s) => s.layers.clone(),
+            None => Vec::new(),
+        };
+        let layers = if cached.is_empty() {
+            match engine.image_layers(&id).await {
+                Ok(l) => {
+                    if let Some(s) = state.images.get_mut(&id) {
+                        s.layers.clone_from(&l);
+                    }
+                    l
+                }
+                // Removed meanwhile: it counts as one pseudo-layer this time.
+                Err(EngineError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        } else {
+            cached
+        };
+        observed.layers.insert(id, layers);
+    }
+    if storage.high_watermark.is_some() {
+        let info = engine.info().await?;
+        if !engine.is_local() {
+            observed.disk_error = Some(format!(
+                "the engine is not on this host, so its data root {} cannot be measured here",
+                info.data_root
+            ));
+        } else {
+            match rustix::fs::statvfs(info.data_root.as_str()) {
+                Ok(st) => {
+                    observed.disk = Some(Disk {
+                        path: info.data_root.clone(),
+                        total: st.f_blocks.saturating_mul(st.f_frsize),
+                        available: st.f_bavail.saturating_mul(st.f_frsize),
+                    });
+                }
+                Err(e) => {
+                    observed.disk_error = Some(format!(
+                        "the engine's data root {} is not readable on this host ({e}); is the engine in another mount namespace or on another machine?",
+                        info.data_root
+                    ));
+                }
+            }
+        }
+    }
+    if storage.build_cache_max.is_some() {
+        observed.build_cache = Some(engine.disk_usage().await?.build_cache_size);
+    }
+    Ok(())
+}
+
+/// Update the state with what is on the host now (first-seen times), and
+/// forget images that are gone.
+pub fn note_observed(state: &mut State, observed: &Observed, now: i64) {
+    for img in &observed.images {
+        state.observe(&img.id, img.created, now);
+    }
+    state.retain_images(observed.images.iter().map(|i| i.id.as_str()));
+    state.initialized = true;
+}
+
+/// [`note_observed`] off the async threads (a large store takes a while).
+pub async fn noted(mut state: State, observed: Observed, now: i64) -> (State, Observed) {
+    off_loop(move || {
+        note_observed(&mut state, &observed, now);
+        (state, observed)
+    })
+    .await
+}
