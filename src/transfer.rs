@@ -846,6 +846,7 @@ impl TempTags {
 /// reference. A tag moved to another image since is no longer stowage's and
 /// stays. Like the push itself, removing the tag deletes the image when it
 /// was its last reference (never forced).
+#[allow(clippy::too_many_arguments)]
 async fn remove_leftover_tags<E: Engine>(
     engine: &E,
     journal: &TempTags,
