@@ -1,0 +1,436 @@
+//! One reconcile: observe the engine and the state, plan, execute, record.
+//!
+//! Every change to the engine goes through [`execute`] (see [`execute`'s
+//! module](self::execute)): a safe order, a re-check right before each
+//! removal, never forced, one audit record per action.
+
+mod execute;
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{self, AuditError, AuditLog};
+use crate::blocking::off_loop;
+use crate::engine::{Engine, EngineError};
+use crate::fmt::human_bytes;
+use crate::observe::{Observed, add_storage, noted, observe, observe_for};
+use crate::plan::{self, Kind, Plan};
+use crate::policy::Policy;
+use crate::state::{State, StateError, StateStore};
+use crate::transfer;
+
+// Re-exported under their old paths (tests, benches and examples name them so).
+pub use crate::clock::{Clock, SystemClock};
+pub use execute::{execute, execute_on};
+
+/// Why a reconcile could not run at all (exit 2).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// What one execution did, for the exit code, logs and `STATUS=`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub run: String,
+    pub ok: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub deferred: usize,
+    pub dry_run: usize,
+    pub warnings: usize,
+    pub removed: usize,
+    pub untagged: usize,
+    pub tagged: usize,
+    pub bytes_freed: u64,
+    /// Images pre-pulled (`[[prepull]]`).
+    pub pulled: usize,
+    /// References pushed to mirrors (`[[mirror]]`).
+    pub pushed: usize,
+    /// Transfers not attempted because their reference backs off after
+    /// earlier failures: the host is not yet as declared.
+    pub backing_off: usize,
+    /// Set when shutdown stopped the execution between two actions.
+    pub interrupted: bool,
+    /// Why the state could not be saved at the end of the reconcile (a full
+    /// disk, usually): the next reconcile tries again.
+    pub unsaved: Option<String>,
+    /// Audit records held in memory at the end, not yet written.
+    pub audit_held: usize,
+    /// What this reconcile's audit records say, counted as written (the
+    /// daemon's metrics).
+    pub records: audit::Tally,
+    /// `(count, bytes)` of the images after a reconcile that ran to its
+    /// end, from its observation (the daemon's gauges).
+    pub images: Option<(u64, u64)>,
+}
+
+impl Report {
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "removed {}, untagged {}, tagged {}, failed {}, skipped {}, deferred {}",
+            self.removed, self.untagged, self.tagged, self.failed, self.skipped, self.deferred
+        );
+        if self.pulled + self.pushed + self.backing_off > 0 {
+            s.push_str(&format!(
+                ", pulled {}, pushed {}, backing off {}",
+                self.pulled, self.pushed, self.backing_off
+            ));
+        }
+        if self.dry_run > 0 {
+            s.push_str(&format!(", dry-run {}", self.dry_run));
+        }
+        s.push_str(&format!(", freed {}", human_bytes(self.bytes_freed)));
+        if self.interrupted {
+            s.push_str(" (interrupted by shutdown)");
+        }
+        if let Some(e) = &self.unsaved {
+            s.push_str(&format!("; state NOT saved: {e}"));
+        }
+        if self.audit_held > 0 {
+            s.push_str(&format!(
+                "; {} audit record(s) NOT written yet",
+                self.audit_held
+            ));
+        }
+        s
+    }
+}
+
+/// A reconcile id: time plus process id, readable and unique enough per host.
+pub fn run_id(now: DateTime<Utc>) -> String {
+    format!(
+        "{}-{:x}",
+        now.format("%Y%m%dT%H%M%S%.3fZ"),
+        std::process::id()
+    )
+}
+
+/// Observe, plan: the read-only half of a reconcile (`stowage plan`).
+pub async fn plan_now<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    state: &State,
+    now: DateTime<Utc>,
+) -> Result<(Observed, Plan), EngineError> {
+    let mut state = state.clone();
+    let observed = observe_for(engine, policy, &mut state, now.timestamp()).await?;
+    let policy = policy.clone();
+    Ok(off_loop(move || {
+        let plan = plan::plan(&policy, &observed, &state, now.timestamp());
+        (observed, plan)
+    })
+    .await)
+}
+
+/// [`StateStore::save`] off the async threads: serialising a large state and
+/// its fsyncs take long. Gives the state back.
+async fn save_state(store: &StateStore, state: State) -> (State, Result<(), StateError>) {
+    let store = store.clone();
+    off_loop(move || {
+        let saved = store.save(&state);
+        (state, saved)
+    })
+    .await
+}
+
+/// One whole reconcile as the daemon runs it: pre-pull refreshes follow
+/// their schedules. See [`reconcile_with`].
+pub async fn reconcile<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    clock: &dyn Clock,
+    dry_run: bool,
+    shutdown: &CancellationToken,
+) -> Result<(Plan, Report), ReconcileError> {
+    let options = Options {
+        dry_run,
+        force_refresh: false,
+    };
+    reconcile_with(engine, policy, clock, options, shutdown).await
+}
+
+/// How one reconcile runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Plan and record, change nothing (also `[daemon].dry_run`).
+    pub dry_run: bool,
+    /// Treat every pre-pull `refresh` as due: a one-shot `stowage apply`
+    /// checks the registries now rather than waiting for a schedule.
+    pub force_refresh: bool,
+}
+
+/// One whole reconcile: load state, then [`reconcile_state`].
+pub async fn reconcile_with<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    clock: &dyn Clock,
+    options: Options,
+    shutdown: &CancellationToken,
+) -> Result<(Plan, Report), ReconcileError> {
+    let store = StateStore::new(&policy.daemon.state_dir);
+    let now = clock.now().timestamp();
+    // A dry run changes nothing, not even a corrupt state's place: it needs
+    // no ownership of the state (`stowage apply --dry-run` beside the daemon).
+    let readonly = options.dry_run || policy.daemon.dry_run;
+    let loaded = off_loop(move || {
+        if readonly {
+            store.load_readonly(now)
+        } else {
+            store.load(now)
+        }
+    })
+    .await;
+    if let Some(w) = &loaded.warning {
+        tracing::warn!("{w}");
+    }
+    let mut state = loaded.state;
+    reconcile_state(engine, policy, clock, options, shutdown, &mut state).await
+}
+
+/// One whole reconcile on a state its caller holds (the daemon keeps it in
+/// memory; `apply` loads it): observe once, transfers (pre-pulls, then
+/// mirror pushes), plan retention, execute, save the state. The engine is
+/// listed once (again only after pulls changed it); the executor keeps the
+/// observation current, and the `Report` carries the counts and gauges.
+/// In a dry run `state` is left as it came.
+///
+/// A failed state or audit write never ends the reconcile: on a full disk
+/// eviction is what frees it. Audit records are held until they can be
+/// written (see [`crate::audit`]); a failed state save is logged and tried
+/// again at the end of the reconcile, then by the next one.
+pub async fn reconcile_state<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    clock: &dyn Clock,
+    options: Options,
+    shutdown: &CancellationToken,
+    state: &mut State,
+) -> Result<(Plan, Report), ReconcileError> {
+    let dry_run = options.dry_run || policy.daemon.dry_run;
+    if dry_run {
+        // Worked on a copy: what a dry run notes is not kept.
+        let mut copy = state.clone();
+        return run_reconcile(engine, policy, clock, options, shutdown, &mut copy).await;
+    }
+    run_reconcile(engine, policy, clock, options, shutdown, state).await
+}
+
+async fn run_reconcile<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    clock: &dyn Clock,
+    options: Options,
+    shutdown: &CancellationToken,
+    state: &mut State,
+) -> Result<(Plan, Report), ReconcileError> {
+    let dry_run = options.dry_run || policy.daemon.dry_run;
+    let store = StateStore::new(&policy.daemon.state_dir);
+    let now = clock.now();
+    let run = run_id(now);
+    let mut audit = AuditLog::open_lenient(&policy.daemon.audit_log, policy.daemon.audit_max);
+    audit.set_previously_stated(state.reported.clone());
+    let mut observed;
+    (*state, observed) = noted(
+        std::mem::take(state),
+        observe(engine).await?,
+        now.timestamp(),
+    )
+    .await;
+    // Transfers come first so that retention plans on the store as the
+    // pulls left it (a freshly pulled image is never a removal candidate).
+    let transfers = transfer::run(
+        engine,
+        policy,
+        &mut observed,
+        state,
+        &mut audit,
+        &run,
+        transfer::RunOptions {
+            dry_run,
+            force_refresh: options.force_refresh,
+        },
+        clock,
+        shutdown,
+    )
+    .await?;
+    let has_transfers = !policy.prepull.is_empty() || !policy.mirror.is_empty();
+    let stopped = shutdown.is_cancelled();
+    if !dry_run && (has_transfers || stopped) {
+        // Backoff must survive a crash later in this reconcile, and what the
+        // transfers finished (`previous`, refresh checks) a shutdown. On a
+        // full disk this fails: eviction below may free it for the final save.
+        let saved;
+        (*state, saved) = save_state(&store, std::mem::take(state)).await;
+        if let Err(e) = saved {
+            tracing::error!("{e}; going on (eviction may free space), saving again at the end");
+        }
+    }
+    if stopped {
+        // Shutdown during the transfers: retention waits for the next start.
+        let mut report = Report {
+            run,
+            interrupted: true,
+            ..Report::default()
+        };
+        add_transfers(&mut report, &transfers);
+        audit.sync().await;
+        report.audit_held = audit.held();
+        report.records = audit.tally().clone();
+        return Ok((Plan::default(), report));
+    }
+    if transfers.stale {
+        observed = observe(engine).await?;
+    }
+    if transfers.changed {
+        (*state, observed) = noted(std::mem::take(state), observed, clock.now().timestamp()).await;
+    }
+    add_storage(engine, policy, state, &mut observed).await?;
+    let (planned_state, observed, plan) = {
+        let policy = policy.clone();
+        let state = std::mem::take(state);
+        off_loop(move || {
+            let plan = plan::plan_to_apply(&policy, &observed, &state, now.timestamp());
+            (state, observed, plan)
+        })
+        .await
+    };
+    *state = planned_state;
+    let mut observed = observed;
+    let mut report = execute_on(
+        engine,
+        &plan,
+        &mut observed,
+        &mut audit,
+        &run,
+        dry_run,
+        clock,
+        shutdown,
+    )
+    .await?;
+    add_transfers(&mut report, &transfers);
+    if !report.interrupted {
+        report.images = Some(observed.totals());
+    }
+    if !dry_run {
+        // Forget what is gone (the observation follows what the engine
+        // removed); the next observation adds what is new.
+        let gone: std::collections::HashSet<&str> = plan
+            .actions
+            .iter()
+            .filter(|a| matches!(a.kind, Kind::Remove | Kind::Evict))
+            .map(|a| a.image.as_str())
+            .collect();
+        state.images.retain(|id, _| !gone.contains(id.as_str()));
+        state.reported = audit.stated().clone();
+        let saved;
+        (*state, saved) = save_state(&store, std::mem::take(state)).await;
+        if let Err(e) = saved {
+            tracing::error!("{e}; the next reconcile saves again");
+            report.unsaved = Some(e.to_string());
+        }
+    }
+    report.audit_held = audit.held();
+    report.records = audit.tally().clone();
+    Ok((plan, report))
+}
+
+/// Count what the transfer phase did into a reconcile's report.
+fn add_transfers(report: &mut Report, transfers: &transfer::TransferReport) {
+    report.pulled = transfers.pulled;
+    report.pushed = transfers.pushed;
+    report.backing_off = transfers.backing_off;
+    report.tagged += transfers.tagged;
+    report.untagged += transfers.untagged;
+    report.failed += transfers.failed;
+    report.ok += transfers.pulled + transfers.pushed + transfers.tagged + transfers.untagged;
+    report.dry_run += transfers.dry_run;
+    report.interrupted |= transfers.interrupted;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Outcome;
+    use crate::engine::Image;
+    use crate::engine::fake::FakeEngine;
+
+    const NOW: i64 = 1_700_000_000;
+
+    struct Fixed;
+    impl Clock for Fixed {
+        fn now(&self) -> DateTime<Utc> {
+            DateTime::from_timestamp(NOW, 0).unwrap()
+        }
+    }
+
+    fn img(name: &str, days: i64, tags: &[&str]) -> Image {
+        Image {
+            id: format!("sha256:{name}"),
+            repo_tags: tags.iter().map(|t| t.to_string()).collect(),
+            repo_digests: vec![],
+            created: NOW - days * 86_400,
+            size: 1_000_000,
+        }
+    }
+
+    /// Retention removes two releases, eviction (max_size) takes one more
+    /// and a dangling image goes: the engine is listed once, not again per
+    /// eviction nor for the gauges, and the report carries what the audit
+    /// records say.
+    #[tokio::test]
+    async fn a_reconcile_lists_the_engine_once_and_reports_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "version = 1\n[daemon]\nmin_age = \"0s\"\nstate_dir = \"{}\"\n\n\
+             [storage]\nmax_size = 2500000\n\n\
+             [[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 3\n\n\
+             [[retain]]\nname = \"dangling\"\nuntagged = true\n",
+            dir.path().display()
+        );
+        let policy = crate::policy::parse(&text, std::path::Path::new("t.toml")).unwrap();
+        let engine = FakeEngine::new(
+            vec![
+                img("a1", 50, &["app:1"]),
+                img("a2", 40, &["app:2"]),
+                img("a3", 30, &["app:3"]),
+                img("a4", 20, &["app:4"]),
+                img("a5", 10, &["app:5"]),
+                img("d1", 60, &[]),
+            ],
+            vec![],
+        );
+        let (plan, report) = reconcile_with(
+            &engine,
+            &policy,
+            &Fixed,
+            Options::default(),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let kinds: Vec<Kind> = plan.actions.iter().map(|a| a.kind).collect();
+        assert_eq!(
+            kinds,
+            [Kind::Remove, Kind::Remove, Kind::Remove, Kind::Evict],
+            "{}",
+            plan::render(&plan)
+        );
+        let calls = engine.calls();
+        let lists = calls.iter().filter(|c| *c == "list_images").count();
+        assert_eq!(lists, 1, "{calls:?}");
+        assert_eq!((report.removed, report.failed), (4, 0));
+        let removals = report.records.records[&(audit::Action::Remove, Outcome::Ok)];
+        let evictions = report.records.records[&(audit::Action::Evict, Outcome::Ok)];
+        assert_eq!((removals, evictions), (3, 1));
+        assert_eq!(report.records.bytes_freed, report.bytes_freed);
+        // Two images left, from the observation the executor kept current.
+        assert_eq!(report.images, Some((2, 2_000_000)));
+        assert_eq!(engine.images().len(), 2);
+    }
+}
