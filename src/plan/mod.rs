@@ -27,7 +27,7 @@ use std::fmt::Write as _;
 // Fx hashing: keys are short strings and indices hashed in the hot path;
 // no untrusted input can pick them to collide.
 use rustc_hash::FxHashSet as HashSet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::Image;
 use crate::fmt::{human_bytes, short_id as short};
@@ -115,7 +115,7 @@ pub struct Warning {
 }
 
 /// What the plan decided for one reference: for `status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Decision {
     /// No rule scopes it: never touched by retention.
