@@ -139,22 +139,6 @@ async fn save_state(store: &StateStore, state: State) -> (State, Result<(), Stat
     .await
 }
 
-/// One whole reconcile as the daemon runs it: pre-pull refreshes follow
-/// their schedules. See [`reconcile_with`].
-pub async fn reconcile<E: Engine>(
-    engine: &E,
-    policy: &Policy,
-    clock: &dyn Clock,
-    dry_run: bool,
-    shutdown: &CancellationToken,
-) -> Result<(Plan, Report), ReconcileError> {
-    let options = Options {
-        dry_run,
-        force_refresh: false,
-    };
-    reconcile_with(engine, policy, clock, options, shutdown).await
-}
-
 /// How one reconcile runs.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
