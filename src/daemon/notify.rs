@@ -114,11 +114,6 @@ impl Notifier {
     pub fn stopping(&self) {
         self.send("STOPPING=1\nSTATUS=stopping");
     }
-
-    /// Whether notifications go anywhere.
-    pub fn enabled(&self) -> bool {
-        self.target.is_some()
-    }
 }
 
 /// The watchdog timeout if it is meant for `pid` (a forked child must not
