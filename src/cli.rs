@@ -311,7 +311,7 @@ fn load_state(policy: &Policy, now: DateTime<Utc>) -> crate::state::State {
 
 /// What the read-only commands (`plan`, `status` without a daemon) start
 /// from: the validated policy, the engine, the state as it is, and a plan.
-struct Planned {
+struct ReadView {
     policy: Policy,
     engine: DockerEngine,
     now: DateTime<Utc>,
@@ -320,13 +320,13 @@ struct Planned {
     plan: crate::plan::Plan,
 }
 
-async fn plan_here(path: &Path, engine: Option<&str>) -> Result<Planned, Fatal> {
+async fn plan_here(path: &Path, engine: Option<&str>) -> Result<ReadView, Fatal> {
     let policy = load_policy(path)?;
     let engine = connect(engine).await?;
     let now = SystemClock.now();
     let state = load_state(&policy, now);
     let (observed, plan) = reconcile::plan_now(&engine, &policy, &state, now).await?;
-    Ok(Planned {
+    Ok(ReadView {
         policy,
         engine,
         now,
@@ -342,7 +342,7 @@ async fn cmd_plan(
     json: bool,
     exit_code: bool,
 ) -> Result<ExitCode, Fatal> {
-    let Planned {
+    let ReadView {
         policy,
         engine,
         now,
@@ -630,7 +630,7 @@ async fn cmd_status_direct(
     engine: Option<&str>,
     json: bool,
 ) -> Result<ExitCode, Fatal> {
-    let Planned {
+    let ReadView {
         policy,
         engine,
         now,

@@ -188,7 +188,7 @@ pub async fn add_storage<E: Engine>(
 
 /// Update the state with what is on the host now (first-seen times), and
 /// forget images that are gone.
-pub fn note_observed(state: &mut State, observed: &Observed, now: i64) {
+fn note_observed(state: &mut State, observed: &Observed, now: i64) {
     for img in &observed.images {
         state.observe(&img.id, img.created, now);
     }
@@ -196,7 +196,9 @@ pub fn note_observed(state: &mut State, observed: &Observed, now: i64) {
     state.initialized = true;
 }
 
-/// [`note_observed`] off the async threads (a large store takes a while).
+/// Update the state with what is on the host now (first-seen times) and
+/// forget images that are gone, off the async threads (a large store takes
+/// a while).
 pub async fn noted(mut state: State, observed: Observed, now: i64) -> (State, Observed) {
     off_loop(move || {
         note_observed(&mut state, &observed, now);

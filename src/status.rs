@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fmt::{human_age, human_bytes, short_id};
 use crate::observe::Observed;
-use crate::plan::Plan;
+use crate::plan::{Decision, Plan};
 use crate::refs::split_tag;
 use crate::state::State;
 
@@ -24,8 +24,7 @@ pub struct StatusRow {
     pub created: DateTime<Utc>,
     pub last_activity: Option<DateTime<Utc>>,
     pub last_used: Option<DateTime<Utc>>,
-    /// `keep`, `remove`, `protected`, ... (see `plan::Decision`).
-    pub verdict: String,
+    pub verdict: Decision,
     pub rule: Option<String>,
     pub reason: String,
 }
@@ -58,7 +57,7 @@ pub fn rows(observed: &Observed, plan: &Plan, state: &State) -> Vec<StatusRow> {
                 created: ts(img.created).unwrap_or_default(),
                 last_activity: activity.and_then(ts),
                 last_used: st.and_then(|s| s.last_used).and_then(ts),
-                verdict: v.decision.as_str().to_owned(),
+                verdict: v.decision,
                 rule: v.rule.clone(),
                 reason: v.reason.clone(),
             })
@@ -94,7 +93,7 @@ pub fn render_table(
             human_bytes(r.size),
             ago(Some(r.created)),
             ago(r.last_activity),
-            r.verdict,
+            r.verdict.as_str(),
             r.rule
                 .as_deref()
                 .map(|x| format!("{x}: "))

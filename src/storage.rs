@@ -52,7 +52,7 @@ pub struct Shortfall {
 }
 
 /// One image as eviction sees it.
-pub struct Candidate<'a> {
+pub struct Evictable<'a> {
     pub image: &'a Image,
     /// Its position in the [`LayerCounts`].
     pub counted: usize,
@@ -211,7 +211,7 @@ pub struct Decided {
 /// Plan evictions over the store as retention leaves it, in full: the
 /// caller holds back what exceeds `max_removals`. `counts` cover exactly
 /// the candidates.
-pub fn decide(inputs: &Inputs, candidates: &[Candidate], mut counts: LayerCounts) -> Decided {
+pub fn decide(inputs: &Inputs, candidates: &[Evictable], mut counts: LayerCounts) -> Decided {
     let s = inputs.storage;
     let now_bytes = counts.bytes();
     let before = inputs.image_bytes_before.max(now_bytes);
@@ -414,12 +414,12 @@ mod tests {
         (images, map)
     }
 
-    fn candidates<'a>(images: &'a [Image], activity: &[i64]) -> Vec<Candidate<'a>> {
+    fn candidates<'a>(images: &'a [Image], activity: &[i64]) -> Vec<Evictable<'a>> {
         images
             .iter()
             .zip(activity)
             .enumerate()
-            .map(|(k, (image, &activity))| Candidate {
+            .map(|(k, (image, &activity))| Evictable {
                 image,
                 counted: k,
                 first_tag: image.repo_tags.first().map(String::as_str),

@@ -454,12 +454,38 @@ pub fn next_backoff(
 
 // ------------------------------------------------------------------ the plan
 
+/// What one line of the transfer part of `stowage plan` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    Pull,
+    Tag,
+    Push,
+    /// Backing off after failures.
+    Wait,
+    /// No registry answered.
+    Unknown,
+    /// Every candidate is outside `allowed_registries`.
+    Refused,
+}
+
+impl StepKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepKind::Pull => "pull",
+            StepKind::Tag => "tag",
+            StepKind::Push => "push",
+            StepKind::Wait => "wait",
+            StepKind::Unknown => "unknown",
+            StepKind::Refused => "refused",
+        }
+    }
+}
+
 /// One line of the transfer part of `stowage plan`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Planned {
-    /// `pull`, `tag`, `push`, `wait` (backing off), `unknown` (no registry
-    /// answered), `refused` (every candidate is outside `allowed_registries`).
-    pub kind: &'static str,
+pub struct TransferStep {
+    pub kind: StepKind,
     #[serde(rename = "ref")]
     pub reference: String,
     /// Where from: `repo@sha256:…` for a pull, the local reference for a push.
@@ -469,22 +495,25 @@ pub struct Planned {
     pub reason: String,
 }
 
-impl Planned {
+impl TransferStep {
     /// Whether this is work a reconcile would do (for `plan --exit-code`).
     pub fn is_pending(&self) -> bool {
-        matches!(self.kind, "pull" | "tag" | "push" | "unknown")
+        matches!(
+            self.kind,
+            StepKind::Pull | StepKind::Tag | StepKind::Push | StepKind::Unknown
+        )
     }
 }
 
 /// The transfer part of a plan.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct TransferPlan {
-    pub items: Vec<Planned>,
+    pub items: Vec<TransferStep>,
 }
 
 impl TransferPlan {
     pub fn is_empty(&self) -> bool {
-        !self.items.iter().any(Planned::is_pending)
+        !self.items.iter().any(TransferStep::is_pending)
     }
 
     /// Text for people; empty when there is nothing to show.
@@ -503,7 +532,10 @@ impl TransferPlan {
             let _ = writeln!(
                 out,
                 "  {:<8} {}{from}  ({}: {})",
-                i.kind, i.reference, i.rule, i.reason
+                i.kind.as_str(),
+                i.reference,
+                i.rule,
+                i.reason
             );
         }
         out
@@ -846,6 +878,7 @@ impl TempTags {
 /// reference. A tag moved to another image since is no longer stowage's and
 /// stays. Like the push itself, removing the tag deletes the image when it
 /// was its last reference (never forced).
+#[allow(clippy::too_many_arguments)]
 async fn remove_leftover_tags<E: Engine>(
     engine: &E,
     journal: &TempTags,
@@ -1533,8 +1566,8 @@ pub async fn preview<E: Engine>(
     let pulls = pull_intents(policy, observed, state, now, true);
     let pushes = push_intents(policy, observed, state, now);
     for w in pulls.waiting.iter().chain(&pushes.waiting) {
-        plan.items.push(Planned {
-            kind: "wait",
+        plan.items.push(TransferStep {
+            kind: StepKind::Wait,
             reference: w.reference.clone(),
             from: None,
             rule: w.rule.clone(),
@@ -1546,7 +1579,7 @@ pub async fn preview<E: Engine>(
         .iter()
         .map(|intent| preview_pull(&ctx, intent, observed))
         .collect();
-    let found: Vec<Option<Planned>> = futures_util::stream::iter(pull_items)
+    let found: Vec<Option<TransferStep>> = futures_util::stream::iter(pull_items)
         .buffered(policy.daemon.concurrency)
         .collect()
         .await;
@@ -1556,7 +1589,7 @@ pub async fn preview<E: Engine>(
         .iter()
         .map(|intent| preview_push(&ctx, intent))
         .collect();
-    let found: Vec<Option<Planned>> = futures_util::stream::iter(push_items)
+    let found: Vec<Option<TransferStep>> = futures_util::stream::iter(push_items)
         .buffered(policy.daemon.concurrency)
         .collect()
         .await;
@@ -1568,7 +1601,7 @@ async fn preview_pull<E: Engine>(
     ctx: &Ctx<'_, E>,
     intent: &PullIntent,
     observed: &Observed,
-) -> Option<Planned> {
+) -> Option<TransferStep> {
     let mut causes = Vec::new();
     let usable: Vec<&Candidate> = intent
         .candidates
@@ -1581,8 +1614,8 @@ async fn preview_pull<E: Engine>(
             .iter()
             .filter_map(|c| c.refused.as_deref())
             .collect();
-        return Some(Planned {
-            kind: "refused",
+        return Some(TransferStep {
+            kind: StepKind::Refused,
             reference: intent.reference.clone(),
             from: None,
             rule: intent.rule.clone(),
@@ -1615,8 +1648,8 @@ async fn preview_pull<E: Engine>(
             };
             return match decide_pull(intent, c, &digest, observed) {
                 PullStep::UpToDate => None,
-                PullStep::Retag { image } => Some(Planned {
-                    kind: "tag",
+                PullStep::Retag { image } => Some(TransferStep {
+                    kind: StepKind::Tag,
                     reference: intent.reference.clone(),
                     from: Some(image),
                     rule: intent.rule.clone(),
@@ -1627,8 +1660,8 @@ async fn preview_pull<E: Engine>(
                         short_digest(&digest)
                     ),
                 }),
-                PullStep::Pull { from } => Some(Planned {
-                    kind: "pull",
+                PullStep::Pull { from } => Some(TransferStep {
+                    kind: StepKind::Pull,
                     reference: intent.reference.clone(),
                     from: Some(from),
                     rule: intent.rule.clone(),
@@ -1637,8 +1670,8 @@ async fn preview_pull<E: Engine>(
             };
         }
     }
-    Some(Planned {
-        kind: "unknown",
+    Some(TransferStep {
+        kind: StepKind::Unknown,
         reference: intent.reference.clone(),
         from: None,
         rule: intent.rule.clone(),
@@ -1650,10 +1683,10 @@ async fn preview_pull<E: Engine>(
     })
 }
 
-async fn preview_push<E: Engine>(ctx: &Ctx<'_, E>, intent: &PushIntent) -> Option<Planned> {
+async fn preview_push<E: Engine>(ctx: &Ctx<'_, E>, intent: &PushIntent) -> Option<TransferStep> {
     if let Some(why) = &intent.refused {
-        return Some(Planned {
-            kind: "refused",
+        return Some(TransferStep {
+            kind: StepKind::Refused,
             reference: intent.target.clone(),
             from: Some(intent.source.clone()),
             rule: intent.rule.clone(),
@@ -1669,8 +1702,8 @@ async fn preview_push<E: Engine>(ctx: &Ctx<'_, E>, intent: &PushIntent) -> Optio
             ctx.scrub(&e.to_string())
         ),
     };
-    Some(Planned {
-        kind: "push",
+    Some(TransferStep {
+        kind: StepKind::Push,
         reference: intent.target.clone(),
         from: Some(intent.source.clone()),
         rule: intent.rule.clone(),
@@ -1956,15 +1989,15 @@ images = ["**"]
     fn transfer_plan_renders_and_counts_pending() {
         let plan = TransferPlan {
             items: vec![
-                Planned {
-                    kind: "pull",
+                TransferStep {
+                    kind: StepKind::Pull,
                     reference: "r/app:1".into(),
                     from: Some(format!("r/app@{D1}")),
                     rule: "prepull:r/app:1".into(),
                     reason: "missing on this host".into(),
                 },
-                Planned {
-                    kind: "wait",
+                TransferStep {
+                    kind: StepKind::Wait,
                     reference: "r/app:2".into(),
                     from: None,
                     rule: "prepull:r/app:2".into(),

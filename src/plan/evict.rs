@@ -72,9 +72,9 @@ pub(super) fn evict(
         counts.remove(counted[k]);
     }
     let kept: Vec<usize> = (0..images.len()).filter(|&k| !gone[k]).collect();
-    let candidates: Vec<storage::Candidate> = kept
+    let candidates: Vec<storage::Evictable> = kept
         .iter()
-        .map(|&k| storage::Candidate {
+        .map(|&k| storage::Evictable {
             image: images[k],
             counted: counted[k],
             first_tag: first[k],
@@ -144,7 +144,7 @@ pub(super) fn evict(
 fn evict_action(
     inputs: &storage::Inputs,
     targets: &str,
-    candidates: &[storage::Candidate],
+    candidates: &[storage::Evictable],
     e: storage::Eviction,
 ) -> Action {
     let c = &candidates[e.candidate];

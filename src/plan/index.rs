@@ -408,8 +408,6 @@ impl<'a> Index<'a> {
     }
 }
 
-impl Index<'_> {}
-
 /// Images in id order with their keys: finding an id compares numbers in
 /// one array, and strings only on a tie.
 #[derive(Clone, Copy)]

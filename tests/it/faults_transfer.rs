@@ -29,14 +29,26 @@ fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-/// The real engine, with one hook: the first time the executor asks which
-/// containers use `image` (its re-check right before the removal), `tag` is
-/// given to that image, as `docker tag <id> app:keep` by someone else would.
+/// The real engine, with one hook: the first time the executor asks about
+/// `image` right before its removal (its inspect, or which containers use
+/// it), `tag` is given to that image first, as `docker tag <id> app:keep`
+/// by someone else would.
 struct TagsDuringRemoval {
     inner: DockerEngine,
     image: String,
     tag: String,
     fired: Mutex<bool>,
+}
+
+impl TagsDuringRemoval {
+    async fn hook(&self, asked: &str) -> EngineResult<()> {
+        let fire =
+            asked == self.image && !std::mem::replace(&mut *self.fired.lock().unwrap(), true);
+        if fire {
+            self.inner.tag(&self.image, &self.tag).await?;
+        }
+        Ok(())
+    }
 }
 
 impl Engine for TagsDuringRemoval {
@@ -47,12 +59,12 @@ impl Engine for TagsDuringRemoval {
         self.inner.list_containers().await
     }
     async fn containers_using(&self, image_id: &str) -> EngineResult<Vec<Container>> {
-        let fire =
-            image_id == self.image && !std::mem::replace(&mut *self.fired.lock().unwrap(), true);
-        if fire {
-            self.inner.tag(&self.image, &self.tag).await?;
-        }
+        self.hook(image_id).await?;
         self.inner.containers_using(image_id).await
+    }
+    async fn image(&self, reference: &str) -> EngineResult<Option<Image>> {
+        self.hook(reference).await?;
+        self.inner.image(reference).await
     }
     async fn image_id_of(&self, reference: &str) -> EngineResult<Option<String>> {
         self.inner.image_id_of(reference).await

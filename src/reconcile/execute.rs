@@ -1,0 +1,439 @@
+//! The executor: a plan's actions against the engine, in a safe order
+//! (floating tags move before anything is removed), each removal re-checked
+//! right before it where the engine does not check by itself, never forced,
+//! going on after a failed action, one audit record per action.
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{self, AuditLog, Outcome, Record};
+use crate::clock::Clock;
+use crate::engine::{Engine, EngineError, Image, Removed};
+use crate::fmt::short_id;
+use crate::observe::Observed;
+use crate::plan::{Action, Kind, Plan};
+
+use super::{ReconcileError, Report};
+
+/// Apply a plan: tags first (the plan is already in that order), then
+/// removals, each re-checked right before it. See [`execute_on`].
+pub async fn execute<E: Engine>(
+    engine: &E,
+    plan: &Plan,
+    audit: &mut AuditLog,
+    run: &str,
+    dry_run: bool,
+    clock: &dyn Clock,
+    shutdown: &CancellationToken,
+) -> Result<Report, ReconcileError> {
+    let mut observed = Observed::default();
+    execute_on(
+        engine,
+        plan,
+        &mut observed,
+        audit,
+        run,
+        dry_run,
+        clock,
+        shutdown,
+    )
+    .await
+}
+
+/// What the re-check before an action found.
+enum Checked {
+    /// Not to be done after all (said in the record).
+    Skip(String),
+    /// Remove these, in order (never forced): the last one removes the
+    /// image, unless the engine refuses for a container.
+    Remove(Vec<String>),
+    /// Tags and build-cache prunes need no re-check.
+    Go,
+}
+
+/// What one action did.
+enum Done {
+    /// Nothing: the re-check (or the engine's refusal for a container)
+    /// found a reason not to.
+    Skipped(String),
+    /// What the engine untagged and deleted.
+    Removed(Removed),
+    Tagged,
+    Pruned,
+}
+
+/// [`execute`], keeping `observed` current from what each action did (the
+/// engine's answers), so the reconcile needs no listing afterwards.
+///
+/// Actions run one at a time, in plan order, each record written as soon
+/// as its action is done. Between two removals of different images, the
+/// next one's re-check runs while the engine carries out the current one:
+/// the engine removes layers one at a time anyway, and this keeps it busy,
+/// which brings a bulk removal to the engine's own `image prune`. The
+/// re-check is then at most one removal older than its own removal.
+#[allow(clippy::too_many_arguments)]
+pub async fn execute_on<E: Engine>(
+    engine: &E,
+    plan: &Plan,
+    observed: &mut Observed,
+    audit: &mut AuditLog,
+    run: &str,
+    dry_run: bool,
+    clock: &dyn Clock,
+    shutdown: &CancellationToken,
+) -> Result<Report, ReconcileError> {
+    let mut report = Report {
+        run: run.to_string(),
+        ..Report::default()
+    };
+    for w in &plan.warnings {
+        tracing::warn!(rule = %w.rule, "{}: {}", w.reference.as_deref().unwrap_or(&w.image), w.reason);
+        audit.append(&warn_record(
+            clock,
+            run,
+            w.reference.clone(),
+            Some(w.image.clone()),
+            &w.rule,
+            &w.reason,
+        ));
+        report.warnings += 1;
+    }
+    // Disk pressure out of reach is said once per reconcile, not retried as
+    // a failure.
+    if let Some(msg) = plan.pressure.as_ref().and_then(|p| p.shortfall_message()) {
+        tracing::warn!(rule = "storage", "{msg}");
+        audit.append(&warn_record(clock, run, None, None, "storage", &msg));
+        report.warnings += 1;
+    }
+    let actions = &plan.actions;
+    let mut ahead: Option<(DateTime<Utc>, Result<Checked, EngineError>)> = None;
+    for (i, a) in actions.iter().enumerate() {
+        // Shutdown is heard between actions, never inside one.
+        if shutdown.is_cancelled() {
+            report.interrupted = true;
+            break;
+        }
+        if dry_run {
+            let mut rec = record(a, run, clock.now());
+            rec.outcome = Outcome::DryRun;
+            report.dry_run += 1;
+            tracing::info!(action = a.kind.as_str(), rule = %a.rule, "dry-run {}", describe(a));
+            audit.append(&rec);
+            continue;
+        }
+        let (started, checked) = match ahead.take() {
+            Some(done) => done,
+            None => (clock.now(), check(engine, a).await),
+        };
+        // Checked ahead only between removals of different images: one
+        // image's untags and removal stay strictly one after the other.
+        let next = actions
+            .get(i + 1)
+            .filter(|n| a.kind.is_removal() && n.kind.is_removal() && n.image != a.image);
+        let result = match (checked, next) {
+            (Ok(c), Some(n)) => {
+                let next_started = clock.now();
+                let (done, next_checked) = tokio::join!(act(engine, a, c), check(engine, n));
+                ahead = Some((next_started, next_checked));
+                done
+            }
+            (Ok(c), None) => act(engine, a, c).await,
+            (Err(e), _) => Err(e),
+        };
+        let mut rec = record(a, run, started);
+        rec.duration_ms =
+            Some(u64::try_from((clock.now() - started).num_milliseconds()).unwrap_or_default());
+        let rec = settle(a, rec, result, observed, &mut report);
+        audit.append(&rec);
+    }
+    // One record per kind and rule, not per removal: a backlog of thousands
+    // would otherwise write thousands of records on every reconcile until it
+    // drains. `stowage plan` lists each one.
+    for b in &plan.backlog {
+        audit.append(&Record {
+            ts: clock.now(),
+            run: run.to_string(),
+            action: audit_action(b.kind),
+            reference: None,
+            image: None,
+            rule: Some(b.rule.clone()),
+            reason: format!(
+                "{} deferred: max_removals reached; they wait for the next reconcile (`stowage plan` lists them)",
+                b.count
+            ),
+            outcome: Outcome::Deferred,
+            error: None,
+            bytes: None,
+            duration_ms: None,
+        });
+        report.deferred += b.count;
+    }
+    audit.sync().await;
+    Ok(report)
+}
+
+/// The re-check right before an action (see [`still_free`], [`evict_targets`]).
+async fn check<E: Engine>(engine: &E, a: &Action) -> Result<Checked, EngineError> {
+    Ok(match a.kind {
+        Kind::Tag | Kind::PruneBuild => Checked::Go,
+        Kind::Untag | Kind::Remove => match still_free(engine, a).await? {
+            Ok(target) => Checked::Remove(vec![target]),
+            Err(skip) => Checked::Skip(skip),
+        },
+        Kind::Evict => evict_targets(engine, a).await?,
+    })
+}
+
+/// Carry out a checked action.
+async fn act<E: Engine>(engine: &E, a: &Action, checked: Checked) -> Result<Done, EngineError> {
+    match (a.kind, checked) {
+        (_, Checked::Skip(why)) => Ok(Done::Skipped(why)),
+        (Kind::Tag, _) => match &a.reference {
+            Some(r) => engine.tag(&a.image, r).await.map(|()| Done::Tagged),
+            None => Ok(Done::Tagged),
+        },
+        (Kind::PruneBuild, _) => engine
+            .prune_build_cache(a.keep_bytes.unwrap_or(0))
+            .await
+            .map(|_| Done::Pruned),
+        (_, Checked::Remove(targets)) => {
+            let Some((last, first)) = targets.split_last() else {
+                return Ok(Done::Removed(Removed::default()));
+            };
+            let mut removed = Removed::default();
+            for r in first {
+                let r = engine.remove(r).await?;
+                removed.untagged.extend(r.untagged);
+                removed.deleted.extend(r.deleted);
+            }
+            match remove_checked(engine, a, last).await? {
+                Done::Removed(r) => {
+                    removed.untagged.extend(r.untagged);
+                    removed.deleted.extend(r.deleted);
+                    Ok(Done::Removed(removed))
+                }
+                other => Ok(other),
+            }
+        }
+        (_, Checked::Go) => Ok(Done::Removed(Removed::default())),
+    }
+}
+
+/// Counts a finished action into `report`, keeps `observed` current, and
+/// gives its record back, outcome set.
+fn settle(
+    a: &Action,
+    mut rec: Record,
+    result: Result<Done, EngineError>,
+    observed: &mut Observed,
+    report: &mut Report,
+) -> Record {
+    match result {
+        Ok(Done::Skipped(why)) => {
+            rec.action = audit::Action::Skip;
+            rec.outcome = Outcome::Ok;
+            rec.reason = format!("{why}; planned: {}", a.reason);
+            rec.bytes = None;
+            report.skipped += 1;
+            tracing::info!(rule = %a.rule, "skip {}: {why}", describe(a));
+        }
+        Ok(done) => {
+            rec.outcome = Outcome::Ok;
+            report.ok += 1;
+            match done {
+                Done::Tagged => {
+                    if let Some(r) = &a.reference {
+                        observed.tagged(&a.image, r);
+                    }
+                }
+                Done::Removed(removed) => observed.removed(&removed),
+                Done::Pruned | Done::Skipped(_) => {}
+            }
+            match a.kind {
+                Kind::Tag => report.tagged += 1,
+                Kind::Untag => report.untagged += 1,
+                Kind::Remove | Kind::Evict => {
+                    report.removed += 1;
+                    report.bytes_freed += a.bytes.unwrap_or(0);
+                }
+                Kind::PruneBuild => report.bytes_freed += a.bytes.unwrap_or(0),
+            }
+            tracing::info!(action = a.kind.as_str(), rule = %a.rule, "{}", describe(a));
+        }
+        Err(e) => {
+            rec.outcome = Outcome::Failed;
+            rec.error = Some(e.to_string());
+            rec.bytes = None;
+            report.failed += 1;
+            tracing::warn!(action = a.kind.as_str(), rule = %a.rule, "failed {}: {e}", describe(a));
+        }
+    }
+    rec
+}
+
+/// What evicting one image removes: each of its references (the last one
+/// removes the image), or its id when it has none. One inspect of the image
+/// right before: it is gone, or its references as they are now (a dangling
+/// one's included: a removal by id would take a tag given since planning
+/// along). Containers are asked only when the engine would not refuse by
+/// itself (untags before the last reference are not checked by it).
+async fn evict_targets<E: Engine>(engine: &E, a: &Action) -> Result<Checked, EngineError> {
+    let Some(img) = engine.image(&a.image).await? else {
+        return Ok(Checked::Skip(format!("{} is already gone", a.image)));
+    };
+    let mut refs = img.repo_tags.clone();
+    refs.sort();
+    if refs.is_empty() {
+        return Ok(Checked::Remove(vec![a.image.clone()]));
+    }
+    if !engine_checks_containers(&img, &refs[0])
+        && let Some(why) = now_in_use(engine, &a.image).await?
+    {
+        return Ok(Checked::Skip(why));
+    }
+    Ok(Checked::Remove(refs))
+}
+
+/// Remove `target` (a reference or the image id), never forced. The
+/// engine refuses to delete an image a container uses; when it refuses and
+/// a container uses the image, that is a skip (created since planning), as
+/// when the re-check found it first.
+async fn remove_checked<E: Engine>(
+    engine: &E,
+    a: &Action,
+    target: &str,
+) -> Result<Done, EngineError> {
+    match engine.remove(target).await {
+        Ok(removed) => Ok(Done::Removed(removed)),
+        Err(EngineError::Conflict(refused)) => match now_in_use(engine, &a.image).await? {
+            Some(why) => Ok(Done::Skipped(why)),
+            None => Err(EngineError::Conflict(refused)),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the engine itself refuses, unforced, when a container uses the
+/// image and `reference` is removed: when it is the image's only tag and
+/// every digest reference is of the same repository (the removal then
+/// deletes the image, which a container's use blocks). With other
+/// references the engine only untags, and asks no container.
+fn engine_checks_containers(img: &Image, reference: &str) -> bool {
+    let repo = crate::refs::split_tag(reference).0;
+    img.repo_tags.len() == 1
+        && img.repo_tags[0] == reference
+        && img
+            .repo_digests
+            .iter()
+            .all(|d| d.split_once('@').is_some_and(|(r, _)| r == repo))
+}
+
+/// Why an image may not go after all: a container created since planning.
+async fn now_in_use<E: Engine>(engine: &E, image: &str) -> Result<Option<String>, EngineError> {
+    Ok(engine.containers_using(image).await?.first().map(|c| {
+        format!(
+            "image is now used by container {} (created since planning); never forced",
+            short_id(&c.id)
+        )
+    }))
+}
+
+/// What to remove for an `untag`/`remove` (the reference, or the id of a
+/// dangling image), or why to skip it: a container created since planning
+/// uses it, the reference now names another image, or a dangling image has
+/// been tagged since planning. One inspect, plus a container query only
+/// where the engine would not refuse by itself (see
+/// [`engine_checks_containers`]).
+async fn still_free<E: Engine>(
+    engine: &E,
+    a: &Action,
+) -> Result<Result<String, String>, EngineError> {
+    let target = a.reference.as_deref().unwrap_or(&a.image);
+    let Some(img) = engine.image(target).await? else {
+        return Ok(Err(format!("{target} is already gone")));
+    };
+    match &a.reference {
+        Some(r) => {
+            if img.id != a.image {
+                return Ok(Err(format!(
+                    "{r} now points at another image {} (changed since planning)",
+                    img.id
+                )));
+            }
+            if (a.kind == Kind::Untag || !engine_checks_containers(&img, r))
+                && let Some(why) = now_in_use(engine, &a.image).await?
+            {
+                return Ok(Err(why));
+            }
+        }
+        // A removal by id takes every tag the image has, and the engine has
+        // no call that refuses a tagged image: ask last, right before it.
+        // Without tags, the engine refuses if a container uses the image.
+        None if !img.repo_tags.is_empty() => {
+            return Ok(Err(format!(
+                "the image is no longer dangling: tagged {} since planning",
+                img.repo_tags.join(", ")
+            )));
+        }
+        None => {}
+    }
+    Ok(Ok(target.to_owned()))
+}
+
+fn describe(a: &Action) -> String {
+    match (&a.reference, a.kind) {
+        (Some(r), Kind::Tag) => format!("tag {r} -> {}", a.image),
+        (Some(r), k) => format!("{} {r}", k.as_str()),
+        (None, k) => format!("{} dangling {}", k.as_str(), a.image),
+    }
+}
+
+/// A `warn` record: reported, nothing changed.
+fn warn_record(
+    clock: &dyn Clock,
+    run: &str,
+    reference: Option<String>,
+    image: Option<String>,
+    rule: &str,
+    reason: &str,
+) -> Record {
+    Record {
+        ts: clock.now(),
+        run: run.to_string(),
+        action: audit::Action::Warn,
+        reference,
+        image,
+        rule: Some(rule.to_string()),
+        reason: reason.to_string(),
+        outcome: Outcome::Ok,
+        error: None,
+        bytes: None,
+        duration_ms: None,
+    }
+}
+
+fn record(a: &Action, run: &str, ts: DateTime<Utc>) -> Record {
+    Record {
+        ts,
+        run: run.to_string(),
+        action: audit_action(a.kind),
+        reference: a.reference.clone(),
+        image: Some(a.image.clone()),
+        rule: Some(a.rule.clone()),
+        reason: a.reason.clone(),
+        outcome: Outcome::Ok,
+        error: None,
+        bytes: a.bytes,
+        duration_ms: None,
+    }
+}
+
+fn audit_action(kind: Kind) -> audit::Action {
+    match kind {
+        Kind::Tag => audit::Action::Tag,
+        Kind::Untag => audit::Action::Untag,
+        Kind::Remove => audit::Action::Remove,
+        Kind::Evict => audit::Action::Evict,
+        Kind::PruneBuild => audit::Action::PruneBuild,
+    }
+}
