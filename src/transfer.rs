@@ -44,8 +44,8 @@ use crate::credentials::CredentialStore;
 use crate::engine::{Credentials, Engine, EngineError, Image, Progress};
 use crate::fmt::short_digest;
 use crate::observe::{self, Observed};
-use crate::policy::{Policy, Prepull, Refresh, canonical_registry};
-use crate::refs::{self, DEFAULT_REGISTRY, split_tag};
+use crate::policy::{Policy, Prepull, Refresh};
+use crate::refs::{self, DEFAULT_REGISTRY, canonical_registry, split_tag};
 use crate::state::{Backoff, State};
 
 /// First retry delay; doubles per consecutive failure up to `retry_max`.

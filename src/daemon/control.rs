@@ -89,7 +89,7 @@ pub enum ControlError {
     #[error("another stowage daemon already answers at {0}")]
     AlreadyRunning(PathBuf),
     #[error(
-        "control_socket {path} is a {kind}, not a socket; nothing was removed (point daemon.control_socket at a path of its own)"
+        "control_socket {path} is {kind}, not a socket; nothing was removed (point daemon.control_socket at a path of its own)"
     )]
     NotASocket { path: PathBuf, kind: &'static str },
     #[error("cannot check the control socket path {path}: {source}")]
@@ -139,17 +139,7 @@ fn remove_stale(path: &Path) -> Result<(), ControlError> {
         Err(e) => return Err(inspect(e)),
     };
     if !kind.is_socket() {
-        let kind = if kind.is_file() {
-            "regular file"
-        } else if kind.is_dir() {
-            "folder"
-        } else if kind.is_symlink() {
-            "symlink"
-        } else if kind.is_fifo() {
-            "FIFO"
-        } else {
-            "device or other special file"
-        };
+        let kind = crate::fmt::file_kind(kind);
         return Err(ControlError::NotASocket {
             path: path.to_path_buf(),
             kind,

@@ -34,7 +34,7 @@ pub(crate) fn read(path: &Path) -> Result<Vec<u8>, Diagnostics> {
         .map_err(cannot)?;
     let meta = file.metadata().map_err(cannot)?;
     if !meta.is_file() {
-        let kind = file_kind(&meta);
+        let kind = crate::fmt::file_kind(meta.file_type());
         return Err(refuse(
             path,
             format!("cannot read policy: it is {kind}, not a regular file"),
@@ -81,24 +81,6 @@ pub(crate) fn decode<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a str, Diagno
             ),
         }])
     })
-}
-
-fn file_kind(meta: &std::fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    let t = meta.file_type();
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
-    }
 }
 
 #[cfg(test)]

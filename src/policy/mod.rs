@@ -13,8 +13,6 @@ mod validate;
 mod values;
 
 pub use diag::{Diagnostic, Diagnostics};
-// `transfer.rs` imports it from here; it lives with the reference grammar.
-pub(crate) use crate::refs::canonical_registry;
 pub use validate::{load, load_bytes, parse};
 
 use std::path::PathBuf;
