@@ -1,5 +1,5 @@
 //! The engine boundary. The rest of stowage talks to Docker only through the
-//! [`Engine`] trait; `docker.rs` is the one module that knows bollard, and
+//! [`Engine`] trait; `docker/` is the one module that knows bollard, and
 //! `fake.rs` (feature `testkit`) is an in-memory engine for planner and loop tests.
 
 pub mod docker;
