@@ -149,7 +149,7 @@ pub fn resolve_image<'a>(images: &'a [Image], reference: &str) -> Option<&'a Ima
 
 /// Resolves a batch of events to marks with one image listing (and one
 /// container listing when a container's image cannot be found by name).
-async fn resolve<E: Engine>(engine: &E, batch: &[Wanted], now: i64) -> Marks {
+async fn resolve<E: Engine>(engine: &E, batch: &[Wanted], at: i64) -> Marks {
     let mut marks = Marks::default();
     let images = match engine.list_images().await {
         Ok(images) => images,
@@ -189,7 +189,7 @@ async fn resolve<E: Engine>(engine: &E, batch: &[Wanted], now: i64) -> Marks {
                 };
                 match id {
                     Some(id) => {
-                        marks.used.insert(id, now);
+                        marks.used.insert(id, at);
                     }
                     None => tracing::debug!(
                         "events: image of container {container} ({reference:?}) not found"
@@ -198,12 +198,12 @@ async fn resolve<E: Engine>(engine: &E, batch: &[Wanted], now: i64) -> Marks {
             }
             Wanted::Pulled(r) => {
                 if let Some(i) = resolve_image(&images, r) {
-                    marks.pulled.insert(i.id.clone(), now);
+                    marks.pulled.insert(i.id.clone(), at);
                 }
             }
             Wanted::Seen(r) => {
                 if let Some(i) = resolve_image(&images, r) {
-                    marks.seen.entry(i.id.clone()).or_insert((i.created, now));
+                    marks.seen.entry(i.id.clone()).or_insert((i.created, at));
                 }
             }
         }

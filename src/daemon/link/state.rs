@@ -221,20 +221,20 @@ impl<E> EngineLink<E> {
 
     /// The attempt succeeded: `Up`, with `events` watching the new engine.
     /// True when this ends an outage (or is the first connection): look again.
-    pub(super) fn connected(&mut self, engine: Arc<E>, events: Watcher, now: Instant) -> bool {
+    pub(super) fn connected(&mut self, engine: Arc<E>, events: Watcher, at: Instant) -> bool {
         let outage = !self.reachable();
         self.abort_tasks();
         self.retry.reset();
         self.state = Link::Up {
             engine,
             events,
-            since: now,
+            since: at,
         };
         outage
     }
 
     /// The attempt in flight failed: `Down` until the next attempt.
-    pub(super) fn attempt_failed(&mut self, why: &str, now: Instant) -> Lost {
+    pub(super) fn attempt_failed(&mut self, why: &str, at: Instant) -> Lost {
         let lost = Lost {
             news: self.error().is_none(),
             delay: self.retry.take(),
@@ -242,7 +242,7 @@ impl<E> EngineLink<E> {
         self.abort_tasks();
         self.state = Link::Down {
             error: why.to_owned(),
-            next_at: now + jittered(lost.delay),
+            next_at: at + jittered(lost.delay),
         };
         lost
     }
@@ -250,7 +250,7 @@ impl<E> EngineLink<E> {
     /// Something else (a reconcile) found the engine gone: `Down`, or, with
     /// an attempt in flight, `Connecting` after an outage (the attempt
     /// decides what comes next).
-    pub(super) fn lost(&mut self, why: &str, now: Instant) -> Lost {
+    pub(super) fn lost(&mut self, why: &str, at: Instant) -> Lost {
         match std::mem::replace(&mut self.state, Link::Idle) {
             Link::Connecting { attempt, after } => {
                 let news = !matches!(after, After::Down { .. });
@@ -267,7 +267,7 @@ impl<E> EngineLink<E> {
             }
             other => {
                 self.state = other;
-                self.attempt_failed(why, now)
+                self.attempt_failed(why, at)
             }
         }
     }
@@ -279,7 +279,7 @@ impl<E> EngineLink<E> {
     /// backoff (`EventsDown`, the engine still used).
     pub(super) fn events_ended(
         &mut self,
-        now: Instant,
+        at: Instant,
         spawn: impl FnOnce() -> Attempt<E>,
     ) -> Option<EventsEnded> {
         let (engine, since) = match std::mem::replace(&mut self.state, Link::Idle) {
@@ -289,7 +289,7 @@ impl<E> EngineLink<E> {
                 return None;
             }
         };
-        if now.duration_since(since) >= EVENTS_HEALTHY {
+        if at.duration_since(since) >= EVENTS_HEALTHY {
             self.events_retry.reset();
             self.state = Link::Connecting {
                 attempt: spawn(),
@@ -302,15 +302,15 @@ impl<E> EngineLink<E> {
         let delay = self.events_retry.take();
         self.state = Link::EventsDown {
             engine,
-            next_at: now + jittered(delay),
+            next_at: at + jittered(delay),
         };
         Some(EventsEnded::Failing { news, delay })
     }
 
     /// True once, when a failing event stream has now worked for long
     /// enough: its backoff starts over.
-    pub(super) fn events_recovered(&mut self, now: Instant) -> bool {
-        let working = matches!(self.state, Link::Up { since, .. } if now.duration_since(since) >= EVENTS_HEALTHY);
+    pub(super) fn events_recovered(&mut self, at: Instant) -> bool {
+        let working = matches!(self.state, Link::Up { since, .. } if at.duration_since(since) >= EVENTS_HEALTHY);
         if self.events_failing && working {
             self.events_failing = false;
             self.events_retry.reset();
