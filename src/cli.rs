@@ -227,7 +227,7 @@ enum Fatal {
     #[error("cannot encode the answer as JSON: {0}")]
     Json(#[from] serde_json::Error),
     #[error("cannot write the output: {0}")]
-    Output(std::io::Error),
+    Output(#[source] std::io::Error),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

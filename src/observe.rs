@@ -81,13 +81,6 @@ impl Disk {
     pub fn used(&self) -> u64 {
         self.total.saturating_sub(self.available)
     }
-    pub fn percent(&self) -> f64 {
-        if self.total == 0 {
-            0.0
-        } else {
-            self.used() as f64 * 100.0 / self.total as f64
-        }
-    }
 }
 
 /// Observe the engine: one image listing and one container listing, whatever

@@ -161,7 +161,9 @@ impl LayerCounts {
     }
 }
 
-/// Unique bytes of a set of images: each layer counted once.
+/// Unique bytes of a set of images: each layer counted once (tests and
+/// benchmarks; the planner counts with [`LayerCounts`]).
+#[cfg(any(test, feature = "testkit"))]
 pub fn unique_bytes(layers: &LayerMap, images: &[Image]) -> u64 {
     LayerCounts::count(images, layers).bytes()
 }

@@ -116,13 +116,10 @@ pub struct Record {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
+    /// Only [`AuditLog::open`] (tests) returns it: stowage holds records.
+    #[cfg(any(test, feature = "testkit"))]
     #[error("cannot open audit log {path}: {source}")]
     Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot write audit log {path}: {source}")]
-    Write {
         path: PathBuf,
         source: std::io::Error,
     },

@@ -10,7 +10,7 @@ use chrono::Utc;
 
 use super::held::{HELD_MAX_BYTES, Held, dropped_note, park, unpark};
 use super::repeats::Repeats;
-use super::{Action, AuditError, Outcome, Record, Tally, rotated_path};
+use super::{Action, Outcome, Record, Tally, rotated_path};
 
 /// An open audit log, appending.
 #[derive(Debug)]
@@ -34,11 +34,12 @@ pub struct AuditLog {
 
 impl AuditLog {
     /// Open (creating folders and file) for appending, never rotated. An
-    /// error here is returned; [`AuditLog::open_lenient`] holds records
-    /// instead.
-    pub fn open(path: &Path) -> Result<Self, AuditError> {
+    /// error here is returned; [`AuditLog::open_lenient`] (what stowage
+    /// itself uses) holds records instead.
+    #[cfg(any(test, feature = "testkit"))]
+    pub fn open(path: &Path) -> Result<Self, super::AuditError> {
         let mut log = Self::unopened(path, u64::MAX);
-        log.try_open().map_err(|source| AuditError::Open {
+        log.try_open().map_err(|source| super::AuditError::Open {
             path: path.to_path_buf(),
             source,
         })?;
@@ -93,10 +94,6 @@ impl AuditLog {
         }
         self.file = Some(file);
         Ok(())
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// What the previous reconcile stated (from the state file): `warn`,

@@ -364,7 +364,9 @@ impl Request {
 }
 
 /// Sends one request to the daemon at `path` and reads its answer, waiting
-/// at most [`Request::default_timeout`].
+/// at most [`Request::default_timeout`] (tests; stowage's commands give
+/// their own timeout to [`request_within`]).
+#[cfg(any(test, feature = "testkit"))]
 pub async fn request(path: &Path, request: &Request) -> Result<Response, ClientError> {
     request_within(path, request, request.default_timeout()).await
 }

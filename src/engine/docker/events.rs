@@ -2,11 +2,12 @@
 
 use std::collections::HashMap;
 
+use bollard::models::EventMessageTypeEnum;
 use bollard::query_parameters::EventsOptionsBuilder;
 use futures_util::StreamExt;
 
 use super::DockerEngine;
-use crate::engine::{BoxStream, Engine, EngineResult, Event};
+use crate::engine::{BoxStream, Engine, EngineResult, Event, EventKind};
 
 pub(super) fn events(engine: &DockerEngine) -> BoxStream<'_, EngineResult<Event>> {
     let filters = HashMap::from([("type", vec!["container", "image"])]);
@@ -14,8 +15,12 @@ pub(super) fn events(engine: &DockerEngine) -> BoxStream<'_, EngineResult<Event>
     let events = engine.docker.events(Some(options)).map(move |message| {
         let message = message.map_err(|e| engine.error(e, "events"))?;
         let actor = message.actor.unwrap_or_default();
-        let kind = message.typ.map(|t| t.to_string()).unwrap_or_default();
-        let image = if kind == "container" {
+        let kind = match message.typ {
+            Some(EventMessageTypeEnum::CONTAINER) => EventKind::Container,
+            Some(EventMessageTypeEnum::IMAGE) => EventKind::Image,
+            _ => EventKind::Other,
+        };
+        let image = if kind == EventKind::Container {
             actor
                 .attributes
                 .as_ref()

@@ -105,31 +105,6 @@ pub(super) async fn image(engine: &DockerEngine, reference: &str) -> EngineResul
     }
 }
 
-pub(super) async fn tags_of(
-    engine: &DockerEngine,
-    image_id: &str,
-) -> EngineResult<Option<Vec<String>>> {
-    // One inspect, not a listing of every image: this runs per removal.
-    match engine
-        .raw_json("GET", &format!("/images/{image_id}/json"), engine.timeout)
-        .await
-    {
-        Ok(v) => {
-            let tags = v["RepoTags"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|t| t.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
-            Ok(Some(real_refs(tags)))
-        }
-        Err(EngineError::NotFound(_)) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 pub(super) async fn remove(engine: &DockerEngine, reference: &str) -> EngineResult<Removed> {
     // Never force; keep pruning of untagged parents (the engine default).
     let options = RemoveImageOptionsBuilder::new()

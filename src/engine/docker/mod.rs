@@ -212,10 +212,6 @@ impl Engine for DockerEngine {
         images::image(self, reference).await
     }
 
-    async fn tags_of(&self, image_id: &str) -> EngineResult<Option<Vec<String>>> {
-        images::tags_of(self, image_id).await
-    }
-
     async fn remove(&self, reference: &str) -> EngineResult<Removed> {
         images::remove(self, reference).await
     }
