@@ -63,7 +63,7 @@ pub struct Backoff {
 }
 
 /// What stowage remembers about one `[[prepull]]` entry (keyed by
-/// [`crate::policy::Prepull::key`]).
+/// `Prepull::key` in `policy`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrepullState {
     /// Image ids this reference pointed at before stowage moved it, newest

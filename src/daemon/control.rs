@@ -157,7 +157,7 @@ fn remove_stale(path: &Path) -> Result<(), ControlError> {
 }
 
 /// Answers requests until `shutdown`; then lets the answers in flight be
-/// written for up to [`DRAIN`] and removes the socket file. At most
+/// written for up to `DRAIN` and removes the socket file. At most
 /// [`MAX_CLIENTS`] connections are served at once.
 pub async fn serve<H: Handler>(
     listener: UnixListener,

@@ -42,7 +42,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Deadline of one engine call, answer body included, and the longest quiet
 /// gap inside a streamed answer. Removals, build-cache prunes, `system df`,
-/// loads and saves may legitimately take [`SLOW_FACTOR`] times longer.
+/// loads and saves may legitimately take `SLOW_FACTOR` times longer.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Overrides [`CALL_TIMEOUT`] (a duration: `30s`, `5m`), for tests of hung
 /// engines and for hosts whose engine is known to be slow.
