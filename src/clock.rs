@@ -1,5 +1,7 @@
-//! The one source of time outside tests. The planner never reads it: `now`
-//! is passed in.
+//! The one source of time outside tests (the planner never reads it: `now`
+//! is passed in), and the jitter of retry delays.
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
@@ -16,4 +18,15 @@ impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
         Utc::now()
     }
+}
+
+/// `delay` shortened by up to half, so that retries of many waiters (or of
+/// hosts failing together) spread out.
+pub fn jittered(delay: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // A fresh random seed per call is all the randomness needed here.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(delay.as_nanos() as u64);
+    let fraction = 0.5 + (h.finish() % 1000) as f64 / 2000.0;
+    delay.mul_f64(fraction)
 }

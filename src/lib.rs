@@ -12,6 +12,8 @@
 //! - [`state`]: crash-safe persistent state (first seen, last used, backoff).
 //! - [`audit`]: the JSON-lines audit log.
 //! - [`blocking`]: CPU and file work off the daemon's one async thread.
+//! - [`httpd`]: the bounded HTTP/1 server loop of the metrics endpoint and the
+//!   content store's loopback registry.
 //! - [`credentials`]: registry credentials from Docker's `config.json`.
 //! - `fixture` (testkit): docker-archive fixture images for tests, demos and benchmarks.
 //! - [`observe`]: one observation of the engine per reconcile, kept
@@ -41,6 +43,7 @@ pub mod engine;
 #[cfg(feature = "testkit")]
 pub mod fixture;
 pub mod fmt;
+pub mod httpd;
 pub mod observe;
 pub mod plan;
 pub mod policy;

@@ -2,11 +2,11 @@
 //! regaining the engine, the event stream's own backoff, the watchdog.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::clock::jittered;
 use crate::engine::{Engine, EngineError, EngineResult};
 
 use super::handler::lock;
@@ -22,17 +22,6 @@ pub(super) async fn join_connect<E>(
         Some(r) => r,
         None => Err(EngineError::Other("the connection attempt panicked".into())),
     }
-}
-
-/// `delay` shortened by up to half, so that retries of many waiters (or of
-/// hosts failing together) spread out.
-fn jittered(delay: Duration) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    // A fresh random seed per call is all the randomness needed here.
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(delay.as_nanos() as u64);
-    let fraction = 0.5 + (h.finish() % 1000) as f64 / 2000.0;
-    delay.mul_f64(fraction)
 }
 
 impl<E, F, Fut> Daemon<E, F>
