@@ -26,6 +26,8 @@
 //!   socket, metrics, systemd notifications.
 //! - [`status`]: what `stowage status` shows, with or without a daemon.
 //! - [`storage`]: disk pressure: eviction by last use over unique layer bytes.
+//! - [`store`]: the content store: resumable, verified blob downloads into an
+//!   OCI layout, served read-only on loopback for the engine to pull.
 //! - [`cli`]: the command line.
 //!
 //! The `testkit` feature (off by default; every test, bench and example target
@@ -52,4 +54,5 @@ pub mod refs;
 pub mod state;
 pub mod status;
 pub mod storage;
+pub mod store;
 pub mod transfer;
