@@ -694,3 +694,15 @@ fn gc_leaves_a_partial_that_a_download_holds() {
     drop(held);
     assert_eq!(store.gc(0, &HashSet::new()).unwrap(), 10);
 }
+
+#[test]
+fn a_download_can_be_spawned() {
+    fn send<T: Send>(_: &T) {}
+    let (_d, store) = open();
+    let (data, desc) = blob(10, 60);
+    let src = Mem::new(data, &[], Act::Serve);
+    let o = Opts::new();
+    let opts = o.with(&quiet);
+    // The daemon runs pulls in spawned tasks: the future must be `Send`.
+    send(&store.fetch(&src, &desc, &opts));
+}
