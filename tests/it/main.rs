@@ -37,6 +37,7 @@ mod apply_real;
 mod daemon_real;
 mod engine_real;
 mod storage_real;
+mod store_real;
 mod transfer_real;
 
 // Faults injected into the real engine, registry, disk, state and inputs.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::clock::jittered;
 use crate::engine::{EngineError, EngineResult};
 
 /// First retry after the engine is lost; doubles up to [`RETRY_CAP`].
@@ -334,16 +335,6 @@ impl<E> EngineLink<E> {
     }
 }
 
-/// `delay` shortened by up to half, so that retries of many waiters (or of
-/// hosts failing together) spread out.
-fn jittered(delay: Duration) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    // A fresh random seed per call is all the randomness needed here.
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(delay.as_nanos() as u64);
-    let fraction = 0.5 + (h.finish() % 1000) as f64 / 2000.0;
-    delay.mul_f64(fraction)
-}
 #[cfg(test)]
 mod tests {
     use super::*;
