@@ -49,4 +49,5 @@ pub mod refs;
 pub mod state;
 pub mod status;
 pub mod storage;
+pub mod store;
 pub mod transfer;
