@@ -13,6 +13,9 @@
 //! - [`audit`]: the JSON-lines audit log.
 //! - [`blocking`]: CPU and file work off the daemon's one async thread.
 //! - [`credentials`]: registry credentials from Docker's `config.json`.
+//! - [`registry`]: the registry client (manifests, blobs with `Range`, auth,
+//!   redirects): the one module that speaks HTTP to registries.
+//! - [`store`]: the content store's seam types (descriptors, blob sources).
 //! - `fixture` (testkit): docker-archive fixture images for tests, demos and benchmarks.
 //! - [`observe`]: one observation of the engine per reconcile, kept
 //!   current from what each action did.
@@ -46,6 +49,7 @@ pub mod plan;
 pub mod policy;
 pub mod reconcile;
 pub mod refs;
+pub mod registry;
 pub mod state;
 pub mod status;
 pub mod storage;
