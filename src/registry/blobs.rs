@@ -78,7 +78,8 @@ impl RepoBlobs {
                     Ok(bytes)
                 }
                 Err(e) => Err(SourceError::Io(format!(
-                    "{url}: the answer was cut after {received} bytes: {e}"
+                    "{url}: the answer was cut after {received} bytes: {}",
+                    super::error::causes(&e)
                 ))),
             })
             .boxed();

@@ -15,7 +15,7 @@ pub enum RegistryError {
     Input(String),
     #[error("TLS: {0}")]
     Tls(String),
-    #[error("{url}: {source}")]
+    #[error("{url}: {}", causes(source))]
     Connect {
         url: String,
         #[source]
@@ -23,7 +23,7 @@ pub enum RegistryError {
     },
     #[error("{url}: no answer within {}", humantime::format_duration(*after))]
     Timeout { url: String, after: Duration },
-    #[error("{url}: the answer was cut after {received} bytes: {source}")]
+    #[error("{url}: the answer was cut after {received} bytes: {}", causes(source))]
     Cut {
         url: String,
         received: u64,
@@ -68,6 +68,22 @@ pub enum RegistryError {
     },
     #[error("{url}: token: {why}")]
     Token { url: String, why: String },
+}
+
+/// `err` and its sources, each once: hyper's own text ("client error
+/// (Connect)") says little without the cause under it.
+pub(super) fn causes(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
 }
 
 fn colon(message: &str) -> String {
