@@ -161,6 +161,7 @@ impl Registry {
             check_tag(reference).map_err(|e| input(format!("tag {reference:?}: {e}")))?;
         }
         check_platform(platform).map_err(input)?;
+        let repository = &self.api_repository(repository);
         let top = self.manifest(repository, reference, None).await?;
         let image = match top.kind {
             Kind::Image => None,
@@ -203,7 +204,17 @@ impl Registry {
 
     /// A [`BlobSource`](crate::store::BlobSource) for `repository` at this registry.
     pub fn blobs(&self, repository: &str) -> RepoBlobs {
-        RepoBlobs::new(self.clone(), repository)
+        RepoBlobs::new(self.clone(), &self.api_repository(repository))
+    }
+
+    /// Docker Hub keeps its official images under `library/`: `nginx` is
+    /// `library/nginx` there, as the engine resolves it.
+    fn api_repository(&self, repository: &str) -> String {
+        if self.inner.base.authority() == DOCKER_HUB_API && !repository.contains('/') {
+            format!("library/{repository}")
+        } else {
+            repository.to_owned()
+        }
     }
 
     /// One manifest or index; `expected` is the index entry it must match.
@@ -332,5 +343,36 @@ impl Registry {
                 message,
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_give_their_scheme_and_api_address() {
+        let options = Options::default();
+        let hub = Registry::new("docker.io", None, &options).unwrap();
+        assert_eq!(hub.name(), "docker.io");
+        assert_eq!(hub.inner.base.to_string(), "https://registry-1.docker.io/");
+        assert_eq!(hub.api_repository("nginx"), "library/nginx");
+        assert_eq!(hub.api_repository("team/app"), "team/app");
+        let local = Registry::new("127.0.0.1:5000", None, &options).unwrap();
+        assert_eq!(local.inner.base.to_string(), "http://127.0.0.1:5000/");
+        assert_eq!(local.api_repository("nginx"), "nginx");
+        let named = Registry::new("Localhost:5000", None, &options).unwrap();
+        assert_eq!(named.inner.base.to_string(), "http://localhost:5000/");
+        let remote = Registry::new("r.example:5000", None, &options).unwrap();
+        assert_eq!(remote.inner.base.to_string(), "https://r.example:5000/");
+        for bad in ["", "http://r.example", "r.example/path", "r:0"] {
+            assert!(
+                matches!(
+                    Registry::new(bad, None, &options),
+                    Err(RegistryError::Input(_))
+                ),
+                "{bad:?}"
+            );
+        }
     }
 }
