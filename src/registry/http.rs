@@ -69,12 +69,15 @@ impl Url {
     /// `location` (a redirect's target) against this URL.
     pub(super) fn join(&self, location: &str) -> Option<Url> {
         let scheme = if self.https { "https" } else { "http" };
-        if location.contains("://") {
-            Url::parse(location)
-        } else if location.starts_with("//") {
+        if location.starts_with("//") {
             Url::parse(&format!("{scheme}:{location}"))
         } else if location.starts_with('/') {
             Url::parse(&format!("{scheme}://{}{location}", self.authority))
+        } else if let Some(absolute) = Url::parse(location) {
+            Some(absolute)
+        } else if location.contains("://") {
+            // Another scheme (ftp://, file://): not followed.
+            None
         } else {
             let path = self.path.split('?').next().unwrap_or_default();
             let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
@@ -489,6 +492,10 @@ mod tests {
             "https://r.example:5000/v2/a/blobs/next|/v2/a/blobs/next"
         );
         assert_eq!(join("ftp://x/y"), None);
+        assert_eq!(
+            join("/x?back=http://y/").unwrap(),
+            "https://r.example:5000/x|/x?back=http://y/"
+        );
         assert_eq!(join("http://user:pw@x/y"), None, "no user info");
     }
 

@@ -375,4 +375,14 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn clients_and_their_futures_cross_threads() {
+        fn send_sync<T: Send + Sync>(_: &T) {}
+        fn send<T: Send>(_: &T) {}
+        let registry = Registry::new("127.0.0.1:1", None, &Options::default()).unwrap();
+        send_sync(&registry);
+        send(&registry.resolve("a", "1", "linux/amd64"));
+        send_sync(&registry.blobs("a"));
+    }
 }
