@@ -1,5 +1,7 @@
-//! The one source of time outside tests. The planner never reads it: `now`
-//! is passed in.
+//! The one source of time outside tests. The planner never reads it: the
+//! instant it plans for is passed in (`at`). In the code, `now` is a clock
+//! reading just taken; an instant handed to a function or kept in a field is
+//! `at`.
 
 use chrono::{DateTime, Utc};
 

@@ -63,7 +63,7 @@ pub struct Backoff {
 }
 
 /// What stowage remembers about one `[[prepull]]` entry (keyed by
-/// [`crate::policy::Prepull::key`]).
+/// `Prepull::key` in `policy`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrepullState {
     /// Image ids this reference pointed at before stowage moved it, newest
@@ -119,11 +119,11 @@ pub struct State {
 impl State {
     /// Record that `image` was seen now, keeping its earlier first-seen time.
     /// Before the first reconcile, the creation time stands in for "now".
-    pub fn observe(&mut self, image: &str, created: i64, now: i64) {
+    pub fn observe(&mut self, image: &str, created: i64, at: i64) {
         let first = if self.initialized {
-            now
+            at
         } else {
-            created.min(now)
+            created.min(at)
         };
         self.images
             .entry(image.to_string())
@@ -133,20 +133,20 @@ impl State {
             });
     }
 
-    pub fn mark_used(&mut self, image: &str, now: i64) {
+    pub fn mark_used(&mut self, image: &str, at: i64) {
         let e = self.images.entry(image.to_string()).or_insert(ImageState {
-            first_seen: now,
+            first_seen: at,
             ..ImageState::default()
         });
-        e.last_used = Some(e.last_used.map_or(now, |t| t.max(now)));
+        e.last_used = Some(e.last_used.map_or(at, |t| t.max(at)));
     }
 
-    pub fn mark_pulled(&mut self, image: &str, now: i64) {
+    pub fn mark_pulled(&mut self, image: &str, at: i64) {
         let e = self.images.entry(image.to_string()).or_insert(ImageState {
-            first_seen: now,
+            first_seen: at,
             ..ImageState::default()
         });
-        e.last_pulled = Some(e.last_pulled.map_or(now, |t| t.max(now)));
+        e.last_pulled = Some(e.last_pulled.map_or(at, |t| t.max(at)));
     }
 
     /// Forget images that are no longer on the host.
@@ -346,17 +346,17 @@ impl StateStore {
 
     /// Load the state. A missing file is an empty state; a corrupt one is
     /// moved aside (`state.json.corrupt-<unix>`) and reported in `warning`.
-    pub fn load(&self, now: i64) -> Loaded {
-        self.load_inner(now, true)
+    pub fn load(&self, at: i64) -> Loaded {
+        self.load_inner(at, true)
     }
 
     /// Load for read-only commands (`plan`, `status`): a corrupt state is
     /// reported and treated as empty, but left where it is.
-    pub fn load_readonly(&self, now: i64) -> Loaded {
-        self.load_inner(now, false)
+    pub fn load_readonly(&self, at: i64) -> Loaded {
+        self.load_inner(at, false)
     }
 
-    fn load_inner(&self, now: i64, move_aside: bool) -> Loaded {
+    fn load_inner(&self, at: i64, move_aside: bool) -> Loaded {
         let path = self.path();
         let bytes = match fs::read(&path) {
             Ok(b) => b,
@@ -385,7 +385,7 @@ impl StateStore {
                 warning: None,
             },
             Err(e) => {
-                let aside = self.dir.join(format!("{STATE_FILE}.corrupt-{now}"));
+                let aside = self.dir.join(format!("{STATE_FILE}.corrupt-{at}"));
                 let moved = if !move_aside {
                     "left in place".to_string()
                 } else {

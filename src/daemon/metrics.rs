@@ -207,7 +207,7 @@ pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 const DRAIN: Duration = Duration::from_secs(2);
 
 /// Serves `GET /metrics` (hyper, HTTP/1.1, one request per connection) until
-/// `shutdown`, then lets the scrapes in flight finish for up to [`DRAIN`].
+/// `shutdown`, then lets the scrapes in flight finish for up to `DRAIN`.
 /// Connections are capped at [`MAX_CONNECTIONS`]; each gets
 /// [`CONNECTION_DEADLINE`]. Accept errors (e.g. out of file descriptors) back
 /// off instead of spinning.

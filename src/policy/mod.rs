@@ -107,10 +107,9 @@ impl Scope {
     }
 }
 
-/// Compiled repository globs with their source text.
+/// Compiled repository globs.
 #[derive(Debug, Clone)]
 pub struct Globs {
-    pub sources: Vec<String>,
     pub set: GlobSet,
 }
 
