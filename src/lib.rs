@@ -15,6 +15,9 @@
 //! - [`httpd`]: the bounded HTTP/1 server loop of the metrics endpoint and the
 //!   content store's loopback registry.
 //! - [`credentials`]: registry credentials from Docker's `config.json`.
+//! - [`registry`]: the registry client (manifests, blobs with `Range`, auth,
+//!   redirects): the one module that speaks HTTP to registries.
+//! - [`store`]: the content store's seam types (descriptors, blob sources).
 //! - `fixture` (testkit): docker-archive fixture images for tests, demos and benchmarks.
 //! - [`observe`]: one observation of the engine per reconcile, kept
 //!   current from what each action did.
@@ -51,6 +54,7 @@ pub mod plan;
 pub mod policy;
 pub mod reconcile;
 pub mod refs;
+pub mod registry;
 pub mod state;
 pub mod status;
 pub mod storage;

@@ -7,6 +7,8 @@ use bollard::errors::Error as BollardError;
 
 use super::DockerEngine;
 use crate::engine::{Credentials, EngineError};
+/// The one 2 KB cut of error text, shared with the registry client.
+pub(super) use crate::fmt::one_line;
 
 impl DockerEngine {
     /// Maps a bollard error of a local operation on `what`.
@@ -91,40 +93,6 @@ pub(super) fn chain(err: &dyn StdError) -> String {
     out
 }
 
-/// Longest engine or registry message kept in an error, in bytes. A registry
-/// (or a proxy before it) may answer an error with megabytes of HTML, which
-/// the engine passes on whole; uncut, it lands in the log, the audit record
-/// and the state's backoff entry at every attempt.
-const MAX_MESSAGE: usize = 2048;
-
-/// `text` on one line, cut after [`MAX_MESSAGE`] bytes with a marker saying
-/// how much was cut. Secrets must be redacted before: a cut could split one.
-pub(super) fn one_line(text: &str) -> String {
-    let mut out = String::with_capacity(text.len().min(MAX_MESSAGE + 64));
-    let mut words = text.split_whitespace();
-    for word in words.by_ref() {
-        if !out.is_empty() {
-            out.push(' ');
-        }
-        out.push_str(word);
-        if out.len() > MAX_MESSAGE {
-            break;
-        }
-    }
-    if out.len() <= MAX_MESSAGE {
-        return out;
-    }
-    let mut end = MAX_MESSAGE;
-    while !out.is_char_boundary(end) {
-        end -= 1;
-    }
-    // What is left, counted as it would have been joined.
-    let rest = out.len() - end + words.map(|w| w.len() + 1).sum::<usize>();
-    out.truncate(end);
-    out.push_str(&format!(" … [{rest} more bytes cut]"));
-    out
-}
-
 /// Replaces any secret of `credentials` that an engine message might echo.
 pub(super) fn redact(message: &str, credentials: Option<&Credentials>) -> String {
     let Some(credentials) = credentials else {
@@ -158,23 +126,5 @@ mod tests {
             "denied: bad password ***"
         );
         assert_eq!(redact("x", None), "x");
-    }
-
-    #[test]
-    fn long_messages_are_cut_with_a_marker() {
-        assert_eq!(one_line(" a \n b\t"), "a b");
-        let page = "é".repeat(3000);
-        let cut = one_line(&page);
-        assert!(cut.len() < MAX_MESSAGE + 40, "{}", cut.len());
-        let kept = cut.split(" … [").next().unwrap();
-        assert_eq!(kept.len(), MAX_MESSAGE, "cut on a character boundary");
-        assert!(cut.ends_with(&format!("[{} more bytes cut]", 6000 - MAX_MESSAGE)));
-        // Many words: the rest is counted with its spaces.
-        let words = "ab ".repeat(1000);
-        let cut = one_line(&words);
-        assert!(
-            cut.ends_with(&format!("[{} more bytes cut]", 2999 - MAX_MESSAGE)),
-            "{cut}"
-        );
     }
 }
