@@ -45,6 +45,7 @@ mod transfer_real;
 mod faults_disk;
 mod faults_engine;
 mod faults_inputs;
+mod faults_pull;
 mod faults_servers;
 mod faults_state;
 mod faults_transfer;

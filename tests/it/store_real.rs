@@ -309,10 +309,11 @@ async fn the_engine_pulls_a_complete_image_from_the_loopback_endpoint() {
 }
 
 /// A tmpfs of `size` mounted on `dir` for the test's life.
-struct Tmpfs(PathBuf);
+pub struct Tmpfs(pub PathBuf);
 
 impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+    /// `None` (after a SKIP line) outside CI when it cannot be mounted.
+    pub fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
         std::fs::create_dir_all(dir).unwrap();
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
