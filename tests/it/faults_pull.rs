@@ -446,6 +446,16 @@ struct ChildJob {
     cache: std::path::PathBuf,
 }
 
+/// The child process, killed when the test ends early (a failed assertion).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// In the child: download the blob (until killed).
 async fn child_download(job: &str) {
     let job: ChildJob = serde_json::from_str(job).expect("the child's job");
@@ -477,7 +487,7 @@ async fn a_download_killed_mid_blob_resumes_from_its_committed_offset() {
         cache: store.root().to_path_buf(),
     };
     // This very test in a process of its own, downloading.
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
             "faults_pull::a_download_killed_mid_blob_resumes_from_its_committed_offset",
@@ -488,14 +498,18 @@ async fn a_download_killed_mid_blob_resumes_from_its_committed_offset() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let mut child = KillOnDrop(child);
     let deadline = Instant::now() + Duration::from_secs(20);
     while store.partial_len(&base.digest).unwrap_or(0) < 4 * MIB {
         assert!(Instant::now() < deadline, "the child downloaded nothing");
-        assert!(child.try_wait().unwrap().is_none(), "the child ended early");
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "the child ended early"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    child.kill().unwrap();
-    let status = child.wait().unwrap();
+    child.0.kill().unwrap();
+    let status = child.0.wait().unwrap();
     assert_eq!(status.signal(), Some(9), "killed mid-blob: {status:?}");
     assert!(!store.has(&base.digest));
 
