@@ -186,7 +186,7 @@ fn ranges(proxy: &HttpProxy, desc: &Descriptor) -> Vec<Option<String>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_cut_every_1_5_mib_completes_each_blob_within_1_05x_on_the_wire() {
-    let Some(p) = Pushed::new("pull-cuts", 6 << 20, 3 << 20).await else {
+    let Some(p) = Pushed::new("pull-cuts", 5 << 20, 5 << 20).await else {
         return;
     };
     let (_dir, store) = new_store();
@@ -209,6 +209,10 @@ async fn a_link_cut_every_1_5_mib_completes_each_blob_within_1_05x_on_the_wire()
     assert!(kept >= MIB && kept < p.own().size, "{kept}");
 
     let cut = 1536 * 1024;
+    assert!(
+        kept + cut < p.own().size,
+        "the rest of it is cut too: {kept}"
+    );
     let proxy = Proxy::start(&p.registry).await;
     proxy.set(Mode::CutAfter(cut));
     let src = client(&proxy.addr).blobs(&p.repository);
@@ -519,6 +523,15 @@ async fn a_download_killed_mid_blob_resumes_from_its_committed_offset() {
     let committed = store.partial_len(&base.digest).unwrap();
     assert!(committed >= 4 * MIB && committed < base.size, "{committed}");
     proxy.set_rate(0);
+    // The killed child's answer is over once the proxy noticed it gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.open() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the child's connection did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let before = proxy.sent();
     let limits = Limits::new(Duration::from_secs(5));
     let src = client(&proxy.addr).blobs(&p.repository);

@@ -520,6 +520,17 @@ struct HttpShared {
     sent: AtomicU64,
     /// Bytes per second forwarded back per answer; 0: as fast as it comes.
     rate: AtomicU64,
+    /// Connections being handled.
+    open: AtomicU64,
+}
+
+/// Counts a connection in [`HttpShared::open`] while it lives.
+struct Open(Arc<HttpShared>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// An HTTP/1.1-aware proxy on 127.0.0.1 in front of a registry (`upstream`,
@@ -546,11 +557,17 @@ impl HttpProxy {
             seen: Mutex::new(Vec::new()),
             sent: AtomicU64::new(0),
             rate: AtomicU64::new(0),
+            open: AtomicU64::new(0),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(http_tcp_one(client, s.clone()));
+                s.open.fetch_add(1, Ordering::SeqCst);
+                let open = Open(s.clone());
+                tokio::spawn(async move {
+                    http_tcp_one(client, open.0.clone()).await;
+                    drop(open);
+                });
             }
         });
         HttpProxy { addr, shared, task }
@@ -571,6 +588,12 @@ impl HttpProxy {
     /// Bytes sent back to clients so far (answers' heads included).
     pub fn sent(&self) -> u64 {
         self.shared.sent.load(Ordering::SeqCst)
+    }
+
+    /// Connections still being handled (a client gone is noticed at the
+    /// proxy's next write).
+    pub fn open(&self) -> u64 {
+        self.shared.open.load(Ordering::SeqCst)
     }
 
     /// Limits each answer to `bytes_per_sec` from now on (0: no limit).
