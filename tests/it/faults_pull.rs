@@ -245,7 +245,7 @@ async fn a_link_cut_every_1_5_mib_completes_each_blob_within_1_05x_on_the_wire()
     assert!(own.retries >= 1, "{own:?}");
 
     let needed = p.resolved.config.size + p.base().size + p.own().size - kept;
-    let wire = proxy.sent();
+    let wire = proxy.bytes();
     assert_eq!(got.iter().map(|f| f.bytes).sum::<u64>(), needed);
     assert!(
         wire >= needed && wire * 100 <= needed * 105,
@@ -532,7 +532,7 @@ async fn a_download_killed_mid_blob_resumes_from_its_committed_offset() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let before = proxy.sent();
+    let before = proxy.bytes();
     let limits = Limits::new(Duration::from_secs(5));
     let src = client(&proxy.addr).blobs(&p.repository);
     let got = store
@@ -544,7 +544,7 @@ async fn a_download_killed_mid_blob_resumes_from_its_committed_offset() {
         ranges(&proxy, &base).last().unwrap().as_deref(),
         Some(format!("bytes={committed}-").as_str())
     );
-    let wire = proxy.sent() - before;
+    let wire = proxy.bytes() - before;
     assert!(
         wire >= base.size - committed && wire < base.size - committed + 4096,
         "the committed bytes are not fetched again: {wire} on the wire"
@@ -675,7 +675,7 @@ async fn a_range_ignored_has_the_held_bytes_skipped_and_counted() {
         (base.size + 2 * MIB, 0, 1),
         "the whole blob came again: its first 2 MiB skipped, counted as wire bytes"
     );
-    let wire = proxy.sent();
+    let wire = proxy.bytes();
     assert!(wire >= got.bytes && wire < got.bytes + 4096, "{wire}");
     store.verify(&base.digest).unwrap();
 }
@@ -810,6 +810,6 @@ async fn a_huge_manifest_on_the_registry_path_is_refused_after_reading_at_most_t
     assert!(!err.retryable());
     // Hung up at the cap: what the proxy got out is the cap plus socket buffers.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let sent = proxy.sent();
+    let sent = proxy.bytes();
     assert!(sent >= cap && sent < cap + 32 * MIB, "{sent}");
 }

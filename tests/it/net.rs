@@ -132,7 +132,7 @@ struct Shared {
     mode: Mutex<Mode>,
     upstream: Mutex<String>,
     connections: AtomicU64,
-    /// Bytes forwarded back to clients: what crossed the "link".
+    /// Bytes sent back to clients: what crossed the "link".
     sent: AtomicU64,
 }
 
@@ -182,8 +182,8 @@ impl Proxy {
         self.shared.connections.load(Ordering::SeqCst)
     }
 
-    /// Bytes forwarded back to clients so far (answers' heads included).
-    pub fn sent(&self) -> u64 {
+    /// Bytes sent back to clients so far (the wire bytes of a pull).
+    pub fn bytes(&self) -> u64 {
         self.shared.sent.load(Ordering::SeqCst)
     }
 }
@@ -586,7 +586,7 @@ impl HttpProxy {
     }
 
     /// Bytes sent back to clients so far (answers' heads included).
-    pub fn sent(&self) -> u64 {
+    pub fn bytes(&self) -> u64 {
         self.shared.sent.load(Ordering::SeqCst)
     }
 
