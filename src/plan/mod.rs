@@ -35,7 +35,7 @@ use retention::retention;
 use threads::{PARALLEL_FROM, beside, join, parallel_map, parallel_tasks};
 
 pub use render::render;
-pub use types::{Action, Backlog, Decision, Kind, Plan, Protected, Verdict, Warning};
+pub use types::{Action, Backlog, CacheTarget, Decision, Kind, Plan, Protected, Verdict, Warning};
 
 // The observation is the planner's input; re-exported under its old path.
 pub use crate::observe::{LayerMap, Observed};
@@ -137,7 +137,7 @@ fn plan_with(
 
 fn decision_of(k: Kind) -> Decision {
     match k {
-        Kind::Tag | Kind::PruneBuild => Decision::Keep,
+        Kind::Tag | Kind::PruneBuild | Kind::PruneCache => Decision::Keep,
         Kind::Untag => Decision::Untag,
         Kind::Remove => Decision::Remove,
         Kind::Evict => Decision::Evict,

@@ -3,15 +3,19 @@
 //! right before it where the engine does not check by itself, never forced,
 //! going on after a failed action, one audit record per action.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditLog, Outcome, Record};
+use crate::blocking::off_loop;
 use crate::clock::Clock;
 use crate::engine::{Engine, EngineError, Image, Removed};
 use crate::fmt::short_id;
 use crate::observe::Observed;
 use crate::plan::{Action, Kind, Plan};
+use crate::store::{Store, StoreError};
 
 use super::{ReconcileError, Report};
 
@@ -60,6 +64,17 @@ enum Done {
     Removed(Removed),
     Tagged,
     Pruned,
+    /// The content store shrank by these bytes.
+    CachePruned(u64),
+}
+
+/// Why an action failed: the engine's answer, or the content store's.
+#[derive(Debug, thiserror::Error)]
+enum ActionError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// [`execute`], keeping `observed` current from what each action did (the
@@ -138,7 +153,7 @@ pub async fn execute_on<E: Engine>(
                 done
             }
             (Ok(c), None) => act(engine, a, c).await,
-            (Err(e), _) => Err(e),
+            (Err(e), _) => Err(e.into()),
         };
         let mut rec = record(a, run, started);
         rec.duration_ms =
@@ -175,7 +190,7 @@ pub async fn execute_on<E: Engine>(
 /// The re-check right before an action (see [`still_free`], [`evict_targets`]).
 async fn check<E: Engine>(engine: &E, a: &Action) -> Result<Checked, EngineError> {
     Ok(match a.kind {
-        Kind::Tag | Kind::PruneBuild => Checked::Go,
+        Kind::Tag | Kind::PruneBuild | Kind::PruneCache => Checked::Go,
         Kind::Untag | Kind::Remove => match still_free(engine, a).await? {
             Ok(target) => Checked::Remove(vec![target]),
             Err(skip) => Checked::Skip(skip),
@@ -185,7 +200,39 @@ async fn check<E: Engine>(engine: &E, a: &Action) -> Result<Checked, EngineError
 }
 
 /// Carry out a checked action.
-async fn act<E: Engine>(engine: &E, a: &Action, checked: Checked) -> Result<Done, EngineError> {
+async fn act<E: Engine>(engine: &E, a: &Action, checked: Checked) -> Result<Done, ActionError> {
+    if a.kind == Kind::PruneCache {
+        return prune_cache(a).await;
+    }
+    Ok(act_on_engine(engine, a, checked).await?)
+}
+
+/// Shrink the content store to the action's `keep_bytes` of complete
+/// blobs, least recently used first ([`Store::gc`]), keeping every partial
+/// download found now and the blobs unfinished downloads need. Gives the
+/// bytes freed (whole blobs: at least those planned, when nothing else
+/// freed them meanwhile).
+async fn prune_cache(a: &Action) -> Result<Done, ActionError> {
+    let Some(target) = a.cache.clone() else {
+        return Ok(Done::Skipped("no content store named".to_string()));
+    };
+    let limit = a.keep_bytes.unwrap_or(0);
+    let freed = off_loop(move || {
+        let store = Store::open(&target.dir)?;
+        let mut keep: HashSet<String> = store.partials().into_iter().collect();
+        keep.extend(target.keep);
+        store.gc(limit, &keep)
+    })
+    .await?;
+    Ok(Done::CachePruned(freed))
+}
+
+/// Carry out a checked action on the engine.
+async fn act_on_engine<E: Engine>(
+    engine: &E,
+    a: &Action,
+    checked: Checked,
+) -> Result<Done, EngineError> {
     match (a.kind, checked) {
         (_, Checked::Skip(why)) => Ok(Done::Skipped(why)),
         (Kind::Tag, _) => match &a.reference {
@@ -224,7 +271,7 @@ async fn act<E: Engine>(engine: &E, a: &Action, checked: Checked) -> Result<Done
 fn settle(
     a: &Action,
     mut rec: Record,
-    result: Result<Done, EngineError>,
+    result: Result<Done, ActionError>,
     observed: &mut Observed,
     report: &mut Report,
 ) -> Record {
@@ -247,6 +294,7 @@ fn settle(
                     }
                 }
                 Done::Removed(removed) => observed.removed(&removed),
+                Done::CachePruned(freed) => rec.bytes = Some(freed),
                 Done::Pruned | Done::Skipped(_) => {}
             }
             match a.kind {
@@ -257,6 +305,7 @@ fn settle(
                     report.bytes_freed += a.bytes.unwrap_or(0);
                 }
                 Kind::PruneBuild => report.bytes_freed += a.bytes.unwrap_or(0),
+                Kind::PruneCache => report.bytes_freed += rec.bytes.unwrap_or(0),
             }
             tracing::info!(action = a.kind.as_str(), rule = %a.rule, "{}", describe(a));
         }
@@ -435,5 +484,6 @@ fn audit_action(kind: Kind) -> audit::Action {
         Kind::Remove => audit::Action::Remove,
         Kind::Evict => audit::Action::Evict,
         Kind::PruneBuild => audit::Action::PruneBuild,
+        Kind::PruneCache => audit::Action::PruneCache,
     }
 }

@@ -383,6 +383,15 @@ impl Store {
         }
     }
 
+    /// Digests of the partial downloads on disk (for a [`Store::gc`] that
+    /// must keep them all).
+    pub fn partials(&self) -> Vec<String> {
+        partial::sizes(&self.partial_dir())
+            .into_iter()
+            .map(|(hex, _)| format!("sha256:{hex}"))
+            .collect()
+    }
+
     fn blobs_dir(&self) -> PathBuf {
         self.root.join("blobs/sha256")
     }
