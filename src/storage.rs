@@ -659,4 +659,142 @@ mod tests {
             assert_eq!(out.prune.is_some(), due, "{size}");
         }
     }
+
+    fn cache(complete: u64, partial: u64, pinned: u64, on_data_root: bool) -> Cache {
+        Cache {
+            complete: complete * MB,
+            partial: partial * MB,
+            pinned: pinned * MB,
+            on_data_root,
+        }
+    }
+
+    #[test]
+    fn the_content_store_counts_toward_max_size_and_shrinks_before_any_eviction() {
+        let (images, map) = shared_base();
+        // 80 MB of images + 30 MB of store against 100 MB: 10 MB to free,
+        // all from the store's complete blobs.
+        let s = storage(Some(100 * MB), EvictOrder::Lru);
+        let c = cache(25, 5, 0, false);
+        let i = Inputs {
+            cache: Some(&c),
+            ..inputs(&s)
+        };
+        let cands = candidates(&images, &[1, 2, 3]);
+        let out = decide(&i, &cands, LayerCounts::count(&images, &map));
+        assert!(out.evictions.is_empty(), "no image goes");
+        assert_eq!(
+            out.shrink,
+            Some(Shrink {
+                complete: 25 * MB,
+                keep: 15 * MB
+            })
+        );
+        assert_eq!(out.pressure.to_free, 10 * MB);
+        assert_eq!(out.pressure.image_bytes, 80 * MB, "images alone");
+        assert_eq!(out.pressure.cache.unwrap().shrink, 10 * MB);
+        assert_eq!(
+            out.targets,
+            "images take 80.0 MB + content store 30.0 MB > max_size 100.0 MB"
+        );
+    }
+
+    #[test]
+    fn partials_and_unfinished_downloads_stay_and_images_free_the_rest() {
+        let (images, map) = shared_base();
+        // 80 MB of images + 40 MB of store (30 complete, 10 of them for an
+        // unfinished download; 10 partial) against 85 MB: 35 MB to free.
+        // The store gives its 20 MB that may go, images the other 15 MB.
+        let s = storage(Some(85 * MB), EvictOrder::Lru);
+        let c = cache(30, 10, 10, false);
+        let i = Inputs {
+            cache: Some(&c),
+            ..inputs(&s)
+        };
+        let cands = candidates(&images, &[300, 100, 200]);
+        let out = decide(&i, &cands, LayerCounts::count(&images, &map));
+        assert_eq!(
+            out.shrink,
+            Some(Shrink {
+                complete: 30 * MB,
+                keep: 10 * MB
+            })
+        );
+        let taken: Vec<usize> = out.evictions.iter().map(|e| e.candidate).collect();
+        assert_eq!(taken, vec![1, 2], "two own layers of 10 MB for 15 MB");
+        assert!(out.pressure.shortfall.is_none());
+    }
+
+    #[test]
+    fn a_store_only_of_what_must_stay_is_counted_but_not_shrunk() {
+        let (images, map) = shared_base();
+        let s = storage(Some(10 * MB), EvictOrder::Lru);
+        let mut cands = candidates(&images, &[1, 2, 3]);
+        for c in &mut cands {
+            c.protection = Some("keep");
+        }
+        let c = cache(5, 5, 5, false);
+        let i = Inputs {
+            cache: Some(&c),
+            ..inputs(&s)
+        };
+        let out = decide(&i, &cands, LayerCounts::count(&images, &map));
+        assert_eq!(out.shrink, None);
+        // 90 MB against 10 MB, nothing may go: the shortfall says all of it.
+        assert_eq!(out.pressure.shortfall.unwrap().bytes, 80 * MB);
+    }
+
+    #[test]
+    fn on_the_data_root_the_store_shrinks_for_the_watermarks_elsewhere_not() {
+        let (images, map) = shared_base();
+        let s = Storage {
+            high_watermark: Some(90.0),
+            low_watermark: Some(80.0),
+            ..storage(None, EvictOrder::Lru)
+        };
+        // 950 of 1000 MB used: 150 MB to free down to 80%.
+        let disk = Disk {
+            path: "/var/lib/docker".to_owned(),
+            total: 1000 * MB,
+            available: 50 * MB,
+        };
+        let cands = candidates(&images, &[1, 2, 3]);
+        for (on_root, shrunk, evicted) in [(true, 140 * MB, 1), (false, 0, 3)] {
+            let c = cache(140, 0, 0, on_root);
+            let i = Inputs {
+                disk: Some(&disk),
+                cache: Some(&c),
+                ..inputs(&s)
+            };
+            let out = decide(&i, &cands, LayerCounts::count(&images, &map));
+            assert_eq!(out.pressure.to_free, 150 * MB);
+            assert_eq!(out.shrink.map_or(0, |s| s.complete - s.keep), shrunk);
+            // The 10 MB left (on the root) or all 150 MB: images.
+            assert_eq!(out.evictions.len(), evicted, "on the data root: {on_root}");
+            assert_eq!(
+                out.targets.contains("content store 140.0 MB of it"),
+                on_root,
+                "{}",
+                out.targets
+            );
+        }
+    }
+
+    #[test]
+    fn an_unreadable_store_is_said_in_the_summary_and_counts_nothing() {
+        let (images, map) = shared_base();
+        let s = storage(Some(80 * MB), EvictOrder::Lru);
+        let i = Inputs {
+            cache_error: Some("content store not counted: /c is not a content store"),
+            ..inputs(&s)
+        };
+        let cands = candidates(&images, &[1, 2, 3]);
+        let out = decide(&i, &cands, LayerCounts::count(&images, &map));
+        assert!(out.evictions.is_empty() && out.shrink.is_none());
+        assert_eq!(
+            out.pressure.summary,
+            "images take 80.0 MB of max_size 80.0 MB; content store not counted: /c is not a content store"
+        );
+        assert_eq!(out.targets, "images take 80.0 MB of max_size 80.0 MB");
+    }
 }
