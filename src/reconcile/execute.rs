@@ -3,8 +3,6 @@
 //! right before it where the engine does not check by itself, never forced,
 //! going on after a failed action, one audit record per action.
 
-use std::collections::HashSet;
-
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
@@ -64,17 +62,9 @@ enum Done {
     Removed(Removed),
     Tagged,
     Pruned,
-    /// The content store shrank by these bytes.
-    CachePruned(u64),
-}
-
-/// Why an action failed: the engine's answer, or the content store's.
-#[derive(Debug, thiserror::Error)]
-enum ActionError {
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    /// The content store shrank by these bytes, or could not (its own
+    /// error: the engine took no part): recorded as `ok` or `failed`.
+    CachePruned(Result<u64, StoreError>),
 }
 
 /// [`execute`], keeping `observed` current from what each action did (the
@@ -153,7 +143,7 @@ pub async fn execute_on<E: Engine>(
                 done
             }
             (Ok(c), None) => act(engine, a, c).await,
-            (Err(e), _) => Err(e.into()),
+            (Err(e), _) => Err(e),
         };
         let mut rec = record(a, run, started);
         rec.duration_ms =
@@ -200,41 +190,10 @@ async fn check<E: Engine>(engine: &E, a: &Action) -> Result<Checked, EngineError
 }
 
 /// Carry out a checked action.
-async fn act<E: Engine>(engine: &E, a: &Action, checked: Checked) -> Result<Done, ActionError> {
-    if a.kind == Kind::PruneCache {
-        return prune_cache(a).await;
-    }
-    Ok(act_on_engine(engine, a, checked).await?)
-}
-
-/// Shrink the content store to the action's `keep_bytes` of complete
-/// blobs, least recently used first ([`Store::gc`]), keeping every partial
-/// download found now and the blobs unfinished downloads need. Gives the
-/// bytes freed (whole blobs: at least those planned, when nothing else
-/// freed them meanwhile).
-async fn prune_cache(a: &Action) -> Result<Done, ActionError> {
-    let Some(target) = a.cache.clone() else {
-        return Ok(Done::Skipped("no content store named".to_string()));
-    };
-    let limit = a.keep_bytes.unwrap_or(0);
-    let freed = off_loop(move || {
-        let store = Store::open(&target.dir)?;
-        let mut keep: HashSet<String> = store.partials().into_iter().collect();
-        keep.extend(target.keep);
-        store.gc(limit, &keep)
-    })
-    .await?;
-    Ok(Done::CachePruned(freed))
-}
-
-/// Carry out a checked action on the engine.
-async fn act_on_engine<E: Engine>(
-    engine: &E,
-    a: &Action,
-    checked: Checked,
-) -> Result<Done, EngineError> {
+async fn act<E: Engine>(engine: &E, a: &Action, checked: Checked) -> Result<Done, EngineError> {
     match (a.kind, checked) {
         (_, Checked::Skip(why)) => Ok(Done::Skipped(why)),
+        (Kind::PruneCache, _) => Ok(Done::CachePruned(prune_cache(a).await)),
         (Kind::Tag, _) => match &a.reference {
             Some(r) => engine.tag(&a.image, r).await.map(|()| Done::Tagged),
             None => Ok(Done::Tagged),
@@ -266,12 +225,31 @@ async fn act_on_engine<E: Engine>(
     }
 }
 
+/// Shrink the content store to the action's `keep_bytes` of complete
+/// blobs, least recently used first ([`Store::gc`]), keeping every partial
+/// download found now and the blobs unfinished downloads need. Gives the
+/// bytes freed (whole blobs: at least those planned, when nothing else
+/// freed them meanwhile).
+async fn prune_cache(a: &Action) -> Result<u64, StoreError> {
+    let Some(target) = a.cache.clone() else {
+        return Ok(0);
+    };
+    let limit = a.keep_bytes.unwrap_or(0);
+    off_loop(move || {
+        let store = Store::open(&target.dir)?;
+        let mut keep: std::collections::HashSet<String> = store.partials().into_iter().collect();
+        keep.extend(target.keep);
+        store.gc(limit, &keep)
+    })
+    .await
+}
+
 /// Counts a finished action into `report`, keeps `observed` current, and
 /// gives its record back, outcome set.
 fn settle(
     a: &Action,
     mut rec: Record,
-    result: Result<Done, ActionError>,
+    result: Result<Done, EngineError>,
     observed: &mut Observed,
     report: &mut Report,
 ) -> Record {
@@ -284,6 +262,7 @@ fn settle(
             report.skipped += 1;
             tracing::info!(rule = %a.rule, "skip {}: {why}", describe(a));
         }
+        Ok(Done::CachePruned(Err(e))) => failed(a, &mut rec, report, &e),
         Ok(done) => {
             rec.outcome = Outcome::Ok;
             report.ok += 1;
@@ -294,8 +273,8 @@ fn settle(
                     }
                 }
                 Done::Removed(removed) => observed.removed(&removed),
-                Done::CachePruned(freed) => rec.bytes = Some(freed),
-                Done::Pruned | Done::Skipped(_) => {}
+                Done::CachePruned(Ok(freed)) => rec.bytes = Some(freed),
+                Done::Pruned | Done::Skipped(_) | Done::CachePruned(Err(_)) => {}
             }
             match a.kind {
                 Kind::Tag => report.tagged += 1,
@@ -309,15 +288,18 @@ fn settle(
             }
             tracing::info!(action = a.kind.as_str(), rule = %a.rule, "{}", describe(a));
         }
-        Err(e) => {
-            rec.outcome = Outcome::Failed;
-            rec.error = Some(e.to_string());
-            rec.bytes = None;
-            report.failed += 1;
-            tracing::warn!(action = a.kind.as_str(), rule = %a.rule, "failed {}: {e}", describe(a));
-        }
+        Err(e) => failed(a, &mut rec, report, &e),
     }
     rec
+}
+
+/// A failed action's record and count.
+fn failed(a: &Action, rec: &mut Record, report: &mut Report, e: &dyn std::fmt::Display) {
+    rec.outcome = Outcome::Failed;
+    rec.error = Some(e.to_string());
+    rec.bytes = None;
+    report.failed += 1;
+    tracing::warn!(action = a.kind.as_str(), rule = %a.rule, "failed {}: {e}", describe(a));
 }
 
 /// What evicting one image removes: each of its references (the last one
