@@ -279,3 +279,46 @@ pub async fn noted(mut state: State, observed: Observed, at: i64) -> (State, Obs
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Descriptor;
+    use sha2::{Digest as _, Sha256};
+
+    #[test]
+    fn the_content_store_is_counted_as_it_is_and_none_is_created_for_a_look() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        assert_eq!(cache_of(&cache, &[], None).unwrap(), None);
+        assert!(!cache.exists(), "a look creates nothing");
+
+        let store = Store::open(&cache).unwrap();
+        let blob = vec![7u8; 1000];
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&blob)));
+        let desc = Descriptor {
+            media_type: "application/octet-stream".into(),
+            digest: digest.clone(),
+            size: 1000,
+        };
+        store.put(&desc, &blob).unwrap();
+        // Named twice by two downloads, and one not in the store yet.
+        let downloading = [
+            (digest.clone(), 1000),
+            (digest, 1000),
+            (format!("sha256:{}", "e".repeat(64)), 50),
+        ];
+        let seen = cache_of(&cache, &downloading, Some(dir.path())).unwrap();
+        assert_eq!(
+            seen,
+            Some(Cache {
+                complete: 1000,
+                partial: 0,
+                pinned: 1000,
+                on_data_root: true,
+            })
+        );
+        let elsewhere = cache_of(&cache, &[], Some(Path::new("/proc"))).unwrap();
+        assert!(!elsewhere.unwrap().on_data_root, "another filesystem");
+    }
+}

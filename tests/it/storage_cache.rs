@@ -287,3 +287,66 @@ async fn an_unreadable_content_store_is_reported_not_a_failed_reconcile() {
     );
     assert!(plan::render(&plan).contains("content store not counted"));
 }
+
+/// A store that cannot be shrunk at execution is a failed `prune_cache`
+/// record with the store's words, and the actions after it still run.
+#[tokio::test]
+async fn a_store_that_cannot_be_shrunk_is_a_failed_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::write(cache.join("oci-layout"), "not json").unwrap();
+    let engine = FakeEngine::new(vec![img("a", 30.0, &["a:1"])], vec![]);
+    let mut plan = Plan::default();
+    let prune = Action {
+        kind: Kind::PruneCache,
+        reference: None,
+        image: String::new(),
+        rule: "storage".into(),
+        reason: "test".into(),
+        bytes: Some(10),
+        keep_bytes: Some(0),
+        cache: Some(CacheTarget {
+            dir: cache,
+            keep: vec![],
+        }),
+    };
+    let evict = Action {
+        kind: Kind::Evict,
+        reference: Some("a:1".into()),
+        image: engine.images()[0].id.clone(),
+        cache: None,
+        bytes: Some(MB),
+        keep_bytes: None,
+        ..prune.clone()
+    };
+    plan.actions = vec![prune, evict];
+    let mut log = AuditLog::open(&dir.path().join("audit.jsonl")).unwrap();
+    let report = reconcile::execute(
+        &engine,
+        &plan,
+        &mut log,
+        "run-1",
+        false,
+        &FixedClock(NOW),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((report.failed, report.removed), (1, 1));
+    let records = audit::read(&dir.path().join("audit.jsonl"))
+        .unwrap()
+        .records;
+    let r = &records[0];
+    assert_eq!(
+        (r.action, r.outcome, r.bytes),
+        (AuditAction::PruneCache, Outcome::Failed, None)
+    );
+    let error = r.error.as_deref().unwrap_or_default();
+    assert!(error.contains("is not a content store"), "{error}");
+    assert_eq!(
+        (records[1].action, records[1].outcome),
+        (AuditAction::Evict, Outcome::Ok)
+    );
+    assert!(engine.images().is_empty());
+}
