@@ -228,21 +228,18 @@ async fn run_reconcile<E: Engine>(
     .await;
     // Transfers come first so that retention plans on the store as the
     // pulls left it (a freshly pulled image is never a removal candidate).
-    let transfers = transfer::run(
+    let phase = transfer::Phase {
         engine,
         policy,
-        &mut observed,
-        state,
-        &mut audit,
-        &run,
-        transfer::RunOptions {
+        run_id: &run,
+        options: transfer::RunOptions {
             dry_run,
             force_refresh: options.force_refresh,
         },
         clock,
         shutdown,
-    )
-    .await?;
+    };
+    let transfers = transfer::run(&phase, &mut observed, state, &mut audit).await?;
     let has_transfers = !policy.prepull.is_empty() || !policy.mirror.is_empty();
     let stopped = shutdown.is_cancelled();
     if !dry_run && (has_transfers || stopped) {

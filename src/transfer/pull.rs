@@ -1,0 +1,214 @@
+//! One pre-pull job: try each candidate registry in order until one serves
+//! the image; the canonical reference moves only after a complete, verified
+//! pull by digest.
+
+use std::fmt::Write as _;
+
+use chrono::{DateTime, Utc};
+
+use super::{Ctx, JobResult, PullIntent, PullStep, TransferError, decide_pull, elapsed_ms};
+use crate::audit::{self, Outcome, Record};
+use crate::clock::Clock;
+use crate::engine::Engine;
+use crate::fmt::short_digest;
+use crate::observe::Observed;
+use crate::refs::split_tag;
+
+fn pull_record(intent: &PullIntent, run_id: &str, ts: DateTime<Utc>) -> Record {
+    Record {
+        ts,
+        run: run_id.to_owned(),
+        action: audit::Action::Pull,
+        reference: Some(intent.reference.clone()),
+        image: intent.current.clone(),
+        rule: Some(intent.rule.clone()),
+        reason: intent.reason.clone(),
+        outcome: Outcome::Ok,
+        error: None,
+        bytes: None,
+        duration_ms: None,
+    }
+}
+
+/// One pre-pull: try each candidate registry in order until one serves the
+/// image; the canonical reference moves only after a complete, verified pull.
+pub(super) async fn pull_job<E: Engine>(
+    ctx: &Ctx<'_, E>,
+    intent: &PullIntent,
+    observed: &Observed,
+    run_id: &str,
+    dry_run: bool,
+    clock: &dyn Clock,
+) -> Option<JobResult> {
+    // A transfer not started yet is not started at all.
+    if ctx.shutdown.is_cancelled() {
+        return None;
+    }
+    Some(pull_once(ctx, intent, observed, run_id, dry_run, clock).await)
+}
+
+async fn pull_once<E: Engine>(
+    ctx: &Ctx<'_, E>,
+    intent: &PullIntent,
+    observed: &Observed,
+    run_id: &str,
+    dry_run: bool,
+    clock: &dyn Clock,
+) -> JobResult {
+    let started = clock.now();
+    let mut result = JobResult::new();
+    let mut causes: Vec<String> = Vec::new();
+    let fail = |mut result: JobResult, causes: Vec<String>| {
+        let error = causes.join("; ");
+        let mut rec = pull_record(intent, run_id, started);
+        rec.outcome = Outcome::Failed;
+        rec.error = Some(error.clone());
+        rec.duration_ms = elapsed_ms(clock, started);
+        tracing::warn!(rule = %intent.rule, "pull {} failed: {error}", intent.reference);
+        result.records.push(rec);
+        result.backoff = Some((intent.backoff_key.clone(), Err(error)));
+        result
+    };
+    if let Some(e) = &ctx.creds_error {
+        return fail(result, vec![e.clone()]);
+    }
+    for c in &intent.candidates {
+        if let Some(why) = &c.refused {
+            causes.push(format!("{}: refused: {why}", c.registry));
+            continue;
+        }
+        // A pin needs no lookup: the engine checks the content against it.
+        let digest = match &intent.pin {
+            Some(pin) => pin.clone(),
+            None => {
+                let tagged = format!(
+                    "{}:{}",
+                    c.repository,
+                    intent
+                        .tag_ref
+                        .as_deref()
+                        .and_then(|t| split_tag(t).1)
+                        .unwrap_or("latest")
+                );
+                match ctx.lookup(&c.registry, &tagged).await {
+                    Ok(d) => d,
+                    Err(TransferError::Interrupted) => {
+                        return result.interrupted(pull_record(intent, run_id, started), "pull");
+                    }
+                    Err(e) => {
+                        causes.push(format!("{}: {}", c.registry, ctx.scrub(&e.to_string())));
+                        continue;
+                    }
+                }
+            }
+        };
+        let step = decide_pull(intent, c, &digest, observed);
+        let mut rec = pull_record(intent, run_id, started);
+        match &step {
+            PullStep::UpToDate => {
+                tracing::debug!(
+                    "{} is up to date ({})",
+                    intent.reference,
+                    short_digest(&digest)
+                );
+                result.backoff = Some((intent.backoff_key.clone(), Ok(())));
+                return result;
+            }
+            PullStep::Retag { image } => {
+                rec.action = audit::Action::Tag;
+                rec.image = Some(image.clone());
+                rec.reason = format!(
+                    "{}; {} serves {}, already on this host",
+                    intent.reason,
+                    c.registry,
+                    short_digest(&digest)
+                );
+            }
+            PullStep::Pull { from } => {
+                rec.reason = format!("{}; pulling {from}", intent.reason);
+            }
+        }
+        if dry_run {
+            rec.outcome = Outcome::DryRun;
+            result.records.push(rec);
+            result.dry_run = true;
+            return result;
+        }
+        let image = match step {
+            PullStep::UpToDate => unreachable!("returned above"),
+            PullStep::Retag { image } => image,
+            PullStep::Pull { from } => {
+                if let Err(e) = ctx
+                    .pull(&c.registry, &from, intent.platform.as_deref())
+                    .await
+                {
+                    if matches!(e, TransferError::Interrupted) {
+                        return result.interrupted(rec, "pull");
+                    }
+                    let mut cause = format!("{}: {}", c.registry, ctx.scrub(&e.to_string()));
+                    if intent.pin.is_some() {
+                        // Say what the tag holds now, if the registry tells.
+                        let tagged = intent.tag_ref.as_deref().and_then(|t| split_tag(t).1);
+                        if let Some(tag) = tagged
+                            && let Ok(d) = ctx
+                                .lookup(&c.registry, &format!("{}:{tag}", c.repository))
+                                .await
+                            && Some(&d) != intent.pin.as_ref()
+                        {
+                            let _ = write!(
+                                cause,
+                                " (pinned {}, the registry's tag now serves {}: rejected)",
+                                intent.pin.as_deref().unwrap_or_default(),
+                                d
+                            );
+                        }
+                    }
+                    causes.push(cause);
+                    continue;
+                }
+                // Verify: the engine has an image for exactly that digest
+                // (one inspect of `repo@digest`, not a listing).
+                let found = match ctx.engine.image(&from).await {
+                    Ok(i) => i.filter(|i| i.repo_digests.contains(&from)),
+                    Err(e) => {
+                        causes.push(format!("after pulling {from}: {e}"));
+                        continue;
+                    }
+                };
+                match found {
+                    Some(img) => {
+                        rec.bytes = Some(img.size);
+                        result.pulled = Some(img.id.clone());
+                        img.id.clone()
+                    }
+                    None => {
+                        causes.push(TransferError::Verify(from.clone()).to_string());
+                        continue;
+                    }
+                }
+            }
+        };
+        if let Some(tag_ref) = &intent.tag_ref
+            && intent.current.as_deref() != Some(image.as_str())
+        {
+            if let Err(e) = ctx.engine.tag(&image, tag_ref).await {
+                causes.push(format!("tagging {tag_ref}: {e}"));
+                continue;
+            }
+            result.tagged = result.pulled.is_none();
+        }
+        result.moved = Some((
+            intent.key.clone(),
+            intent.current.clone(),
+            image.clone(),
+            intent.keep_previous,
+        ));
+        rec.image = Some(image);
+        rec.duration_ms = elapsed_ms(clock, started);
+        tracing::info!(rule = %intent.rule, "{} {}: {}", rec.action.as_str(), intent.reference, rec.reason);
+        result.records.push(rec);
+        result.backoff = Some((intent.backoff_key.clone(), Ok(())));
+        return result;
+    }
+    fail(result, causes)
+}
