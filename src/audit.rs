@@ -101,6 +101,10 @@ pub struct Record {
     pub bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// `pull`: bytes a partial download already had, not fetched again in
+    /// this attempt (`bytes` is what came over the network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_bytes: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -374,6 +378,7 @@ impl AuditLog {
                 error: None,
                 bytes: None,
                 duration_ms: None,
+                resumed_bytes: None,
             };
             let mut line = serde_json::to_vec(&note).unwrap_or_default();
             line.push(b'\n');
@@ -685,6 +690,7 @@ mod tests {
             error: None,
             bytes: Some(n),
             duration_ms: Some(3),
+            resumed_bytes: None,
         }
     }
 
@@ -728,6 +734,7 @@ mod tests {
             reason: reason.into(),
             bytes: None,
             duration_ms: None,
+            resumed_bytes: None,
             ..rec(0)
         }
     }

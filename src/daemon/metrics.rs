@@ -328,6 +328,7 @@ mod tests {
             error: None,
             bytes,
             duration_ms: None,
+            resumed_bytes: None,
         }
     }
 

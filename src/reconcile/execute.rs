@@ -165,6 +165,7 @@ pub async fn execute_on<E: Engine>(
             error: None,
             bytes: None,
             duration_ms: None,
+            resumed_bytes: None,
         });
         report.deferred += b.count;
     }
@@ -409,6 +410,7 @@ fn warn_record(
         error: None,
         bytes: None,
         duration_ms: None,
+        resumed_bytes: None,
     }
 }
 
@@ -425,6 +427,7 @@ fn record(a: &Action, run: &str, ts: DateTime<Utc>) -> Record {
         error: None,
         bytes: a.bytes,
         duration_ms: None,
+        resumed_bytes: None,
     }
 }
 

@@ -396,6 +396,7 @@ fn write_waiting(
             error: None,
             bytes: None,
             duration_ms: None,
+            resumed_bytes: None,
         });
         report.backing_off += 1;
     }

@@ -27,6 +27,7 @@ fn pull_record(intent: &PullIntent, run_id: &str, ts: DateTime<Utc>) -> Record {
         error: None,
         bytes: None,
         duration_ms: None,
+        resumed_bytes: None,
     }
 }
 

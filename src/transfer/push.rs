@@ -48,6 +48,7 @@ async fn push_once<E: Engine>(
         error: None,
         bytes: None,
         duration_ms: None,
+        resumed_bytes: None,
     };
     let fail = |result: &mut JobResult, mut rec: Record, error: String| {
         rec.outcome = Outcome::Failed;

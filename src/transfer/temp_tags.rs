@@ -169,6 +169,7 @@ pub(super) async fn remove_leftover_tags<E: Engine>(
             error: None,
             bytes: None,
             duration_ms: None,
+            resumed_bytes: None,
         };
         if phase.options.dry_run {
             rec.outcome = Outcome::DryRun;
