@@ -185,21 +185,7 @@ pub fn pull_intents(
             out.waiting.push(w);
             continue;
         }
-        let own = refs::registry_of(&parsed.repository).to_owned();
-        let mut candidates: Vec<Candidate> = p
-            .sources
-            .iter()
-            .map(|s| Candidate {
-                registry: s.clone(),
-                repository: at_registry(s, &parsed.repository),
-                refused: refusal(policy, s),
-            })
-            .collect();
-        candidates.push(Candidate {
-            refused: refusal(policy, &own),
-            registry: own,
-            repository: parsed.repository.clone(),
-        });
+        let candidates = candidates(policy, &p.sources, &parsed.repository);
         out.due.push(PullIntent {
             backoff_key: key,
             key: p.key(),
@@ -216,6 +202,89 @@ pub fn pull_intents(
         });
     }
     out
+}
+
+/// The registries to try for `repository`: the `sources` in order, then its own.
+fn candidates(policy: &Policy, sources: &[String], repository: &str) -> Vec<Candidate> {
+    let own = refs::registry_of(repository).to_owned();
+    let mut out: Vec<Candidate> = sources
+        .iter()
+        .map(|s| Candidate {
+            registry: s.clone(),
+            repository: at_registry(s, repository),
+            refused: refusal(policy, s),
+        })
+        .collect();
+    out.push(Candidate {
+        refused: refusal(policy, &own),
+        registry: own,
+        repository: repository.to_owned(),
+    });
+    out
+}
+
+/// The `rule` of the audit records `stowage pull` writes.
+pub const CLI_RULE: &str = "cli";
+
+/// What `stowage pull REFERENCE [--platform P]` asks for, outside the policy:
+/// `repo[:tag][@digest]` (no tag and no digest means `:latest`, as with
+/// `docker pull`; a tag with a digest pulls that digest and only then tags
+/// it). A `[[prepull]]` entry for the same repository lends its `sources`;
+/// `allowed_registries` holds as for any pull. `Err` says what is wrong
+/// with the reference or platform.
+pub fn cli_intent(
+    policy: &Policy,
+    observed: &Observed,
+    reference: &str,
+    platform: Option<&str>,
+) -> Result<PullIntent, String> {
+    let mut parsed = refs::Reference::parse(reference).map_err(|e| e.to_string())?;
+    if parsed.tag.is_none() && parsed.digest.is_none() {
+        parsed.tag = Some("latest".to_owned());
+    }
+    if let Some(p) = platform {
+        refs::check_platform(p)?;
+    }
+    let tag_ref = parsed
+        .tag
+        .as_ref()
+        .map(|t| format!("{}:{t}", parsed.repository));
+    let by_digest = parsed
+        .digest
+        .as_ref()
+        .map(|d| format!("{}@{d}", parsed.repository));
+    let current = observed
+        .images
+        .iter()
+        .find(|i| match (&tag_ref, &by_digest) {
+            (Some(t), _) => i.repo_tags.contains(t),
+            (None, Some(d)) => i.repo_digests.contains(d),
+            (None, None) => false,
+        });
+    let sources = policy
+        .prepull
+        .iter()
+        .find(|p| refs::Reference::parse(&p.image).is_ok_and(|r| r.repository == parsed.repository))
+        .map(|p| p.sources.clone())
+        .unwrap_or_default();
+    let reference = parsed.to_string();
+    Ok(PullIntent {
+        key: format!("cli {reference}"),
+        backoff_key: format!("pull cli {reference}"),
+        tag_ref,
+        pin: parsed.digest.clone(),
+        platform: platform.map(str::to_owned),
+        candidates: candidates(policy, &sources, &parsed.repository),
+        current: current.map(|i| i.id.clone()),
+        current_digests: current.map(digests_of).unwrap_or_default(),
+        keep_previous: 0,
+        rule: CLI_RULE.to_owned(),
+        reason: match current {
+            None => "stowage pull: missing on this host".to_owned(),
+            Some(_) => "stowage pull: checking the registry for a newer digest".to_owned(),
+        },
+        reference,
+    })
 }
 
 /// The target of a local reference in a mirror: `<registry>/[<prefix>/]<path>:<tag>`.
@@ -479,6 +548,42 @@ sources = ["mirror.local:5000"]
                 .contains("registry r.local is not in daemon.allowed_registries"),
             "{c:?}"
         );
+    }
+
+    #[test]
+    fn cli_intent_defaults_to_latest_borrows_sources_and_checks_input() {
+        let p = policy(
+            r#"[daemon]
+allowed_registries = ["mirror.local:5000", "docker.io"]
+[[prepull]]
+image = "nginx:1.25"
+sources = ["mirror.local:5000"]
+"#,
+        );
+        let obs = observed(vec![image("sha256:a", &["nginx:latest"], &[])]);
+        let i = cli_intent(&p, &obs, "nginx", None).unwrap();
+        assert_eq!(i.reference, "nginx:latest");
+        assert_eq!(i.tag_ref.as_deref(), Some("nginx:latest"));
+        assert_eq!(i.current.as_deref(), Some("sha256:a"));
+        assert_eq!(i.rule, "cli");
+        assert_eq!(i.pin, None);
+        let repos: Vec<&str> = i.candidates.iter().map(|c| c.repository.as_str()).collect();
+        assert_eq!(repos, ["mirror.local:5000/library/nginx", "nginx"]);
+        // A tag with a digest: that digest, then the tag.
+        let pinned = cli_intent(
+            &p,
+            &obs,
+            &format!("r.local/app:1@{D1}"),
+            Some("linux/arm64"),
+        )
+        .unwrap();
+        assert_eq!(pinned.pin.as_deref(), Some(D1));
+        assert_eq!(pinned.tag_ref.as_deref(), Some("r.local/app:1"));
+        assert_eq!(pinned.current, None);
+        assert!(pinned.candidates[0].refused.is_some(), "{pinned:?}");
+        assert!(cli_intent(&p, &obs, "Bad Name", None).is_err());
+        assert!(cli_intent(&p, &obs, "app:1", Some("linux")).is_err());
+        assert!(cli_intent(&p, &obs, "app@sha256:12", None).is_err());
     }
 
     #[test]

@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditError, AuditLog, Outcome, Record};
@@ -48,16 +49,17 @@ use crate::state::State;
 
 pub use backoff::{Waiting, next_backoff};
 pub use intents::{
-    Candidate, PullIntent, PullIntents, PullStep, PushIntent, PushIntents, decide_pull,
-    mirror_target, pull_intents, pull_key, push_intents, push_needed, refusal,
+    CLI_RULE, Candidate, PullIntent, PullIntents, PullStep, PushIntent, PushIntents, cli_intent,
+    decide_pull, mirror_target, pull_intents, pull_key, push_intents, push_needed, refusal,
 };
-pub use preview::{StepKind, TransferPlan, TransferStep, preview};
+pub use preview::{Downloaded, StepKind, TransferPlan, TransferStep, preview};
+pub use pull::{PullOutcome, pull_one};
 pub use temp_tags::TEMP_TAGS_FILE;
 
 use pull::pull_job;
 use push::push_job;
 use temp_tags::{TempTags, remove_leftover_tags};
-use watch::{Watch, watched};
+use watch::{Downloads, Watch, watched};
 
 /// Why one transfer failed. Messages never contain credentials (engine
 /// messages are scrubbed before they are stored anywhere).
@@ -84,6 +86,42 @@ fn last_status(last: &Option<String>) -> String {
         .unwrap_or_default()
 }
 
+/// How far a pull has come, for a progress line on a terminal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PullProgress {
+    /// Bytes so far: received in this attempt plus what partials already had.
+    pub done: u64,
+    /// Bytes of all that is to come, when known.
+    pub total: Option<u64>,
+}
+
+/// Called with each new [`PullProgress`] of a pull.
+pub type OnProgress<'a> = &'a (dyn Fn(PullProgress) + Sync);
+
+/// What pulls moved and checked: per reconcile in its report, summed by the
+/// daemon for `status` and the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullCounters {
+    /// Bytes received over the network, failed attempts included.
+    pub bytes_received: u64,
+    /// Bytes that partial downloads already had: not fetched again.
+    pub resumed_bytes: u64,
+    /// Downloads that failed verification (discarded, never handed on).
+    pub verify_failures: u64,
+}
+
+impl PullCounters {
+    pub fn add(&mut self, other: &PullCounters) {
+        self.bytes_received = self.bytes_received.saturating_add(other.bytes_received);
+        self.resumed_bytes = self.resumed_bytes.saturating_add(other.resumed_bytes);
+        self.verify_failures = self.verify_failures.saturating_add(other.verify_failures);
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == PullCounters::default()
+    }
+}
+
 /// Everything a transfer job needs, shared by all jobs of one reconcile.
 struct Ctx<'a, E: Engine> {
     engine: &'a E,
@@ -94,6 +132,8 @@ struct Ctx<'a, E: Engine> {
     stall: Duration,
     /// Cancelled at shutdown: lookups and transfers in flight stop at once.
     shutdown: &'a CancellationToken,
+    /// Told how far each pull has come (`stowage pull` on a terminal).
+    progress: Option<OnProgress<'a>>,
 }
 
 impl<E: Engine> Ctx<'_, E> {
@@ -120,19 +160,29 @@ impl<E: Engine> Ctx<'_, E> {
         }
     }
 
-    /// Pull `from`, abandoning it when no progress arrives for the stall timeout.
+    /// Pull `from`, abandoning it when no progress arrives for the stall
+    /// timeout; with the bytes the engine says it downloaded, whatever the
+    /// outcome.
     async fn pull(
         &self,
         registry: &str,
         from: &str,
         platform: Option<&str>,
-    ) -> Result<(), TransferError> {
+    ) -> (Result<(), TransferError>, u64) {
         let watch = Watch::new();
-        let mut on_progress = |p: &Progress| watch.saw(p);
+        let mut downloads = Downloads::default();
+        let mut on_progress = |p: &Progress| {
+            watch.saw(p);
+            downloads.saw(p);
+            if let Some(tell) = self.progress {
+                tell(downloads.progress());
+            }
+        };
         let fut = self
             .engine
             .pull(from, platform, self.credentials(registry), &mut on_progress);
-        watched(fut, &watch, self.stall, self.shutdown).await
+        let result = watched(fut, &watch, self.stall, self.shutdown).await;
+        (result, downloads.received())
     }
 
     async fn push(&self, registry: &str, reference: &str) -> Result<(), TransferError> {
@@ -164,6 +214,7 @@ pub struct TransferReport {
     /// caller lists the engine again.
     pub stale: bool,
     pub interrupted: bool,
+    pub counters: PullCounters,
 }
 
 /// The result of one job, applied to the state and the audit log in order.
@@ -181,6 +232,9 @@ struct JobResult {
     dry_run: bool,
     /// Stopped by shutdown before it completed; the host is as it was.
     interrupted: bool,
+    /// The digest the registry serves is the current image's: nothing done.
+    up_to_date: Option<String>,
+    counters: PullCounters,
 }
 
 impl JobResult {
@@ -195,6 +249,8 @@ impl JobResult {
             tagged: false,
             dry_run: false,
             interrupted: false,
+            up_to_date: None,
+            counters: PullCounters::default(),
         }
     }
 
@@ -279,6 +335,7 @@ pub async fn run<E: Engine>(
         creds_error,
         stall: policy.daemon.stall_timeout,
         shutdown,
+        progress: None,
     };
     let now = clock.now().timestamp();
 
@@ -416,6 +473,7 @@ fn apply_result(
         return Ok(());
     };
     report.interrupted |= r.interrupted;
+    report.counters.add(&r.counters);
     for rec in &r.records {
         audit.append(rec);
     }

@@ -12,7 +12,7 @@ use super::{
     push_intents, push_needed,
 };
 use crate::engine::Engine;
-use crate::fmt::short_digest;
+use crate::fmt::{human_progress, short_digest};
 use crate::observe::Observed;
 use crate::policy::Policy;
 use crate::refs::split_tag;
@@ -57,6 +57,30 @@ pub struct TransferStep {
     pub from: Option<String>,
     pub rule: String,
     pub reason: String,
+    /// For a pull the content store holds part of: how much.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downloaded: Option<Downloaded>,
+}
+
+/// How much of an image's download the content store already holds
+/// (complete blobs and the committed bytes of partial ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Downloaded {
+    pub have: u64,
+    pub total: u64,
+}
+
+impl Downloaded {
+    /// From `(size, bytes held)` per blob of an image; `None` while nothing
+    /// is held (a pull from zero shows no progress) or all of it is.
+    pub fn of(blobs: impl IntoIterator<Item = (u64, u64)>) -> Option<Downloaded> {
+        let (have, total) = blobs
+            .into_iter()
+            .fold((0u64, 0u64), |(h, t), (size, held)| {
+                (h.saturating_add(held.min(size)), t.saturating_add(size))
+            });
+        (have > 0 && have < total).then_some(Downloaded { have, total })
+    }
 }
 
 impl TransferStep {
@@ -93,9 +117,13 @@ impl TransferPlan {
                 .as_ref()
                 .map(|f| format!(" <- {f}"))
                 .unwrap_or_default();
+            let downloaded = i
+                .downloaded
+                .map(|d| format!("  {} downloaded", human_progress(d.have, d.total)))
+                .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "  {:<8} {}{from}  ({}: {})",
+                "  {:<8} {}{from}{downloaded}  ({}: {})",
                 i.kind.as_str(),
                 i.reference,
                 i.rule,
@@ -128,6 +156,7 @@ pub async fn preview<E: Engine>(
         creds_error,
         stall: policy.daemon.stall_timeout,
         shutdown: &never,
+        progress: None,
     };
     // `stowage plan` shows what `stowage apply` would do: refresh is due.
     let pulls = pull_intents(policy, observed, state, now, true);
@@ -135,6 +164,7 @@ pub async fn preview<E: Engine>(
     for w in pulls.waiting.iter().chain(&pushes.waiting) {
         plan.items.push(TransferStep {
             kind: StepKind::Wait,
+            downloaded: None,
             reference: w.reference.clone(),
             from: None,
             rule: w.rule.clone(),
@@ -183,6 +213,7 @@ async fn preview_pull<E: Engine>(
             .collect();
         return Some(TransferStep {
             kind: StepKind::Refused,
+            downloaded: None,
             reference: intent.reference.clone(),
             from: None,
             rule: intent.rule.clone(),
@@ -217,6 +248,7 @@ async fn preview_pull<E: Engine>(
                 PullStep::UpToDate => None,
                 PullStep::Retag { image } => Some(TransferStep {
                     kind: StepKind::Tag,
+                    downloaded: None,
                     reference: intent.reference.clone(),
                     from: Some(image),
                     rule: intent.rule.clone(),
@@ -229,6 +261,7 @@ async fn preview_pull<E: Engine>(
                 }),
                 PullStep::Pull { from } => Some(TransferStep {
                     kind: StepKind::Pull,
+                    downloaded: None,
                     reference: intent.reference.clone(),
                     from: Some(from),
                     rule: intent.rule.clone(),
@@ -239,6 +272,7 @@ async fn preview_pull<E: Engine>(
     }
     Some(TransferStep {
         kind: StepKind::Unknown,
+        downloaded: None,
         reference: intent.reference.clone(),
         from: None,
         rule: intent.rule.clone(),
@@ -254,6 +288,7 @@ async fn preview_push<E: Engine>(ctx: &Ctx<'_, E>, intent: &PushIntent) -> Optio
     if let Some(why) = &intent.refused {
         return Some(TransferStep {
             kind: StepKind::Refused,
+            downloaded: None,
             reference: intent.target.clone(),
             from: Some(intent.source.clone()),
             rule: intent.rule.clone(),
@@ -271,6 +306,7 @@ async fn preview_push<E: Engine>(ctx: &Ctx<'_, E>, intent: &PushIntent) -> Optio
     };
     Some(TransferStep {
         kind: StepKind::Push,
+        downloaded: None,
         reference: intent.target.clone(),
         from: Some(intent.source.clone()),
         rule: intent.rule.clone(),
@@ -289,13 +325,23 @@ mod tests {
             items: vec![
                 TransferStep {
                     kind: StepKind::Pull,
+                    downloaded: None,
                     reference: "r/app:1".into(),
                     from: Some(format!("r/app@{D1}")),
                     rule: "prepull:r/app:1".into(),
                     reason: "missing on this host".into(),
                 },
                 TransferStep {
+                    kind: StepKind::Pull,
+                    downloaded: Downloaded::of([(50_000_000, 12_000_000), (1_000, 1_000)]),
+                    reference: "r/big:1".into(),
+                    from: Some(format!("r/big@{D1}")),
+                    rule: "cli".into(),
+                    reason: "missing on this host".into(),
+                },
+                TransferStep {
                     kind: StepKind::Wait,
+                    downloaded: None,
                     reference: "r/app:2".into(),
                     from: None,
                     rule: "prepull:r/app:2".into(),
@@ -312,6 +358,19 @@ mod tests {
         assert!(
             text.contains("  wait     r/app:2  (prepull:r/app:2: backing off)"),
             "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "  pull     r/big:1 <- r/big@{D1}  12.0/50.0 MB downloaded  (cli: missing"
+            )),
+            "{text}"
+        );
+        // Nothing held, or everything: no progress to show.
+        assert_eq!(Downloaded::of([(10, 0)]), None);
+        assert_eq!(Downloaded::of([(10, 10)]), None);
+        assert_eq!(
+            Downloaded::of([(10, 4), (10, 0)]),
+            Some(Downloaded { have: 4, total: 20 })
         );
     }
 }

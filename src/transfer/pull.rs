@@ -6,8 +6,11 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 
-use super::{Ctx, JobResult, PullIntent, PullStep, TransferError, decide_pull, elapsed_ms};
-use crate::audit::{self, Outcome, Record};
+use super::{
+    Ctx, JobResult, OnProgress, Phase, PullCounters, PullIntent, PullStep, TransferError,
+    decide_pull, elapsed_ms, load_credentials,
+};
+use crate::audit::{self, AuditLog, Outcome, Record};
 use crate::clock::Clock;
 use crate::engine::Engine;
 use crate::fmt::short_digest;
@@ -65,6 +68,10 @@ async fn pull_once<E: Engine>(
         rec.outcome = Outcome::Failed;
         rec.error = Some(error.clone());
         rec.duration_ms = elapsed_ms(clock, started);
+        if result.counters.bytes_received > 0 {
+            rec.bytes = Some(result.counters.bytes_received);
+            rec.resumed_bytes = Some(result.counters.resumed_bytes);
+        }
         tracing::warn!(rule = %intent.rule, "pull {} failed: {error}", intent.reference);
         result.records.push(rec);
         result.backoff = Some((intent.backoff_key.clone(), Err(error)));
@@ -113,6 +120,7 @@ async fn pull_once<E: Engine>(
                     short_digest(&digest)
                 );
                 result.backoff = Some((intent.backoff_key.clone(), Ok(())));
+                result.up_to_date = Some(digest);
                 return result;
             }
             PullStep::Retag { image } => {
@@ -139,10 +147,11 @@ async fn pull_once<E: Engine>(
             PullStep::UpToDate => unreachable!("returned above"),
             PullStep::Retag { image } => image,
             PullStep::Pull { from } => {
-                if let Err(e) = ctx
+                let (pulled, wire) = ctx
                     .pull(&c.registry, &from, intent.platform.as_deref())
-                    .await
-                {
+                    .await;
+                result.counters.bytes_received += wire;
+                if let Err(e) = pulled {
                     if matches!(e, TransferError::Interrupted) {
                         return result.interrupted(rec, "pull");
                     }
@@ -178,11 +187,13 @@ async fn pull_once<E: Engine>(
                 };
                 match found {
                     Some(img) => {
-                        rec.bytes = Some(img.size);
+                        rec.bytes = Some(result.counters.bytes_received);
+                        rec.resumed_bytes = Some(result.counters.resumed_bytes);
                         result.pulled = Some(img.id.clone());
                         img.id.clone()
                     }
                     None => {
+                        result.counters.verify_failures += 1;
                         causes.push(TransferError::Verify(from.clone()).to_string());
                         continue;
                     }
@@ -212,4 +223,63 @@ async fn pull_once<E: Engine>(
         return result;
     }
     fail(result, causes)
+}
+
+/// What `stowage pull` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullOutcome {
+    /// The current image already is what the registry serves.
+    UpToDate { digest: String },
+    /// Pulled by digest, verified, tagged.
+    Pulled { image: String },
+    /// Another local image was that digest: the reference points at it now.
+    Tagged { image: String },
+    /// Every candidate failed; the host is as it was.
+    Failed { error: String },
+    /// Stopped by a signal before it completed; the host is as it was.
+    Interrupted,
+}
+
+/// `stowage pull REFERENCE`: one pull outside the policy, done as a
+/// pre-pull does it (candidates in order, by digest, verified, then tagged)
+/// with its audit records (rule `cli`). No backoff or other state is kept:
+/// the command is run again by whoever asked. `progress` hears how far the
+/// download has come.
+pub async fn pull_one<E: Engine>(
+    phase: &Phase<'_, E>,
+    intent: &PullIntent,
+    observed: &Observed,
+    audit: &mut AuditLog,
+    progress: Option<OnProgress<'_>>,
+) -> (PullOutcome, PullCounters) {
+    let (creds, creds_error) = load_credentials(phase.policy);
+    let ctx = Ctx {
+        engine: phase.engine,
+        creds: &creds,
+        creds_error,
+        stall: phase.policy.daemon.stall_timeout,
+        shutdown: phase.shutdown,
+        progress,
+    };
+    let r = pull_once(&ctx, intent, observed, phase.run_id, false, phase.clock).await;
+    for rec in &r.records {
+        audit.append(rec);
+    }
+    let outcome = if r.interrupted {
+        PullOutcome::Interrupted
+    } else if let Some(digest) = r.up_to_date {
+        PullOutcome::UpToDate { digest }
+    } else if let Some(Err(error)) = r.backoff.map(|(_, b)| b) {
+        PullOutcome::Failed { error }
+    } else {
+        match (r.pulled, r.moved) {
+            (Some(image), _) => PullOutcome::Pulled { image },
+            (None, Some((_, _, image, _))) => PullOutcome::Tagged { image },
+            // Every path of `pull_once` ends in one of the above.
+            (None, None) => PullOutcome::Failed {
+                error: "the pull ended without a result".to_owned(),
+            },
+        }
+    };
+    (outcome, r.counters)
 }

@@ -1,13 +1,15 @@
-//! The stall watchdog: a transfer is abandoned when the engine reports no
-//! progress for `stall_timeout`, or at once at shutdown.
+//! The engine's progress reports: the stall watchdog (a transfer is
+//! abandoned when the engine reports no progress for `stall_timeout`, or at
+//! once at shutdown) and what they say came over the network.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::TransferError;
+use super::{PullProgress, TransferError};
 use crate::engine::{EngineError, Progress};
 
 /// Progress bookkeeping shared by a transfer and its watchdog.
@@ -63,5 +65,81 @@ where
                 }
             }
         }
+    }
+}
+
+/// What an engine pull's progress says was downloaded: per layer, the
+/// largest `Downloading` count, the whole layer once `Download complete`
+/// (a layer that "Already exists" moved nothing). An estimate: the engine
+/// reports compressed bytes per layer, not the manifest and config.
+#[derive(Debug, Default)]
+pub(super) struct Downloads {
+    /// Layer id -> (bytes so far, size when known).
+    layers: BTreeMap<String, (u64, Option<u64>)>,
+}
+
+impl Downloads {
+    pub(super) fn saw(&mut self, p: &Progress) {
+        let Some(id) = &p.id else { return };
+        match p.status.as_str() {
+            "Downloading" => {
+                let e = self.layers.entry(id.clone()).or_default();
+                e.0 = e.0.max(p.current.unwrap_or(0));
+                e.1 = p.total.or(e.1);
+            }
+            "Download complete" => {
+                if let Some(e) = self.layers.get_mut(id) {
+                    e.0 = e.1.unwrap_or(e.0).max(e.0);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Bytes received so far.
+    pub(super) fn received(&self) -> u64 {
+        self.layers.values().map(|(n, _)| n).sum()
+    }
+
+    /// For a progress line: received so far of the layers' known sizes.
+    pub(super) fn progress(&self) -> PullProgress {
+        PullProgress {
+            done: self.received(),
+            total: Some(self.layers.values().map(|(n, t)| t.unwrap_or(*n)).sum()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(id: &str, status: &str, current: Option<u64>, total: Option<u64>) -> Progress {
+        Progress {
+            id: Some(id.into()),
+            status: status.into(),
+            current,
+            total,
+        }
+    }
+
+    #[test]
+    fn downloads_count_layer_bytes_received_once() {
+        let mut d = Downloads::default();
+        d.saw(&p("a", "Pulling fs layer", None, None));
+        d.saw(&p("b", "Already exists", None, None));
+        d.saw(&p("a", "Downloading", Some(400), Some(1000)));
+        d.saw(&p("a", "Downloading", Some(900), Some(1000)));
+        assert_eq!(
+            d.progress(),
+            PullProgress {
+                done: 900,
+                total: Some(1000)
+            }
+        );
+        d.saw(&p("a", "Download complete", None, None));
+        // Extraction counts are not network bytes.
+        d.saw(&p("a", "Extracting", Some(5000), Some(5000)));
+        assert_eq!(d.received(), 1000);
     }
 }
