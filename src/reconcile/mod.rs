@@ -68,6 +68,8 @@ pub struct Report {
     /// `(count, bytes)` of the images after a reconcile that ran to its
     /// end, from its observation (the daemon's gauges).
     pub images: Option<(u64, u64)>,
+    /// What the pulls moved over the network, resumed and found corrupt.
+    pub pulls: transfer::PullCounters,
 }
 
 impl Report {
@@ -80,6 +82,14 @@ impl Report {
             s.push_str(&format!(
                 ", pulled {}, pushed {}, backing off {}",
                 self.pulled, self.pushed, self.backing_off
+            ));
+        }
+        if !self.pulls.is_zero() {
+            s.push_str(&format!(
+                ", received {} (resumed {}, verification failures {})",
+                human_bytes(self.pulls.bytes_received),
+                human_bytes(self.pulls.resumed_bytes),
+                self.pulls.verify_failures
             ));
         }
         if self.dry_run > 0 {
@@ -332,6 +342,7 @@ fn add_transfers(report: &mut Report, transfers: &transfer::TransferReport) {
     report.ok += transfers.pulled + transfers.pushed + transfers.tagged + transfers.untagged;
     report.dry_run += transfers.dry_run;
     report.interrupted |= transfers.interrupted;
+    report.pulls = transfers.counters;
 }
 
 #[cfg(test)]
