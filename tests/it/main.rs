@@ -36,6 +36,7 @@ mod execute_fake;
 mod apply_real;
 mod daemon_real;
 mod engine_real;
+mod pull_real;
 mod storage_real;
 mod transfer_real;
 

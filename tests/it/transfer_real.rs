@@ -25,11 +25,11 @@ const DAY: i64 = 86_400;
 /// its image dangling until the reference is tagged, and the one test with a
 /// rule for dangling images would take other tests' images in that window: it
 /// runs alone (write), the others together (read).
-static ENGINE_WIDE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+pub(crate) static ENGINE_WIDE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// Runs the stowage binary; `DOCKER_CONFIG` points at an empty folder so the
 /// machine's own Docker credentials never take part.
-async fn stowage(engine: &str, policy: &Path, args: &[&str]) -> Output {
+pub(crate) async fn stowage(engine: &str, policy: &Path, args: &[&str]) -> Output {
     let empty = policy.parent().unwrap().join("docker-config");
     std::fs::create_dir_all(&empty).unwrap();
     tokio::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
@@ -46,20 +46,20 @@ async fn stowage(engine: &str, policy: &Path, args: &[&str]) -> Output {
 }
 
 /// A test's folder: policy, state and audit log live here.
-struct Dir {
+pub(crate) struct Dir {
     tmp: tempfile::TempDir,
 }
 
 impl Dir {
-    fn new() -> Dir {
+    pub(crate) fn new() -> Dir {
         Dir {
             tmp: tempfile::tempdir_in(engine_env::scratch_dir()).unwrap(),
         }
     }
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.tmp.path()
     }
-    fn policy(&self, body: &str) -> PathBuf {
+    pub(crate) fn policy(&self, body: &str) -> PathBuf {
         let p = self.path().join("policy.toml");
         std::fs::write(
             &p,
@@ -71,12 +71,15 @@ impl Dir {
         .unwrap();
         p
     }
-    fn audit(&self) -> Vec<Record> {
+    pub(crate) fn audit(&self) -> Vec<Record> {
         audit::read(&self.path().join("state/audit.jsonl"))
             .unwrap()
             .records
     }
-    fn state(&self) -> Value {
+    pub(crate) fn audit_file_missing(&self) -> bool {
+        !self.path().join("state/audit.jsonl").exists()
+    }
+    pub(crate) fn state(&self) -> Value {
         serde_json::from_slice(&std::fs::read(self.path().join("state/state.json")).unwrap())
             .unwrap()
     }
@@ -85,7 +88,7 @@ impl Dir {
 /// Loads `image` into the engine, pushes each of its tags, then removes the
 /// local tags (the image is gone from the host, present in the registry).
 /// Returns the manifest digest of the last push.
-async fn publish(
+pub(crate) async fn publish(
     engine: &DockerEngine,
     image: &FixtureImage,
     credentials: Option<&Credentials>,
@@ -118,7 +121,7 @@ fn alias(registry: &str) -> String {
 }
 
 /// The image id `reference` names on the engine, if any.
-async fn holder(engine: &DockerEngine, reference: &str) -> Option<String> {
+pub(crate) async fn holder(engine: &DockerEngine, reference: &str) -> Option<String> {
     engine
         .list_images()
         .await
@@ -128,7 +131,7 @@ async fn holder(engine: &DockerEngine, reference: &str) -> Option<String> {
         .map(|i| i.id)
 }
 
-async fn has_image(engine: &DockerEngine, id: &str) -> bool {
+pub(crate) async fn has_image(engine: &DockerEngine, id: &str) -> bool {
     engine
         .list_images()
         .await
@@ -137,13 +140,13 @@ async fn has_image(engine: &DockerEngine, id: &str) -> bool {
         .any(|i| i.id == id)
 }
 
-fn records(all: Vec<Record>, action: Action, outcome: Outcome) -> Vec<Record> {
+pub(crate) fn records(all: Vec<Record>, action: Action, outcome: Outcome) -> Vec<Record> {
     all.into_iter()
         .filter(|r| r.action == action && r.outcome == outcome)
         .collect()
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
