@@ -240,7 +240,7 @@ enum Fatal {
     #[error("cannot encode the answer as JSON: {0}")]
     Json(#[from] serde_json::Error),
     #[error("cannot write the output: {0}")]
-    Output(std::io::Error),
+    Output(#[source] std::io::Error),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -326,8 +326,8 @@ async fn connect(engine: Option<&str>) -> Result<DockerEngine, Fatal> {
     Ok(DockerEngine::connect(engine).await?)
 }
 
-fn load_state(policy: &Policy, now: DateTime<Utc>) -> crate::state::State {
-    let loaded = StateStore::new(&policy.daemon.state_dir).load_readonly(now.timestamp());
+fn load_state(policy: &Policy, at: DateTime<Utc>) -> crate::state::State {
+    let loaded = StateStore::new(&policy.daemon.state_dir).load_readonly(at.timestamp());
     if let Some(w) = loaded.warning {
         tracing::warn!("{w}");
     }
@@ -339,7 +339,8 @@ fn load_state(policy: &Policy, now: DateTime<Utc>) -> crate::state::State {
 struct ReadView {
     policy: Policy,
     engine: DockerEngine,
-    now: DateTime<Utc>,
+    /// When the view was taken.
+    at: DateTime<Utc>,
     state: crate::state::State,
     observed: crate::observe::Observed,
     plan: crate::plan::Plan,
@@ -354,7 +355,7 @@ async fn plan_here(path: &Path, engine: Option<&str>) -> Result<ReadView, Fatal>
     Ok(ReadView {
         policy,
         engine,
-        now,
+        at: now,
         state,
         observed,
         plan,
@@ -370,7 +371,7 @@ async fn cmd_plan(
     let ReadView {
         policy,
         engine,
-        now,
+        at,
         state,
         observed,
         plan,
@@ -378,7 +379,7 @@ async fn cmd_plan(
     // Pending pulls and pushes: read-only registry lookups; an unreachable
     // registry shows up in the plan instead of failing it.
     let transfers =
-        crate::transfer::preview(&engine, &policy, &observed, &state, now.timestamp()).await;
+        crate::transfer::preview(&engine, &policy, &observed, &state, at.timestamp()).await;
     if json {
         let mut value = serde_json::to_value(&plan)?;
         if let Some(map) = value.as_object_mut() {
@@ -658,7 +659,7 @@ async fn cmd_status_direct(
     let ReadView {
         policy,
         engine,
-        now,
+        at,
         state,
         observed,
         plan,
@@ -675,7 +676,7 @@ async fn cmd_status_direct(
     }
     out!(
         "daemon: not running\n\n{}",
-        status::render_table(&rows, observed.images.len(), &policy.source, now)
+        status::render_table(&rows, observed.images.len(), &policy.source, at)
     )?;
     Ok(ExitCode::SUCCESS)
 }
@@ -724,12 +725,12 @@ fn cmd_history(
 /// The time `--since D` reaches back to, or a clear error when that is
 /// before any time a record can carry (`--since 300000y`).
 fn since_cutoff(
-    now: chrono::DateTime<chrono::Utc>,
+    at: chrono::DateTime<chrono::Utc>,
     since: std::time::Duration,
 ) -> Result<chrono::DateTime<chrono::Utc>, Fatal> {
     chrono::Duration::from_std(since)
         .ok()
-        .and_then(|d| now.checked_sub_signed(d))
+        .and_then(|d| at.checked_sub_signed(d))
         .ok_or_else(|| {
             Fatal::Message(format!(
                 "--since {}: reaches back further than any time the audit log can hold; give a shorter duration",

@@ -37,7 +37,9 @@ mod apply_real;
 mod daemon_real;
 mod engine_real;
 mod pull_real;
+mod registry_real;
 mod storage_real;
+mod store_real;
 mod transfer_real;
 
 // Faults injected into the real engine, registry, disk, state and inputs.
@@ -47,3 +49,6 @@ mod faults_inputs;
 mod faults_servers;
 mod faults_state;
 mod faults_transfer;
+
+// The registry client against tiny servers playing what the real registry cannot.
+mod registry_servers;
