@@ -25,6 +25,8 @@
 //! left is recognised and removed at the next start, never taken for a user's.
 
 mod backoff;
+mod content;
+mod downloads;
 mod intents;
 mod preview;
 mod pull;
@@ -56,6 +58,7 @@ pub use preview::{Downloaded, StepKind, TransferPlan, TransferStep, preview};
 pub use pull::{PullOutcome, pull_one};
 pub use temp_tags::TEMP_TAGS_FILE;
 
+use content::Content;
 use pull::pull_job;
 use push::push_job;
 use temp_tags::{TempTags, remove_leftover_tags};
@@ -78,6 +81,24 @@ pub enum TransferError {
     Verify(String),
     #[error("interrupted by shutdown")]
     Interrupted,
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The image config could not be read back or has no diff ids.
+    #[error("{0}")]
+    Config(String),
+    /// The engine could not take the complete image from the content
+    /// store's loopback endpoint.
+    #[error("handing the image to the engine from the content store ({loopback}): {source}")]
+    HandOff {
+        loopback: String,
+        #[source]
+        source: Box<TransferError>,
+    },
+    /// The content store cannot be used (its folder, its layout).
+    #[error("content store: {0}")]
+    Unusable(String),
 }
 
 fn last_status(last: &Option<String>) -> String {
@@ -134,6 +155,10 @@ struct Ctx<'a, E: Engine> {
     shutdown: &'a CancellationToken,
     /// Told how far each pull has come (`stowage pull` on a terminal).
     progress: Option<OnProgress<'a>>,
+    /// With a local engine, pulls go through the content store; `Err` when
+    /// it cannot be used: every pull fails with that rather than going
+    /// around it.
+    content: Option<Result<&'a Content, String>>,
 }
 
 impl<E: Engine> Ctx<'_, E> {
@@ -169,12 +194,34 @@ impl<E: Engine> Ctx<'_, E> {
         from: &str,
         platform: Option<&str>,
     ) -> (Result<(), TransferError>, u64) {
+        self.engine_pull(registry, from, platform, self.progress)
+            .await
+    }
+
+    /// [`Ctx::pull`] whose progress nobody is told: a hand-off from the
+    /// content store or a manifest-only pull, not network downloads.
+    async fn pull_quiet(
+        &self,
+        registry: &str,
+        from: &str,
+        platform: Option<&str>,
+    ) -> (Result<(), TransferError>, u64) {
+        self.engine_pull(registry, from, platform, None).await
+    }
+
+    async fn engine_pull(
+        &self,
+        registry: &str,
+        from: &str,
+        platform: Option<&str>,
+        progress: Option<OnProgress<'_>>,
+    ) -> (Result<(), TransferError>, u64) {
         let watch = Watch::new();
         let mut downloads = Downloads::default();
         let mut on_progress = |p: &Progress| {
             watch.saw(p);
             downloads.saw(p);
-            if let Some(tell) = self.progress {
+            if let Some(tell) = progress {
                 tell(downloads.progress());
             }
         };
@@ -325,7 +372,8 @@ pub async fn run<E: Engine>(
     // a killed push must not be taken for a user's reference below.
     let journal = TempTags::load(&policy.daemon.state_dir);
     remove_leftover_tags(phase, &journal, observed, audit, &mut report).await?;
-    if policy.prepull.is_empty() && policy.mirror.is_empty() {
+    let content = content_for(engine, policy, policy.daemon.stall_timeout).await;
+    if policy.prepull.is_empty() && policy.mirror.is_empty() && content.is_none() {
         return Ok(report);
     }
     let (creds, creds_error) = load_credentials(policy);
@@ -336,8 +384,16 @@ pub async fn run<E: Engine>(
         stall: policy.daemon.stall_timeout,
         shutdown,
         progress: None,
+        content: content.as_ref().map(|c| c.as_ref().map_err(Clone::clone)),
     };
     let now = clock.now().timestamp();
+    let store = content.as_ref().and_then(|c| c.as_ref().ok());
+    if let Some(store) = store
+        && !options.dry_run
+    {
+        // Upstream digest references earlier hand-offs could not record.
+        store.catch_up(&ctx, observed).await;
+    }
 
     let pulls = pull_intents(policy, observed, state, now, options.force_refresh);
     // Entries the policy no longer asks for (a pin or an image changed) go.
@@ -363,6 +419,11 @@ pub async fn run<E: Engine>(
         apply_result(result, policy, state, audit, clock, &mut report)?;
     }
     drop(results);
+    if let Some(store) = store
+        && !options.dry_run
+    {
+        store.gc(policy, now).await;
+    }
     if shutdown.is_cancelled() {
         report.interrupted = true;
         return Ok(report);
@@ -415,6 +476,26 @@ pub async fn run<E: Engine>(
         apply_result(result, policy, state, audit, clock, &mut report)?;
     }
     Ok(report)
+}
+
+/// The content store pulls go through: for a local engine, when the policy
+/// pulls or an earlier `stowage pull` left work in the store's journal.
+/// `Err` (the message) when it cannot be opened.
+async fn content_for<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    give_up: Duration,
+) -> Option<Result<Content, String>> {
+    let journal = policy.daemon.state_dir.join(downloads::DOWNLOADS_FILE);
+    let wanted = !policy.prepull.is_empty() || journal.exists();
+    if !engine.is_local() || !wanted {
+        return None;
+    }
+    Some(
+        Content::open(policy, give_up)
+            .await
+            .map_err(|e| e.to_string()),
+    )
 }
 
 fn load_credentials(policy: &Policy) -> (CredentialStore, Option<String>) {

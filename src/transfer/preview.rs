@@ -7,6 +7,7 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use super::content::Content;
 use super::{
     Candidate, Ctx, PullIntent, PullStep, PushIntent, decide_pull, load_credentials, pull_intents,
     push_intents, push_needed,
@@ -150,6 +151,17 @@ pub async fn preview<E: Engine>(
     let (creds, creds_error) = load_credentials(policy);
     // Read-only lookups: nothing to cancel cooperatively.
     let never = CancellationToken::new();
+    // Partial downloads are read from a content store that exists; `plan`
+    // creates none.
+    let layout = policy.daemon.cache_dir.join("oci-layout");
+    let content = if engine.is_local() && layout.exists() {
+        Content::open(policy, policy.daemon.stall_timeout)
+            .await
+            .inspect_err(|e| tracing::debug!("partial downloads not shown: {e}"))
+            .ok()
+    } else {
+        None
+    };
     let ctx = Ctx {
         engine,
         creds: &creds,
@@ -157,6 +169,7 @@ pub async fn preview<E: Engine>(
         stall: policy.daemon.stall_timeout,
         shutdown: &never,
         progress: None,
+        content: content.as_ref().map(Ok),
     };
     // `stowage plan` shows what `stowage apply` would do: refresh is due.
     let pulls = pull_intents(policy, observed, state, now, true);
@@ -261,7 +274,10 @@ async fn preview_pull<E: Engine>(
                 }),
                 PullStep::Pull { from } => Some(TransferStep {
                     kind: StepKind::Pull,
-                    downloaded: None,
+                    downloaded: match &ctx.content {
+                        Some(Ok(store)) => store.downloaded(&intent.key, &digest).await,
+                        _ => None,
+                    },
                     reference: intent.reference.clone(),
                     from: Some(from),
                     rule: intent.rule.clone(),

@@ -6,9 +6,10 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 
+use super::content::Content;
 use super::{
-    Ctx, JobResult, OnProgress, Phase, PullCounters, PullIntent, PullStep, TransferError,
-    decide_pull, elapsed_ms, load_credentials,
+    Candidate, Ctx, JobResult, OnProgress, Phase, PullCounters, PullIntent, PullStep,
+    TransferError, decide_pull, elapsed_ms, load_credentials,
 };
 use crate::audit::{self, AuditLog, Outcome, Record};
 use crate::clock::Clock;
@@ -80,24 +81,47 @@ async fn pull_once<E: Engine>(
     if let Some(e) = &ctx.creds_error {
         return fail(result, vec![e.clone()]);
     }
+    if let Some(Err(e)) = &ctx.content {
+        return fail(result, vec![e.clone()]);
+    }
+    let content = ctx.content.as_ref().and_then(|c| c.as_ref().ok()).copied();
     for c in &intent.candidates {
         if let Some(why) = &c.refused {
             causes.push(format!("{}: refused: {why}", c.registry));
             continue;
         }
-        // A pin needs no lookup: the engine checks the content against it.
-        let digest = match &intent.pin {
-            Some(pin) => pin.clone(),
-            None => {
-                let tagged = format!(
-                    "{}:{}",
-                    c.repository,
-                    intent
-                        .tag_ref
-                        .as_deref()
-                        .and_then(|t| split_tag(t).1)
-                        .unwrap_or("latest")
-                );
+        // With a local engine the registry client resolves the reference
+        // (and checks a pin); else a pin needs no lookup: the engine checks
+        // the content against it.
+        let source = match content {
+            Some(store) => match store.resolve(ctx, intent, c, &mut result.counters).await {
+                Ok(s) => Some(s),
+                Err(TransferError::Interrupted) => {
+                    return result.interrupted(pull_record(intent, run_id, started), "pull");
+                }
+                Err(e) => {
+                    let mut cause = format!("{}: {}", c.registry, ctx.scrub(&e.to_string()));
+                    if let Some(pin) = &intent.pin
+                        && intent.tag_ref.is_some()
+                        && let Some(d) = store.tag_digest(ctx, intent, c).await
+                        && &d != pin
+                    {
+                        let _ = write!(
+                            cause,
+                            " (pinned {pin}, the registry's tag now serves {d}: rejected)"
+                        );
+                    }
+                    causes.push(cause);
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let digest = match (&source, &intent.pin) {
+            (Some(s), _) => s.digest().to_owned(),
+            (None, Some(pin)) => pin.clone(),
+            (None, None) => {
+                let tagged = format!("{}:{}", c.repository, tag_of(intent));
                 match ctx.lookup(&c.registry, &tagged).await {
                     Ok(d) => d,
                     Err(TransferError::Interrupted) => {
@@ -143,70 +167,63 @@ async fn pull_once<E: Engine>(
             result.dry_run = true;
             return result;
         }
-        let image = match step {
+        let mut handed = None;
+        let image = match &step {
             PullStep::UpToDate => unreachable!("returned above"),
-            PullStep::Retag { image } => image,
+            PullStep::Retag { image } => image.clone(),
             PullStep::Pull { from } => {
-                let (pulled, wire) = ctx
-                    .pull(&c.registry, &from, intent.platform.as_deref())
-                    .await;
-                result.counters.bytes_received += wire;
-                if let Err(e) = pulled {
-                    if matches!(e, TransferError::Interrupted) {
-                        return result.interrupted(rec, "pull");
-                    }
-                    let mut cause = format!("{}: {}", c.registry, ctx.scrub(&e.to_string()));
-                    if intent.pin.is_some() {
-                        // Say what the tag holds now, if the registry tells.
-                        let tagged = intent.tag_ref.as_deref().and_then(|t| split_tag(t).1);
-                        if let Some(tag) = tagged
-                            && let Ok(d) = ctx
-                                .lookup(&c.registry, &format!("{}:{tag}", c.repository))
-                                .await
-                            && Some(&d) != intent.pin.as_ref()
-                        {
-                            let _ = write!(
-                                cause,
-                                " (pinned {}, the registry's tag now serves {}: rejected)",
-                                intent.pin.as_deref().unwrap_or_default(),
-                                d
-                            );
-                        }
-                    }
-                    causes.push(cause);
-                    continue;
-                }
-                // Verify: the engine has an image for exactly that digest
-                // (one inspect of `repo@digest`, not a listing).
-                let found = match ctx.engine.image(&from).await {
-                    Ok(i) => i.filter(|i| i.repo_digests.contains(&from)),
-                    Err(e) => {
-                        causes.push(format!("after pulling {from}: {e}"));
-                        continue;
-                    }
+                let got = match (content, &source) {
+                    (Some(store), Some(src)) => store
+                        .pull(ctx, intent, src, observed, &mut result.counters)
+                        .await
+                        .map(|h| {
+                            let id = h.image.clone();
+                            handed = Some(h);
+                            id
+                        })
+                        .map_err(|e| match e {
+                            TransferError::Interrupted => Attempt::Interrupted,
+                            e => Attempt::Failed(format!(
+                                "{}: {}",
+                                c.registry,
+                                ctx.scrub(&e.to_string())
+                            )),
+                        }),
+                    _ => engine_pull(ctx, intent, c, from, &mut result.counters).await,
                 };
-                match found {
-                    Some(img) => {
+                match got {
+                    Ok(id) => {
                         rec.bytes = Some(result.counters.bytes_received);
                         rec.resumed_bytes = Some(result.counters.resumed_bytes);
-                        result.pulled = Some(img.id.clone());
-                        img.id.clone()
+                        result.pulled = Some(id.clone());
+                        id
                     }
-                    None => {
-                        result.counters.verify_failures += 1;
-                        causes.push(TransferError::Verify(from.clone()).to_string());
+                    Err(Attempt::Interrupted) => return result.interrupted(rec, "pull"),
+                    Err(Attempt::Failed(cause)) => {
+                        causes.push(cause);
                         continue;
                     }
                 }
             }
         };
-        if let Some(tag_ref) = &intent.tag_ref
-            && intent.current.as_deref() != Some(image.as_str())
-        {
-            if let Err(e) = ctx.engine.tag(&image, tag_ref).await {
-                causes.push(format!("tagging {tag_ref}: {e}"));
-                continue;
-            }
+        let tagged = match &intent.tag_ref {
+            Some(tag_ref) if intent.current.as_deref() != Some(image.as_str()) => ctx
+                .engine
+                .tag(&image, tag_ref)
+                .await
+                .map_err(|e| (tag_ref, e)),
+            _ => Ok(()),
+        };
+        // Whatever the tag did: the hand-off's loopback name goes, the
+        // upstream's digest reference comes.
+        if let (Some(store), Some(h), PullStep::Pull { from }) = (content, handed, &step) {
+            store.finish(ctx, intent, c, from, h).await;
+        }
+        if let Err((tag_ref, e)) = tagged {
+            causes.push(format!("tagging {tag_ref}: {e}"));
+            continue;
+        }
+        if intent.tag_ref.is_some() && intent.current.as_deref() != Some(image.as_str()) {
             result.tagged = result.pulled.is_none();
         }
         result.moved = Some((
@@ -223,6 +240,77 @@ async fn pull_once<E: Engine>(
         return result;
     }
     fail(result, causes)
+}
+
+/// The tag `intent` follows (`latest` for a reference given by digest only).
+fn tag_of(intent: &PullIntent) -> &str {
+    intent
+        .tag_ref
+        .as_deref()
+        .and_then(|t| split_tag(t).1)
+        .unwrap_or("latest")
+}
+
+/// Why one candidate's pull did not bring the image.
+enum Attempt {
+    /// Shutdown: the host is as it was.
+    Interrupted,
+    /// The cause, for the record (credentials scrubbed).
+    Failed(String),
+}
+
+/// The engine's own pull of `from` (a remote engine), then the check that
+/// the engine lists an image for exactly that digest.
+async fn engine_pull<E: Engine>(
+    ctx: &Ctx<'_, E>,
+    intent: &PullIntent,
+    c: &Candidate,
+    from: &str,
+    counters: &mut PullCounters,
+) -> Result<String, Attempt> {
+    let (pulled, wire) = ctx
+        .pull(&c.registry, from, intent.platform.as_deref())
+        .await;
+    counters.bytes_received += wire;
+    if let Err(e) = pulled {
+        if matches!(e, TransferError::Interrupted) {
+            return Err(Attempt::Interrupted);
+        }
+        let mut cause = format!("{}: {}", c.registry, ctx.scrub(&e.to_string()));
+        if intent.pin.is_some() {
+            // Say what the tag holds now, if the registry tells.
+            let tagged = intent.tag_ref.as_deref().and_then(|t| split_tag(t).1);
+            if let Some(tag) = tagged
+                && let Ok(d) = ctx
+                    .lookup(&c.registry, &format!("{}:{tag}", c.repository))
+                    .await
+                && Some(&d) != intent.pin.as_ref()
+            {
+                let _ = write!(
+                    cause,
+                    " (pinned {}, the registry's tag now serves {}: rejected)",
+                    intent.pin.as_deref().unwrap_or_default(),
+                    d
+                );
+            }
+        }
+        return Err(Attempt::Failed(cause));
+    }
+    // Verify: the engine has an image for exactly that digest (one inspect
+    // of `repo@digest`, not a listing).
+    let found = match ctx.engine.image(from).await {
+        Ok(i) => i.filter(|i| i.repo_digests.iter().any(|d| d == from)),
+        Err(e) => return Err(Attempt::Failed(format!("after pulling {from}: {e}"))),
+    };
+    match found {
+        Some(img) => Ok(img.id),
+        None => {
+            counters.verify_failures += 1;
+            Err(Attempt::Failed(
+                TransferError::Verify(from.to_owned()).to_string(),
+            ))
+        }
+    }
 }
 
 /// What `stowage pull` did.
@@ -253,15 +341,32 @@ pub async fn pull_one<E: Engine>(
     progress: Option<OnProgress<'_>>,
 ) -> (PullOutcome, PullCounters) {
     let (creds, creds_error) = load_credentials(phase.policy);
+    let daemon = &phase.policy.daemon;
+    // Someone waits for this pull: it keeps trying for longer than a
+    // reconcile's, which backs off and resumes later.
+    let content = if phase.engine.is_local() {
+        let give_up = daemon.retry_max.max(daemon.stall_timeout);
+        Some(
+            Content::open(phase.policy, give_up)
+                .await
+                .map_err(|e| e.to_string()),
+        )
+    } else {
+        None
+    };
     let ctx = Ctx {
         engine: phase.engine,
         creds: &creds,
         creds_error,
-        stall: phase.policy.daemon.stall_timeout,
+        stall: daemon.stall_timeout,
         shutdown: phase.shutdown,
         progress,
+        content: content.as_ref().map(|c| c.as_ref().map_err(Clone::clone)),
     };
     let r = pull_once(&ctx, intent, observed, phase.run_id, false, phase.clock).await;
+    if let Some(Ok(store)) = &content {
+        store.gc(phase.policy, phase.clock.now().timestamp()).await;
+    }
     for rec in &r.records {
         audit.append(rec);
     }
