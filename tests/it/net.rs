@@ -123,12 +123,18 @@ pub enum Mode {
     CutAfter(u64),
     /// Forward back at most this many bytes per second per connection.
     Throttle(u64),
+    /// Forward both ways, but flip (xor 0xff) every Nth byte sent back on
+    /// each connection: a body longer than N arrives wrong, whatever the
+    /// connection reuse.
+    FlipEvery(u64),
 }
 
 struct Shared {
     mode: Mutex<Mode>,
     upstream: Mutex<String>,
     connections: AtomicU64,
+    /// Bytes sent back to clients: what crossed the "link".
+    sent: AtomicU64,
 }
 
 impl Shared {
@@ -152,6 +158,7 @@ impl Proxy {
             mode: Mutex::new(Mode::Pass),
             upstream: Mutex::new(upstream.to_owned()),
             connections: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -174,6 +181,11 @@ impl Proxy {
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Bytes sent back to clients so far (the wire bytes of a pull).
+    pub fn bytes(&self) -> u64 {
+        self.shared.sent.load(Ordering::SeqCst)
     }
 }
 
@@ -226,9 +238,24 @@ async fn handle(client: TcpStream, shared: Arc<Shared>) {
                             return;
                         }
                         sent += chunk.len() as u64;
+                        shared.sent.fetch_add(chunk.len() as u64, Ordering::SeqCst);
                         chunk = &[];
                     }
                     Mode::Stall => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Mode::FlipEvery(n) => {
+                        let mut out = chunk.to_vec();
+                        for (i, b) in out.iter_mut().enumerate() {
+                            if (sent + i as u64 + 1).is_multiple_of(n.max(1)) {
+                                *b ^= 0xff;
+                            }
+                        }
+                        if cw.write_all(&out).await.is_err() {
+                            return;
+                        }
+                        sent += out.len() as u64;
+                        shared.sent.fetch_add(out.len() as u64, Ordering::SeqCst);
+                        chunk = &[];
+                    }
                     Mode::CutAfter(limit) => {
                         let room =
                             usize::try_from(limit.saturating_sub(sent)).unwrap_or(usize::MAX);
@@ -237,6 +264,7 @@ async fn handle(client: TcpStream, shared: Arc<Shared>) {
                             return;
                         }
                         sent += take as u64;
+                        shared.sent.fetch_add(take as u64, Ordering::SeqCst);
                         if take < chunk.len() {
                             // Cut: close mid-answer.
                             return;
@@ -251,8 +279,12 @@ async fn handle(client: TcpStream, shared: Arc<Shared>) {
                             return;
                         }
                         sent += slice as u64;
+                        shared.sent.fetch_add(slice as u64, Ordering::SeqCst);
                         chunk = &chunk[slice..];
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        // The time this slice takes at `per_sec` (100 ms
+                        // for a full tenth of a second's worth).
+                        let secs = slice as f64 / per_sec.max(1) as f64;
+                        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
                     }
                 }
             }

@@ -1,7 +1,10 @@
 //! `stowage pull REF` against the real private engine and registry: a pull
 //! outside the policy, by digest, verified, then tagged; audit rule `cli`.
 
+use std::time::{Duration, Instant};
+
 use crate::engine_env::{self, text};
+use crate::net::{Mode, Proxy};
 use crate::transfer_real::{Dir, ENGINE_WIDE, has_image, holder, now, publish, records, stowage};
 use stowage::audit::{Action, Outcome};
 
@@ -101,4 +104,253 @@ async fn stowage_pull_refuses_bad_input_and_says_why_a_pull_failed() {
         text(&refused)
     );
     assert_eq!(holder(&engine, &format!("{reg}/any/app:1")).await, None);
+}
+
+// ------------------------------------------------- through the content store
+// The private engine is local: every pull goes registry -> content store ->
+// loopback -> engine. A proxy between stowage and the registry is the link.
+
+/// The manifest `reference` (`host/repo:tag`) has at its registry, as JSON
+/// (a plain HTTP GET: the registry is on loopback).
+fn manifest_of(reference: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let (host, rest) = reference.split_once('/').unwrap();
+    let (repo, tag) = rest.rsplit_once(':').unwrap();
+    let mut conn = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        conn,
+        "GET /v2/{repo}/manifests/{tag} HTTP/1.0\r\nHost: {host}\r\n\
+         Accept: application/vnd.docker.distribution.manifest.v2+json\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).unwrap();
+    let text = String::from_utf8(answer).unwrap();
+    let body = text.split_once("\r\n\r\n").unwrap().1;
+    serde_json::from_str(body).unwrap()
+}
+
+/// Bytes of the image on the wire: manifest, config and layers.
+fn wire_size(manifest: &serde_json::Value) -> u64 {
+    let size = |v: &serde_json::Value| v["size"].as_u64().unwrap();
+    size(&manifest["config"])
+        + manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(size)
+            .sum::<u64>()
+}
+
+/// The references (tags and digests) the engine lists for `id`.
+async fn names_of(engine: &stowage::engine::DockerEngine, id: &str) -> (Vec<String>, Vec<String>) {
+    use stowage::engine::Engine;
+    let img = engine
+        .image(id)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("{id} is not on the engine"));
+    (img.repo_tags, img.repo_digests)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_every_mib_completes_with_wire_bytes_close_to_the_image() {
+    let Some(engine) = engine_env::engine().await else {
+        return;
+    };
+    let _engine_wide = ENGINE_WIDE.read().await;
+    let (addr, reg) = (
+        engine_env::engine_addr().unwrap(),
+        engine_env::registry().unwrap(),
+    );
+    let ns = engine_env::unique_ns("cli-cut");
+    let image = engine_env::image(&[&format!("{reg}/{ns}/app:1")], now() - DAY, 6 * MIB);
+    let digest = publish(&engine, &image, None).await;
+    let size = wire_size(&manifest_of(&format!("{reg}/{ns}/app:1")));
+    let proxy = Proxy::start(&reg).await;
+    proxy.set(Mode::CutAfter(MIB as u64));
+    let reference = format!("{}/{ns}/app:1", proxy.addr);
+    let dir = Dir::new();
+    let policy = dir.policy("");
+    let out = stowage(&addr, &policy, &["pull", &reference]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(holder(&engine, &reference).await, Some(image.id()));
+    // At least six cuts, each costing only the bytes in flight.
+    assert!(
+        proxy.connections() >= 6,
+        "{} connections",
+        proxy.connections()
+    );
+    let wire = proxy.bytes();
+    assert!(
+        wire as f64 <= size as f64 * 1.05,
+        "{wire} bytes on the wire for an image of {size}"
+    );
+    // The engine holds it under the upstream's names only: the loopback
+    // reference of the hand-off is gone.
+    let (tags, digests) = names_of(&engine, &image.id()).await;
+    assert_eq!(tags, std::slice::from_ref(&reference));
+    assert_eq!(digests, [format!("{}/{ns}/app@{digest}", proxy.addr)]);
+    let rec = &records(dir.audit(), Action::Pull, Outcome::Ok)[0];
+    let bytes = rec.bytes.unwrap();
+    assert!(
+        (size..size + 8192).contains(&bytes),
+        "{rec:?}, image {size}"
+    );
+    assert_eq!(rec.resumed_bytes, Some(0));
+    // With the default cache_max of 0, the store keeps nothing afterwards.
+    let blobs = dir.path().join("state/cache/blobs/sha256");
+    assert_eq!(std::fs::read_dir(&blobs).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_blob_then_again_resumes_without_fetching_the_partial_again() {
+    let Some(engine) = engine_env::engine().await else {
+        return;
+    };
+    let _engine_wide = ENGINE_WIDE.read().await;
+    let (addr, reg) = (
+        engine_env::engine_addr().unwrap(),
+        engine_env::registry().unwrap(),
+    );
+    let ns = engine_env::unique_ns("cli-kill");
+    let image = engine_env::image(&[&format!("{reg}/{ns}/app:1")], now() - DAY, 12 * MIB);
+    publish(&engine, &image, None).await;
+    let size = wire_size(&manifest_of(&format!("{reg}/{ns}/app:1")));
+    let proxy = Proxy::start(&reg).await;
+    proxy.set(Mode::Throttle(4 * MIB as u64));
+    let reference = format!("{}/{ns}/app:1", proxy.addr);
+    let dir = Dir::new();
+    let policy = dir.policy("");
+    let empty = dir.path().join("docker-config");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .arg("--engine")
+        .arg(&addr)
+        .arg("-p")
+        .arg(&policy)
+        .args(["pull", &reference])
+        .env_remove("DOCKER_HOST")
+        .env("DOCKER_CONFIG", &empty)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Past the store's first commit (every 4 MiB), well short of the end.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.bytes() < 7 * MIB as u64 {
+        assert!(Instant::now() < deadline, "the pull never got 7 MiB");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.start_kill().unwrap(); // SIGKILL
+    let status = child.wait().await.unwrap();
+    assert_eq!(status.code(), None, "killed by a signal");
+    let at_kill = proxy.bytes();
+    assert!(!has_image(&engine, &image.id()).await, "host changed");
+    assert!(dir.audit().is_empty() || dir.audit_file_missing());
+
+    proxy.set(Mode::Pass);
+    let again = stowage(&addr, &policy, &["pull", &reference]).await;
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    assert_eq!(holder(&engine, &reference).await, Some(image.id()));
+    let rec = &records(dir.audit(), Action::Pull, Outcome::Ok)[0];
+    let (bytes, resumed) = (rec.bytes.unwrap(), rec.resumed_bytes.unwrap());
+    assert!(resumed >= 4 * MIB as u64, "{rec:?}");
+    // What the partial held was not fetched again.
+    assert!(bytes + resumed <= size + 8192, "{rec:?}, image {size}");
+    let rerun = proxy.bytes() - at_kill;
+    assert!(
+        rerun <= size - resumed + 64 * 1024,
+        "{rerun} bytes on the second run; {rec:?}, image {size}, {at_kill} at the kill"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_is_detected_never_loaded_and_the_record_names_the_blob() {
+    let Some(engine) = engine_env::engine().await else {
+        return;
+    };
+    let _engine_wide = ENGINE_WIDE.read().await;
+    let (addr, reg) = (
+        engine_env::engine_addr().unwrap(),
+        engine_env::registry().unwrap(),
+    );
+    let ns = engine_env::unique_ns("cli-flip");
+    let image = engine_env::image(&[&format!("{reg}/{ns}/app:1")], now() - DAY, 3 * MIB);
+    publish(&engine, &image, None).await;
+    let manifest = manifest_of(&format!("{reg}/{ns}/app:1"));
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap().to_owned();
+    let proxy = Proxy::start(&reg).await;
+    // One byte in every MiB: the layer arrives wrong however it is fetched.
+    proxy.set(Mode::FlipEvery(MIB as u64));
+    let reference = format!("{}/{ns}/app:1", proxy.addr);
+    let dir = Dir::new();
+    let policy = dir.policy("");
+    let out = stowage(&addr, &policy, &["pull", &reference]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        !has_image(&engine, &image.id()).await,
+        "a wrong image was loaded"
+    );
+    assert_eq!(holder(&engine, &reference).await, None);
+    let failed = records(dir.audit(), Action::Pull, Outcome::Failed);
+    assert_eq!(failed.len(), 1, "{:#?}", dir.audit());
+    let error = failed[0].error.clone().unwrap();
+    assert!(
+        error.contains(&layer) && error.contains("failed verification"),
+        "{error}"
+    );
+    // Nothing of it is kept as complete.
+    let hex = layer.trim_start_matches("sha256:");
+    assert!(
+        !dir.path()
+            .join("state/cache/blobs/sha256")
+            .join(hex)
+            .exists()
+    );
+
+    // A good link: it comes, verified.
+    proxy.set(Mode::Pass);
+    let again = stowage(&addr, &policy, &["pull", &reference]).await;
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    assert_eq!(holder(&engine, &reference).await, Some(image.id()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_the_engine_has_are_not_fetched_again() {
+    let Some(engine) = engine_env::engine().await else {
+        return;
+    };
+    let _engine_wide = ENGINE_WIDE.read().await;
+    let (addr, reg) = (
+        engine_env::engine_addr().unwrap(),
+        engine_env::registry().unwrap(),
+    );
+    let ns = engine_env::unique_ns("cli-shared");
+    let base = engine_env::unique_seed();
+    let a = engine_env::image(&[&format!("{reg}/{ns}/app:1")], now() - DAY, 64 * 1024)
+        .with_base(base, 4 * MIB);
+    let b = engine_env::image(&[&format!("{reg}/{ns}/app:2")], now() - DAY, 64 * 1024)
+        .with_base(base, 4 * MIB);
+    publish(&engine, &a, None).await;
+    publish(&engine, &b, None).await;
+    let proxy = Proxy::start(&reg).await;
+    let dir = Dir::new();
+    let policy = dir.policy("");
+    let first = stowage(
+        &addr,
+        &policy,
+        &["pull", &format!("{}/{ns}/app:1", proxy.addr)],
+    )
+    .await;
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
+    assert!(proxy.bytes() > 4 * MIB as u64);
+    let before = proxy.bytes();
+    let second_ref = format!("{}/{ns}/app:2", proxy.addr);
+    let second = stowage(&addr, &policy, &["pull", &second_ref]).await;
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second));
+    assert_eq!(holder(&engine, &second_ref).await, Some(b.id()));
+    // Only its own layer came: the 4 MiB base is the engine's already.
+    let moved = proxy.bytes() - before;
+    assert!(moved < 512 * 1024, "{moved} bytes for a 64 KiB layer");
 }
