@@ -28,6 +28,7 @@ mod backoff;
 mod content;
 mod downloads;
 mod intents;
+mod layers;
 mod preview;
 mod pull;
 mod push;

@@ -1,5 +1,7 @@
-//! `stowage pull REF` against the real private engine and registry: a pull
-//! outside the policy, by digest, verified, then tagged; audit rule `cli`.
+//! Pulls through the content store against the real private engine and
+//! registry, the link being a proxy that cuts, throttles, stalls or flips
+//! bytes: `stowage pull REF` (outside the policy, audit rule `cli`) and
+//! `[[prepull]]`.
 
 use std::time::{Duration, Instant};
 
@@ -353,4 +355,91 @@ async fn layers_the_engine_has_are_not_fetched_again() {
     // Only its own layer came: the 4 MiB base is the engine's already.
     let moved = proxy.bytes() - before;
     assert!(moved < 512 * 1024, "{moved} bytes for a 64 KiB layer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepull_on_a_cut_link_completes_and_after_a_dead_link_resumes() {
+    let Some(engine) = engine_env::engine().await else {
+        return;
+    };
+    let _engine_wide = ENGINE_WIDE.read().await;
+    let (addr, reg) = (
+        engine_env::engine_addr().unwrap(),
+        engine_env::registry().unwrap(),
+    );
+    let proxy = Proxy::start(&reg).await;
+    let ns = engine_env::unique_ns("cut");
+    // Incompressible bytes: the layer download is what gets cut.
+    let a = engine_env::image(&[&format!("{reg}/{ns}/app:1")], now() - DAY, 3 << 20);
+    let b = engine_env::image(&[&format!("{reg}/{ns}/app:2")], now() - DAY, 4 << 20);
+    publish(&engine, &a, None).await;
+    publish(&engine, &b, None).await;
+    let dir = Dir::new();
+    let entry = |tag: &str| format!("[[prepull]]\nimage = \"{}/{ns}/app:{tag}\"\n", proxy.addr);
+    let settings = "retry_max = \"1s\"\nstall_timeout = \"3s\"\n";
+
+    // Cut every 256 KiB: each cut costs only the bytes in flight.
+    let policy = dir.policy(&format!("{settings}{}", entry("1")));
+    proxy.set(Mode::CutAfter(256 * 1024));
+    let cut = stowage(&addr, &policy, &["apply"]).await;
+    assert_eq!(cut.status.code(), Some(0), "{}", text(&cut));
+    let reference = format!("{}/{ns}/app:1", proxy.addr);
+    assert_eq!(holder(&engine, &reference).await, Some(a.id()));
+    let wire = proxy.bytes();
+    assert!(
+        wire < (3 << 20) + (3 << 20) / 20,
+        "{wire} bytes on the wire for 3 MiB"
+    );
+
+    // The link dies mid-download: the pull fails, the host is as it was,
+    // and the next reconcile continues where the partial stopped.
+    let policy = dir.policy(&format!("{settings}{}", entry("2")));
+    proxy.set(Mode::Throttle(1 << 20));
+    let before = proxy.bytes();
+    let apply = tokio::spawn({
+        let (addr, policy) = (addr.clone(), policy.clone());
+        async move { stowage(&addr, &policy, &["apply"]).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy.bytes() - before < 3 << 19 {
+        assert!(
+            Instant::now() < deadline,
+            "1.5 MiB of the second image never came"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.set(Mode::Stall);
+    let dead = apply.await.unwrap();
+    assert_eq!(dead.status.code(), Some(1), "{}", text(&dead));
+    assert!(!has_image(&engine, &b.id()).await);
+    let failed = records(dir.audit(), Action::Pull, Outcome::Failed);
+    assert_eq!(failed.len(), 1, "{:#?}", dir.audit());
+    let got = failed[0].bytes.unwrap_or(0);
+    assert!(got > 1 << 20, "the failed record says {got} bytes came");
+
+    proxy.set(Mode::Pass);
+    // `plan` says how far the download got.
+    let plan = stowage(&addr, &policy, &["plan"]).await;
+    assert_eq!(plan.status.code(), Some(0), "{}", text(&plan));
+    let shown = String::from_utf8_lossy(&plan.stdout);
+    let line = shown
+        .lines()
+        .find(|l| l.contains("app:2 <- "))
+        .unwrap_or_else(|| panic!("no pull of app:2 in\n{shown}"));
+    assert!(line.contains("/4.2 MB downloaded"), "{line}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let healed = stowage(&addr, &policy, &["apply"]).await;
+    assert_eq!(healed.status.code(), Some(0), "{}", text(&healed));
+    assert_eq!(
+        holder(&engine, &format!("{}/{ns}/app:2", proxy.addr)).await,
+        Some(b.id())
+    );
+    let ok = records(dir.audit(), Action::Pull, Outcome::Ok);
+    let last = ok.last().unwrap();
+    let resumed = last.resumed_bytes.unwrap_or(0);
+    assert!(resumed > 1 << 20, "resumed only {resumed} bytes: {last:?}");
+    assert!(
+        last.bytes.unwrap() + resumed < (4 << 20) + (1 << 18),
+        "{last:?}"
+    );
 }
