@@ -418,7 +418,8 @@ async fn a_prepull_on_a_cut_link_completes_and_after_a_dead_link_resumes() {
     assert!(got > 1 << 20, "the failed record says {got} bytes came");
 
     proxy.set(Mode::Pass);
-    // `plan` says how far the download got.
+    // Past the backoff (`retry_max` 1s), `plan` says how far the download got.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let plan = stowage(&addr, &policy, &["plan"]).await;
     assert_eq!(plan.status.code(), Some(0), "{}", text(&plan));
     let shown = String::from_utf8_lossy(&plan.stdout);
@@ -427,7 +428,6 @@ async fn a_prepull_on_a_cut_link_completes_and_after_a_dead_link_resumes() {
         .find(|l| l.contains("app:2 <- "))
         .unwrap_or_else(|| panic!("no pull of app:2 in\n{shown}"));
     assert!(line.contains("/4.2 MB downloaded"), "{line}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let healed = stowage(&addr, &policy, &["apply"]).await;
     assert_eq!(healed.status.code(), Some(0), "{}", text(&healed));
     assert_eq!(
