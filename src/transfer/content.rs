@@ -188,15 +188,13 @@ impl Content {
         let blobs = src.registry.blobs(&src.path);
         let meter = Meter::new(ctx.progress);
         // The config first: its diff ids say which layers the engine has.
-        meter.add(config.size);
+        meter.add(config.size + layers.iter().map(|l| l.size).sum::<u64>());
         self.fetch(ctx, &blobs, config, &meter, counters).await?;
         let held = held_chains(ctx, observed, intent).await;
         let diff_ids = self.diff_ids(&config.digest).await?;
         let (needed, skipped) = split_layers(layers, &diff_ids, &held);
         self.note(intent, top, manifest, config, &needed).await;
-        for desc in &needed {
-            meter.add(desc.size);
-        }
+        meter.forget(skipped.iter().map(|l| l.size).sum());
         for desc in &needed {
             self.fetch(ctx, &blobs, desc, &meter, counters).await?;
         }
@@ -583,6 +581,12 @@ impl<'a> Meter<'a> {
 
     fn add(&self, size: u64) {
         self.lock().1 += size;
+    }
+
+    /// Bytes that will not come after all (layers the engine has).
+    fn forget(&self, size: u64) {
+        let mut g = self.lock();
+        g.1 = g.1.saturating_sub(size);
     }
 
     fn base(&self) -> u64 {

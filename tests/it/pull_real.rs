@@ -205,6 +205,89 @@ async fn a_link_cut_every_mib_completes_with_wire_bytes_close_to_the_image() {
     assert_eq!(std::fs::read_dir(&blobs).unwrap().count(), 0);
 }
 
+/// `stowage pull REFERENCE` in the background, its output dropped.
+fn spawn_pull(addr: &str, dir: &Dir, reference: &str) -> tokio::process::Child {
+    let empty = dir.path().join("docker-config");
+    std::fs::create_dir_all(&empty).unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .arg("--engine")
+        .arg(addr)
+        .arg("-p")
+        .arg(dir.path().join("policy.toml"))
+        .args(["pull", reference])
+        .env_remove("DOCKER_HOST")
+        .env("DOCKER_CONFIG", &empty)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Until the proxy has sent `n` bytes (a minute at most).
+async fn wait_for_bytes(proxy: &Proxy, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.bytes() < n {
+        assert!(Instant::now() < deadline, "the pull never got {n} bytes");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_blob_stops_at_once_keeps_the_partial_and_exits_143() {
+    let Some(engine) = engine_env::engine().await else {
+        return;
+    };
+    let _engine_wide = ENGINE_WIDE.read().await;
+    let (addr, reg) = (
+        engine_env::engine_addr().unwrap(),
+        engine_env::registry().unwrap(),
+    );
+    let ns = engine_env::unique_ns("cli-term");
+    let image = engine_env::image(&[&format!("{reg}/{ns}/app:1")], now() - DAY, 8 * MIB);
+    publish(&engine, &image, None).await;
+    let proxy = Proxy::start(&reg).await;
+    proxy.set(Mode::Throttle(2 * MIB as u64));
+    let reference = format!("{}/{ns}/app:1", proxy.addr);
+    let dir = Dir::new();
+    dir.policy("");
+    let mut child = spawn_pull(&addr, &dir, &reference);
+    wait_for_bytes(&proxy, 2 * MIB as u64).await;
+    let pid = rustix::process::Pid::from_raw(child.id().unwrap() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let sent = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("stowage pull did not stop")
+        .unwrap();
+    assert_eq!(status.code(), Some(143));
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert!(!has_image(&engine, &image.id()).await, "host changed");
+    // One record: the pull did not complete, nothing changed.
+    let audit = dir.audit();
+    assert_eq!(audit.len(), 1, "{audit:#?}");
+    assert_eq!(
+        (audit[0].action, audit[0].outcome),
+        (Action::Skip, Outcome::Deferred)
+    );
+    assert!(audit[0].reason.contains("interrupted"), "{:?}", audit[0]);
+
+    // What arrived before the signal was committed: the next run resumes.
+    proxy.set(Mode::Pass);
+    let again = stowage(
+        &addr,
+        &dir.path().join("policy.toml"),
+        &["pull", &reference],
+    )
+    .await;
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    let rec = &records(dir.audit(), Action::Pull, Outcome::Ok)[0];
+    assert!(rec.resumed_bytes.unwrap() >= MIB as u64, "{rec:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_blob_then_again_resumes_without_fetching_the_partial_again() {
     let Some(engine) = engine_env::engine().await else {
@@ -224,26 +307,9 @@ async fn kill_9_mid_blob_then_again_resumes_without_fetching_the_partial_again()
     let reference = format!("{}/{ns}/app:1", proxy.addr);
     let dir = Dir::new();
     let policy = dir.policy("");
-    let empty = dir.path().join("docker-config");
-    std::fs::create_dir_all(&empty).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .arg("--engine")
-        .arg(&addr)
-        .arg("-p")
-        .arg(&policy)
-        .args(["pull", &reference])
-        .env_remove("DOCKER_HOST")
-        .env("DOCKER_CONFIG", &empty)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_pull(&addr, &dir, &reference);
     // Past the store's first commit (every 4 MiB), well short of the end.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while proxy.bytes() < 7 * MIB as u64 {
-        assert!(Instant::now() < deadline, "the pull never got 7 MiB");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_bytes(&proxy, 7 * MIB as u64).await;
     child.start_kill().unwrap(); // SIGKILL
     let status = child.wait().await.unwrap();
     assert_eq!(status.code(), None, "killed by a signal");
