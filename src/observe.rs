@@ -1,10 +1,14 @@
 //! What the engine shows, gathered once per reconcile: images and
-//! containers, plus layers, the data root's filesystem and the build cache
-//! when `[storage]` is set; and the state's notes of what was seen.
+//! containers, plus layers, the data root's filesystem, the build cache and
+//! the content store's bytes when `[storage]` is set; and the state's notes
+//! of what was seen.
 //!
 //! A reconcile observes once and keeps the observation current from what
 //! each of its actions did ([`Observed::removed`], [`Observed::tagged`]),
 //! rather than listing the engine again.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 
 use rustc_hash::FxHashMap;
 use serde::Serialize;
@@ -13,6 +17,7 @@ use crate::blocking::off_loop;
 use crate::engine::{Container, Engine, EngineError, Image, Layer, Removed};
 use crate::policy::Policy;
 use crate::state::State;
+use crate::store::{Store, StoreError};
 
 /// Layers per image id (Fx-hashed: the keys are engine ids, not input an
 /// attacker picks).
@@ -33,6 +38,18 @@ pub struct Observed {
     pub disk_error: Option<String>,
     /// Build cache bytes; gathered only with `build_cache_max`.
     pub build_cache: Option<u64>,
+    /// The content store's bytes; gathered only when `[storage]` is set and
+    /// `cache_dir` exists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<Cache>,
+    /// Why the content store could not be read (it is then not counted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_error: Option<String>,
+    /// Blobs `(digest, size)` of downloads into the content store not
+    /// finished yet: set by the transfer phase before [`add_storage`], so
+    /// that shrinking the store under pressure keeps them.
+    #[serde(skip)]
+    pub downloading: Vec<(String, u64)>,
 }
 
 impl Observed {
@@ -83,6 +100,23 @@ impl Disk {
     }
 }
 
+/// The content store under `cache_dir`, as `[storage]` counts it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Cache {
+    /// Complete, verified blobs: copies of what the engine holds, or
+    /// downloads not handed over yet.
+    pub complete: u64,
+    /// Partial downloads.
+    pub partial: u64,
+    /// Of `complete`, the bytes unfinished downloads need
+    /// ([`Observed::downloading`]): never shrunk.
+    pub pinned: u64,
+    /// On the filesystem of the engine's data root: its bytes are part of
+    /// that filesystem's used bytes, so shrinking it counts toward the
+    /// watermarks. Known only when `disk` is.
+    pub on_data_root: bool,
+}
+
 /// Observe the engine: one image listing and one container listing, whatever
 /// the number of images.
 pub async fn observe<E: Engine>(engine: &E) -> Result<Observed, EngineError> {
@@ -113,7 +147,8 @@ pub async fn observe_for<E: Engine>(
 
 /// Add what `[storage]` needs to an observation: layers (from the state's
 /// cache; new ones are added to it), the data root's filesystem, the build
-/// cache. Nothing without `[storage]`.
+/// cache, the content store's bytes. Nothing without `[storage]`. A content
+/// store that cannot be read is said in `cache_error`, not an error.
 pub async fn add_storage<E: Engine>(
     engine: &E,
     policy: &Policy,
@@ -176,7 +211,52 @@ pub async fn add_storage<E: Engine>(
     if storage.build_cache_max.is_some() {
         observed.build_cache = Some(engine.disk_usage().await?.build_cache_size);
     }
+    let dir = policy.daemon.cache_dir.clone();
+    let downloading = observed.downloading.clone();
+    let data_root = observed.disk.as_ref().map(|d| PathBuf::from(&d.path));
+    match off_loop(move || cache_of(&dir, &downloading, data_root.as_deref())).await {
+        Ok(cache) => observed.cache = cache,
+        Err(e) => {
+            let why = format!("content store not counted: {e}");
+            tracing::warn!("{why}");
+            observed.cache_error = Some(why);
+        }
+    }
     Ok(())
+}
+
+/// The content store in `dir` as `[storage]` counts it (blocking); `None`
+/// when there is none yet (nothing is created for a look).
+fn cache_of(
+    dir: &Path,
+    downloading: &[(String, u64)],
+    data_root: Option<&Path>,
+) -> Result<Option<Cache>, StoreError> {
+    if !dir.exists() {
+        return Ok(None);
+    }
+    let store = Store::open(dir)?;
+    let usage = store.usage();
+    let mut seen = HashSet::new();
+    let pinned = downloading
+        .iter()
+        .filter(|(digest, _)| seen.insert(digest.as_str()) && store.has(digest))
+        .map(|(_, size)| size)
+        .sum();
+    Ok(Some(Cache {
+        complete: usage.complete,
+        partial: usage.partial,
+        pinned,
+        on_data_root: data_root.is_some_and(|root| same_filesystem(dir, root)),
+    }))
+}
+
+/// Whether two paths are on one filesystem (the same device); unknown is no.
+fn same_filesystem(a: &Path, b: &Path) -> bool {
+    match (rustix::fs::stat(a), rustix::fs::stat(b)) {
+        (Ok(a), Ok(b)) => a.st_dev == b.st_dev,
+        _ => false,
+    }
 }
 
 /// Update the state with what is on the host now (first-seen times), and
@@ -198,4 +278,47 @@ pub async fn noted(mut state: State, observed: Observed, at: i64) -> (State, Obs
         (state, observed)
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Descriptor;
+    use sha2::{Digest as _, Sha256};
+
+    #[test]
+    fn the_content_store_is_counted_as_it_is_and_none_is_created_for_a_look() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        assert_eq!(cache_of(&cache, &[], None).unwrap(), None);
+        assert!(!cache.exists(), "a look creates nothing");
+
+        let store = Store::open(&cache).unwrap();
+        let blob = vec![7u8; 1000];
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&blob)));
+        let desc = Descriptor {
+            media_type: "application/octet-stream".into(),
+            digest: digest.clone(),
+            size: 1000,
+        };
+        store.put(&desc, &blob).unwrap();
+        // Named twice by two downloads, and one not in the store yet.
+        let downloading = [
+            (digest.clone(), 1000),
+            (digest, 1000),
+            (format!("sha256:{}", "e".repeat(64)), 50),
+        ];
+        let seen = cache_of(&cache, &downloading, Some(dir.path())).unwrap();
+        assert_eq!(
+            seen,
+            Some(Cache {
+                complete: 1000,
+                partial: 0,
+                pinned: 1000,
+                on_data_root: true,
+            })
+        );
+        let elsewhere = cache_of(&cache, &[], Some(Path::new("/proc"))).unwrap();
+        assert!(!elsewhere.unwrap().on_data_root, "another filesystem");
+    }
 }

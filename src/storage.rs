@@ -7,9 +7,17 @@
 //! holding it goes, so images sharing a base count it once, and no engine call
 //! is needed after each removal to know where we stand.
 //!
-//! Only decisions come out of here (what to evict, in which order, whether
-//! to prune the build cache, the pressure found): `plan::evict` words them
-//! as the plan's actions.
+//! The content store counts too: its complete and partial bytes add to what
+//! `max_size` limits (they are on disk because of images), and when it sits
+//! on the data root's filesystem they are already in the watermarks' used
+//! bytes. Under pressure it shrinks first, before any image goes: its
+//! complete blobs are copies of what the engine holds, or downloads not yet
+//! handed over, cheaper to lose than an image. Partial downloads and the
+//! complete blobs unfinished downloads need are never shrunk.
+//!
+//! Only decisions come out of here (how far to shrink the content store,
+//! what to evict, in which order, whether to prune the build cache, the
+//! pressure found): `plan::evict` words them as the plan's actions.
 
 use rustc_hash::FxHashMap as HashMap;
 use serde::Serialize;
@@ -20,7 +28,7 @@ use crate::observe::LayerMap;
 use crate::policy::{EvictOrder, Storage};
 
 // Re-exported under its old path (tests name it so).
-pub use crate::observe::Disk;
+pub use crate::observe::{Cache, Disk};
 
 /// What the planner found about disk pressure: for `plan`, `status` and logs.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -41,6 +49,26 @@ pub struct Pressure {
     pub shortfall: Option<Shortfall>,
     /// Build cache size and the configured maximum.
     pub build_cache: Option<(u64, u64)>,
+    /// The content store, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheBytes>,
+}
+
+/// The content store in the accounting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CacheBytes {
+    pub complete: u64,
+    pub partial: u64,
+    /// Complete bytes unfinished downloads need: never shrunk.
+    pub pinned: u64,
+    /// Bytes of complete blobs the plan takes out, before any eviction.
+    pub shrink: u64,
+}
+
+impl CacheBytes {
+    pub fn total(&self) -> u64 {
+        self.complete + self.partial
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -73,6 +101,9 @@ pub struct Inputs<'a> {
     pub disk: Option<&'a Disk>,
     pub disk_error: Option<&'a str>,
     pub build_cache: Option<u64>,
+    /// The content store's bytes, and why they are unknown.
+    pub cache: Option<&'a Cache>,
+    pub cache_error: Option<&'a str>,
     /// The instant planned for (Unix seconds).
     pub at: i64,
 }
@@ -200,8 +231,18 @@ pub struct Prune {
     pub max: u64,
 }
 
+/// Shrink the content store's complete blobs from `complete` to `keep`
+/// bytes (least recently used first; what unfinished downloads need stays).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shrink {
+    pub complete: u64,
+    pub keep: u64,
+}
+
 /// What eviction decided.
 pub struct Decided {
+    /// A content-store shrink, before the evictions.
+    pub shrink: Option<Shrink>,
     /// In order; a plan words as actions only those it shows.
     pub evictions: Vec<Eviction>,
     /// A build-cache prune, if due.
@@ -227,38 +268,54 @@ pub fn decide(inputs: &Inputs, candidates: &[Evictable], mut counts: LayerCounts
         ..Pressure::default()
     };
 
+    let cache = inputs.cache;
+    let cache_bytes = cache.map_or(0, |c| c.complete + c.partial);
+    // Said only when there is something to say: a plan without a content
+    // store reads as before.
+    let cache_words = if cache_bytes > 0 {
+        format!(" + content store {}", human_bytes(cache_bytes))
+    } else {
+        String::new()
+    };
     let mut why = Vec::new();
-    let mut to_free = 0u64;
+    // What must go for `max_size` (the content store helps) and for the
+    // watermarks (it helps only on the data root's filesystem).
+    let (mut for_size, mut for_disk) = (0u64, 0u64);
     if let Some(max) = s.max_size {
-        if after_retention > max {
-            to_free = to_free.max(after_retention - max);
-            why.push(format!(
-                "images take {} > max_size {}",
-                human_bytes(after_retention),
-                human_bytes(max)
-            ));
-        } else {
-            why.push(format!(
-                "images take {} of max_size {}",
-                human_bytes(after_retention),
-                human_bytes(max)
-            ));
-        }
+        let used = after_retention + cache_bytes;
+        for_size = used.saturating_sub(max);
+        let cmp = if used > max { ">" } else { "of" };
+        why.push(format!(
+            "images take {}{cache_words} {cmp} max_size {}",
+            human_bytes(after_retention),
+            human_bytes(max)
+        ));
     }
     if let (Some(high), Some(low)) = (s.high_watermark, s.low_watermark) {
         match inputs.disk {
             Some(d) if d.total > 0 => {
                 let used_after = d.used().saturating_sub(freed_by_retention);
                 let pct = used_after as f64 * 100.0 / d.total as f64;
+                // The content store is part of the used bytes when on the
+                // same filesystem.
+                let of_it = match cache {
+                    Some(c) if c.on_data_root && cache_bytes > 0 => {
+                        format!(", content store {} of it", human_bytes(cache_bytes))
+                    }
+                    _ => String::new(),
+                };
                 if pct > high {
                     let low_bytes = (low / 100.0 * d.total as f64) as u64;
-                    to_free = to_free.max(used_after.saturating_sub(low_bytes));
+                    for_disk = used_after.saturating_sub(low_bytes);
                     why.push(format!(
-                        "{} at {pct:.1}% > high_watermark {high}%: down to low_watermark {low}%",
+                        "{} at {pct:.1}%{of_it} > high_watermark {high}%: down to low_watermark {low}%",
                         d.path
                     ));
                 } else {
-                    why.push(format!("{} at {pct:.1}% (high_watermark {high}%)", d.path));
+                    why.push(format!(
+                        "{} at {pct:.1}%{of_it} (high_watermark {high}%)",
+                        d.path
+                    ));
                 }
             }
             _ => why.push(format!(
@@ -267,7 +324,21 @@ pub fn decide(inputs: &Inputs, candidates: &[Evictable], mut counts: LayerCounts
             )),
         }
     }
-    pressure.to_free = to_free;
+    pressure.to_free = for_size.max(for_disk);
+    // The content store shrinks first, as far as it may and as the targets
+    // it helps need; images free the rest.
+    let on_root = cache.is_some_and(|c| c.on_data_root);
+    let reclaimable = cache.map_or(0, |c| c.complete.saturating_sub(c.pinned));
+    let shrink = reclaimable.min(for_size.max(if on_root { for_disk } else { 0 }));
+    let to_free = for_size
+        .saturating_sub(shrink)
+        .max(for_disk.saturating_sub(if on_root { shrink } else { 0 }));
+    pressure.cache = cache.map(|c| CacheBytes {
+        complete: c.complete,
+        partial: c.partial,
+        pinned: c.pinned.min(c.complete),
+        shrink,
+    });
 
     let mut evictions = Vec::new();
     let targets = why.join("; ");
@@ -325,8 +396,16 @@ pub fn decide(inputs: &Inputs, candidates: &[Evictable], mut counts: LayerCounts
             prune = Some(Prune { size, max });
         }
     }
-    pressure.summary = targets.clone();
+    pressure.summary = match inputs.cache_error {
+        Some(e) if targets.is_empty() => e.to_string(),
+        Some(e) => format!("{targets}; {e}"),
+        None => targets.clone(),
+    };
     Decided {
+        shrink: cache.filter(|_| shrink > 0).map(|c| Shrink {
+            complete: c.complete,
+            keep: c.complete - shrink,
+        }),
         evictions,
         prune,
         pressure,
@@ -398,6 +477,8 @@ mod tests {
             disk: None,
             disk_error: None,
             build_cache: None,
+            cache: None,
+            cache_error: None,
             at: 1_000_000,
         }
     }
@@ -577,5 +658,143 @@ mod tests {
             assert_eq!(out.pressure.build_cache, Some((size, 100 * MB)));
             assert_eq!(out.prune.is_some(), due, "{size}");
         }
+    }
+
+    fn cache(complete: u64, partial: u64, pinned: u64, on_data_root: bool) -> Cache {
+        Cache {
+            complete: complete * MB,
+            partial: partial * MB,
+            pinned: pinned * MB,
+            on_data_root,
+        }
+    }
+
+    #[test]
+    fn the_content_store_counts_toward_max_size_and_shrinks_before_any_eviction() {
+        let (images, map) = shared_base();
+        // 80 MB of images + 30 MB of store against 100 MB: 10 MB to free,
+        // all from the store's complete blobs.
+        let s = storage(Some(100 * MB), EvictOrder::Lru);
+        let c = cache(25, 5, 0, false);
+        let i = Inputs {
+            cache: Some(&c),
+            ..inputs(&s)
+        };
+        let cands = candidates(&images, &[1, 2, 3]);
+        let out = decide(&i, &cands, LayerCounts::count(&images, &map));
+        assert!(out.evictions.is_empty(), "no image goes");
+        assert_eq!(
+            out.shrink,
+            Some(Shrink {
+                complete: 25 * MB,
+                keep: 15 * MB
+            })
+        );
+        assert_eq!(out.pressure.to_free, 10 * MB);
+        assert_eq!(out.pressure.image_bytes, 80 * MB, "images alone");
+        assert_eq!(out.pressure.cache.unwrap().shrink, 10 * MB);
+        assert_eq!(
+            out.targets,
+            "images take 80.0 MB + content store 30.0 MB > max_size 100.0 MB"
+        );
+    }
+
+    #[test]
+    fn partials_and_unfinished_downloads_stay_and_images_free_the_rest() {
+        let (images, map) = shared_base();
+        // 80 MB of images + 40 MB of store (30 complete, 10 of them for an
+        // unfinished download; 10 partial) against 85 MB: 35 MB to free.
+        // The store gives its 20 MB that may go, images the other 15 MB.
+        let s = storage(Some(85 * MB), EvictOrder::Lru);
+        let c = cache(30, 10, 10, false);
+        let i = Inputs {
+            cache: Some(&c),
+            ..inputs(&s)
+        };
+        let cands = candidates(&images, &[300, 100, 200]);
+        let out = decide(&i, &cands, LayerCounts::count(&images, &map));
+        assert_eq!(
+            out.shrink,
+            Some(Shrink {
+                complete: 30 * MB,
+                keep: 10 * MB
+            })
+        );
+        let taken: Vec<usize> = out.evictions.iter().map(|e| e.candidate).collect();
+        assert_eq!(taken, vec![1, 2], "two own layers of 10 MB for 15 MB");
+        assert!(out.pressure.shortfall.is_none());
+    }
+
+    #[test]
+    fn a_store_only_of_what_must_stay_is_counted_but_not_shrunk() {
+        let (images, map) = shared_base();
+        let s = storage(Some(10 * MB), EvictOrder::Lru);
+        let mut cands = candidates(&images, &[1, 2, 3]);
+        for c in &mut cands {
+            c.protection = Some("keep");
+        }
+        let c = cache(5, 5, 5, false);
+        let i = Inputs {
+            cache: Some(&c),
+            ..inputs(&s)
+        };
+        let out = decide(&i, &cands, LayerCounts::count(&images, &map));
+        assert_eq!(out.shrink, None);
+        // 90 MB against 10 MB, nothing may go: the shortfall says all of it.
+        assert_eq!(out.pressure.shortfall.unwrap().bytes, 80 * MB);
+    }
+
+    #[test]
+    fn on_the_data_root_the_store_shrinks_for_the_watermarks_elsewhere_not() {
+        let (images, map) = shared_base();
+        let s = Storage {
+            high_watermark: Some(90.0),
+            low_watermark: Some(80.0),
+            ..storage(None, EvictOrder::Lru)
+        };
+        // 950 of 1000 MB used: 150 MB to free down to 80%.
+        let disk = Disk {
+            path: "/var/lib/docker".to_owned(),
+            total: 1000 * MB,
+            available: 50 * MB,
+        };
+        let cands = candidates(&images, &[1, 2, 3]);
+        for (on_root, shrunk, evicted) in [(true, 140 * MB, 1), (false, 0, 3)] {
+            let c = cache(140, 0, 0, on_root);
+            let i = Inputs {
+                disk: Some(&disk),
+                cache: Some(&c),
+                ..inputs(&s)
+            };
+            let out = decide(&i, &cands, LayerCounts::count(&images, &map));
+            assert_eq!(out.pressure.to_free, 150 * MB);
+            assert_eq!(out.shrink.map_or(0, |s| s.complete - s.keep), shrunk);
+            // The 10 MB left (on the root) or all 150 MB: images.
+            assert_eq!(out.evictions.len(), evicted, "on the data root: {on_root}");
+            assert_eq!(
+                out.targets.contains("content store 140.0 MB of it"),
+                on_root,
+                "{}",
+                out.targets
+            );
+        }
+    }
+
+    #[test]
+    fn an_unreadable_store_is_said_in_the_summary_and_counts_nothing() {
+        let (images, map) = shared_base();
+        let s = storage(Some(80 * MB), EvictOrder::Lru);
+        let i = Inputs {
+            cache_error: Some("content store not counted: /c is not a content store"),
+            ..inputs(&s)
+        };
+        let cands = candidates(&images, &[1, 2, 3]);
+        let out = decide(&i, &cands, LayerCounts::count(&images, &map));
+        assert!(out.evictions.is_empty() && out.shrink.is_none());
+        assert_eq!(
+            out.pressure.summary,
+            "images take 80.0 MB of max_size 80.0 MB; content store not counted: /c is not a content store"
+        );
+        assert_eq!(out.targets, "images take 80.0 MB of max_size 80.0 MB");
     }
 }

@@ -51,6 +51,7 @@ pub enum Action {
     Push,
     Evict,
     PruneBuild,
+    PruneCache,
     Warn,
     Skip,
 }
@@ -65,6 +66,7 @@ impl Action {
             Action::Push => "push",
             Action::Evict => "evict",
             Action::PruneBuild => "prune_build",
+            Action::PruneCache => "prune_cache",
             Action::Warn => "warn",
             Action::Skip => "skip",
         }
@@ -148,7 +150,8 @@ pub fn rotated_path(path: &Path) -> PathBuf {
 pub struct Tally {
     /// Records per action and outcome.
     pub records: BTreeMap<(Action, Outcome), u64>,
-    /// Bytes that `ok` removals, evictions and build-cache prunes freed.
+    /// Bytes that `ok` removals, evictions, build-cache and content-store
+    /// prunes freed.
     pub bytes_freed: u64,
 }
 
@@ -158,7 +161,7 @@ impl Tally {
         if r.outcome == Outcome::Ok
             && matches!(
                 r.action,
-                Action::Remove | Action::Evict | Action::PruneBuild
+                Action::Remove | Action::Evict | Action::PruneBuild | Action::PruneCache
             )
         {
             self.bytes_freed += r.bytes.unwrap_or(0);

@@ -1,5 +1,6 @@
 //! Step 8: `[storage]` eviction on the store as retention leaves it, within
-//! what is left of `max_removals`. The index and its per-image facts are the
+//! what is left of `max_removals`, after shrinking the content store (not a
+//! removal: it removes no image). The index and its per-image facts are the
 //! ones retention used; nothing is derived twice.
 
 use std::fmt::Write as _;
@@ -10,7 +11,8 @@ use crate::storage;
 
 use super::index::Index;
 use super::{
-    Action, Decision, Detail, Kind, Observed, Plan, count_removals, decision_of, parallel_map,
+    Action, CacheTarget, Decision, Detail, Kind, Observed, Plan, count_removals, decision_of,
+    parallel_map,
 };
 
 /// `counts`: the layer counts of `observed.images`, in their order.
@@ -93,6 +95,8 @@ pub(super) fn evict(
         disk: observed.disk.as_ref(),
         disk_error: observed.disk_error.as_deref(),
         build_cache: observed.build_cache,
+        cache: observed.cache.as_ref(),
+        cache_error: observed.cache_error.as_deref(),
         at,
     };
     let decided = storage::decide(&inputs, &candidates, counts);
@@ -134,6 +138,12 @@ pub(super) fn evict(
             }
         }
     }
+    // The content store shrinks before any image is evicted.
+    result.actions.extend(
+        decided
+            .shrink
+            .map(|s| shrink_action(policy, observed, &decided.targets, s)),
+    );
     result.actions.extend(evict_actions);
     result.actions.extend(decided.prune.map(prune_action));
     result.deferred.extend(later);
@@ -174,6 +184,40 @@ fn evict_action(
         reason,
         bytes: Some(e.bytes),
         keep_bytes: None,
+        cache: None,
+    }
+}
+
+/// The `prune_cache` action of a content-store shrink.
+fn shrink_action(
+    policy: &Policy,
+    observed: &Observed,
+    targets: &str,
+    s: storage::Shrink,
+) -> Action {
+    let mut keep: Vec<String> = observed
+        .downloading
+        .iter()
+        .map(|(digest, _)| digest.clone())
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    Action {
+        kind: Kind::PruneCache,
+        reference: None,
+        image: String::new(),
+        rule: "storage".to_string(),
+        reason: format!(
+            "complete blobs {} down to {}, least recently used first, before any image is evicted; {targets}",
+            human_bytes(s.complete),
+            human_bytes(s.keep)
+        ),
+        bytes: Some(s.complete - s.keep),
+        keep_bytes: Some(s.keep),
+        cache: Some(CacheTarget {
+            dir: policy.daemon.cache_dir.clone(),
+            keep,
+        }),
     }
 }
 
@@ -191,5 +235,6 @@ fn prune_action(p: storage::Prune) -> Action {
         ),
         bytes: Some(p.size - p.max),
         keep_bytes: Some(p.max),
+        cache: None,
     }
 }

@@ -35,7 +35,7 @@ use retention::retention;
 use threads::{PARALLEL_FROM, beside, join, parallel_map, parallel_tasks};
 
 pub use render::render;
-pub use types::{Action, Backlog, Decision, Kind, Plan, Protected, Verdict, Warning};
+pub use types::{Action, Backlog, CacheTarget, Decision, Kind, Plan, Protected, Verdict, Warning};
 
 // The observation is the planner's input; re-exported under its old path.
 pub use crate::observe::{LayerMap, Observed};
@@ -137,7 +137,7 @@ fn plan_with(
 
 fn decision_of(k: Kind) -> Decision {
     match k {
-        Kind::Tag | Kind::PruneBuild => Decision::Keep,
+        Kind::Tag | Kind::PruneBuild | Kind::PruneCache => Decision::Keep,
         Kind::Untag => Decision::Untag,
         Kind::Remove => Decision::Remove,
         Kind::Evict => Decision::Evict,
@@ -212,5 +212,69 @@ mod tests {
         let beside = plan_with(&policy, observed, state, SYNTHETIC_NOW, Detail::ALL, 0);
         assert!(inline.pressure.is_some() && !inline.deferred.is_empty());
         assert_eq!(inline, beside);
+    }
+
+    /// The content store shrinks first, whatever `max_removals` leaves (it
+    /// removes no image), keeping what unfinished downloads need.
+    #[test]
+    fn the_content_store_shrinks_first_and_is_not_a_removal() {
+        use crate::engine::{Image, Layer};
+        const MB: u64 = 1_000_000;
+        let policy = crate::policy::parse(
+            "version = 1\n[daemon]\nmax_removals = 0\nmin_age = \"0s\"\ncache_dir = \"/srv/cache\"\n\
+             [storage]\nmax_size = \"50MB\"\n",
+            std::path::Path::new("t.toml"),
+        )
+        .expect("valid");
+        let image = |id: &str, created: i64| Image {
+            id: format!("sha256:{id:0<64}"),
+            repo_tags: vec![format!("{id}:1")],
+            repo_digests: vec![],
+            created,
+            size: 30 * MB,
+        };
+        let mut observed = Observed {
+            images: vec![image("a", 10), image("b", 20)],
+            cache: Some(crate::observe::Cache {
+                complete: 30 * MB,
+                partial: 5 * MB,
+                pinned: 10 * MB,
+                on_data_root: false,
+            }),
+            downloading: vec![
+                ("sha256:22".into(), 10 * MB),
+                ("sha256:11".into(), 5 * MB),
+                ("sha256:22".into(), 10 * MB),
+            ],
+            ..Observed::default()
+        };
+        for img in &observed.images {
+            let layer = Layer {
+                chain_id: img.id.clone(),
+                size: img.size,
+            };
+            observed.layers.insert(img.id.clone(), vec![layer]);
+        }
+        // 60 MB of images + 35 MB of store against 50 MB: 45 MB to free;
+        // the store gives 20 MB, an eviction (deferred here) the rest.
+        let p = plan(&policy, &observed, &State::default(), 1_000);
+        assert_eq!(p.actions.len(), 1, "{}", render(&p));
+        let a = &p.actions[0];
+        assert_eq!(
+            (a.kind, a.bytes, a.keep_bytes),
+            (Kind::PruneCache, Some(20 * MB), Some(10 * MB))
+        );
+        let target = a.cache.as_ref().expect("names its store");
+        assert_eq!(target.dir, std::path::Path::new("/srv/cache"));
+        assert_eq!(target.keep, ["sha256:11", "sha256:22"]);
+        assert_eq!(p.deferred.len(), 1);
+        assert_eq!(p.deferred[0].kind, Kind::Evict);
+        let json = serde_json::to_value(&p.actions[0]).unwrap();
+        assert_eq!(json["kind"], "prune_cache");
+        assert!(json.get("cache").is_none(), "{json}");
+        // Without a content store, no such action.
+        observed.cache = None;
+        let p = plan(&policy, &observed, &State::default(), 1_000);
+        assert!(p.actions.iter().all(|a| a.kind != Kind::PruneCache));
     }
 }

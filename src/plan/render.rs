@@ -17,6 +17,7 @@ pub fn render(plan: &Plan) -> String {
     let group_of = |a: &Action| -> String {
         match (&a.reference, a.kind) {
             (_, Kind::PruneBuild) => "~~".to_string(),
+            (_, Kind::PruneCache) => "~~~".to_string(),
             (Some(r), _) => split_tag(r).0.to_string(),
             (None, _) => "~".to_string(),
         }
@@ -39,6 +40,7 @@ pub fn render(plan: &Plan) -> String {
             let heading = match repo.as_str() {
                 "~" => "<dangling>",
                 "~~" => "<build cache>",
+                "~~~" => "<content store>",
                 r => r,
             };
             let _ = writeln!(out, "{heading}");
@@ -57,10 +59,10 @@ pub fn render(plan: &Plan) -> String {
                 } else {
                     String::new()
                 };
-                let name = if a.kind == Kind::PruneBuild {
-                    "build cache".to_string()
-                } else {
-                    fmt_ref(&a.reference, &a.image)
+                let name = match a.kind {
+                    Kind::PruneBuild => "build cache".to_string(),
+                    Kind::PruneCache => "content store".to_string(),
+                    _ => fmt_ref(&a.reference, &a.image),
                 };
                 let _ = writeln!(
                     out,
@@ -84,12 +86,30 @@ pub fn render(plan: &Plan) -> String {
                 .filter(|a| a.kind == Kind::Evict)
                 .filter_map(|a| a.bytes)
                 .sum();
+            let shrunk = match p.cache {
+                Some(c) if c.shrink > 0 => format!(", content store {}", human_bytes(c.shrink)),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "  to free {}: retention frees {}, eviction {}",
+                "  to free {}: retention frees {}{shrunk}, eviction {}",
                 human_bytes(p.to_free + p.freed_by_retention),
                 human_bytes(p.freed_by_retention),
                 human_bytes(evicted)
+            );
+        }
+        if let Some(c) = p.cache.filter(|c| c.total() > 0) {
+            let pinned = if c.pinned > 0 {
+                format!(", {} of it for unfinished downloads", human_bytes(c.pinned))
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                out,
+                "  content store {}: complete blobs {}{pinned}, partial downloads {}",
+                human_bytes(c.total()),
+                human_bytes(c.complete),
+                human_bytes(c.partial)
             );
         }
         if let Some(msg) = p.shortfall_message() {

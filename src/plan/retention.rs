@@ -504,6 +504,7 @@ pub(super) fn retention(
                 reason,
                 bytes: None,
                 keep_bytes: None,
+                cache: None,
             }
         })
         .collect();
@@ -606,6 +607,7 @@ pub(super) fn retention(
             reason,
             bytes: last(pos).then_some(img.size),
             keep_bytes: None,
+            cache: None,
         }
     });
     // Per rule (numbered): deferred untags and removes.

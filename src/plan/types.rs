@@ -1,5 +1,7 @@
 //! The plan's types: actions, protections, warnings, verdicts, the backlog.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 use super::Pressure;
@@ -17,6 +19,9 @@ pub enum Kind {
     Evict,
     /// Prune the engine's build cache.
     PruneBuild,
+    /// Shrink the content store (`cache_dir`): complete blobs, least
+    /// recently used first.
+    PruneCache,
 }
 
 impl Kind {
@@ -27,6 +32,7 @@ impl Kind {
             Kind::Remove => "remove",
             Kind::Evict => "evict",
             Kind::PruneBuild => "prune_build",
+            Kind::PruneCache => "prune_cache",
         }
     }
     /// Counts against `max_removals`.
@@ -47,11 +53,25 @@ pub struct Action {
     pub rule: String,
     pub reason: String,
     /// Bytes freed (`remove`: the image's size; `evict`: its unique layers;
-    /// `prune_build`: cache bytes above the maximum).
+    /// `prune_build`: cache bytes above the maximum; `prune_cache`: at
+    /// least these, in whole blobs).
     pub bytes: Option<u64>,
-    /// For `prune_build`: the build-cache bytes to keep.
+    /// For `prune_build`: the build-cache bytes to keep; for `prune_cache`:
+    /// the complete bytes the content store keeps.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_bytes: Option<u64>,
+    /// For `prune_cache`: which store, and what it keeps whatever the limit.
+    #[serde(skip)]
+    pub cache: Option<CacheTarget>,
+}
+
+/// The content store a `prune_cache` action shrinks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheTarget {
+    pub dir: PathBuf,
+    /// Blobs unfinished downloads need (sorted); partial downloads are kept
+    /// too, as the executor finds them.
+    pub keep: Vec<String>,
 }
 
 /// A reference (or dangling image) that a protection keeps.

@@ -7,11 +7,13 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditLog, Outcome, Record};
+use crate::blocking::off_loop;
 use crate::clock::Clock;
 use crate::engine::{Engine, EngineError, Image, Removed};
 use crate::fmt::short_id;
 use crate::observe::Observed;
 use crate::plan::{Action, Kind, Plan};
+use crate::store::{Store, StoreError};
 
 use super::{ReconcileError, Report};
 
@@ -60,6 +62,9 @@ enum Done {
     Removed(Removed),
     Tagged,
     Pruned,
+    /// The content store shrank by these bytes, or could not (its own
+    /// error: the engine took no part): recorded as `ok` or `failed`.
+    CachePruned(Result<u64, StoreError>),
 }
 
 /// [`execute`], keeping `observed` current from what each action did (the
@@ -176,7 +181,7 @@ pub async fn execute_on<E: Engine>(
 /// The re-check right before an action (see [`still_free`], [`evict_targets`]).
 async fn check<E: Engine>(engine: &E, a: &Action) -> Result<Checked, EngineError> {
     Ok(match a.kind {
-        Kind::Tag | Kind::PruneBuild => Checked::Go,
+        Kind::Tag | Kind::PruneBuild | Kind::PruneCache => Checked::Go,
         Kind::Untag | Kind::Remove => match still_free(engine, a).await? {
             Ok(target) => Checked::Remove(vec![target]),
             Err(skip) => Checked::Skip(skip),
@@ -189,6 +194,7 @@ async fn check<E: Engine>(engine: &E, a: &Action) -> Result<Checked, EngineError
 async fn act<E: Engine>(engine: &E, a: &Action, checked: Checked) -> Result<Done, EngineError> {
     match (a.kind, checked) {
         (_, Checked::Skip(why)) => Ok(Done::Skipped(why)),
+        (Kind::PruneCache, _) => Ok(Done::CachePruned(prune_cache(a).await)),
         (Kind::Tag, _) => match &a.reference {
             Some(r) => engine.tag(&a.image, r).await.map(|()| Done::Tagged),
             None => Ok(Done::Tagged),
@@ -220,6 +226,25 @@ async fn act<E: Engine>(engine: &E, a: &Action, checked: Checked) -> Result<Done
     }
 }
 
+/// Shrink the content store to the action's `keep_bytes` of complete
+/// blobs, least recently used first ([`Store::gc`]), keeping every partial
+/// download found now and the blobs unfinished downloads need. Gives the
+/// bytes freed (whole blobs: at least those planned, when nothing else
+/// freed them meanwhile).
+async fn prune_cache(a: &Action) -> Result<u64, StoreError> {
+    let Some(target) = a.cache.clone() else {
+        return Ok(0);
+    };
+    let limit = a.keep_bytes.unwrap_or(0);
+    off_loop(move || {
+        let store = Store::open(&target.dir)?;
+        let mut keep: std::collections::HashSet<String> = store.partials().into_iter().collect();
+        keep.extend(target.keep);
+        store.gc(limit, &keep)
+    })
+    .await
+}
+
 /// Counts a finished action into `report`, keeps `observed` current, and
 /// gives its record back, outcome set.
 fn settle(
@@ -238,6 +263,7 @@ fn settle(
             report.skipped += 1;
             tracing::info!(rule = %a.rule, "skip {}: {why}", describe(a));
         }
+        Ok(Done::CachePruned(Err(e))) => failed(a, &mut rec, report, &e),
         Ok(done) => {
             rec.outcome = Outcome::Ok;
             report.ok += 1;
@@ -248,7 +274,8 @@ fn settle(
                     }
                 }
                 Done::Removed(removed) => observed.removed(&removed),
-                Done::Pruned | Done::Skipped(_) => {}
+                Done::CachePruned(Ok(freed)) => rec.bytes = Some(freed),
+                Done::Pruned | Done::Skipped(_) | Done::CachePruned(Err(_)) => {}
             }
             match a.kind {
                 Kind::Tag => report.tagged += 1,
@@ -258,18 +285,22 @@ fn settle(
                     report.bytes_freed += a.bytes.unwrap_or(0);
                 }
                 Kind::PruneBuild => report.bytes_freed += a.bytes.unwrap_or(0),
+                Kind::PruneCache => report.bytes_freed += rec.bytes.unwrap_or(0),
             }
             tracing::info!(action = a.kind.as_str(), rule = %a.rule, "{}", describe(a));
         }
-        Err(e) => {
-            rec.outcome = Outcome::Failed;
-            rec.error = Some(e.to_string());
-            rec.bytes = None;
-            report.failed += 1;
-            tracing::warn!(action = a.kind.as_str(), rule = %a.rule, "failed {}: {e}", describe(a));
-        }
+        Err(e) => failed(a, &mut rec, report, &e),
     }
     rec
+}
+
+/// A failed action's record and count.
+fn failed(a: &Action, rec: &mut Record, report: &mut Report, e: &dyn std::fmt::Display) {
+    rec.outcome = Outcome::Failed;
+    rec.error = Some(e.to_string());
+    rec.bytes = None;
+    report.failed += 1;
+    tracing::warn!(action = a.kind.as_str(), rule = %a.rule, "failed {}: {e}", describe(a));
 }
 
 /// What evicting one image removes: each of its references (the last one
@@ -438,5 +469,6 @@ fn audit_action(kind: Kind) -> audit::Action {
         Kind::Remove => audit::Action::Remove,
         Kind::Evict => audit::Action::Evict,
         Kind::PruneBuild => audit::Action::PruneBuild,
+        Kind::PruneCache => audit::Action::PruneCache,
     }
 }

@@ -277,6 +277,7 @@ async fn run_reconcile<E: Engine>(
     }
     if transfers.stale {
         observed = observe(engine).await?;
+        observed.downloading = transfers.downloading.clone();
     }
     if transfers.changed {
         (*state, observed) = noted(std::mem::take(state), observed, clock.now().timestamp()).await;

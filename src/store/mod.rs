@@ -383,6 +383,15 @@ impl Store {
         }
     }
 
+    /// Digests of the partial downloads on disk (for a [`Store::gc`] that
+    /// must keep them all).
+    pub fn partials(&self) -> Vec<String> {
+        partial::sizes(&self.partial_dir())
+            .into_iter()
+            .map(|(hex, _)| format!("sha256:{hex}"))
+            .collect()
+    }
+
     fn blobs_dir(&self) -> PathBuf {
         self.root.join("blobs/sha256")
     }
@@ -424,11 +433,21 @@ fn touch(path: &Path) {
 }
 
 fn remove_temps(dir: &Path) {
+    // Another process (the daemon, while `stowage plan` opens the store) may
+    // be between writing a temp file and renaming it: only temps left for
+    // longer than any write takes are a dead writer's.
+    const STALE: std::time::Duration = std::time::Duration::from_secs(600);
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
     for e in entries.flatten() {
-        if is_temp_name(&e.file_name().to_string_lossy()) {
+        let stale = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= STALE);
+        if stale && is_temp_name(&e.file_name().to_string_lossy()) {
             let _ = fs::remove_file(e.path());
         }
     }

@@ -255,6 +255,19 @@ async fn bytes_past_the_committed_offset_are_cut_off_on_open() {
         .blobs_dir()
         .join(format!(".{}.tmp.1.2", "cd".repeat(32)));
     fs::write(&temp, "half").unwrap();
+    // Left by a dead writer: older than any write takes.
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    fs::File::options()
+        .write(true)
+        .open(&temp)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    // Another process's write in flight: kept.
+    let fresh = store
+        .blobs_dir()
+        .join(format!(".{}.tmp.3.4", "ef".repeat(32)));
+    fs::write(&fresh, "half").unwrap();
     drop(store);
 
     let store = Store::open(&root).unwrap();
@@ -263,6 +276,7 @@ async fn bytes_past_the_committed_offset_are_cut_off_on_open() {
     assert_eq!(store.partial_len(&desc.digest), Some(MIB as u64));
     assert_eq!(store.partial_len(&other.digest), Some(0));
     assert!(!orphan.exists() && !temp.exists());
+    assert!(fresh.exists(), "a temp file of a write in flight survives");
 
     let src = Mem::new(data, &[], Act::Serve);
     let got = store

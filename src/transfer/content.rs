@@ -432,27 +432,33 @@ impl Content {
     }
 
     /// Keep what unfinished downloads need and, of complete blobs, up to
-    /// `cache_max`; drop the rest.
-    pub(super) async fn gc(&self, policy: &Policy, now: i64) {
+    /// `cache_max`; drop the rest (not in a dry run). Returns the blobs
+    /// `(digest, size)` unfinished downloads need, which `[storage]` must
+    /// not shrink either.
+    pub(super) async fn gc(&self, policy: &Policy, now: i64, dry_run: bool) -> Vec<(String, u64)> {
         let keys: HashSet<String> = policy.prepull.iter().map(|p| p.key()).collect();
         let (journal, store, max) = (
             self.journal.clone(),
             self.store.clone(),
             policy.daemon.cache_max,
         );
-        let freed = off_loop(move || {
-            let wanted = journal.update(|e| e.prune(&keys, now)).unwrap_or_else(|e| {
+        off_loop(move || {
+            if dry_run {
+                return journal.read().prune(&keys, now);
+            }
+            let needed = journal.update(|e| e.prune(&keys, now)).unwrap_or_else(|e| {
                 tracing::warn!("cannot update the downloads journal: {e}");
                 journal.read().prune(&keys, now)
             });
-            store.gc(max, &wanted)
+            let wanted: HashSet<String> = needed.iter().map(|(d, _)| d.clone()).collect();
+            match store.gc(max, &wanted) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!("content store: {n} bytes freed"),
+                Err(e) => tracing::warn!("content store: cannot free space: {e}"),
+            }
+            needed
         })
-        .await;
-        match freed {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!("content store: {n} bytes freed"),
-            Err(e) => tracing::warn!("content store: cannot free space: {e}"),
-        }
+        .await
     }
 
     /// For `stowage plan`: how much of the download toward `top` that

@@ -65,8 +65,9 @@ pub(super) struct Entries {
 impl Entries {
     /// Pure: drop downloads nobody asks for any more (a `[[prepull]]` entry
     /// gone from the policy, a `stowage pull` older than [`CLI_KEEP_SECS`]);
-    /// return the blobs the rest need, which the store keeps.
-    pub(super) fn prune(&mut self, prepull_keys: &HashSet<String>, now: i64) -> HashSet<String> {
+    /// return the blobs `(digest, size)` the rest need, each once, which
+    /// the store keeps.
+    pub(super) fn prune(&mut self, prepull_keys: &HashSet<String>, now: i64) -> Vec<(String, u64)> {
         self.downloads.retain(|key, d| {
             if key.starts_with(CLI_PREFIX) {
                 now - d.since < CLI_KEEP_SECS
@@ -74,9 +75,12 @@ impl Entries {
                 prepull_keys.contains(key)
             }
         });
+        let mut seen = HashSet::new();
         self.downloads
             .values()
-            .flat_map(|d| d.blobs.iter().map(|(digest, _)| digest.clone()))
+            .flat_map(|d| d.blobs.iter())
+            .filter(|(digest, _)| seen.insert(digest.clone()))
+            .cloned()
             .collect()
     }
 }
@@ -174,14 +178,19 @@ mod tests {
         e.downloads.insert("cli old:1".into(), download(0, &["d"]));
         e.downloads
             .insert("cli new:1".into(), download(CLI_KEEP_SECS, &["e"]));
-        let keys: HashSet<String> = ["nginx:1".to_owned()].into();
-        let wanted = e.prune(&keys, CLI_KEEP_SECS + 10);
-        let mut wanted: Vec<String> = wanted.into_iter().collect();
+        e.downloads.insert("nginx:2".into(), download(0, &["b"]));
+        let keys: HashSet<String> = ["nginx:1".to_owned(), "nginx:2".to_owned()].into();
+        let mut wanted: Vec<String> = e
+            .prune(&keys, CLI_KEEP_SECS + 10)
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
         wanted.sort();
+        // Each blob once, however many downloads need it.
         assert_eq!(wanted, ["a", "b", "e"]);
         assert_eq!(
             e.downloads.keys().collect::<Vec<_>>(),
-            ["cli new:1", "nginx:1"]
+            ["cli new:1", "nginx:1", "nginx:2"]
         );
     }
 

@@ -263,6 +263,9 @@ pub struct TransferReport {
     pub stale: bool,
     pub interrupted: bool,
     pub counters: PullCounters,
+    /// Blobs `(digest, size)` of downloads into the content store not
+    /// finished yet ([`Observed::downloading`]): `[storage]` keeps them.
+    pub downloading: Vec<(String, u64)>,
 }
 
 /// The result of one job, applied to the state and the audit log in order.
@@ -420,10 +423,9 @@ pub async fn run<E: Engine>(
         apply_result(result, policy, state, audit, clock, &mut report)?;
     }
     drop(results);
-    if let Some(store) = store
-        && !options.dry_run
-    {
-        store.gc(policy, now).await;
+    if let Some(store) = store {
+        report.downloading = store.gc(policy, now, options.dry_run).await;
+        observed.downloading = report.downloading.clone();
     }
     if shutdown.is_cancelled() {
         report.interrupted = true;
@@ -434,7 +436,10 @@ pub async fn run<E: Engine>(
     // uplink and serves the local mirror in the same reconcile.
     if report.pulled + report.tagged > 0 {
         match observe::observe(engine).await {
-            Ok(o) => *observed = o,
+            Ok(o) => {
+                *observed = o;
+                observed.downloading = report.downloading.clone();
+            }
             Err(e) => {
                 tracing::warn!(
                     "cannot list images after pulling: {e}; mirrors wait for the next reconcile"

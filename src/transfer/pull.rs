@@ -365,7 +365,9 @@ pub async fn pull_one<E: Engine>(
     };
     let r = pull_once(&ctx, intent, observed, phase.run_id, false, phase.clock).await;
     if let Some(Ok(store)) = &content {
-        store.gc(phase.policy, phase.clock.now().timestamp()).await;
+        store
+            .gc(phase.policy, phase.clock.now().timestamp(), false)
+            .await;
     }
     for rec in &r.records {
         audit.append(rec);

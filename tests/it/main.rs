@@ -31,6 +31,7 @@ mod systemd_unit;
 // On the fake engine.
 mod daemon_loop;
 mod execute_fake;
+mod storage_cache;
 
 // Against the real private engine and registry.
 mod apply_real;

@@ -595,6 +595,51 @@ fn max_size_counts_shared_layers_once_and_evicts_by_last_use() {
     );
 }
 
+/// The store of `storage_max_size` with a content store of 60 MB (40 MB
+/// of complete blobs, 10 MB of them for an unfinished download, and 20 MB
+/// of partial downloads) against 200 MB: 80 MB to free, the store's 30 MB
+/// that may go first, then images for the other 50 MB.
+#[test]
+fn the_content_store_counts_and_shrinks_before_eviction() {
+    let (images, layers) = layered(&[
+        (
+            "k1",
+            90.0,
+            &["web:1"],
+            vec![layer("base", 100), layer("k1", 10)],
+        ),
+        (
+            "k2",
+            80.0,
+            &["web:2"],
+            vec![layer("base", 100), layer("k2", 10)],
+        ),
+        ("k3", 70.0, &["api:1"], vec![layer("k3", 50)]),
+        ("k4", 60.0, &["api:2", "api:latest"], vec![layer("k4", 50)]),
+    ]);
+    let mut state = State::default();
+    used(&mut state, "k1", 50.0);
+    used(&mut state, "k2", 1.0);
+    used(&mut state, "k3", 40.0);
+    used(&mut state, "k4", 2.0);
+    snapshot_observed(
+        "storage_content_store",
+        "[storage]\nmax_size = \"200MB\"\n",
+        Observed {
+            images,
+            layers,
+            cache: Some(stowage::storage::Cache {
+                complete: 40 * MB,
+                partial: 20 * MB,
+                pinned: 10 * MB,
+                on_data_root: false,
+            }),
+            ..Observed::default()
+        },
+        state,
+    );
+}
+
 #[test]
 fn watermarks_evict_unprotected_images_down_to_low() {
     let (images, layers) = layered(&[

@@ -1,7 +1,8 @@
 //! Disk pressure against real engines whose data root is a small tmpfs made
 //! for the test: watermark eviction in LRU order with protections holding,
 //! `max_size` over images sharing a base layer freeing exactly their unique
-//! bytes, and an unreachable target reported once.
+//! bytes, an unreachable target reported once, and the content store
+//! counted and shrunk before any image is evicted.
 
 use crate::engine_env;
 use std::path::Path;
@@ -274,4 +275,138 @@ async fn a_large_load_is_answered_by_eviction_within_seconds() {
     assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
     assert!(log.contains("images pulled or loaded"), "{log}");
     eprintln!("load to eviction: {took:?}");
+}
+
+/// A content store of made-up blobs pushes the images over `max_size`:
+/// `apply` shrinks the store (least recently used blobs) and evicts
+/// nothing; with a lower `max_size`, the store goes whole before the
+/// oldest image, in that order in the audit log.
+#[tokio::test]
+async fn the_content_store_shrinks_before_any_image_is_evicted() {
+    let Some(small) = engine_env::PrivateEngine::start(Some(200)) else {
+        return;
+    };
+    let engine = DockerEngine::connect(Some(&small.addr)).await.unwrap();
+    let now = chrono::Utc::now().timestamp();
+    let images: Vec<_> = (0..3)
+        .map(|i| {
+            engine_env::image(
+                &[&format!("cached/app{i}:v1")],
+                now - (30 - i) * DAY,
+                4 * MIB,
+            )
+        })
+        .collect();
+    engine_env::load(&engine, &images).await;
+    let layers = engine.disk_usage().await.unwrap().layers_size;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = stowage::store::Store::open(&dir.path().join("state/cache")).unwrap();
+    // Four 2 MiB blobs, the first used longest ago.
+    let blobs: Vec<String> = (0..4u8)
+        .map(|i| {
+            let bytes: Vec<u8> = (0..2 * MIB)
+                .map(|k| (k as u8).wrapping_mul(7) ^ i)
+                .collect();
+            let digest = format!(
+                "sha256:{}",
+                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
+            );
+            let desc = stowage::store::Descriptor {
+                media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+                digest: digest.clone(),
+                size: bytes.len() as u64,
+            };
+            store.put(&desc, &bytes).unwrap();
+            let age = std::time::Duration::from_secs(3600 * (4 - u64::from(i)));
+            std::fs::File::options()
+                .write(true)
+                .open(store.root().join("blobs/sha256").join(&digest[7..]))
+                .unwrap()
+                .set_modified(std::time::SystemTime::now() - age)
+                .unwrap();
+            digest
+        })
+        .collect();
+    let cache = 8 * MIB as u64;
+    assert_eq!(store.usage().complete, cache);
+
+    // 3 MiB over: two blobs go (whole), no image.
+    let policy = write_policy_aged(
+        dir.path(),
+        "0s",
+        &format!(
+            "[storage]\nmax_size = {}\n",
+            layers + cache - 3 * MIB as u64
+        ),
+    );
+    let plan = stowage(&small.addr, &policy, &["plan"]);
+    let shown = String::from_utf8_lossy(&plan.stdout).to_string();
+    assert_eq!(plan.status.code(), Some(0), "{}", text(&plan));
+    assert!(
+        shown.contains("<content store>") && shown.contains("prune_cache"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("content store 8.4 MB: complete blobs 8.4 MB"),
+        "{shown}"
+    );
+    assert!(!shown.contains("  evict "), "{shown}");
+    let apply = stowage(&small.addr, &policy, &["apply"]);
+    assert_eq!(apply.status.code(), Some(0), "{}", text(&apply));
+    let kept: Vec<bool> = blobs.iter().map(|b| store.has(b)).collect();
+    assert_eq!(
+        kept,
+        [false, false, true, true],
+        "least recently used first"
+    );
+    assert_eq!(ids(&engine).await.len(), 3, "no image evicted");
+    let audit_path = dir.path().join("state/audit.jsonl");
+    let records = stowage::audit::read(&audit_path).unwrap().records;
+    let pruned: Vec<_> = records
+        .iter()
+        .map(|r| (r.action, r.outcome, r.bytes))
+        .collect();
+    assert_eq!(
+        pruned,
+        [(
+            stowage::audit::Action::PruneCache,
+            stowage::audit::Outcome::Ok,
+            Some(4 * MIB as u64)
+        )]
+    );
+
+    // 1 MiB under the images alone: the store's 4 MiB go first, then the
+    // oldest image.
+    let policy = write_policy_aged(
+        dir.path(),
+        "0s",
+        &format!("[storage]\nmax_size = {}\n", layers - MIB as u64),
+    );
+    let apply = stowage(&small.addr, &policy, &["apply"]);
+    assert_eq!(apply.status.code(), Some(0), "{}", text(&apply));
+    eprintln!("{}", String::from_utf8_lossy(&apply.stdout));
+    assert_eq!(store.usage().complete, 0);
+    let records = stowage::audit::read(&audit_path).unwrap().records;
+    let run = &records.last().unwrap().run;
+    let order: Vec<_> = records
+        .iter()
+        .filter(|r| &r.run == run)
+        .map(|r| (r.action, r.reference.clone()))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            (stowage::audit::Action::PruneCache, None),
+            (
+                stowage::audit::Action::Evict,
+                Some("cached/app0:v1".to_owned())
+            ),
+        ]
+    );
+    let left = ids(&engine).await;
+    assert!(
+        !left.contains(&images[0].id()) && left.len() == 2,
+        "{left:?}"
+    );
 }
