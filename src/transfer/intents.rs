@@ -224,7 +224,7 @@ fn candidates(policy: &Policy, sources: &[String], repository: &str) -> Vec<Cand
 }
 
 /// The `rule` of the audit records `stowage pull` writes.
-pub const CLI_RULE: &str = "cli";
+const CLI_RULE: &str = "cli";
 
 /// What `stowage pull REFERENCE [--platform P]` asks for, outside the policy:
 /// `repo[:tag][@digest]` (no tag and no digest means `:latest`, as with

@@ -52,8 +52,8 @@ use crate::state::State;
 
 pub use backoff::{Waiting, next_backoff};
 pub use intents::{
-    CLI_RULE, Candidate, PullIntent, PullIntents, PullStep, PushIntent, PushIntents, cli_intent,
-    decide_pull, mirror_target, pull_intents, pull_key, push_intents, push_needed, refusal,
+    Candidate, PullIntent, PullIntents, PullStep, PushIntent, PushIntents, cli_intent, decide_pull,
+    mirror_target, pull_intents, pull_key, push_intents, push_needed, refusal,
 };
 pub use preview::{Downloaded, StepKind, TransferPlan, TransferStep, preview};
 pub use pull::{PullOutcome, pull_one};
