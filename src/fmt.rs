@@ -6,18 +6,31 @@ use std::fmt;
 
 /// `1.5 GB`-style sizes (decimal units, as `docker images` shows them).
 pub fn human_bytes(b: u64) -> String {
+    match unit_of(b) {
+        (_, "B") => format!("{b} B"),
+        (div, unit) => format!("{:.1} {unit}", b as f64 / div),
+    }
+}
+
+/// `12.0/50.0 MB`: `done` of `total`, both in the unit of `total` (a partial
+/// download's progress).
+pub fn human_progress(done: u64, total: u64) -> String {
+    match unit_of(total) {
+        (_, "B") => format!("{done}/{total} B"),
+        (div, unit) => format!("{:.1}/{:.1} {unit}", done as f64 / div, total as f64 / div),
+    }
+}
+
+/// The decimal unit `b` is shown in, and its size.
+fn unit_of(b: u64) -> (f64, &'static str) {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = b as f64;
+    let mut div = 1.0;
     let mut u = 0;
-    while v >= 1000.0 && u + 1 < UNITS.len() {
-        v /= 1000.0;
+    while b as f64 / div >= 1000.0 && u + 1 < UNITS.len() {
+        div *= 1000.0;
         u += 1;
     }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    (div, UNITS[u])
 }
 
 /// Compact durations for reasons: the largest whole unit (`45d`, `5h`, `10m`).
@@ -160,6 +173,13 @@ mod tests {
         assert_eq!(human_age(61), "1m");
         assert_eq!(human_bytes(999), "999 B");
         assert_eq!(human_bytes(1_500_000), "1.5 MB");
+    }
+
+    #[test]
+    fn progress_in_the_unit_of_the_total() {
+        assert_eq!(human_progress(12_000_000, 50_000_000), "12.0/50.0 MB");
+        assert_eq!(human_progress(950_000, 2_000_000_000), "0.0/2.0 GB");
+        assert_eq!(human_progress(10, 999), "10/999 B");
     }
 
     #[test]

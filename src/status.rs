@@ -13,6 +13,7 @@ use crate::observe::Observed;
 use crate::plan::{Decision, Plan};
 use crate::refs::split_tag;
 use crate::state::State;
+use crate::transfer::PullCounters;
 
 /// One reference (or dangling image) with its verdict.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +184,10 @@ pub struct DaemonStatus {
     /// Recent errors, oldest first.
     pub errors: Vec<Dated>,
     pub backoffs: Vec<BackoffRow>,
+    /// What pulls moved since the daemon started: bytes received, bytes
+    /// resumed from partial downloads, verification failures.
+    #[serde(default)]
+    pub pulls: PullCounters,
     /// The state file could not be read as it is (corrupt, unreadable): the
     /// same warning `plan` and `apply` give.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -259,6 +264,14 @@ pub fn render_daemon(d: &DaemonStatus, at: DateTime<Utc>) -> String {
     }
     if let Some(next) = d.next_scheduled {
         out.push_str(&format!("next scheduled: {}\n", local(next)));
+    }
+    if !d.pulls.is_zero() {
+        out.push_str(&format!(
+            "pulls since start: received {}, resumed {}, verification failures {}\n",
+            human_bytes(d.pulls.bytes_received),
+            human_bytes(d.pulls.resumed_bytes),
+            d.pulls.verify_failures
+        ));
     }
     for b in &d.backoffs {
         out.push_str(&format!(
@@ -445,6 +458,7 @@ mod tests {
             next_scheduled: None,
             errors: vec![],
             backoffs: vec![],
+            pulls: PullCounters::default(),
             state_warning: None,
         }
     }
@@ -480,8 +494,14 @@ mod tests {
             error: Some("engine unreachable".to_owned()),
         });
         d.reconcile_pending = true;
+        d.pulls = PullCounters {
+            bytes_received: 48_000_000,
+            resumed_bytes: 12_000_000,
+            verify_failures: 1,
+        };
         let text = render_daemon(&d, at(NOW));
         for want in [
+            "pulls since start: received 48.0 MB, resumed 12.0 MB, verification failures 1\n",
             "; the policy above stays in force:\n  p.toml:3:1: error: unknown key\n  second line\n",
             "engine: unix:///run/docker.sock UNREACHABLE: connection refused\n",
             "(7 ms, run -): could not run: engine unreachable\n",

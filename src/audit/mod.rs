@@ -114,6 +114,10 @@ pub struct Record {
     pub bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// `pull`: bytes a partial download already had, not fetched again in
+    /// this attempt (`bytes` is what came over the network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_bytes: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +184,7 @@ fn sample(n: u64) -> Record {
         error: None,
         bytes: Some(n),
         duration_ms: Some(3),
+        resumed_bytes: None,
     }
 }
 

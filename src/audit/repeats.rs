@@ -64,6 +64,7 @@ mod tests {
             reason: reason.into(),
             bytes: None,
             duration_ms: None,
+            resumed_bytes: None,
             ..rec(0)
         }
     }

@@ -156,6 +156,7 @@ impl AuditLog {
                 error: None,
                 bytes: None,
                 duration_ms: None,
+                resumed_bytes: None,
             };
             let mut line = serde_json::to_vec(&note).unwrap_or_default();
             line.push(b'\n');

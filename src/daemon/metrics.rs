@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::Tally;
+use crate::transfer::PullCounters;
 
 /// The content type Prometheus expects for the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -32,6 +33,7 @@ struct Values {
     image_bytes: Option<u64>,
     reload_errors: u64,
     engine_reachable: bool,
+    pulls: PullCounters,
 }
 
 /// The daemon's metrics. Cheap to update; rendered on each scrape.
@@ -72,6 +74,11 @@ impl Metrics {
             v.images = Some(count);
             v.image_bytes = Some(bytes);
         });
+    }
+
+    /// Adds what one reconcile's pulls moved and found corrupt.
+    pub fn pulls(&self, counters: &PullCounters) {
+        self.with(|v| v.pulls.add(counters));
     }
 
     pub fn reload_error(&self) {
@@ -137,6 +144,24 @@ impl Metrics {
                 "counter",
                 "Bytes freed by removals, evictions and build-cache pruning.",
                 &one(v.bytes_freed.to_string()),
+            );
+            metric(
+                "stowage_pull_bytes_received_total",
+                "counter",
+                "Bytes pulls received over the network, failed attempts included.",
+                &one(v.pulls.bytes_received.to_string()),
+            );
+            metric(
+                "stowage_pull_resumed_bytes_total",
+                "counter",
+                "Bytes partial downloads already had when a pull resumed them (not fetched again).",
+                &one(v.pulls.resumed_bytes.to_string()),
+            );
+            metric(
+                "stowage_pull_verification_failures_total",
+                "counter",
+                "Downloads that failed verification (size or sha256), discarded and never handed on.",
+                &one(v.pulls.verify_failures.to_string()),
             );
             let optional = |x: Option<String>| x.map(one).unwrap_or_default();
             metric(
@@ -276,6 +301,7 @@ mod tests {
             error: None,
             bytes,
             duration_ms: None,
+            resumed_bytes: None,
         }
     }
 
@@ -301,6 +327,13 @@ mod tests {
         m.images(3, 4096);
         m.engine_reachable(true);
         m.reload_error();
+        for _ in 0..2 {
+            m.pulls(&PullCounters {
+                bytes_received: 1000,
+                resumed_bytes: 24,
+                verify_failures: 1,
+            });
+        }
         let text = m.render();
         for line in [
             "stowage_reconciles_total 1",
@@ -315,7 +348,11 @@ mod tests {
             "stowage_image_bytes 4096",
             "stowage_policy_reload_errors_total 1",
             "stowage_engine_reachable 1",
+            "stowage_pull_bytes_received_total 2000",
+            "stowage_pull_resumed_bytes_total 48",
+            "stowage_pull_verification_failures_total 2",
             "# TYPE stowage_actions_total counter",
+            "# TYPE stowage_pull_bytes_received_total counter",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

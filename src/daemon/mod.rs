@@ -216,6 +216,7 @@ where
         next_scheduled: None,
         errors: Vec::new(),
         backoffs: Vec::new(),
+        pulls: Default::default(),
         state_warning: None,
     };
     let shared = Arc::new(Shared {

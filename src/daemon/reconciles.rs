@@ -141,10 +141,11 @@ where
             }
         };
         let failed = result.error.is_some() || result.failed > 0;
-        let (records, images) = match &f.result {
-            Ok(report) => (report.records.clone(), report.images),
-            Err(_) => (Default::default(), None),
+        let (records, images, pulls) = match &f.result {
+            Ok(report) => (report.records.clone(), report.images, report.pulls),
+            Err(_) => (Default::default(), None, Default::default()),
         };
+        self.metrics.pulls(&pulls);
         self.metrics.reconciled(
             now.timestamp_millis() as f64 / 1000.0,
             f.elapsed,
@@ -163,6 +164,7 @@ where
             let mut view = self.view();
             view.reconciles += 1;
             view.last_reconcile = Some(result.clone());
+            view.pulls.add(&pulls);
         }
         for w in waiters {
             let _ = w.send(result.clone());

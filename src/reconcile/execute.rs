@@ -170,6 +170,7 @@ pub async fn execute_on<E: Engine>(
             error: None,
             bytes: None,
             duration_ms: None,
+            resumed_bytes: None,
         });
         report.deferred += b.count;
     }
@@ -440,6 +441,7 @@ fn warn_record(
         error: None,
         bytes: None,
         duration_ms: None,
+        resumed_bytes: None,
     }
 }
 
@@ -456,6 +458,7 @@ fn record(a: &Action, run: &str, ts: DateTime<Utc>) -> Record {
         error: None,
         bytes: a.bytes,
         duration_ms: None,
+        resumed_bytes: None,
     }
 }
 

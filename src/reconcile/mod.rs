@@ -68,6 +68,8 @@ pub struct Report {
     /// `(count, bytes)` of the images after a reconcile that ran to its
     /// end, from its observation (the daemon's gauges).
     pub images: Option<(u64, u64)>,
+    /// What the pulls moved over the network, resumed and found corrupt.
+    pub pulls: transfer::PullCounters,
 }
 
 impl Report {
@@ -80,6 +82,14 @@ impl Report {
             s.push_str(&format!(
                 ", pulled {}, pushed {}, backing off {}",
                 self.pulled, self.pushed, self.backing_off
+            ));
+        }
+        if !self.pulls.is_zero() {
+            s.push_str(&format!(
+                ", received {} (resumed {}, verification failures {})",
+                human_bytes(self.pulls.bytes_received),
+                human_bytes(self.pulls.resumed_bytes),
+                self.pulls.verify_failures
             ));
         }
         if self.dry_run > 0 {
@@ -228,21 +238,18 @@ async fn run_reconcile<E: Engine>(
     .await;
     // Transfers come first so that retention plans on the store as the
     // pulls left it (a freshly pulled image is never a removal candidate).
-    let transfers = transfer::run(
+    let phase = transfer::Phase {
         engine,
         policy,
-        &mut observed,
-        state,
-        &mut audit,
-        &run,
-        transfer::RunOptions {
+        run_id: &run,
+        options: transfer::RunOptions {
             dry_run,
             force_refresh: options.force_refresh,
         },
         clock,
         shutdown,
-    )
-    .await?;
+    };
+    let transfers = transfer::run(&phase, &mut observed, state, &mut audit).await?;
     let has_transfers = !policy.prepull.is_empty() || !policy.mirror.is_empty();
     let stopped = shutdown.is_cancelled();
     if !dry_run && (has_transfers || stopped) {
@@ -270,6 +277,7 @@ async fn run_reconcile<E: Engine>(
     }
     if transfers.stale {
         observed = observe(engine).await?;
+        observed.downloading = transfers.downloading.clone();
     }
     if transfers.changed {
         (*state, observed) = noted(std::mem::take(state), observed, clock.now().timestamp()).await;
@@ -335,6 +343,7 @@ fn add_transfers(report: &mut Report, transfers: &transfer::TransferReport) {
     report.ok += transfers.pulled + transfers.pushed + transfers.tagged + transfers.untagged;
     report.dry_run += transfers.dry_run;
     report.interrupted |= transfers.interrupted;
+    report.pulls = transfers.counters;
 }
 
 #[cfg(test)]

@@ -277,6 +277,7 @@ async fn the_audit_log_rotates_at_audit_max_and_history_reads_both() {
             error: None,
             bytes: Some(n),
             duration_ms: None,
+            resumed_bytes: None,
         };
         earlier.extend(serde_json::to_vec(&r).unwrap());
         earlier.push(b'\n');

@@ -37,6 +37,7 @@ mod storage_cache;
 mod apply_real;
 mod daemon_real;
 mod engine_real;
+mod pull_real;
 mod registry_real;
 mod storage_real;
 mod store_real;

@@ -126,6 +126,10 @@ pub enum Mode {
     CutAfter(u64),
     /// Forward back at most this many bytes per second per connection.
     Throttle(u64),
+    /// Forward both ways, but flip (xor 0xff) every Nth byte sent back on
+    /// each connection: a body longer than N arrives wrong, whatever the
+    /// connection reuse.
+    FlipEvery(u64),
 }
 
 struct Shared {
@@ -241,6 +245,20 @@ async fn handle(client: TcpStream, shared: Arc<Shared>) {
                         chunk = &[];
                     }
                     Mode::Stall => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Mode::FlipEvery(n) => {
+                        let mut out = chunk.to_vec();
+                        for (i, b) in out.iter_mut().enumerate() {
+                            if (sent + i as u64 + 1).is_multiple_of(n.max(1)) {
+                                *b ^= 0xff;
+                            }
+                        }
+                        if cw.write_all(&out).await.is_err() {
+                            return;
+                        }
+                        sent += out.len() as u64;
+                        shared.sent.fetch_add(out.len() as u64, Ordering::SeqCst);
+                        chunk = &[];
+                    }
                     Mode::CutAfter(limit) => {
                         let room =
                             usize::try_from(limit.saturating_sub(sent)).unwrap_or(usize::MAX);
@@ -266,7 +284,10 @@ async fn handle(client: TcpStream, shared: Arc<Shared>) {
                         sent += slice as u64;
                         shared.sent.fetch_add(slice as u64, Ordering::SeqCst);
                         chunk = &chunk[slice..];
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        // The time this slice takes at `per_sec` (100 ms
+                        // for a full tenth of a second's worth).
+                        let secs = slice as f64 / per_sec.max(1) as f64;
+                        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
                     }
                 }
             }

@@ -25,11 +25,11 @@ const DAY: i64 = 86_400;
 /// its image dangling until the reference is tagged, and the one test with a
 /// rule for dangling images would take other tests' images in that window: it
 /// runs alone (write), the others together (read).
-static ENGINE_WIDE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+pub(crate) static ENGINE_WIDE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// Runs the stowage binary; `DOCKER_CONFIG` points at an empty folder so the
 /// machine's own Docker credentials never take part.
-async fn stowage(engine: &str, policy: &Path, args: &[&str]) -> Output {
+pub(crate) async fn stowage(engine: &str, policy: &Path, args: &[&str]) -> Output {
     let empty = policy.parent().unwrap().join("docker-config");
     std::fs::create_dir_all(&empty).unwrap();
     tokio::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
@@ -46,20 +46,20 @@ async fn stowage(engine: &str, policy: &Path, args: &[&str]) -> Output {
 }
 
 /// A test's folder: policy, state and audit log live here.
-struct Dir {
+pub(crate) struct Dir {
     tmp: tempfile::TempDir,
 }
 
 impl Dir {
-    fn new() -> Dir {
+    pub(crate) fn new() -> Dir {
         Dir {
             tmp: tempfile::tempdir_in(engine_env::scratch_dir()).unwrap(),
         }
     }
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.tmp.path()
     }
-    fn policy(&self, body: &str) -> PathBuf {
+    pub(crate) fn policy(&self, body: &str) -> PathBuf {
         let p = self.path().join("policy.toml");
         std::fs::write(
             &p,
@@ -71,12 +71,15 @@ impl Dir {
         .unwrap();
         p
     }
-    fn audit(&self) -> Vec<Record> {
+    pub(crate) fn audit(&self) -> Vec<Record> {
         audit::read(&self.path().join("state/audit.jsonl"))
             .unwrap()
             .records
     }
-    fn state(&self) -> Value {
+    pub(crate) fn audit_file_missing(&self) -> bool {
+        !self.path().join("state/audit.jsonl").exists()
+    }
+    pub(crate) fn state(&self) -> Value {
         serde_json::from_slice(&std::fs::read(self.path().join("state/state.json")).unwrap())
             .unwrap()
     }
@@ -85,7 +88,7 @@ impl Dir {
 /// Loads `image` into the engine, pushes each of its tags, then removes the
 /// local tags (the image is gone from the host, present in the registry).
 /// Returns the manifest digest of the last push.
-async fn publish(
+pub(crate) async fn publish(
     engine: &DockerEngine,
     image: &FixtureImage,
     credentials: Option<&Credentials>,
@@ -118,7 +121,7 @@ fn alias(registry: &str) -> String {
 }
 
 /// The image id `reference` names on the engine, if any.
-async fn holder(engine: &DockerEngine, reference: &str) -> Option<String> {
+pub(crate) async fn holder(engine: &DockerEngine, reference: &str) -> Option<String> {
     engine
         .list_images()
         .await
@@ -128,7 +131,7 @@ async fn holder(engine: &DockerEngine, reference: &str) -> Option<String> {
         .map(|i| i.id)
 }
 
-async fn has_image(engine: &DockerEngine, id: &str) -> bool {
+pub(crate) async fn has_image(engine: &DockerEngine, id: &str) -> bool {
     engine
         .list_images()
         .await
@@ -137,13 +140,13 @@ async fn has_image(engine: &DockerEngine, id: &str) -> bool {
         .any(|i| i.id == id)
 }
 
-fn records(all: Vec<Record>, action: Action, outcome: Outcome) -> Vec<Record> {
+pub(crate) fn records(all: Vec<Record>, action: Action, outcome: Outcome) -> Vec<Record> {
     all.into_iter()
         .filter(|r| r.action == action && r.outcome == outcome)
         .collect()
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
@@ -291,42 +294,6 @@ async fn registry_down_keeps_cache_backs_off_and_catches_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cut_transfer_leaves_host_as_it_was_then_heals() {
-    let Some(engine) = engine_env::engine().await else {
-        return;
-    };
-    let _engine_wide = ENGINE_WIDE.read().await;
-    let (addr, reg) = (
-        engine_env::engine_addr().unwrap(),
-        engine_env::registry().unwrap(),
-    );
-    let proxy = Proxy::start(&reg).await;
-    let ns = engine_env::unique_ns("cut");
-    // 3 MB of incompressible bytes: the layer download is what gets cut.
-    let image = engine_env::image(&[&format!("{reg}/{ns}/app:1")], now() - DAY, 3 << 20);
-    publish(&engine, &image, None).await;
-    let reference = format!("{}/{ns}/app:1", proxy.addr);
-    let dir = Dir::new();
-    let policy = dir.policy(&format!(
-        "retry_max = \"1s\"\nstall_timeout = \"4s\"\n[[prepull]]\nimage = \"{reference}\"\n"
-    ));
-    proxy.set(Mode::CutAfter(256 * 1024));
-    let cut = stowage(&addr, &policy, &["apply"]).await;
-    assert_eq!(cut.status.code(), Some(1), "{}", text(&cut));
-    assert!(!has_image(&engine, &image.id()).await);
-    assert_eq!(holder(&engine, &reference).await, None);
-    let failed = records(dir.audit(), Action::Pull, Outcome::Failed);
-    assert_eq!(failed.len(), 1, "{:#?}", dir.audit());
-    assert!(failed[0].error.as_deref().is_some_and(|e| !e.is_empty()));
-
-    proxy.set(Mode::Pass);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let healed = stowage(&addr, &policy, &["apply"]).await;
-    assert_eq!(healed.status.code(), Some(0), "{}", text(&healed));
-    assert_eq!(holder(&engine, &reference).await, Some(image.id()));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stall_is_abandoned_within_its_timeout() {
     let Some(engine) = engine_env::engine().await else {
         return;
@@ -346,8 +313,9 @@ async fn stall_is_abandoned_within_its_timeout() {
     let b_digest = publish(&engine, &b, None).await;
     publish(&engine, &c, None).await;
     let dir = Dir::new();
-    // `a` needs a digest lookup first; `b` is pinned and goes straight to the
-    // pull; `c` comes straight from the registry and must not wait for them.
+    // `a` is resolved by its tag, `b` by its pinned digest (the registry
+    // client's deadline covers both); `c` comes straight from the registry
+    // and must not wait for them.
     let policy = dir.policy(&format!(
         "stall_timeout = \"3s\"\nconcurrency = 3\n\
          [[prepull]]\nimage = \"{p}/{ns}/a:1\"\n\
@@ -371,16 +339,13 @@ async fn stall_is_abandoned_within_its_timeout() {
             .and_then(|r| r.error.clone())
             .unwrap()
     };
-    assert!(
-        error_of("/a:1").contains("no answer from the registry within 3s"),
-        "{}",
-        error_of("/a:1")
-    );
-    assert!(
-        error_of("/b:1").contains("stalled: no progress for 3s"),
-        "{}",
-        error_of("/b:1")
-    );
+    for name in ["/a:1", "/b:1"] {
+        assert!(
+            error_of(name).contains("no answer within 3s"),
+            "{}",
+            error_of(name)
+        );
+    }
     assert!(!has_image(&engine, &a.id()).await && !has_image(&engine, &b.id()).await);
     // One failing reference never blocks the others.
     assert_eq!(holder(&engine, &healthy).await, Some(c.id()));

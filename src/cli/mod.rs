@@ -1,9 +1,10 @@
 //! The command line: `check`, `plan`, `apply`, `run`, `reconcile`, `status`,
-//! `history`.
+//! `history`, `pull`.
 //!
 //! Exit codes follow the spec: 0 success; `plan --exit-code` 1 when actions
-//! are pending; `apply` 1 when some actions failed; 2 when a command could not
-//! run (invalid policy, unreachable engine, unreadable files).
+//! are pending; `apply` and `pull` 1 when some actions failed; 2 when a
+//! command could not run (invalid policy or input, unreachable engine,
+//! unreadable files).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -98,6 +99,15 @@ enum Command {
         #[arg(long, env = "STOWAGE_CONTROL_SOCKET")]
         control_socket: Option<PathBuf>,
     },
+    /// Pull one image (a resumable `docker pull` for bad links): by digest,
+    /// verified, then tagged; outside the policy (audit rule `cli`)
+    Pull {
+        /// `repository[:tag][@digest]`; no tag and no digest means `:latest`
+        reference: String,
+        /// `os/arch[/variant]` of an index [default: the engine's own]
+        #[arg(long)]
+        platform: Option<String>,
+    },
     /// The audit log, readable
     History {
         /// Only records newer than this (e.g. 2h, 7d)
@@ -191,6 +201,9 @@ macro_rules! outln {
     ($($arg:tt)*) => { emit(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
+// After the macros: `pull` uses them.
+mod pull;
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STOWAGE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -249,6 +262,18 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
             control_socket,
         } => cmd_status(&policy_path, cli.engine.as_deref(), json, control_socket).await,
         Command::History { since, json } => cmd_history(&policy_path, since, json),
+        Command::Pull {
+            reference,
+            platform,
+        } => {
+            pull::cmd_pull(
+                &policy_path,
+                cli.engine.as_deref(),
+                &reference,
+                platform.as_deref(),
+            )
+            .await
+        }
     };
     match result {
         Ok(code) => code,

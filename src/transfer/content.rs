@@ -1,0 +1,620 @@
+//! Pulls through the content store, for a local engine. The registry client
+//! resolves the reference; the store downloads each blob the engine lacks,
+//! resuming partials and verifying every blob; only when all are present
+//! does the engine pull the image from the store's read-only loopback
+//! endpoint (`127.0.0.1:PORT/<path>@<digest>`), so its own pull stores it
+//! with the same id and layers as a direct pull. The caller then points the
+//! canonical reference at it, as for any pull; afterwards the upstream
+//! digest reference is recorded (the engine pulls `<upstream>@<digest>`,
+//! which moves only the manifest) and the loopback one removed, now or, when
+//! the upstream does not answer, at a later reconcile.
+//!
+//! Until the hand-off the engine is untouched: a cut, a stall, a kill -9 or
+//! a reboot costs only the bytes in flight.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::downloads::{Download, Journal, Upstream};
+use super::layers::{api_path, diff_ids, host_platform, split_layers};
+use super::{Candidate, Ctx, PullCounters, PullIntent, PullProgress, TransferError};
+use crate::blocking::off_loop;
+use crate::engine::{Engine, Image};
+use crate::observe::Observed;
+use crate::policy::Policy;
+use crate::refs::split_tag;
+use crate::registry::{self, Registry, RepoBlobs, Resolved};
+use crate::store::{self, Descriptor, FetchOptions, Store, StoreError};
+
+/// Largest image config read back from the store (its `rootfs.diff_ids`).
+const CONFIG_MAX: u64 = 4 << 20;
+
+/// The content store and registry clients of one transfer phase.
+pub(super) struct Content {
+    store: Store,
+    journal: Journal,
+    /// One client per registry host: tokens and connections are reused.
+    registries: Mutex<HashMap<String, Registry>>,
+    options: registry::Options,
+    /// Pulled when an entry names no platform: this host's, which is a
+    /// local engine's own.
+    default_platform: String,
+    /// A download fails after this long without a single new byte.
+    give_up: Duration,
+}
+
+/// A reference resolved at one candidate registry.
+pub(super) struct Source {
+    registry: Registry,
+    /// The repository as the registry's API names it (`library/nginx`).
+    path: String,
+    resolved: Resolved,
+    platform: String,
+}
+
+impl Source {
+    /// The digest the reference resolved to (index or manifest).
+    pub(super) fn digest(&self) -> &str {
+        &self.resolved.top.0.digest
+    }
+}
+
+/// An image the engine has taken from the loopback endpoint.
+pub(super) struct Handed {
+    pub image: String,
+    /// The digest reference the hand-off left (`127.0.0.1:PORT/…@…`).
+    pub loopback: String,
+    platform: Option<String>,
+}
+
+impl Content {
+    /// Opens the store in `cache_dir` (creating it). `give_up`: how long a
+    /// download may go without a new byte (longer for `stowage pull`, where
+    /// someone waits for it, than for a reconcile, which backs off).
+    pub(super) async fn open(policy: &Policy, give_up: Duration) -> Result<Content, StoreError> {
+        let dir = policy.daemon.cache_dir.clone();
+        let store = off_loop(move || Store::open(&dir)).await?;
+        Ok(Content {
+            store,
+            journal: Journal::new(&policy.daemon.state_dir),
+            registries: Mutex::default(),
+            options: registry::Options {
+                timeout: policy.daemon.stall_timeout,
+                ..registry::Options::default()
+            },
+            default_platform: host_platform(),
+            give_up,
+        })
+    }
+
+    fn registry<E: Engine>(&self, ctx: &Ctx<'_, E>, host: &str) -> Result<Registry, TransferError> {
+        let mut clients = self.registries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = clients.get(host) {
+            return Ok(r.clone());
+        }
+        let r = Registry::new(host, ctx.credentials(host), &self.options)?;
+        clients.insert(host.to_owned(), r.clone());
+        Ok(r)
+    }
+
+    /// Resolve what `intent` asks for at `c`: the pin, else its tag. The
+    /// manifests' bytes count as received.
+    pub(super) async fn resolve<E: Engine>(
+        &self,
+        ctx: &Ctx<'_, E>,
+        intent: &PullIntent,
+        c: &Candidate,
+        counters: &mut PullCounters,
+    ) -> Result<Source, TransferError> {
+        let registry = self.registry(ctx, &c.registry)?;
+        let path = api_path(&c.repository);
+        let reference = match &intent.pin {
+            Some(pin) => pin.clone(),
+            None => intent
+                .tag_ref
+                .as_deref()
+                .and_then(|t| split_tag(t).1)
+                .unwrap_or("latest")
+                .to_owned(),
+        };
+        let platform = intent
+            .platform
+            .clone()
+            .unwrap_or_else(|| self.default_platform.clone());
+        let resolved = tokio::select! {
+            r = registry.resolve(&path, &reference, &platform) => r?,
+            () = ctx.shutdown.cancelled() => return Err(TransferError::Interrupted),
+        };
+        counters.bytes_received += resolved.top.0.size;
+        if resolved.manifest.0 != resolved.top.0 {
+            counters.bytes_received += resolved.manifest.0.size;
+        }
+        Ok(Source {
+            registry,
+            path,
+            resolved,
+            platform,
+        })
+    }
+
+    /// What the tag of `intent` resolves to at `c` now, when the registry
+    /// says (for the message of a pin it does not have).
+    pub(super) async fn tag_digest<E: Engine>(
+        &self,
+        ctx: &Ctx<'_, E>,
+        intent: &PullIntent,
+        c: &Candidate,
+    ) -> Option<String> {
+        let tag = intent.tag_ref.as_deref().and_then(|t| split_tag(t).1)?;
+        let registry = self.registry(ctx, &c.registry).ok()?;
+        let platform = intent
+            .platform
+            .clone()
+            .unwrap_or_else(|| self.default_platform.clone());
+        let resolved = registry
+            .resolve(&api_path(&c.repository), tag, &platform)
+            .await
+            .ok()?;
+        Some(resolved.top.0.digest)
+    }
+
+    /// Download what the engine lacks of `src` into the store, then hand it
+    /// to the engine from the loopback endpoint and check that the engine
+    /// has it. The engine is not asked to change anything before every blob
+    /// is present and verified.
+    pub(super) async fn pull<E: Engine>(
+        &self,
+        ctx: &Ctx<'_, E>,
+        intent: &PullIntent,
+        src: &Source,
+        observed: &Observed,
+        counters: &mut PullCounters,
+    ) -> Result<Handed, TransferError> {
+        let Resolved {
+            top,
+            manifest,
+            config,
+            layers,
+        } = &src.resolved;
+        let store = self.store.clone();
+        let (t, m) = (top.clone(), manifest.clone());
+        off_loop(move || {
+            store.put(&t.0, &t.1)?;
+            store.put(&m.0, &m.1)
+        })
+        .await?;
+        let blobs = src.registry.blobs(&src.path);
+        let meter = Meter::new(ctx.progress);
+        // The config first: its diff ids say which layers the engine has.
+        meter.add(config.size + layers.iter().map(|l| l.size).sum::<u64>());
+        self.fetch(ctx, &blobs, config, &meter, counters).await?;
+        let held = held_chains(ctx, observed, intent).await;
+        let diff_ids = self.diff_ids(&config.digest).await?;
+        let (needed, skipped) = split_layers(layers, &diff_ids, &held);
+        self.note(intent, top, manifest, config, &needed).await;
+        meter.forget(skipped.iter().map(|l| l.size).sum());
+        for desc in &needed {
+            self.fetch(ctx, &blobs, desc, &meter, counters).await?;
+        }
+        if skipped.is_empty() {
+            let (store, name) = (self.store.clone(), intent.reference.clone());
+            let (t, m) = (top.0.clone(), manifest.0.clone());
+            if let Err(e) = off_loop(move || store.add_image(&name, &t, &m)).await {
+                tracing::debug!("not noted in the content store's index: {e}");
+            }
+        }
+        // For an index the engine must pick the platform whose blobs are here.
+        let platform =
+            (top.0 != manifest.0 || intent.platform.is_some()).then(|| src.platform.clone());
+        match self.hand_off(ctx, src, platform.as_deref()).await {
+            Ok(h) => Ok(h),
+            Err(TransferError::Interrupted) => Err(TransferError::Interrupted),
+            // The engine may lack a layer it was thought to have (one it
+            // got by `docker load` is not known by its compressed digest):
+            // fetch those too, and hand off once more.
+            Err(e) if !skipped.is_empty() => {
+                tracing::info!(
+                    "{}: {e}; fetching the {} layer(s) the engine was thought to have",
+                    intent.reference,
+                    skipped.len()
+                );
+                let all: Vec<Descriptor> = needed.iter().chain(&skipped).cloned().collect();
+                self.note(intent, top, manifest, config, &all).await;
+                for desc in &skipped {
+                    meter.add(desc.size);
+                }
+                for desc in &skipped {
+                    self.fetch(ctx, &blobs, desc, &meter, counters).await?;
+                }
+                self.hand_off(ctx, src, platform.as_deref()).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One blob into the store (at once when it is there already).
+    /// Its bytes go into `counters`, a failed download's too (as far as
+    /// its progress showed them); a blob that failed verification counts
+    /// as such.
+    async fn fetch<E: Engine>(
+        &self,
+        ctx: &Ctx<'_, E>,
+        blobs: &RepoBlobs,
+        desc: &Descriptor,
+        meter: &Meter<'_>,
+        counters: &mut PullCounters,
+    ) -> Result<(), TransferError> {
+        let (store, digest) = (self.store.clone(), desc.digest.clone());
+        let start = off_loop(move || store.partial_len(&digest).unwrap_or(0)).await;
+        let base = meter.base();
+        let furthest = AtomicU64::new(start);
+        let tell = |p: store::Progress| {
+            furthest.fetch_max(p.have, Ordering::Relaxed);
+            meter.show(base + p.have);
+        };
+        let opts = FetchOptions {
+            stall: ctx.stall,
+            give_up: self.give_up,
+            cancel: ctx.shutdown,
+            progress: &tell,
+        };
+        let got = self.store.fetch(blobs, desc, &opts).await;
+        meter.done(desc.size);
+        match got {
+            Ok(f) => {
+                counters.bytes_received += f.bytes;
+                counters.resumed_bytes += f.resumed;
+                Ok(())
+            }
+            Err(e) => {
+                counters.bytes_received += furthest.load(Ordering::Relaxed).saturating_sub(start);
+                counters.resumed_bytes += start;
+                match e {
+                    StoreError::Interrupted { .. } => Err(TransferError::Interrupted),
+                    e => {
+                        if matches!(e, StoreError::Verify { .. }) {
+                            counters.verify_failures += 1;
+                        }
+                        Err(e.into())
+                    }
+                }
+            }
+        }
+    }
+
+    /// Note the download in the journal before its blobs arrive, so that
+    /// the store keeps their partials until it completes.
+    async fn note(
+        &self,
+        intent: &PullIntent,
+        top: &(Descriptor, bytes::Bytes),
+        manifest: &(Descriptor, bytes::Bytes),
+        config: &Descriptor,
+        layers: &[Descriptor],
+    ) {
+        let mut blobs: Vec<(String, u64)> = vec![(top.0.digest.clone(), top.0.size)];
+        if manifest.0 != top.0 {
+            blobs.push((manifest.0.digest.clone(), manifest.0.size));
+        }
+        blobs.push((config.digest.clone(), config.size));
+        blobs.extend(layers.iter().map(|l| (l.digest.clone(), l.size)));
+        let download = Download {
+            top: top.0.digest.clone(),
+            blobs,
+            since: chrono::Utc::now().timestamp(),
+        };
+        let (journal, key) = (self.journal.clone(), intent.key.clone());
+        off_loop(move || {
+            journal.best_effort(|e| {
+                e.downloads.insert(key, download);
+            });
+        })
+        .await;
+    }
+
+    /// The config's `rootfs.diff_ids`, read back from the store.
+    async fn diff_ids(&self, digest: &str) -> Result<Vec<String>, TransferError> {
+        let path = self.blob_path(digest);
+        let bytes = off_loop(move || {
+            use std::io::Read;
+            let mut out = Vec::new();
+            std::fs::File::open(&path)?
+                .take(CONFIG_MAX)
+                .read_to_end(&mut out)?;
+            Ok::<_, std::io::Error>(out)
+        })
+        .await
+        .map_err(|e| TransferError::Config(format!("cannot read the config {digest}: {e}")))?;
+        diff_ids(&bytes).map_err(|why| TransferError::Config(format!("config {digest}: {why}")))
+    }
+
+    /// Where a complete blob lives: the OCI image layout's own path.
+    fn blob_path(&self, digest: &str) -> std::path::PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.store.root().join("blobs/sha256").join(hex)
+    }
+
+    /// Serve the store on loopback and have the engine pull the image from
+    /// it; `Ok` once the engine lists an image for that digest.
+    async fn hand_off<E: Engine>(
+        &self,
+        ctx: &Ctx<'_, E>,
+        src: &Source,
+        platform: Option<&str>,
+    ) -> Result<Handed, TransferError> {
+        let serving = store::serve(self.store.clone(), ctx.shutdown).await?;
+        let addr = serving.addr.to_string();
+        let loopback = format!("{addr}/{}@{}", src.path, src.digest());
+        let (pulled, _) = ctx.pull_quiet(&addr, &loopback, platform).await;
+        serving.stop().await;
+        match pulled {
+            Ok(()) => {}
+            Err(TransferError::Interrupted) => return Err(TransferError::Interrupted),
+            Err(e) => {
+                return Err(TransferError::HandOff {
+                    loopback,
+                    source: Box::new(e),
+                });
+            }
+        }
+        let found = ctx
+            .engine
+            .image(&loopback)
+            .await?
+            .filter(|i| i.repo_digests.contains(&loopback));
+        match found {
+            Some(img) => Ok(Handed {
+                image: img.id,
+                loopback,
+                platform: platform.map(str::to_owned),
+            }),
+            None => Err(TransferError::Verify(loopback)),
+        }
+    }
+
+    /// After the reference points at the image: the download is done (its
+    /// journal entry goes); record the upstream digest reference `from` and
+    /// remove the loopback one, or leave that to a later reconcile when the
+    /// upstream does not answer now.
+    pub(super) async fn finish<E: Engine>(
+        &self,
+        ctx: &Ctx<'_, E>,
+        intent: &PullIntent,
+        c: &Candidate,
+        from: &str,
+        handed: Handed,
+    ) {
+        let up = Upstream {
+            from: from.to_owned(),
+            registry: c.registry.clone(),
+            platform: handed.platform.clone(),
+            loopback: handed.loopback.clone(),
+        };
+        let tagged = intent.tag_ref.is_some();
+        let done = record_upstream(ctx, &handed.image, &up, tagged).await;
+        let (journal, key, image) = (self.journal.clone(), intent.key.clone(), handed.image);
+        off_loop(move || {
+            journal.best_effort(|e| {
+                e.downloads.remove(&key);
+                if done {
+                    e.upstream.remove(&image);
+                } else {
+                    e.upstream.insert(image, up);
+                }
+            });
+        })
+        .await;
+    }
+
+    /// At the start of a transfer phase: record the upstream digest
+    /// references that earlier hand-offs could not (an image gone since is
+    /// forgotten).
+    pub(super) async fn catch_up<E: Engine>(&self, ctx: &Ctx<'_, E>, observed: &Observed) {
+        let journal = self.journal.clone();
+        let pending = off_loop(move || journal.read().upstream).await;
+        for (image, up) in pending {
+            let present = observed.images.iter().find(|i| i.id == image);
+            let done = match present {
+                None => true,
+                Some(img) if img.repo_digests.contains(&up.from) => {
+                    remove_loopback(ctx, img, &up.loopback).await;
+                    true
+                }
+                Some(img) => record_upstream(ctx, &image, &up, !img.repo_tags.is_empty()).await,
+            };
+            if done {
+                let journal = self.journal.clone();
+                off_loop(move || journal.best_effort(|e| drop(e.upstream.remove(&image)))).await;
+            }
+        }
+    }
+
+    /// Keep what unfinished downloads need and, of complete blobs, up to
+    /// `cache_max`; drop the rest (not in a dry run). Returns the blobs
+    /// `(digest, size)` unfinished downloads need, which `[storage]` must
+    /// not shrink either.
+    pub(super) async fn gc(&self, policy: &Policy, now: i64, dry_run: bool) -> Vec<(String, u64)> {
+        let keys: HashSet<String> = policy.prepull.iter().map(|p| p.key()).collect();
+        let (journal, store, max) = (
+            self.journal.clone(),
+            self.store.clone(),
+            policy.daemon.cache_max,
+        );
+        off_loop(move || {
+            if dry_run {
+                return journal.read().prune(&keys, now);
+            }
+            let needed = journal.update(|e| e.prune(&keys, now)).unwrap_or_else(|e| {
+                tracing::warn!("cannot update the downloads journal: {e}");
+                journal.read().prune(&keys, now)
+            });
+            let wanted: HashSet<String> = needed.iter().map(|(d, _)| d.clone()).collect();
+            match store.gc(max, &wanted) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!("content store: {n} bytes freed"),
+                Err(e) => tracing::warn!("content store: cannot free space: {e}"),
+            }
+            needed
+        })
+        .await
+    }
+
+    /// For `stowage plan`: how much of the download toward `top` that
+    /// `key` began the store holds.
+    pub(super) async fn downloaded(&self, key: &str, top: &str) -> Option<super::Downloaded> {
+        let (journal, store) = (self.journal.clone(), self.store.clone());
+        let (key, top) = (key.to_owned(), top.to_owned());
+        off_loop(move || {
+            let entries = journal.read();
+            let d = entries.downloads.get(&key).filter(|d| d.top == top)?;
+            super::Downloaded::of(d.blobs.iter().map(|(digest, size)| {
+                let held = if store.has(digest) {
+                    *size
+                } else {
+                    store.partial_len(digest).unwrap_or(0)
+                };
+                (*size, held)
+            }))
+        })
+        .await
+    }
+}
+
+/// Pull `up.from` (the manifest only: the layers are there), then remove
+/// the loopback reference. When that fails, the loopback reference goes
+/// anyway if a tag holds the image (removing the last reference would
+/// delete it). `true` when nothing is left to do.
+async fn record_upstream<E: Engine>(
+    ctx: &Ctx<'_, E>,
+    image: &str,
+    up: &Upstream,
+    tagged: bool,
+) -> bool {
+    let (pulled, _) = ctx
+        .pull_quiet(&up.registry, &up.from, up.platform.as_deref())
+        .await;
+    let img = match ctx.engine.image(image).await {
+        Ok(Some(img)) => img,
+        Ok(None) => return true,
+        Err(e) => {
+            tracing::debug!("cannot inspect {image}: {e}");
+            return false;
+        }
+    };
+    if let Err(e) = &pulled {
+        tracing::info!(
+            "{}: the upstream digest reference is recorded later ({})",
+            up.from,
+            ctx.scrub(&e.to_string())
+        );
+        if tagged {
+            remove_loopback(ctx, &img, &up.loopback).await;
+        }
+        return false;
+    }
+    remove_loopback(ctx, &img, &up.loopback).await;
+    true
+}
+
+async fn remove_loopback<E: Engine>(ctx: &Ctx<'_, E>, img: &Image, loopback: &str) {
+    let others = img.repo_tags.len() + img.repo_digests.iter().filter(|d| *d != loopback).count();
+    if !img.repo_digests.iter().any(|d| d == loopback) || others == 0 {
+        return;
+    }
+    if let Err(e) = ctx.engine.remove(loopback).await {
+        tracing::warn!("cannot remove the loopback reference {loopback}: {e}");
+    }
+}
+
+/// The chain ids of the layers the engine holds that may be shared with
+/// the image: all layers the observation has (with `[storage]`), and those
+/// of the images of the same repository (a refresh shares most with them).
+async fn held_chains<E: Engine>(
+    ctx: &Ctx<'_, E>,
+    observed: &Observed,
+    intent: &PullIntent,
+) -> HashSet<String> {
+    let mut held: HashSet<String> = observed
+        .layers
+        .values()
+        .flatten()
+        .map(|l| l.chain_id.clone())
+        .collect();
+    let repository = intent
+        .tag_ref
+        .as_deref()
+        .map(|t| split_tag(t).0)
+        .unwrap_or_else(|| intent.reference.split('@').next().unwrap_or_default());
+    let prefix = format!("{repository}:");
+    let digest_prefix = format!("{repository}@");
+    for img in &observed.images {
+        let related = img.repo_tags.iter().any(|t| t.starts_with(&prefix))
+            || img
+                .repo_digests
+                .iter()
+                .any(|d| d.starts_with(&digest_prefix));
+        if !related || observed.layers.contains_key(&img.id) {
+            continue;
+        }
+        match ctx.engine.image_layers(&img.id).await {
+            Ok(layers) => held.extend(layers.into_iter().map(|l| l.chain_id)),
+            Err(e) => tracing::debug!("layers of {}: {e}", img.id),
+        }
+    }
+    held
+}
+
+/// The progress of one image's download: blobs done plus the current one.
+struct Meter<'a> {
+    tell: Option<super::OnProgress<'a>>,
+    /// `(bytes of blobs finished, bytes of all blobs known so far)`.
+    sums: Mutex<(u64, u64)>,
+}
+
+impl<'a> Meter<'a> {
+    fn new(tell: Option<super::OnProgress<'a>>) -> Self {
+        Meter {
+            tell,
+            sums: Mutex::new((0, 0)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, u64)> {
+        self.sums.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, size: u64) {
+        self.lock().1 += size;
+    }
+
+    /// Bytes that will not come after all (layers the engine has).
+    fn forget(&self, size: u64) {
+        let mut g = self.lock();
+        g.1 = g.1.saturating_sub(size);
+    }
+
+    fn base(&self) -> u64 {
+        self.lock().0
+    }
+
+    fn done(&self, size: u64) {
+        let done = {
+            let mut g = self.lock();
+            g.0 += size;
+            g.0
+        };
+        self.show(done);
+    }
+
+    fn show(&self, done: u64) {
+        if let Some(tell) = self.tell {
+            let total = self.lock().1;
+            tell(PullProgress {
+                done,
+                total: Some(total),
+            });
+        }
+    }
+}
