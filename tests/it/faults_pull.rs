@@ -10,7 +10,8 @@
 //! full disk resumed once there is room (`store_real`); the registry
 //! client's own answers to huge manifests and redirects from tiny servers
 //! (`registry_servers`); the store's loop against a source in memory
-//! (`src/store/tests.rs`).
+//! (`src/store/tests.rs`); the same faults through `stowage pull`
+//! (`pull_real`, `faults_pull_cli`).
 
 use std::os::unix::process::ExitStatusExt as _;
 use std::sync::Arc;
@@ -34,26 +35,27 @@ const CHILD_VAR: &str = "STOWAGE_FAULTS_PULL_CHILD";
 
 /// An image of two layers of random bytes, pushed by the real engine to a
 /// real registry and removed from the engine again.
-struct Pushed {
-    engine: DockerEngine,
+pub(crate) struct Pushed {
+    pub engine: DockerEngine,
     /// `127.0.0.1:PORT` of the registry holding it.
-    registry: String,
-    repository: String,
+    pub registry: String,
+    /// Its path there (it is tagged `v1`).
+    pub repository: String,
     /// The image id (the config's digest).
-    id: String,
-    resolved: Resolved,
+    pub id: String,
+    pub resolved: Resolved,
 }
 
 impl Pushed {
     /// To the harness registry; `None` (after a SKIP line) outside CI
     /// without one.
-    async fn new(test: &str, base: usize, own: usize) -> Option<Pushed> {
+    pub(crate) async fn new(test: &str, base: usize, own: usize) -> Option<Pushed> {
         let engine = engine_env::engine().await?;
         let registry = engine_env::registry()?;
         Some(Pushed::to(engine, &registry, test, base, own).await)
     }
 
-    async fn to(
+    pub(crate) async fn to(
         engine: DockerEngine,
         registry: &str,
         test: &str,
@@ -86,17 +88,17 @@ impl Pushed {
     }
 
     /// The base layer (the larger one).
-    fn base(&self) -> &Descriptor {
+    pub(crate) fn base(&self) -> &Descriptor {
         &self.resolved.layers[0]
     }
 
     /// The image's own layer.
-    fn own(&self) -> &Descriptor {
+    pub(crate) fn own(&self) -> &Descriptor {
         &self.resolved.layers[1]
     }
 
     /// Config, then the layers.
-    fn blobs(&self) -> Vec<Descriptor> {
+    pub(crate) fn blobs(&self) -> Vec<Descriptor> {
         let mut all = vec![self.resolved.config.clone()];
         all.extend(self.resolved.layers.iter().cloned());
         all
@@ -105,6 +107,7 @@ impl Pushed {
     /// The engine pulls the image from `store` served on loopback; the
     /// answer and whether the engine then has the image.
     async fn hand_over(&self, store: &Store) -> (Result<(), String>, bool) {
+        let _engine_wide = crate::transfer_real::ENGINE_WIDE.read().await;
         let (top, bytes) = &self.resolved.top;
         store.put(top, bytes).unwrap();
         let stop = CancellationToken::new();
@@ -171,7 +174,7 @@ fn new_store() -> (tempfile::TempDir, Store) {
 }
 
 /// The path part of a blob's URL, to match requests the proxy saw.
-fn blob_path(desc: &Descriptor) -> String {
+pub(crate) fn blob_path(desc: &Descriptor) -> String {
     format!("/blobs/{}", desc.digest)
 }
 

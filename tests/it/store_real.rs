@@ -332,7 +332,7 @@ impl Tmpfs {
         None
     }
 
-    fn resize(&self, size: &str) {
+    pub fn resize(&self, size: &str) {
         let ok = Command::new("mount")
             .args(["-o", &format!("remount,size={size}")])
             .arg(&self.0)
