@@ -206,7 +206,16 @@ fn own_answer(code: u16, extra: &str, body: &str) -> String {
     )
 }
 
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
 async fn http_tcp_one(mut client: TcpStream, shared: Arc<HttpShared>) {
+    // The engine tries https first on a loopback registry: refuse it at
+    // once (it then speaks http) rather than wait for a head that never comes.
+    let mut first = [0u8; 1];
+    if matches!(client.peek(&mut first).await, Ok(1) if first[0] == TLS_HANDSHAKE) {
+        return;
+    }
     let mut buf = Vec::new();
     let Some(head_len) = read_head(&mut client, &mut buf).await else {
         return;
