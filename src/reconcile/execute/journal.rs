@@ -111,7 +111,10 @@ impl Journal {
                 if w.file.is_none() {
                     w.file = Some(create(&self.path)?);
                 }
-                let file = w.file.as_mut().ok_or_else(|| std::io::Error::other("not open"))?;
+                let file = w
+                    .file
+                    .as_mut()
+                    .ok_or_else(|| std::io::Error::other("not open"))?;
                 file.write_all(&line)
             });
         match written {
@@ -237,7 +240,11 @@ fn leftovers(audit: &Path) -> Vec<PathBuf> {
     };
     let mut found: Vec<PathBuf> = entries
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)))
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
         .map(|e| e.path())
         .collect();
     found.sort();
@@ -273,7 +280,10 @@ async fn recover_one<E: Engine>(
             tracing::info!(
                 "{} {} (recorded after a restart)",
                 rec.action.as_str(),
-                rec.reference.as_deref().or(rec.image.as_deref()).unwrap_or("")
+                rec.reference
+                    .as_deref()
+                    .or(rec.image.as_deref())
+                    .unwrap_or("")
             );
             audit.append(&rec);
             written += 1;
@@ -475,7 +485,10 @@ mod tests {
         assert!(live.path.exists());
         assert!(audit::read(&audit_path).unwrap().records.is_empty());
         live.clear();
-        assert_eq!((live.noted(), fs::metadata(&live.path).unwrap().len()), (0, 0));
+        assert_eq!(
+            (live.noted(), fs::metadata(&live.path).unwrap().len()),
+            (0, 0)
+        );
         let path = live.path.clone();
         drop(live);
         assert!(!path.exists());
