@@ -227,7 +227,7 @@ enum Fatal {
     #[error("cannot encode the answer as JSON: {0}")]
     Json(#[from] serde_json::Error),
     #[error("cannot write the output: {0}")]
-    Output(std::io::Error),
+    Output(#[source] std::io::Error),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -301,8 +301,8 @@ async fn connect(engine: Option<&str>) -> Result<DockerEngine, Fatal> {
     Ok(DockerEngine::connect(engine).await?)
 }
 
-fn load_state(policy: &Policy, now: DateTime<Utc>) -> crate::state::State {
-    let loaded = StateStore::new(&policy.daemon.state_dir).load_readonly(now.timestamp());
+fn load_state(policy: &Policy, at: DateTime<Utc>) -> crate::state::State {
+    let loaded = StateStore::new(&policy.daemon.state_dir).load_readonly(at.timestamp());
     if let Some(w) = loaded.warning {
         tracing::warn!("{w}");
     }
@@ -314,7 +314,8 @@ fn load_state(policy: &Policy, now: DateTime<Utc>) -> crate::state::State {
 struct ReadView {
     policy: Policy,
     engine: DockerEngine,
-    now: DateTime<Utc>,
+    /// When the view was taken.
+    at: DateTime<Utc>,
     state: crate::state::State,
     observed: crate::observe::Observed,
     plan: crate::plan::Plan,
@@ -329,7 +330,7 @@ async fn plan_here(path: &Path, engine: Option<&str>) -> Result<ReadView, Fatal>
     Ok(ReadView {
         policy,
         engine,
-        now,
+        at: now,
         state,
         observed,
         plan,
@@ -345,7 +346,7 @@ async fn cmd_plan(
     let ReadView {
         policy,
         engine,
-        now,
+        at,
         state,
         observed,
         plan,
@@ -353,7 +354,7 @@ async fn cmd_plan(
     // Pending pulls and pushes: read-only registry lookups; an unreachable
     // registry shows up in the plan instead of failing it.
     let transfers =
-        crate::transfer::preview(&engine, &policy, &observed, &state, now.timestamp()).await;
+        crate::transfer::preview(&engine, &policy, &observed, &state, at.timestamp()).await;
     if json {
         let mut value = serde_json::to_value(&plan)?;
         if let Some(map) = value.as_object_mut() {
@@ -633,7 +634,7 @@ async fn cmd_status_direct(
     let ReadView {
         policy,
         engine,
-        now,
+        at,
         state,
         observed,
         plan,
@@ -650,7 +651,7 @@ async fn cmd_status_direct(
     }
     out!(
         "daemon: not running\n\n{}",
-        status::render_table(&rows, observed.images.len(), &policy.source, now)
+        status::render_table(&rows, observed.images.len(), &policy.source, at)
     )?;
     Ok(ExitCode::SUCCESS)
 }
@@ -699,12 +700,12 @@ fn cmd_history(
 /// The time `--since D` reaches back to, or a clear error when that is
 /// before any time a record can carry (`--since 300000y`).
 fn since_cutoff(
-    now: chrono::DateTime<chrono::Utc>,
+    at: chrono::DateTime<chrono::Utc>,
     since: std::time::Duration,
 ) -> Result<chrono::DateTime<chrono::Utc>, Fatal> {
     chrono::Duration::from_std(since)
         .ok()
-        .and_then(|d| now.checked_sub_signed(d))
+        .and_then(|d| at.checked_sub_signed(d))
         .ok_or_else(|| {
             Fatal::Message(format!(
                 "--since {}: reaches back further than any time the audit log can hold; give a shorter duration",

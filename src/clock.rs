@@ -1,5 +1,9 @@
-//! The one source of time outside tests. The planner never reads it: `now`
-//! is passed in.
+//! The one source of time outside tests, and the jitter of retry delays.
+//! The planner never reads it: the instant it plans for is passed in (`at`).
+//! In the code, `now` is a clock reading just taken; an instant handed to a
+//! function or kept in a field is `at`.
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
@@ -16,4 +20,15 @@ impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
         Utc::now()
     }
+}
+
+/// `delay` shortened by up to half, so that retries of many waiters (or of
+/// hosts failing together) spread out.
+pub fn jittered(delay: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // A fresh random seed per call is all the randomness needed here.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(delay.as_nanos() as u64);
+    let fraction = 0.5 + (h.finish() % 1000) as f64 / 2000.0;
+    delay.mul_f64(fraction)
 }

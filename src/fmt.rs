@@ -1,6 +1,6 @@
 //! Formatting for people, shared by plans, logs, `status` and audit
-//! reasons: sizes, durations, ages and shortened ids. A leaf: it imports
-//! nothing of the crate.
+//! reasons: sizes, durations, ages, shortened ids, and error text on one
+//! line cut at 2 KB. A leaf: it imports nothing of the crate.
 
 use std::fmt;
 
@@ -99,6 +99,40 @@ pub fn file_kind(t: std::fs::FileType) -> &'static str {
     }
 }
 
+/// Longest engine or registry message kept in an error, in bytes. A registry
+/// (or a proxy before it) may answer an error with megabytes of HTML, which
+/// the engine passes on whole; uncut, it lands in the log, the audit record
+/// and the state's backoff entry at every attempt.
+pub const MAX_MESSAGE: usize = 2048;
+
+/// `text` on one line, cut after [`MAX_MESSAGE`] bytes with a marker saying
+/// how much was cut. Secrets must be redacted before: a cut could split one.
+pub fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_MESSAGE + 64));
+    let mut words = text.split_whitespace();
+    for word in words.by_ref() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(word);
+        if out.len() > MAX_MESSAGE {
+            break;
+        }
+    }
+    if out.len() <= MAX_MESSAGE {
+        return out;
+    }
+    let mut end = MAX_MESSAGE;
+    while !out.is_char_boundary(end) {
+        end -= 1;
+    }
+    // What is left, counted as it would have been joined.
+    let rest = out.len() - end + words.map(|w| w.len() + 1).sum::<usize>();
+    out.truncate(end);
+    out.push_str(&format!(" … [{rest} more bytes cut]"));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +160,23 @@ mod tests {
         assert_eq!(human_age(61), "1m");
         assert_eq!(human_bytes(999), "999 B");
         assert_eq!(human_bytes(1_500_000), "1.5 MB");
+    }
+
+    #[test]
+    fn long_messages_are_cut_with_a_marker() {
+        assert_eq!(one_line(" a \n b\t"), "a b");
+        let page = "é".repeat(3000);
+        let cut = one_line(&page);
+        assert!(cut.len() < MAX_MESSAGE + 40, "{}", cut.len());
+        let kept = cut.split(" … [").next().unwrap();
+        assert_eq!(kept.len(), MAX_MESSAGE, "cut on a character boundary");
+        assert!(cut.ends_with(&format!("[{} more bytes cut]", 6000 - MAX_MESSAGE)));
+        // Many words: the rest is counted with its spaces.
+        let words = "ab ".repeat(1000);
+        let cut = one_line(&words);
+        assert!(
+            cut.ends_with(&format!("[{} more bytes cut]", 2999 - MAX_MESSAGE)),
+            "{cut}"
+        );
     }
 }

@@ -12,7 +12,12 @@
 //! - [`state`]: crash-safe persistent state (first seen, last used, backoff).
 //! - [`audit`]: the JSON-lines audit log.
 //! - [`blocking`]: CPU and file work off the daemon's one async thread.
+//! - [`httpd`]: the bounded HTTP/1 server loop of the metrics endpoint and the
+//!   content store's loopback registry.
 //! - [`credentials`]: registry credentials from Docker's `config.json`.
+//! - [`registry`]: the registry client (manifests, blobs with `Range`, auth,
+//!   redirects): the one module that speaks HTTP to registries.
+//! - [`store`]: the content store's seam types (descriptors, blob sources).
 //! - `fixture` (testkit): docker-archive fixture images for tests, demos and benchmarks.
 //! - [`observe`]: one observation of the engine per reconcile, kept
 //!   current from what each action did.
@@ -24,6 +29,8 @@
 //!   socket, metrics, systemd notifications.
 //! - [`status`]: what `stowage status` shows, with or without a daemon.
 //! - [`storage`]: disk pressure: eviction by last use over unique layer bytes.
+//! - [`store`]: the content store: resumable, verified blob downloads into an
+//!   OCI layout, served read-only on loopback for the engine to pull.
 //! - [`cli`]: the command line.
 //!
 //! The `testkit` feature (off by default; every test, bench and example target
@@ -41,12 +48,15 @@ pub mod engine;
 #[cfg(feature = "testkit")]
 pub mod fixture;
 pub mod fmt;
+pub mod httpd;
 pub mod observe;
 pub mod plan;
 pub mod policy;
 pub mod reconcile;
 pub mod refs;
+pub mod registry;
 pub mod state;
 pub mod status;
 pub mod storage;
+pub mod store;
 pub mod transfer;

@@ -81,13 +81,6 @@ impl Disk {
     pub fn used(&self) -> u64 {
         self.total.saturating_sub(self.available)
     }
-    pub fn percent(&self) -> f64 {
-        if self.total == 0 {
-            0.0
-        } else {
-            self.used() as f64 * 100.0 / self.total as f64
-        }
-    }
 }
 
 /// Observe the engine: one image listing and one container listing, whatever
@@ -109,10 +102,10 @@ pub async fn observe_for<E: Engine>(
     engine: &E,
     policy: &Policy,
     state: &mut State,
-    now: i64,
+    at: i64,
 ) -> Result<Observed, EngineError> {
     let observed = observe(engine).await?;
-    let (noted_state, mut observed) = noted(std::mem::take(state), observed, now).await;
+    let (noted_state, mut observed) = noted(std::mem::take(state), observed, at).await;
     *state = noted_state;
     add_storage(engine, policy, state, &mut observed).await?;
     Ok(observed)
@@ -188,9 +181,9 @@ pub async fn add_storage<E: Engine>(
 
 /// Update the state with what is on the host now (first-seen times), and
 /// forget images that are gone.
-fn note_observed(state: &mut State, observed: &Observed, now: i64) {
+fn note_observed(state: &mut State, observed: &Observed, at: i64) {
     for img in &observed.images {
-        state.observe(&img.id, img.created, now);
+        state.observe(&img.id, img.created, at);
     }
     state.retain_images(observed.images.iter().map(|i| i.id.as_str()));
     state.initialized = true;
@@ -199,9 +192,9 @@ fn note_observed(state: &mut State, observed: &Observed, now: i64) {
 /// Update the state with what is on the host now (first-seen times) and
 /// forget images that are gone, off the async threads (a large store takes
 /// a while).
-pub async fn noted(mut state: State, observed: Observed, now: i64) -> (State, Observed) {
+pub async fn noted(mut state: State, observed: Observed, at: i64) -> (State, Observed) {
     off_loop(move || {
-        note_observed(&mut state, &observed, now);
+        note_observed(&mut state, &observed, at);
         (state, observed)
     })
     .await

@@ -29,9 +29,11 @@ pub const LOCK_FILE: &str = "lock";
 /// corrupt `state.json`, so a new state knows it is not the host's first run.
 const INITIALIZED_FILE: &str = "initialized";
 const FORMAT: u32 = 1;
-/// Temp files of saves: `.state.json.tmp.<pid>.<n>`.
-const TMP_PREFIX: &str = ".state.json.tmp";
-/// Makes each save's temp name unique within the process.
+/// Temp files of saves: `.state.json.tmp.<pid>.<n>` (see [`write_atomic`]).
+const TMP_PREFIX: &str = ".state.json.tmp.";
+/// What [`write_atomic`] puts between the name and the pid of its temp files.
+const TMP_INFIX: &str = ".tmp.";
+/// Makes each atomic write's temp name unique within the process.
 static SAVES: AtomicU64 = AtomicU64::new(0);
 
 /// What stowage remembers about one image (keyed by image id).
@@ -63,7 +65,7 @@ pub struct Backoff {
 }
 
 /// What stowage remembers about one `[[prepull]]` entry (keyed by
-/// [`crate::policy::Prepull::key`]).
+/// `Prepull::key` in `policy`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrepullState {
     /// Image ids this reference pointed at before stowage moved it, newest
@@ -119,11 +121,11 @@ pub struct State {
 impl State {
     /// Record that `image` was seen now, keeping its earlier first-seen time.
     /// Before the first reconcile, the creation time stands in for "now".
-    pub fn observe(&mut self, image: &str, created: i64, now: i64) {
+    pub fn observe(&mut self, image: &str, created: i64, at: i64) {
         let first = if self.initialized {
-            now
+            at
         } else {
-            created.min(now)
+            created.min(at)
         };
         self.images
             .entry(image.to_string())
@@ -133,20 +135,20 @@ impl State {
             });
     }
 
-    pub fn mark_used(&mut self, image: &str, now: i64) {
+    pub fn mark_used(&mut self, image: &str, at: i64) {
         let e = self.images.entry(image.to_string()).or_insert(ImageState {
-            first_seen: now,
+            first_seen: at,
             ..ImageState::default()
         });
-        e.last_used = Some(e.last_used.map_or(now, |t| t.max(now)));
+        e.last_used = Some(e.last_used.map_or(at, |t| t.max(at)));
     }
 
-    pub fn mark_pulled(&mut self, image: &str, now: i64) {
+    pub fn mark_pulled(&mut self, image: &str, at: i64) {
         let e = self.images.entry(image.to_string()).or_insert(ImageState {
-            first_seen: now,
+            first_seen: at,
             ..ImageState::default()
         });
-        e.last_pulled = Some(e.last_pulled.map_or(now, |t| t.max(now)));
+        e.last_pulled = Some(e.last_pulled.map_or(at, |t| t.max(at)));
     }
 
     /// Forget images that are no longer on the host.
@@ -346,17 +348,17 @@ impl StateStore {
 
     /// Load the state. A missing file is an empty state; a corrupt one is
     /// moved aside (`state.json.corrupt-<unix>`) and reported in `warning`.
-    pub fn load(&self, now: i64) -> Loaded {
-        self.load_inner(now, true)
+    pub fn load(&self, at: i64) -> Loaded {
+        self.load_inner(at, true)
     }
 
     /// Load for read-only commands (`plan`, `status`): a corrupt state is
     /// reported and treated as empty, but left where it is.
-    pub fn load_readonly(&self, now: i64) -> Loaded {
-        self.load_inner(now, false)
+    pub fn load_readonly(&self, at: i64) -> Loaded {
+        self.load_inner(at, false)
     }
 
-    fn load_inner(&self, now: i64, move_aside: bool) -> Loaded {
+    fn load_inner(&self, at: i64, move_aside: bool) -> Loaded {
         let path = self.path();
         let bytes = match fs::read(&path) {
             Ok(b) => b,
@@ -385,7 +387,7 @@ impl StateStore {
                 warning: None,
             },
             Err(e) => {
-                let aside = self.dir.join(format!("{STATE_FILE}.corrupt-{now}"));
+                let aside = self.dir.join(format!("{STATE_FILE}.corrupt-{at}"));
                 let moved = if !move_aside {
                     "left in place".to_string()
                 } else {
@@ -418,38 +420,25 @@ impl StateStore {
             path: path.clone(),
             source,
         };
-        let tmp = self.dir.join(format!(
-            "{TMP_PREFIX}.{}.{}",
-            std::process::id(),
-            SAVES.fetch_add(1, Ordering::Relaxed)
-        ));
         let mut state = state.clone();
         state.format = FORMAT;
         let bytes = serde_json::to_vec_pretty(&state).map_err(|e| write(e.into()))?;
-        let written = (|| {
-            let mut f = File::create_new(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            drop(f);
-            fs::rename(&tmp, &path)
-        })();
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(write(e));
-        }
+        write_atomic(&path, &bytes).map_err(write)?;
         if state.initialized {
             let mark = self.dir.join(INITIALIZED_FILE);
             // Best effort: the state is saved; the next save tries again.
-            if !mark.exists()
-                && let Err(e) = fs::write(
+            if !mark.exists() {
+                match fs::write(
                     &mark,
                     "stowage has reconciled on this host: without state.json, images count as first seen when next seen\n",
-                )
-            {
-                tracing::warn!("cannot write {}: {e}", mark.display());
+                ) {
+                    Ok(()) => {
+                        let _ = sync_dir(&self.dir);
+                    }
+                    Err(e) => tracing::warn!("cannot write {}: {e}", mark.display()),
+                }
             }
         }
-        sync_dir(&self.dir).map_err(write)?;
         Ok(())
     }
 }
@@ -471,8 +460,43 @@ fn reset(ran_before: bool) -> State {
     }
 }
 
-/// fsync the folder so the rename itself is durable.
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
+/// Atomically replace `path` with `bytes`: a temp file of this call's own in
+/// the same folder (`.<name>.tmp.<pid>.<n>`, removed when the write fails),
+/// fsync, rename over `path`, fsync of the folder. A crash leaves the old
+/// file or the new one, never half of one; [`is_temp_name`] finds what a
+/// crash left behind. The state and the content store (blobs, offsets, its
+/// index) are written this way.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map_or_else(Default::default, |n| n.to_string_lossy());
+    let tmp = dir.join(format!(
+        ".{name}{TMP_INFIX}{}.{}",
+        std::process::id(),
+        SAVES.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = (|| {
+        let mut f = File::create_new(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    sync_dir(dir)
+}
+
+/// Whether a file name is one of [`write_atomic`]'s temp files.
+pub(crate) fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.contains(TMP_INFIX)
+}
+
+/// fsync the folder so a rename (or removal) in it is durable.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 

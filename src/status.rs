@@ -68,20 +68,14 @@ pub fn rows(observed: &Observed, plan: &Plan, state: &State) -> Vec<StatusRow> {
 }
 
 /// The human table of `rows`, with a closing count line.
-pub fn render_table(
-    rows: &[StatusRow],
-    images: usize,
-    policy: &Path,
-    now: DateTime<Utc>,
-) -> String {
+pub fn render_table(rows: &[StatusRow], images: usize, policy: &Path, at: DateTime<Utc>) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "{:<48} {:>9} {:>8} {:>8}  {:<10} {}\n",
         "REFERENCE", "SIZE", "AGE", "ACTIVE", "VERDICT", "RULE: REASON"
     ));
-    let ago = |t: Option<DateTime<Utc>>| {
-        t.map_or("-".to_string(), |t| human_age((now - t).num_seconds()))
-    };
+    let ago =
+        |t: Option<DateTime<Utc>>| t.map_or("-".to_string(), |t| human_age((at - t).num_seconds()));
     for r in rows {
         let name = r
             .reference
@@ -210,7 +204,7 @@ pub fn backoffs(state: &State) -> Vec<BackoffRow> {
 }
 
 /// The daemon part of `stowage status`, human readable.
-pub fn render_daemon(d: &DaemonStatus, now: DateTime<Utc>) -> String {
+pub fn render_daemon(d: &DaemonStatus, at: DateTime<Utc>) -> String {
     let local = |t: DateTime<Utc>| {
         t.with_timezone(&chrono::Local)
             .format("%Y-%m-%d %H:%M:%S")
@@ -220,7 +214,7 @@ pub fn render_daemon(d: &DaemonStatus, now: DateTime<Utc>) -> String {
         "daemon: pid {}, stowage {}, up {}\n",
         d.pid,
         d.version,
-        human_age((now - d.started).num_seconds())
+        human_age((at - d.started).num_seconds())
     );
     out.push_str(&format!(
         "policy: {} (loaded {}): {}\n",

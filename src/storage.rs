@@ -73,7 +73,8 @@ pub struct Inputs<'a> {
     pub disk: Option<&'a Disk>,
     pub disk_error: Option<&'a str>,
     pub build_cache: Option<u64>,
-    pub now: i64,
+    /// The instant planned for (Unix seconds).
+    pub at: i64,
 }
 
 /// Each image's layers, and how many images hold each layer: the
@@ -160,7 +161,9 @@ impl LayerCounts {
     }
 }
 
-/// Unique bytes of a set of images: each layer counted once.
+/// Unique bytes of a set of images: each layer counted once (tests and
+/// benchmarks; the planner counts with [`LayerCounts`]).
+#[cfg(any(test, feature = "testkit"))]
 pub fn unique_bytes(layers: &LayerMap, images: &[Image]) -> u64 {
     LayerCounts::count(images, layers).bytes()
 }
@@ -213,9 +216,9 @@ pub struct Decided {
 /// the candidates.
 pub fn decide(inputs: &Inputs, candidates: &[Evictable], mut counts: LayerCounts) -> Decided {
     let s = inputs.storage;
-    let now_bytes = counts.bytes();
-    let before = inputs.image_bytes_before.max(now_bytes);
-    let freed_by_retention = before - now_bytes;
+    let after_retention = counts.bytes();
+    let before = inputs.image_bytes_before.max(after_retention);
+    let freed_by_retention = before - after_retention;
     let mut pressure = Pressure {
         image_bytes: before,
         freed_by_retention,
@@ -227,17 +230,17 @@ pub fn decide(inputs: &Inputs, candidates: &[Evictable], mut counts: LayerCounts
     let mut why = Vec::new();
     let mut to_free = 0u64;
     if let Some(max) = s.max_size {
-        if now_bytes > max {
-            to_free = to_free.max(now_bytes - max);
+        if after_retention > max {
+            to_free = to_free.max(after_retention - max);
             why.push(format!(
                 "images take {} > max_size {}",
-                human_bytes(now_bytes),
+                human_bytes(after_retention),
                 human_bytes(max)
             ));
         } else {
             why.push(format!(
                 "images take {} of max_size {}",
-                human_bytes(now_bytes),
+                human_bytes(after_retention),
                 human_bytes(max)
             ));
         }
@@ -395,7 +398,7 @@ mod tests {
             disk: None,
             disk_error: None,
             build_cache: None,
-            now: 1_000_000,
+            at: 1_000_000,
         }
     }
 

@@ -157,7 +157,7 @@ fn remove_stale(path: &Path) -> Result<(), ControlError> {
 }
 
 /// Answers requests until `shutdown`; then lets the answers in flight be
-/// written for up to [`DRAIN`] and removes the socket file. At most
+/// written for up to `DRAIN` and removes the socket file. At most
 /// [`MAX_CLIENTS`] connections are served at once.
 pub async fn serve<H: Handler>(
     listener: UnixListener,
@@ -364,7 +364,9 @@ impl Request {
 }
 
 /// Sends one request to the daemon at `path` and reads its answer, waiting
-/// at most [`Request::default_timeout`].
+/// at most [`Request::default_timeout`] (tests; stowage's commands give
+/// their own timeout to [`request_within`]).
+#[cfg(any(test, feature = "testkit"))]
 pub async fn request(path: &Path, request: &Request) -> Result<Response, ClientError> {
     request_within(path, request, request.default_timeout()).await
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use crate::clock::Clock;
-use crate::engine::{Engine, Event, Image};
+use crate::engine::{Engine, Event, EventKind, Image};
 use crate::state::State;
 
 /// Events arriving within this window after the first are resolved with one
@@ -97,13 +97,13 @@ enum Wanted {
 }
 
 fn wanted(event: &Event) -> Option<Wanted> {
-    match (event.kind.as_str(), event.action.as_str()) {
-        ("container", "create" | "start") => Some(Wanted::Used {
+    match (event.kind, event.action.as_str()) {
+        (EventKind::Container, "create" | "start") => Some(Wanted::Used {
             container: event.id.clone(),
             reference: event.image.clone(),
         }),
-        ("image", "pull" | "load") => Some(Wanted::Pulled(event.id.clone())),
-        ("image", "tag" | "import") => Some(Wanted::Seen(event.id.clone())),
+        (EventKind::Image, "pull" | "load") => Some(Wanted::Pulled(event.id.clone())),
+        (EventKind::Image, "tag" | "import") => Some(Wanted::Seen(event.id.clone())),
         _ => None,
     }
 }
@@ -149,7 +149,7 @@ pub fn resolve_image<'a>(images: &'a [Image], reference: &str) -> Option<&'a Ima
 
 /// Resolves a batch of events to marks with one image listing (and one
 /// container listing when a container's image cannot be found by name).
-async fn resolve<E: Engine>(engine: &E, batch: &[Wanted], now: i64) -> Marks {
+async fn resolve<E: Engine>(engine: &E, batch: &[Wanted], at: i64) -> Marks {
     let mut marks = Marks::default();
     let images = match engine.list_images().await {
         Ok(images) => images,
@@ -189,7 +189,7 @@ async fn resolve<E: Engine>(engine: &E, batch: &[Wanted], now: i64) -> Marks {
                 };
                 match id {
                     Some(id) => {
-                        marks.used.insert(id, now);
+                        marks.used.insert(id, at);
                     }
                     None => tracing::debug!(
                         "events: image of container {container} ({reference:?}) not found"
@@ -198,12 +198,12 @@ async fn resolve<E: Engine>(engine: &E, batch: &[Wanted], now: i64) -> Marks {
             }
             Wanted::Pulled(r) => {
                 if let Some(i) = resolve_image(&images, r) {
-                    marks.pulled.insert(i.id.clone(), now);
+                    marks.pulled.insert(i.id.clone(), at);
                 }
             }
             Wanted::Seen(r) => {
                 if let Some(i) = resolve_image(&images, r) {
-                    marks.seen.entry(i.id.clone()).or_insert((i.created, now));
+                    marks.seen.entry(i.id.clone()).or_insert((i.created, at));
                 }
             }
         }
@@ -328,27 +328,30 @@ mod tests {
 
     #[test]
     fn only_activity_events_count() {
-        let ev = |kind: &str, action: &str| Event {
-            kind: kind.into(),
+        let ev = |kind: EventKind, action: &str| Event {
+            kind,
             action: action.into(),
             id: "c1".into(),
             image: Some("nginx".into()),
             time: 0,
         };
         assert!(matches!(
-            wanted(&ev("container", "start")),
+            wanted(&ev(EventKind::Container, "start")),
             Some(Wanted::Used { .. })
         ));
         assert!(matches!(
-            wanted(&ev("container", "create")),
+            wanted(&ev(EventKind::Container, "create")),
             Some(Wanted::Used { .. })
         ));
-        assert_eq!(wanted(&ev("container", "die")), None);
+        assert_eq!(wanted(&ev(EventKind::Container, "die")), None);
         assert_eq!(
-            wanted(&ev("image", "pull")),
+            wanted(&ev(EventKind::Image, "pull")),
             Some(Wanted::Pulled("c1".into()))
         );
-        assert_eq!(wanted(&ev("image", "tag")), Some(Wanted::Seen("c1".into())));
-        assert_eq!(wanted(&ev("image", "delete")), None);
+        assert_eq!(
+            wanted(&ev(EventKind::Image, "tag")),
+            Some(Wanted::Seen("c1".into()))
+        );
+        assert_eq!(wanted(&ev(EventKind::Image, "delete")), None);
     }
 }

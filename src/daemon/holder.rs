@@ -40,12 +40,12 @@ pub(super) struct Snapshot {
 
 /// The held state of `dir`: `held` when it is that folder's, else loaded
 /// (off the loop) from it.
-pub(super) async fn hold(held: Option<Held>, dir: &Path, now: i64) -> Held {
+pub(super) async fn hold(held: Option<Held>, dir: &Path, at: i64) -> Held {
     if let Some(h) = held.filter(|h| h.dir == dir) {
         return h;
     }
     let store = StateStore::new(dir);
-    let loaded = off_loop(move || store.load(now)).await;
+    let loaded = off_loop(move || store.load(at)).await;
     if let Some(w) = &loaded.warning {
         tracing::warn!("{w}");
     }

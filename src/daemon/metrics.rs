@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::Tally;
@@ -198,78 +197,27 @@ pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
 /// hold none of the daemon's file descriptors, until a slot frees: at most
 /// [`CONNECTION_DEADLINE`] later.
 pub const MAX_CONNECTIONS: usize = 16;
-/// The request head must arrive whole within this.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection ends this long after it was accepted, whatever it is doing
 /// (a client sending slowly, or reading the answer slowly).
 pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
-/// At shutdown, scrapes in flight get this long to finish.
-const DRAIN: Duration = Duration::from_secs(2);
+const LIMITS: crate::httpd::Limits = crate::httpd::Limits {
+    name: "metrics",
+    connections: MAX_CONNECTIONS,
+    header_timeout: Duration::from_secs(5),
+    deadline: CONNECTION_DEADLINE,
+    max_request: MAX_REQUEST,
+    drain: Duration::from_secs(2),
+};
 
-/// Serves `GET /metrics` (hyper, HTTP/1.1, one request per connection) until
-/// `shutdown`, then lets the scrapes in flight finish for up to [`DRAIN`].
-/// Connections are capped at [`MAX_CONNECTIONS`]; each gets
-/// [`CONNECTION_DEADLINE`]. Accept errors (e.g. out of file descriptors) back
-/// off instead of spinning.
+/// Serves `GET /metrics` until `shutdown` with the bounds of [`crate::httpd`]:
+/// at most [`MAX_CONNECTIONS`] at once, each for at most
+/// [`CONNECTION_DEADLINE`].
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .max_buf_size(MAX_REQUEST)
-        .keep_alive(false)
-        // As the server before hyper wrote them; clients may compare them so.
-        .title_case_headers(true);
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        // A slot first, as mini-redis does: over the cap, connections wait
-        // unaccepted instead of costing a descriptor each.
-        let permit = tokio::select! {
-            () = shutdown.cancelled() => break,
-            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-        };
-        let accepted = tokio::select! {
-            () = shutdown.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!("metrics: accept failed: {e}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(10);
-        let metrics = metrics.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let answer = answer(&req, &metrics);
-            async move { Ok::<_, std::convert::Infallible>(answer) }
-        });
-        let connection =
-            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            match tokio::time::timeout(CONNECTION_DEADLINE, connection).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!("metrics request: {e}"),
-                Err(_) => tracing::debug!(
-                    "metrics client dropped after {}s",
-                    CONNECTION_DEADLINE.as_secs()
-                ),
-            }
-            drop(permit);
-        });
-    }
-    // New clients are refused from here on; those in flight may finish.
-    drop(listener);
-    if tokio::time::timeout(DRAIN, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::debug!("metrics: scrapes still running at shutdown abandoned");
-    }
+    let service = hyper::service::service_fn(move |req| {
+        let answer = answer(&req, &metrics);
+        async move { Ok::<_, std::convert::Infallible>(answer) }
+    });
+    crate::httpd::serve(listener, LIMITS, shutdown, service).await;
 }
 
 type Body = http_body_util::Full<bytes::Bytes>;

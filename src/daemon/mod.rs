@@ -58,7 +58,7 @@ use self::control::{ControlError, Request, Response};
 use self::events::SharedMarks;
 use self::handler::{Shared, lock};
 use self::holder::{Held, Snapshot, snapshot_of};
-use self::link::join_connect;
+use self::link::EngineLink;
 use self::metrics::Metrics;
 use self::notify::Notifier;
 use self::reconciles::Finished;
@@ -66,19 +66,6 @@ use self::reconciles::Finished;
 /// Quiet time after the last change in the policy folder before the file
 /// is read: editors write in several steps.
 pub const DEBOUNCE: Duration = Duration::from_millis(250);
-/// First retry after the engine is lost; doubles up to [`RETRY_CAP`].
-const RETRY_FIRST: Duration = Duration::from_secs(1);
-/// Longest wait between two connection attempts.
-pub const RETRY_CAP: Duration = Duration::from_secs(10);
-/// An event stream that lived this long was working: its end (an engine
-/// restart) is followed by an immediate reconnect. Shorter-lived ones are
-/// failing and back off.
-const EVENTS_HEALTHY: Duration = Duration::from_secs(10);
-/// First retry of a failing event stream; doubles up to [`EVENTS_RETRY_CAP`].
-const EVENTS_RETRY_FIRST: Duration = Duration::from_secs(1);
-/// Longest wait between two attempts at a failing event stream: activity
-/// is not recorded meanwhile, so not much longer.
-const EVENTS_RETRY_CAP: Duration = Duration::from_secs(60);
 /// Activity marks are written at most this long after they were seen.
 const FLUSH_EVERY: Duration = Duration::from_secs(15);
 /// Heartbeat without a systemd watchdog (it also bounds how late a missed
@@ -164,19 +151,8 @@ struct Daemon<E, F> {
     watchdog_withheld: bool,
     /// Who waits for the result of the running reconcile.
     running_waiters: Vec<oneshot::Sender<ReconcileResult>>,
-    connecting: Option<JoinHandle<EngineResult<E>>>,
-    retry_at: Option<Instant>,
-    retry_delay: Duration,
-    /// Reachability as last logged (`None` before the first attempt).
-    reachable: Option<bool>,
-    events: Option<JoinHandle<Option<String>>>,
-    /// When the running event watcher started, to tell a stream that worked
-    /// from one that fails at once.
-    events_since: Option<Instant>,
-    /// Wait before the next attempt at a failing event stream.
-    events_delay: Duration,
-    /// The event stream is failing (logged once until it works again).
-    events_failing: bool,
+    /// The engine connection, from attempts to the event watcher.
+    link: EngineLink<E>,
     marks: SharedMarks,
     /// The state; `None` while a reconcile or a write has it (or after
     /// one panicked: then it is loaded again).
@@ -329,14 +305,7 @@ where
         running_engine: None,
         watchdog_withheld: false,
         running_waiters: Vec::new(),
-        connecting: None,
-        retry_at: None,
-        retry_delay: RETRY_FIRST,
-        reachable: None,
-        events: None,
-        events_since: None,
-        events_delay: EVENTS_RETRY_FIRST,
-        events_failing: false,
+        link: EngineLink::new(),
         marks: SharedMarks::default(),
         state: Some(held),
         flushing: None,
@@ -368,12 +337,7 @@ where
             Some(t) = triggers.recv() => d.on_trigger(t),
             Some(t) = requests.recv() => d.on_trigger(t),
             finished = join(&mut d.running) => d.on_finished(finished),
-            connected = join_connect(&mut d.connecting) => d.on_connected(connected),
-            why = join(&mut d.events) => d.on_events_ended(why),
-            () = sleep_until(d.retry_at) => {
-                d.retry_at = None;
-                d.start_connect();
-            }
+            wake = d.link.wait() => d.on_link(wake),
             () = sleep_until(d.debounce_at) => {
                 d.debounce_at = None;
                 d.on_policy_settled();
@@ -438,7 +402,7 @@ where
     }
 
     fn engine(&self) -> Option<Arc<E>> {
-        lock(&self.shared.engine).clone()
+        self.link.engine().cloned()
     }
 
     /// Records an error for `status` (the log has it already).
@@ -450,17 +414,13 @@ where
         view.errors.drain(..excess);
     }
 
-    /// Mirrors the loop's state into the view `status` reads.
+    /// Mirrors the loop's state into the view `status` reads (the engine
+    /// link mirrors itself as it changes).
     fn publish(&self) {
-        let engine_up = self.engine().is_some();
         let mut view = self.view();
         view.reconciling = self.running.is_some();
         view.reconcile_pending = self.pending.is_some();
         view.next_scheduled = self.next_fire;
-        if engine_up {
-            view.engine_reachable = true;
-            view.engine_error = None;
-        }
     }
 
     fn request(&mut self, waiter: Option<oneshot::Sender<ReconcileResult>>) {
@@ -622,12 +582,7 @@ where
                 }
             }
         }
-        if let Some(events) = self.events.take() {
-            events.abort();
-        }
-        if let Some(connecting) = self.connecting.take() {
-            connecting.abort();
-        }
+        self.link.close();
         if let Some(flushing) = self.flushing.take() {
             self.on_written(flushing.await.ok());
         }

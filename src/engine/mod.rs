@@ -1,5 +1,5 @@
 //! The engine boundary. The rest of stowage talks to Docker only through the
-//! [`Engine`] trait; `docker.rs` is the one module that knows bollard, and
+//! [`Engine`] trait; `docker/` is the one module that knows bollard, and
 //! `fake.rs` (feature `testkit`) is an in-memory engine for planner and loop tests.
 
 pub mod docker;
@@ -99,11 +99,20 @@ pub struct Progress {
     pub total: Option<u64>,
 }
 
+/// What an [`Event`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Container,
+    Image,
+    /// Anything else the engine sends (stowage asks for the two above only).
+    Other,
+}
+
 /// An event from the engine's event stream that stowage cares about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
-    /// `container` or `image`.
-    pub kind: String,
+    pub kind: EventKind,
     /// `create`, `start`, `pull`, `load`, `tag`, `delete`, ...
     pub action: String,
     /// The object id (container id, or image reference/id for image events).
@@ -200,21 +209,6 @@ pub trait Engine: Send + Sync {
                 .into_iter()
                 .find(|i| i.repo_tags.iter().any(|t| t == reference))
                 .map(|i| i.id))
-        }
-    }
-    /// The tags an image has now; `None` when it is gone. Asked right
-    /// before a dangling image is removed by id: the engine's removal by id
-    /// would take a tag given to the image since planning along with it.
-    fn tags_of(
-        &self,
-        image_id: &str,
-    ) -> impl Future<Output = EngineResult<Option<Vec<String>>>> + Send {
-        async move {
-            let images = self.list_images().await?;
-            Ok(images
-                .into_iter()
-                .find(|i| i.id == image_id)
-                .map(|i| i.repo_tags))
         }
     }
     /// Remove one reference (or an image id). Untags when the image keeps

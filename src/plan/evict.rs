@@ -21,7 +21,7 @@ pub(super) fn evict(
     observed: &Observed,
     index: &Index,
     mut counts: storage::LayerCounts,
-    now: i64,
+    at: i64,
     detail: Detail,
     result: &mut Plan,
 ) {
@@ -64,7 +64,7 @@ pub(super) fn evict(
     }
     // Per image: its position in the input, which the counts follow.
     let mut counted = vec![0; images.len()];
-    for (input, &k) in index.at().iter().enumerate() {
+    for (input, &k) in index.positions().iter().enumerate() {
         counted[k] = input;
     }
     let image_bytes_before = counts.bytes();
@@ -93,7 +93,7 @@ pub(super) fn evict(
         disk: observed.disk.as_ref(),
         disk_error: observed.disk_error.as_deref(),
         build_cache: observed.build_cache,
-        now,
+        at,
     };
     let decided = storage::decide(&inputs, &candidates, counts);
     let budget = policy
@@ -103,21 +103,21 @@ pub(super) fn evict(
     // Evictions are all removals: the first `budget` go now, the rest are
     // counted, and spelled out only when asked.
     let evictions = &decided.evictions;
-    let now_count = evictions.len().min(budget);
-    let built = detail.removals_to_build(evictions.len(), now_count);
-    let mut now_actions = parallel_map(built, |j| {
+    let in_budget = evictions.len().min(budget);
+    let built = detail.removals_to_build(evictions.len(), in_budget);
+    let mut evict_actions = parallel_map(built, |j| {
         evict_action(&inputs, &decided.targets, &candidates, evictions[j])
     });
-    let later = now_actions.split_off(now_count);
-    result.defer(Kind::Evict, "storage", evictions.len() - now_count);
+    let later = evict_actions.split_off(in_budget);
+    result.defer(Kind::Evict, "storage", evictions.len() - in_budget);
     if detail.verdicts {
         // Per image: what eviction decided, and the action behind it.
         let mut per_image: Vec<Option<(Decision, &Action)>> = vec![None; images.len()];
         for (j, e) in evictions.iter().enumerate() {
-            per_image[kept[e.candidate]] = Some(if j < now_count {
-                (decision_of(now_actions[j].kind), &now_actions[j])
+            per_image[kept[e.candidate]] = Some(if j < in_budget {
+                (decision_of(evict_actions[j].kind), &evict_actions[j])
             } else {
-                (Decision::Deferred, &later[j - now_count])
+                (Decision::Deferred, &later[j - in_budget])
             });
         }
         // Verdicts of this index's entries come first, in entry order; any
@@ -134,7 +134,7 @@ pub(super) fn evict(
             }
         }
     }
-    result.actions.extend(now_actions);
+    result.actions.extend(evict_actions);
     result.actions.extend(decided.prune.map(prune_action));
     result.deferred.extend(later);
     result.pressure = Some(decided.pressure);
@@ -153,12 +153,12 @@ fn evict_action(
         EvictOrder::Lru => write!(
             reason,
             "least recently active (last activity {} ago)",
-            Human(inputs.now - c.activity)
+            Human(inputs.at - c.activity)
         ),
         EvictOrder::Created => write!(
             reason,
             "oldest created ({} ago)",
-            Human(inputs.now - c.image.created)
+            Human(inputs.at - c.image.created)
         ),
     };
     if c.tags > 1 {

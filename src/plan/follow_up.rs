@@ -24,7 +24,7 @@ pub(super) fn follow_up(
     policy: &Policy,
     observed: &Observed,
     state: &State,
-    now: i64,
+    at: i64,
     first: &Index,
     detail: Detail,
     result: &mut Plan,
@@ -61,14 +61,14 @@ pub(super) fn follow_up(
     };
     let sorted = Sorted::new(&store.images);
     let index = Index::build(policy, &store.images, &sorted, || {
-        index::known(&sorted, policy, &store.containers, state, now)
+        index::known(&sorted, policy, &store.containers, state, at)
     });
-    let placement = retention::place_all(policy, &index, now, false);
+    let placement = retention::place_all(policy, &index, at, false);
     let next = retention(
         policy,
         &index,
         placement,
-        now,
+        at,
         Detail {
             verdicts: false,
             deferred: true,
@@ -91,8 +91,8 @@ pub(super) fn follow_up(
         .daemon
         .max_removals
         .saturating_sub(count_removals(&result.actions));
-    let (now_actions, later) = split_budget(fresh, budget);
-    for (a, decision) in now_actions
+    let (kept, later) = split_budget(fresh, budget);
+    for (a, decision) in kept
         .iter()
         .map(|a| (a, decision_of(a.kind)))
         .chain(later.iter().map(|a| (a, Decision::Deferred)))
@@ -106,7 +106,7 @@ pub(super) fn follow_up(
             reason: format!("{} (after the changes above)", a.reason),
         });
     }
-    result.actions.extend(now_actions);
+    result.actions.extend(kept);
     for a in &later {
         result.defer(a.kind, &a.rule, 1);
     }

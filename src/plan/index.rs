@@ -47,7 +47,7 @@ pub(super) struct ImageFacts {
 pub(super) struct Sorted<'a> {
     pub images: Vec<&'a Image>,
     /// Where each image of the input (by its position there) sits in `images`.
-    pub at: Vec<usize>,
+    pub positions: Vec<usize>,
     /// Per image: the sort key of its id (see `prefix_key`), and how much
     /// of every id the keys skip (`sha256:`): finding an id compares
     /// numbers in one array, and strings only on a tie.
@@ -69,13 +69,13 @@ impl<'a> Sorted<'a> {
             .map(|(k, i)| (prefix_key(&i.id.as_bytes()[skip..]), k))
             .collect();
         order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| all[a.1].id.cmp(&all[b.1].id)));
-        let mut at = vec![0; all.len()];
+        let mut positions = vec![0; all.len()];
         for (sorted, &(_, k)) in order.iter().enumerate() {
-            at[k] = sorted;
+            positions[k] = sorted;
         }
         Sorted {
             images: order.iter().map(|&(_, k)| &all[k]).collect(),
-            at,
+            positions,
             keys: order.iter().map(|&(key, _)| key).collect(),
             skip,
         }
@@ -161,7 +161,7 @@ impl<'a> Index<'a> {
         known: impl FnOnce() -> Known<'k>,
     ) -> Self {
         let images = &sorted.images;
-        let at = &sorted.at;
+        let positions = &sorted.positions;
 
         // Intern repositories and tags.
         #[derive(Clone, Copy)]
@@ -184,7 +184,7 @@ impl<'a> Index<'a> {
         // Images of one repository often come together: the last one found
         // spares a hash lookup.
         let mut last: Option<(&str, usize)> = None;
-        for (img, &k) in all.iter().zip(at) {
+        for (img, &k) in all.iter().zip(positions) {
             created[k] = img.created;
             named[k] = !img.repo_tags.is_empty();
             for r in &img.repo_tags {
@@ -333,8 +333,8 @@ impl<'a> Index<'a> {
             .ok()?;
         let range = self.repo_entries(r);
         let run = &self.entries[range.clone()];
-        let at = run.partition_point(|e| e.tag < tag);
-        (at < run.len() && run[at].tag == tag).then_some(range.start + at)
+        let i = run.partition_point(|e| e.tag < tag);
+        (i < run.len() && run[i].tag == tag).then_some(range.start + i)
     }
 
     /// The index of an image id.
@@ -343,8 +343,8 @@ impl<'a> Index<'a> {
     }
 
     /// Where each image of the input (by its position there) sits in `images`.
-    pub fn at(&self) -> &[usize] {
-        &self.sorted.at
+    pub fn positions(&self) -> &[usize] {
+        &self.sorted.positions
     }
 
     /// Newest first, as a sort key of entry `i`: by semver when asked
@@ -452,7 +452,7 @@ impl Ids<'_, '_> {
 /// `[[prepull]]` keeps it as a previous image. Needs only the image order,
 /// so it can be worked out beside the rest of the index.
 pub(super) struct Known<'a> {
-    now: i64,
+    at: i64,
     first_seen: Vec<i64>,
     activity: Vec<i64>,
     /// The container (smallest id) using it, and how many do.
@@ -465,7 +465,7 @@ pub(super) fn known<'a>(
     policy: &'a Policy,
     containers: &'a [Container],
     state: &State,
-    now: i64,
+    at: i64,
 ) -> Known<'a> {
     let ids = sorted.ids();
     let n = ids.images.len();
@@ -509,7 +509,7 @@ pub(super) fn known<'a>(
                 Ordering::Greater => break,
             }
         }
-        let seen = st.map_or(img.created.min(now), |s| s.first_seen);
+        let seen = st.map_or(img.created.min(at), |s| s.first_seen);
         first_seen.push(seen);
         activity.push(
             [
@@ -525,7 +525,7 @@ pub(super) fn known<'a>(
         );
     }
     Known {
-        now,
+        at,
         first_seen,
         activity,
         users,
@@ -537,7 +537,7 @@ pub(super) fn known<'a>(
 /// `[[prepull]]`, a previous one kept for rollback, younger than `min_age`.
 fn facts(known: Known, prepulled: &[Option<&str>], min_age: i64) -> Vec<ImageFacts> {
     let Known {
-        now,
+        at,
         first_seen,
         activity,
         users,
@@ -576,12 +576,12 @@ fn facts(known: Known, prepulled: &[Option<&str>], min_age: i64) -> Vec<ImageFac
                         "previous image of [[prepull]] {p}, kept for rollback (keep_previous={n})"
                     ),
                 ))
-            } else if now.saturating_sub(first_seen[k]) < min_age {
+            } else if at.saturating_sub(first_seen[k]) < min_age {
                 Some((
                     "min_age".to_string(),
                     format!(
                         "seen on this host {} ago, younger than min_age={}",
-                        human_duration(now - first_seen[k]),
+                        human_duration(at - first_seen[k]),
                         human_duration(min_age)
                     ),
                 ))

@@ -59,37 +59,38 @@ impl Detail {
         deferred: false,
     };
 
-    /// Of `all` removals whose first `now` go now: how many to build as
-    /// actions. The rest are only counted unless deferred ones are spelled out.
-    fn removals_to_build(self, all: usize, now: usize) -> usize {
-        if self.deferred { all } else { now }
+    /// Of `all` removals whose first `kept` fit the budget: how many to
+    /// build as actions. The rest are only counted unless deferred ones are
+    /// spelled out.
+    fn removals_to_build(self, all: usize, kept: usize) -> usize {
+        if self.deferred { all } else { kept }
     }
 }
 
 /// Plan one reconcile, with a verdict for every reference (`status`,
-/// `plan --json`). `now` is Unix seconds.
-pub fn plan(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Plan {
-    plan_with(policy, observed, state, now, Detail::ALL, PARALLEL_FROM)
+/// `plan --json`), as of `at` (Unix seconds).
+pub fn plan(policy: &Policy, observed: &Observed, state: &State, at: i64) -> Plan {
+    plan_with(policy, observed, state, at, Detail::ALL, PARALLEL_FROM)
 }
 
 /// The same plan without `verdicts` and with `deferred` only counted (in
 /// `backlog`): what a reconcile executes. The verdicts, a row per reference,
 /// are for `status`; a reconcile would only build and drop them.
-pub fn plan_to_apply(policy: &Policy, observed: &Observed, state: &State, now: i64) -> Plan {
-    plan_with(policy, observed, state, now, Detail::APPLY, PARALLEL_FROM)
+pub fn plan_to_apply(policy: &Policy, observed: &Observed, state: &State, at: i64) -> Plan {
+    plan_with(policy, observed, state, at, Detail::APPLY, PARALLEL_FROM)
 }
 
 fn plan_with(
     policy: &Policy,
     observed: &Observed,
     state: &State,
-    now: i64,
+    at: i64,
     detail: Detail,
     parallel_from: usize,
 ) -> Plan {
     let sorted = Sorted::new(&observed.images);
     let parallel = observed.images.len() >= parallel_from;
-    let look = || index::known(&sorted, policy, &observed.containers, state, now);
+    let look = || index::known(&sorted, policy, &observed.containers, state, at);
     let count_layers = || {
         policy
             .storage
@@ -107,11 +108,11 @@ fn plan_with(
         let index = Index::build(policy, &observed.images, &sorted, || {
             known.map_or_else(look, join)
         });
-        let placement = retention::place_all(policy, &index, now, parallel);
+        let placement = retention::place_all(policy, &index, at, parallel);
         let counting = beside(scope, parallel, count_layers);
-        let mut result = retention(policy, &index, placement, now, detail);
+        let mut result = retention(policy, &index, placement, at, detail);
         if !result.dangling_after.is_empty() {
-            follow_up(policy, observed, state, now, &index, detail, &mut result);
+            follow_up(policy, observed, state, at, &index, detail, &mut result);
         }
         result.deferred_dangling = Vec::new();
         let counts = counting.map_or_else(count_layers, join);
@@ -122,7 +123,7 @@ fn plan_with(
                 observed,
                 &index,
                 counts,
-                now,
+                at,
                 detail,
                 &mut result,
             );
@@ -149,22 +150,22 @@ fn count_removals(actions: &[Action]) -> usize {
 
 /// Keep the first `budget` removals; the rest are deferred. Tags always pass.
 fn split_budget(actions: Vec<Action>, budget: usize) -> (Vec<Action>, Vec<Action>) {
-    let mut now = Vec::new();
-    let mut later = Vec::new();
+    let mut kept = Vec::new();
+    let mut deferred = Vec::new();
     let mut used = 0;
     for a in actions {
         if a.kind.is_removal() {
             if used < budget {
                 used += 1;
-                now.push(a);
+                kept.push(a);
             } else {
-                later.push(a);
+                deferred.push(a);
             }
         } else {
-            now.push(a);
+            kept.push(a);
         }
     }
-    (now, later)
+    (kept, deferred)
 }
 
 fn parse_semver(tag: &str) -> Option<semver::Version> {

@@ -102,7 +102,7 @@ struct Reasons<'i, 'a> {
     groups: Vec<Group<'a>>,
     /// Per `[[tags]]` convention: its allowed patterns, listed.
     allowed: Vec<String>,
-    now: i64,
+    at: i64,
 }
 
 impl Reasons<'_, '_> {
@@ -135,7 +135,7 @@ impl Reasons<'_, '_> {
             _ => format!(
                 "active within keep_within={} (last activity {} ago)",
                 Human(secs(rule.keep_within.unwrap_or_default())),
-                Human(self.now - activity)
+                Human(self.at - activity)
             ),
         }
     }
@@ -163,7 +163,7 @@ impl Reasons<'_, '_> {
                     let _ = write!(
                         why,
                         "inactive for {} (keep_within={})",
-                        Human(self.now - activity),
+                        Human(self.at - activity),
                         Human(secs(w))
                     );
                 }
@@ -211,7 +211,7 @@ impl Why {
 /// One `[[retain]]` rule over the store: per group, newest first, which
 /// entries it keeps and which go beyond what it keeps. Existing floating
 /// references are not its business.
-fn place<'a>(rule: &Retain, index: &Index<'a>, floating: &[Option<usize>], now: i64) -> Placed<'a> {
+fn place<'a>(rule: &Retain, index: &Index<'a>, floating: &[Option<usize>], at: i64) -> Placed<'a> {
     let entries = &index.entries;
     let facts = &index.facts;
     let mut placed = Placed {
@@ -288,7 +288,7 @@ fn place<'a>(rule: &Retain, index: &Index<'a>, floating: &[Option<usize>], now: 
                 let act = facts[entries[i].img].activity;
                 let why = if rule.keep_last.is_some_and(|k| pos < k) {
                     Why::KeepLast { pos, group }
-                } else if keep_within.is_some_and(|w| now.saturating_sub(act) <= w) {
+                } else if keep_within.is_some_and(|w| at.saturating_sub(act) <= w) {
                     Why::Within
                 } else {
                     Why::Beyond { pos, group }
@@ -319,7 +319,7 @@ pub(super) struct Placement<'a> {
 pub(super) fn place_all<'a>(
     policy: &Policy,
     index: &Index<'a>,
-    now: i64,
+    at: i64,
     parallel: bool,
 ) -> Placement<'a> {
     let n = index.entries.len();
@@ -339,7 +339,7 @@ pub(super) fn place_all<'a>(
     // Rules decide independently of each other, so two threads may share
     // them; their marks are then taken in rule order.
     let placed = parallel_tasks(policy.retain.len(), parallel, |ri| {
-        place(&policy.retain[ri], index, &floating, now)
+        place(&policy.retain[ri], index, &floating, at)
     });
     let mut kept_by: Vec<Option<Mark>> = vec![None; n];
     let mut removed_by: Vec<Option<Mark>> = vec![None; n];
@@ -375,7 +375,7 @@ pub(super) fn retention(
     policy: &Policy,
     index: &Index,
     placement: Placement,
-    now: i64,
+    at: i64,
     detail: Detail,
 ) -> Plan {
     let entries = &index.entries;
@@ -398,7 +398,7 @@ pub(super) fn retention(
             .iter()
             .map(|t| t.allow.sources.join(", "))
             .collect(),
-        now,
+        at,
     };
     let mut plan = Plan::default();
 
@@ -591,8 +591,8 @@ pub(super) fn retention(
     let kind = |pos: usize| if last(pos) { Kind::Remove } else { Kind::Untag };
     // Every removal action is a removal: the first `max_removals` go now,
     // the rest are counted, and spelled out only when asked.
-    let now_count = removals.len().min(policy.daemon.max_removals);
-    let built = detail.removals_to_build(removals.len(), now_count);
+    let in_budget = removals.len().min(policy.daemon.max_removals);
+    let built = detail.removals_to_build(removals.len(), in_budget);
     let mut removal_actions = parallel_map(built, |pos| {
         let i = removals[pos];
         let e = &entries[i];
@@ -610,7 +610,7 @@ pub(super) fn retention(
     });
     // Per rule (numbered): deferred untags and removes.
     let mut backlog = vec![[0usize; 2]; policy.retain.len() + policy.tags.len()];
-    for (pos, &i) in removals.iter().enumerate().skip(now_count) {
+    for (pos, &i) in removals.iter().enumerate().skip(in_budget) {
         let rule = reasons.rule_number(cause[i].expect("a removal"));
         backlog[rule][usize::from(last(pos))] += 1;
         if entries[i].reference.is_none() {
@@ -623,7 +623,7 @@ pub(super) fn retention(
     }
     let mut decided: Vec<Option<(Decision, usize)>> = vec![None; n];
     for (pos, &i) in removals.iter().enumerate() {
-        decided[i] = Some(if pos < now_count {
+        decided[i] = Some(if pos < in_budget {
             (decision_of(removal_actions[pos].kind), pos)
         } else {
             (Decision::Deferred, pos)
@@ -666,7 +666,7 @@ pub(super) fn retention(
             }
         });
     }
-    let later = removal_actions.split_off(now_count);
+    let later = removal_actions.split_off(in_budget);
     plan.actions.extend(removal_actions);
     plan.deferred = later;
     // Protected references in some rule's scope that nothing tried to remove

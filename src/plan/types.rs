@@ -128,8 +128,9 @@ pub struct Plan {
     /// In execution order: tags first, then removals.
     pub actions: Vec<Action>,
     /// Removals held back by `max_removals`, for the next reconcile, in
-    /// full: only from [`plan`]. A reconcile has no use for what it will not
-    /// do, and on a large backlog spelling it out is most of a plan's work.
+    /// full: only from [`plan`](super::plan()). A reconcile has no use for
+    /// what it will not do, and on a large backlog spelling it out is most of
+    /// a plan's work.
     pub deferred: Vec<Action>,
     /// The same removals counted per kind and rule, by rule; from every plan.
     pub backlog: Vec<Backlog>,

@@ -67,6 +67,13 @@ pub struct Daemon {
     /// The audit log is rotated to `<audit_log>.1` before it would pass
     /// this many bytes (one generation kept).
     pub audit_max: u64,
+    /// The content store (an OCI image layout plus partial downloads):
+    /// `<state_dir>/cache` unless set.
+    pub cache_dir: PathBuf,
+    /// Bytes of complete blobs kept in the content store after they reached
+    /// the engine (least recently used go first); 0 keeps none. Partial
+    /// downloads are kept regardless until complete or no longer wanted.
+    pub cache_max: u64,
     pub dry_run: bool,
     pub min_age: Duration,
     pub max_removals: usize,
@@ -107,10 +114,9 @@ impl Scope {
     }
 }
 
-/// Compiled repository globs with their source text.
+/// Compiled repository globs.
 #[derive(Debug, Clone)]
 pub struct Globs {
-    pub sources: Vec<String>,
     pub set: GlobSet,
 }
 

@@ -31,6 +31,8 @@ pub(super) struct RawDaemon {
     pub state_dir: Opt<String>,
     pub audit_log: Opt<String>,
     pub audit_max: Opt<SizeValue>,
+    pub cache_dir: Opt<String>,
+    pub cache_max: Opt<SizeValue>,
     pub dry_run: Opt<bool>,
     pub min_age: Opt<String>,
     // Counts are read as i64 so a negative number gets our own message

@@ -26,6 +26,8 @@ const DEFAULT_AUDIT_MAX: u64 = 50_000_000;
 /// Smallest `audit_max`: below this a log would rotate away the records of
 /// a single reconcile.
 const MIN_AUDIT_MAX: u64 = 64 * 1024;
+/// `cache_dir` default, inside `state_dir`.
+const CACHE_DIR: &str = "cache";
 const DEFAULT_MAX_REMOVALS: usize = 100;
 const DEFAULT_CONCURRENCY: usize = 2;
 /// More parallel pulls than this only thrashes the uplink and the disk.
@@ -39,6 +41,8 @@ impl Validator<'_, '_> {
             watch: true,
             audit_log: state_dir.join("audit.jsonl"),
             audit_max: DEFAULT_AUDIT_MAX,
+            cache_dir: state_dir.join(CACHE_DIR),
+            cache_max: 0,
             state_dir,
             dry_run: false,
             min_age: DEFAULT_MIN_AGE,
@@ -69,6 +73,13 @@ impl Validator<'_, '_> {
         if let Some(v) = &r.state_dir {
             ok &= set(&mut d.state_dir, self.path_value(v, "daemon.state_dir"));
             d.audit_log = d.state_dir.join("audit.jsonl");
+            d.cache_dir = d.state_dir.join(CACHE_DIR);
+        }
+        if let Some(v) = &r.cache_dir {
+            ok &= set(&mut d.cache_dir, self.path_value(v, "daemon.cache_dir"));
+        }
+        if let Some(v) = &r.cache_max {
+            ok &= set(&mut d.cache_max, self.size(v, "daemon.cache_max"));
         }
         if let Some(v) = &r.audit_log {
             ok &= set(&mut d.audit_log, self.path_value(v, "daemon.audit_log"));

@@ -124,10 +124,7 @@ impl Validator<'_, '_> {
             return None;
         }
         match builder.build() {
-            Ok(set) => Some(Globs {
-                sources: list.get_ref().iter().map(|g| g.get_ref().clone()).collect(),
-                set,
-            }),
+            Ok(set) => Some(Globs { set }),
             Err(e) => {
                 self.err(list.span(), format!("{key}: {e}"));
                 None

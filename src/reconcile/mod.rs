@@ -103,10 +103,10 @@ impl Report {
 }
 
 /// A reconcile id: time plus process id, readable and unique enough per host.
-pub fn run_id(now: DateTime<Utc>) -> String {
+pub fn run_id(at: DateTime<Utc>) -> String {
     format!(
         "{}-{:x}",
-        now.format("%Y%m%dT%H%M%S%.3fZ"),
+        at.format("%Y%m%dT%H%M%S%.3fZ"),
         std::process::id()
     )
 }
@@ -116,13 +116,13 @@ pub async fn plan_now<E: Engine>(
     engine: &E,
     policy: &Policy,
     state: &State,
-    now: DateTime<Utc>,
+    at: DateTime<Utc>,
 ) -> Result<(Observed, Plan), EngineError> {
     let mut state = state.clone();
-    let observed = observe_for(engine, policy, &mut state, now.timestamp()).await?;
+    let observed = observe_for(engine, policy, &mut state, at.timestamp()).await?;
     let policy = policy.clone();
     Ok(off_loop(move || {
-        let plan = plan::plan(&policy, &observed, &state, now.timestamp());
+        let plan = plan::plan(&policy, &observed, &state, at.timestamp());
         (observed, plan)
     })
     .await)

@@ -6,7 +6,7 @@ use crate::engine_env;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use stowage::engine::{DockerEngine, Engine, EngineError, Image};
+use stowage::engine::{DockerEngine, Engine, EngineError, EventKind, Image};
 
 const CREATED: i64 = 1_600_000_000; // 2020-09-13T12:26:40Z
 
@@ -337,7 +337,7 @@ async fn tag_produces_an_image_event() {
     let watch = async {
         while let Some(event) = events.next().await {
             let event = event.expect("event stream");
-            if event.kind == "image" && event.action == "tag" && event.id == image.id() {
+            if event.kind == EventKind::Image && event.action == "tag" && event.id == image.id() {
                 return event;
             }
         }

@@ -69,9 +69,6 @@ impl Engine for TagsDuringRemoval {
     async fn image_id_of(&self, reference: &str) -> EngineResult<Option<String>> {
         self.inner.image_id_of(reference).await
     }
-    async fn tags_of(&self, image_id: &str) -> EngineResult<Option<Vec<String>>> {
-        self.inner.tags_of(image_id).await
-    }
     async fn remove(&self, reference: &str) -> EngineResult<Removed> {
         self.inner.remove(reference).await
     }

@@ -36,7 +36,9 @@ mod execute_fake;
 mod apply_real;
 mod daemon_real;
 mod engine_real;
+mod registry_real;
 mod storage_real;
+mod store_real;
 mod transfer_real;
 
 // Faults injected into the real engine, registry, disk, state and inputs.
@@ -46,3 +48,6 @@ mod faults_inputs;
 mod faults_servers;
 mod faults_state;
 mod faults_transfer;
+
+// The registry client against tiny servers playing what the real registry cannot.
+mod registry_servers;

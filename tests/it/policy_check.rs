@@ -306,6 +306,43 @@ fn audit_max_is_a_size_of_at_least_64kib() {
 }
 
 #[test]
+fn cache_dir_follows_state_dir_and_cache_max_is_a_size() {
+    let p = parse("version = 1\n").unwrap();
+    assert_eq!(p.daemon.cache_dir, PathBuf::from("/var/lib/stowage/cache"));
+    assert_eq!(p.daemon.cache_max, 0);
+    let p = policy::parse(
+        "version = 1\n[daemon]\nstate_dir = \"st\"\ncache_max = \"2GiB\"\n",
+        Path::new("/srv/fleet/policy.toml"),
+    )
+    .unwrap();
+    assert_eq!(p.daemon.cache_dir, PathBuf::from("/srv/fleet/st/cache"));
+    assert_eq!(p.daemon.cache_max, 2 << 30);
+    // Its own path wins wherever the keys are written, relative to the policy.
+    let p = policy::parse(
+        "version = 1\n[daemon]\ncache_dir = \"blobs\"\nstate_dir = \"/st\"\ncache_max = 0\n",
+        Path::new("/srv/fleet/policy.toml"),
+    )
+    .unwrap();
+    assert_eq!(p.daemon.cache_dir, PathBuf::from("/srv/fleet/blobs"));
+    assert_eq!(p.daemon.cache_max, 0);
+    one_error(
+        "version = 1\n[daemon]\ncache_max = \"lots\"\n",
+        "3:13",
+        "daemon.cache_max: invalid size \"lots\"",
+    );
+    one_error(
+        "version = 1\n[daemon]\ncache_max = -1\n",
+        "3:13",
+        "daemon.cache_max: invalid size -1: must not be negative",
+    );
+    one_error(
+        "version = 1\n[daemon]\ncache_dir = \"\"\n",
+        "3:13",
+        "daemon.cache_dir: must not be empty",
+    );
+}
+
+#[test]
 fn negative_size() {
     one_error(
         "version = 1\n[storage]\nbuild_cache_max = -5\n",

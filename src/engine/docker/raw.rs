@@ -1,0 +1,138 @@
+//! The tiny HTTP/1.0 client for what bollard 0.21 cannot express, and the
+//! engine-wide endpoints read through it: `/info` and `/version`,
+//! `GET /system/df` (API < 1.52 answers `LayersSize`, `Images`,
+//! `BuildCache`, which bollard's struct drops) and `POST /build/prune`
+//! (API < 1.48 reads `keep-storage`, which bollard cannot send).
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::messages::one_line;
+use super::{DockerEngine, Endpoint};
+use crate::engine::{DiskUsage, EngineError, EngineInfo, EngineResult};
+
+impl DockerEngine {
+    /// Sends one request without bollard and parses the JSON answer. HTTP/1.0
+    /// keeps the answer unchunked and ends it by closing the connection.
+    pub(super) async fn raw_json(
+        &self,
+        method: &str,
+        path: &str,
+        within: Duration,
+    ) -> EngineResult<serde_json::Value> {
+        let version = self.docker.client_version();
+        let request = format!(
+            "{method} /v{}.{}{path} HTTP/1.0\r\nHost: docker\r\nContent-Length: 0\r\n\r\n",
+            version.major_version, version.minor_version
+        );
+        let unreachable = |e: std::io::Error| EngineError::Unreachable {
+            address: self.address.clone(),
+            message: e.to_string(),
+        };
+        let exchange = async {
+            match &self.endpoint {
+                Endpoint::Unix(path) => {
+                    http_exchange(tokio::net::UnixStream::connect(path).await?, &request).await
+                }
+                Endpoint::Tcp(host) => {
+                    http_exchange(tokio::net::TcpStream::connect(host).await?, &request).await
+                }
+            }
+        };
+        let answer = self
+            .bounded(&format!("{method} {path}"), within, async {
+                exchange.await.map_err(unreachable)
+            })
+            .await?;
+
+        let text = String::from_utf8_lossy(&answer);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| EngineError::Other(format!("{method} {path}: malformed answer")))?;
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let value: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        if !(200..300).contains(&status) {
+            let message = value["message"]
+                .as_str()
+                .map_or_else(|| one_line(body), one_line);
+            return Err(match status {
+                404 => EngineError::NotFound(message),
+                409 => EngineError::Conflict(message),
+                _ => EngineError::Other(format!("{method} {path}: {status} {message}")),
+            });
+        }
+        Ok(value)
+    }
+}
+
+async fn http_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    request: &str,
+) -> std::io::Result<Vec<u8>> {
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    Ok(answer)
+}
+
+pub(super) async fn info(engine: &DockerEngine) -> EngineResult<EngineInfo> {
+    let info = engine.raw_json("GET", "/info", engine.timeout).await?;
+    let version = engine.raw_json("GET", "/version", engine.timeout).await?;
+    Ok(EngineInfo {
+        data_root: info["DockerRootDir"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        server_version: version["Version"].as_str().unwrap_or_default().to_owned(),
+        api_version: version["ApiVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    })
+}
+
+pub(super) async fn disk_usage(engine: &DockerEngine) -> EngineResult<DiskUsage> {
+    // Sizing every layer takes a while on a large host.
+    let df = engine.raw_json("GET", "/system/df", engine.slow()).await?;
+    if df.get("ImageUsage").is_some() {
+        // API >= 1.52: per-kind summaries.
+        return Ok(DiskUsage {
+            layers_size: as_u64(&df["ImageUsage"]["TotalSize"]),
+            images: as_u64(&df["ImageUsage"]["TotalCount"]),
+            build_cache_size: as_u64(&df["BuildCacheUsage"]["TotalSize"]),
+        });
+    }
+    let build_cache_size = df["BuildCache"]
+        .as_array()
+        .map(|records| {
+            records
+                .iter()
+                // Shared records are counted by the record that owns them.
+                .filter(|r| !r["Shared"].as_bool().unwrap_or(false))
+                .map(|r| as_u64(&r["Size"]))
+                .sum()
+        })
+        .unwrap_or(0);
+    Ok(DiskUsage {
+        layers_size: as_u64(&df["LayersSize"]),
+        images: df["Images"].as_array().map_or(0, |a| a.len() as u64),
+        build_cache_size,
+    })
+}
+
+pub(super) async fn prune_build_cache(engine: &DockerEngine, keep_bytes: u64) -> EngineResult<u64> {
+    // `keep-storage` for API < 1.48, `reserved-space` after; each engine
+    // ignores the one it does not know.
+    let path = format!("/build/prune?keep-storage={keep_bytes}&reserved-space={keep_bytes}");
+    let answer = engine.raw_json("POST", &path, engine.slow()).await?;
+    Ok(as_u64(&answer["SpaceReclaimed"]))
+}
+
+pub(super) fn as_u64(value: &serde_json::Value) -> u64 {
+    value.as_u64().unwrap_or(0)
+}

@@ -1,0 +1,407 @@
+//! The download loop: one blob from a [`BlobSource`] into the store,
+//! resuming, retrying and verifying.
+//!
+//! - It resumes from the partial's committed offset (its sha256 state read
+//!   back from the bytes on disk) and asks the source for the rest; a server
+//!   that ignores the range (`start == 0`) has the bytes already held
+//!   skipped (they count as wire bytes).
+//! - No byte for `stall` ends an attempt, as does a cut; retryable errors are
+//!   retried with jittered backoff (0.5 s doubling to 10 s, back to 0.5 s
+//!   after an attempt that brought bytes) until `give_up` passes without a
+//!   single new byte.
+//! - The offset is committed (data fsynced, then the sidecar) every
+//!   [`COMMIT_EVERY`] bytes and at every error, cancellation included.
+//! - Size and sha256 are checked before the rename into `blobs/`; a mismatch
+//!   (more bytes than the size included) discards the partial and fetches
+//!   once more from zero; a second one is [`StoreError::Verify`].
+//! - A full disk keeps the partial at its last committed offset
+//!   ([`StoreError::NoSpace`]).
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::blocking::off_loop;
+use crate::clock::jittered;
+
+use super::partial::Partial;
+use super::{BlobSource, Descriptor, SourceError, Store, StoreError, hex_of};
+
+/// Bytes gathered in memory before they go to disk (off the async thread).
+const FLUSH_EVERY: usize = 1 << 20;
+/// Bytes written between two commits of the offset.
+pub(super) const COMMIT_EVERY: u64 = 4 << 20;
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_CAP: Duration = Duration::from_secs(10);
+/// How often a download waits for another one of the same blob to finish.
+const LOCK_POLL: Duration = Duration::from_millis(100);
+
+/// How one download behaves.
+pub struct FetchOptions<'a> {
+    /// An attempt that receives no byte for this long is abandoned (and retried).
+    pub stall: Duration,
+    /// The download fails after this long without a single new byte.
+    pub give_up: Duration,
+    /// Cancelled: the partial is committed and the call returns
+    /// [`StoreError::Interrupted`].
+    pub cancel: &'a CancellationToken,
+    /// Hears how far the download is, after each write to disk.
+    pub progress: &'a (dyn Fn(Progress) + Sync),
+}
+
+/// How far one download is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes of the blob held (resumed ones included).
+    pub have: u64,
+    pub size: u64,
+}
+
+/// What one download took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fetched {
+    /// Bytes received over the network by this call (skipped ones included).
+    pub bytes: u64,
+    /// Bytes the partial already had when this call started.
+    pub resumed: u64,
+    /// Attempts after the first.
+    pub retries: u32,
+}
+
+/// How one attempt ended, when it did not complete the blob.
+enum Ended {
+    /// Retry (when the give-up window allows).
+    Retry(SourceError),
+    /// The bytes did not match; the partial is discarded.
+    Mismatch(String),
+    /// Complete and verified.
+    Done,
+}
+
+/// One download in progress: the partial and its tallies.
+struct Run<'a, S> {
+    store: &'a Store,
+    src: &'a S,
+    desc: &'a Descriptor,
+    opts: &'a FetchOptions<'a>,
+    /// `None` only while a blocking write has it.
+    partial: Option<Partial>,
+    buf: BytesMut,
+    fetched: Fetched,
+    last_new_byte: Instant,
+}
+
+pub(super) async fn fetch<S: BlobSource>(
+    store: &Store,
+    src: &S,
+    desc: &Descriptor,
+    opts: &FetchOptions<'_>,
+) -> Result<Fetched, StoreError> {
+    let hex = hex_of(&desc.digest)?.to_owned();
+    let Some(partial) = lock(store, &hex, desc, opts).await? else {
+        return Ok(Fetched::default());
+    };
+    let mut run = Run {
+        store,
+        src,
+        desc,
+        opts,
+        partial: Some(partial),
+        buf: BytesMut::new(),
+        fetched: Fetched::default(),
+        last_new_byte: Instant::now(),
+    };
+    let size = desc.size;
+    run.on_disk(move |p| p.resume(size)).await?;
+    run.fetched.resumed = run.held();
+    let mut delay = RETRY_FIRST;
+    let mut mismatches = 0;
+    loop {
+        let before = run.held();
+        let ended = if before == size {
+            run.finish().await?
+        } else {
+            run.attempt().await?
+        };
+        match ended {
+            Ended::Done => return Ok(run.fetched),
+            Ended::Mismatch(why) => {
+                mismatches += 1;
+                run.on_disk(Partial::reset).await?;
+                if mismatches == 2 {
+                    return Err(StoreError::Verify {
+                        digest: desc.digest.clone(),
+                        from: src.name().to_owned(),
+                        why,
+                    });
+                }
+                tracing::warn!(
+                    "blob {} from {} failed verification ({why}): fetching it again",
+                    desc.digest,
+                    src.name()
+                );
+                run.fetched.retries += 1;
+            }
+            Ended::Retry(error) => {
+                run.on_disk(Partial::commit).await?;
+                let idle = run.last_new_byte.elapsed();
+                if idle >= opts.give_up {
+                    return Err(StoreError::GaveUp {
+                        digest: desc.digest.clone(),
+                        from: src.name().to_owned(),
+                        after: opts.give_up,
+                        kept: run.committed(),
+                        source: error,
+                    });
+                }
+                delay = if run.held() > before {
+                    RETRY_FIRST
+                } else {
+                    (delay * 2).min(RETRY_CAP)
+                };
+                tracing::debug!(
+                    "blob {} from {}: {error}; retrying from byte {}",
+                    desc.digest,
+                    src.name(),
+                    run.held()
+                );
+                let wait = jittered(delay).min(opts.give_up - idle);
+                tokio::select! {
+                    () = opts.cancel.cancelled() => return Err(run.interrupted()),
+                    () = tokio::time::sleep(wait) => {}
+                }
+                run.fetched.retries += 1;
+            }
+        }
+    }
+}
+
+/// Takes the blob's partial (its `flock`), waiting while another download of
+/// it runs; `None` when the blob is (or became) complete.
+async fn lock(
+    store: &Store,
+    hex: &str,
+    desc: &Descriptor,
+    opts: &FetchOptions<'_>,
+) -> Result<Option<Partial>, StoreError> {
+    loop {
+        if store.has(&desc.digest) {
+            super::touch(&store.blobs_dir().join(hex));
+            return Ok(None);
+        }
+        let dir = store.partial_dir();
+        let name = hex.to_owned();
+        let opened = off_loop(move || Partial::try_open(&dir, &name, true)).await;
+        match opened {
+            Ok(Some(p)) if store.has(&desc.digest) => drop(p),
+            Ok(Some(p)) => return Ok(Some(p)),
+            Ok(None) => {
+                tokio::select! {
+                    () = opts.cancel.cancelled() => return Err(StoreError::Interrupted {
+                        digest: desc.digest.clone(),
+                        kept: store.partial_len(&desc.digest).unwrap_or(0),
+                    }),
+                    () = tokio::time::sleep(LOCK_POLL) => {}
+                }
+            }
+            Err(e) => {
+                return Err(super::io(
+                    "cannot open partial blob",
+                    &store.partial_dir().join(hex),
+                    e,
+                ));
+            }
+        }
+    }
+}
+
+impl<S: BlobSource> Run<'_, S> {
+    fn partial(&self) -> &Partial {
+        self.partial
+            .as_ref()
+            .expect("the partial is back after each write")
+    }
+
+    /// Bytes held: on disk plus gathered in memory.
+    fn held(&self) -> u64 {
+        self.partial().len + self.buf.len() as u64
+    }
+
+    fn committed(&self) -> u64 {
+        self.partial().committed
+    }
+
+    fn interrupted(&self) -> StoreError {
+        StoreError::Interrupted {
+            digest: self.desc.digest.clone(),
+            kept: self.committed(),
+        }
+    }
+
+    /// Runs `work` on the partial off the async thread. An I/O error is
+    /// typed here: a full disk keeps what was committed (best effort: the
+    /// commit itself may not fit), anything else names the partial.
+    async fn on_disk(
+        &mut self,
+        work: impl FnOnce(&mut Partial) -> std::io::Result<()> + Send + 'static,
+    ) -> Result<(), StoreError> {
+        let mut p = self.partial.take().expect("one write at a time");
+        let (p, result) = off_loop(move || {
+            let r = work(&mut p);
+            if r.as_ref().is_err_and(is_no_space) {
+                let _ = p.commit();
+            }
+            (p, r)
+        })
+        .await;
+        let (data, kept) = (p.data.clone(), p.committed);
+        self.partial = Some(p);
+        result.map_err(|source| {
+            if is_no_space(&source) {
+                StoreError::NoSpace {
+                    digest: self.desc.digest.clone(),
+                    path: data,
+                    kept,
+                    source,
+                }
+            } else {
+                super::io("cannot write partial blob", &data, source)
+            }
+        })
+    }
+
+    /// Writes what is gathered, committing the offset every [`COMMIT_EVERY`].
+    async fn flush(&mut self) -> Result<(), StoreError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let bytes = self.buf.split().freeze();
+        self.on_disk(move |p| {
+            p.append(&bytes)?;
+            if p.len - p.committed >= COMMIT_EVERY {
+                p.commit()?;
+            }
+            Ok(())
+        })
+        .await?;
+        (self.opts.progress)(Progress {
+            have: self.partial().len,
+            size: self.desc.size,
+        });
+        Ok(())
+    }
+
+    /// One request to the source, read until it ends, fails or stalls.
+    async fn attempt(&mut self) -> Result<Ended, StoreError> {
+        let offset = self.held();
+        let (stall, cancel) = (self.opts.stall, self.opts.cancel);
+        let body = tokio::select! {
+            () = cancel.cancelled() => return Err(self.interrupted()),
+            b = tokio::time::timeout(stall, self.src.fetch(&self.desc.digest, offset)) => b,
+        };
+        let body = match body {
+            Err(_) => return Ok(Ended::Retry(stalled(stall))),
+            Ok(Err(e)) if e.retryable() => return Ok(Ended::Retry(e)),
+            Ok(Err(e)) => return Err(self.source_error(e)),
+            Ok(Ok(body)) => body,
+        };
+        let Some(mut skip) = offset.checked_sub(body.start) else {
+            return Err(self.source_error(SourceError::Refused(format!(
+                "asked for the blob from byte {offset}, it answered from byte {}",
+                body.start
+            ))));
+        };
+        let mut stream = body.stream;
+        loop {
+            let next = tokio::select! {
+                () = cancel.cancelled() => {
+                    self.flush().await?;
+                    self.on_disk(Partial::commit).await?;
+                    return Err(self.interrupted());
+                }
+                n = tokio::time::timeout(stall, stream.next()) => n,
+            };
+            let mut chunk = match next {
+                Err(_) => {
+                    self.flush().await?;
+                    return Ok(Ended::Retry(stalled(stall)));
+                }
+                Ok(None) => {
+                    self.flush().await?;
+                    if self.held() < self.desc.size {
+                        return Ok(Ended::Retry(SourceError::Io(format!(
+                            "the answer ended at byte {} of {}",
+                            self.held(),
+                            self.desc.size
+                        ))));
+                    }
+                    return self.finish().await;
+                }
+                Ok(Some(Err(e))) => {
+                    self.flush().await?;
+                    if e.retryable() {
+                        return Ok(Ended::Retry(e));
+                    }
+                    self.on_disk(Partial::commit).await?;
+                    return Err(self.source_error(e));
+                }
+                Ok(Some(Ok(chunk))) => chunk,
+            };
+            self.fetched.bytes += chunk.len() as u64;
+            if skip > 0 {
+                let n = skip.min(chunk.len() as u64);
+                let _ = chunk.split_to(n as usize);
+                skip -= n;
+            }
+            if chunk.is_empty() {
+                continue;
+            }
+            if self.held() + chunk.len() as u64 > self.desc.size {
+                self.buf.clear();
+                return Ok(Ended::Mismatch(format!(
+                    "the registry sent more than the {} bytes the manifest says",
+                    self.desc.size
+                )));
+            }
+            self.last_new_byte = Instant::now();
+            self.buf.extend_from_slice(&chunk);
+            if self.buf.len() >= FLUSH_EVERY {
+                self.flush().await?;
+            }
+        }
+    }
+
+    /// All bytes are there: verified, they become the blob.
+    async fn finish(&mut self) -> Result<Ended, StoreError> {
+        self.flush().await?;
+        let got = self.partial().digest();
+        if got != self.desc.digest {
+            return Ok(Ended::Mismatch(format!("its sha256 is {got}")));
+        }
+        let blob = self.store.blobs_dir().join(hex_of(&self.desc.digest)?);
+        self.on_disk(move |p| p.complete(&blob)).await?;
+        Ok(Ended::Done)
+    }
+
+    fn source_error(&self, source: SourceError) -> StoreError {
+        StoreError::Source {
+            digest: self.desc.digest.clone(),
+            from: self.src.name().to_owned(),
+            source,
+        }
+    }
+}
+
+fn stalled(stall: Duration) -> SourceError {
+    SourceError::Io(format!("no data for {}", humantime::format_duration(stall)))
+}
+
+fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}

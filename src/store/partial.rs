@@ -1,0 +1,254 @@
+//! One partial download on disk: `partial/sha256/<hex>` (append-only bytes)
+//! and `<hex>.offset` (the committed length, replaced atomically only after
+//! the bytes below it were fsynced). Whatever a crash left past the committed
+//! offset is cut off when the partial is next opened. Blocking I/O: the
+//! download loop runs these through `off_loop`.
+
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::state::{sync_dir, write_atomic};
+
+const OFFSET_SUFFIX: &str = ".offset";
+
+/// A partial download, locked (`flock`) by this handle while it lives.
+pub(super) struct Partial {
+    file: File,
+    pub data: PathBuf,
+    sidecar: PathBuf,
+    /// The sha256 state of the first `len` bytes.
+    hasher: Sha256,
+    /// Bytes in the file (and in `hasher`).
+    pub len: u64,
+    /// What the sidecar says.
+    pub committed: u64,
+}
+
+impl Partial {
+    /// Opens and locks the partial of `hex` in `dir`, creating it when
+    /// `create`. `Ok(None)`: another download holds it (or, without
+    /// `create`, there is none).
+    pub fn try_open(dir: &Path, hex: &str, create: bool) -> std::io::Result<Option<Partial>> {
+        let data = dir.join(hex);
+        let file = match File::options()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .open(&data)
+        {
+            Ok(f) => f,
+            Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        }
+        // The holder before us may have renamed it into blobs/ or removed it:
+        // then the locked file is no longer the partial.
+        let same =
+            fs::metadata(&data).is_ok_and(|m| m.ino() == file.metadata().map_or(0, |f| f.ino()));
+        if !same {
+            return Ok(None);
+        }
+        let sidecar = sidecar_of(&data);
+        Ok(Some(Partial {
+            committed: committed(&data),
+            len: file.metadata()?.len(),
+            file,
+            data,
+            sidecar,
+            hasher: Sha256::new(),
+        }))
+    }
+
+    /// Cuts the file back to its committed offset (to nothing when that is
+    /// more than `size`, or more than the file holds), so that only bytes
+    /// that were fsynced before their offset was written remain.
+    pub fn settle(&mut self, size: Option<u64>) -> std::io::Result<()> {
+        let mut keep = self.committed.min(self.len);
+        if size.is_some_and(|s| keep > s) {
+            keep = 0;
+        }
+        if keep != self.len {
+            self.file.set_len(keep)?;
+            self.len = keep;
+        }
+        if keep != self.committed {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    /// [`settle`](Self::settle), then the sha256 state of what is kept, read
+    /// back from disk (a resume in a new process starts from the bytes).
+    pub fn resume(&mut self, size: u64) -> std::io::Result<()> {
+        self.settle(Some(size))?;
+        self.hasher = Sha256::new();
+        self.file.seek(SeekFrom::Start(0))?;
+        let mut left = self.len;
+        let mut buf = vec![0u8; 1 << 20];
+        while left > 0 {
+            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = self.file.read(&mut buf[..want])?;
+            if n == 0 {
+                // Shorter than its metadata said: keep what was read.
+                self.file.set_len(self.len - left)?;
+                self.len -= left;
+                self.commit()?;
+                break;
+            }
+            self.hasher.update(&buf[..n]);
+            left -= n as u64;
+        }
+        self.file.seek(SeekFrom::Start(self.len))?;
+        Ok(())
+    }
+
+    /// Appends and hashes `bytes`. On an error the file is cut back to what
+    /// it had, so `len` stays true.
+    pub fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if let Err(e) = self.file.write_all(bytes) {
+            let _ = self.file.set_len(self.len);
+            let _ = self.file.seek(SeekFrom::Start(self.len));
+            return Err(e);
+        }
+        self.hasher.update(bytes);
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Makes `len` durable: fsync of the bytes, then the sidecar.
+    pub fn commit(&mut self) -> std::io::Result<()> {
+        if self.committed == self.len && self.sidecar.exists() {
+            return Ok(());
+        }
+        self.file.sync_data()?;
+        write_atomic(&self.sidecar, format!("{}\n", self.len).as_bytes())?;
+        self.committed = self.len;
+        Ok(())
+    }
+
+    /// Discards every byte (they failed verification).
+    pub fn reset(&mut self) -> std::io::Result<()> {
+        self.file.set_len(0)?;
+        self.file.seek(SeekFrom::Start(0))?;
+        self.len = 0;
+        self.hasher = Sha256::new();
+        self.commit()
+    }
+
+    /// `sha256:<hex>` of the bytes so far.
+    pub fn digest(&self) -> String {
+        format!("sha256:{}", hex::encode(self.hasher.clone().finalize()))
+    }
+
+    /// Moves the verified bytes into `blob` (in `blobs/sha256`), durably,
+    /// then drops the sidecar.
+    pub fn complete(&mut self, blob: &Path) -> std::io::Result<()> {
+        self.file.sync_all()?;
+        fs::rename(&self.data, blob)?;
+        // Stored now: this is its first use.
+        let _ = self.file.set_modified(std::time::SystemTime::now());
+        if let Some(dir) = blob.parent() {
+            sync_dir(dir)?;
+        }
+        remove_if_there(&self.sidecar)?;
+        if let Some(dir) = self.data.parent() {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the partial (data and sidecar) while holding its lock.
+    pub fn remove(self) -> std::io::Result<u64> {
+        remove_if_there(&self.data)?;
+        remove_if_there(&self.sidecar)?;
+        Ok(self.len)
+    }
+}
+
+fn remove_if_there(path: &Path) -> std::io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn sidecar_of(data: &Path) -> PathBuf {
+    let mut name = data.as_os_str().to_owned();
+    name.push(OFFSET_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// The committed offset of the partial at `data`: 0 without a readable
+/// sidecar (nothing was committed, so nothing is trusted).
+pub(super) fn committed(data: &Path) -> u64 {
+    fs::read_to_string(sidecar_of(data))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether `name` is a 64-hex blob name.
+pub(super) fn is_hex_name(name: &str) -> bool {
+    name.len() == 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The partial downloads in `dir`: `(hex, bytes on disk)`.
+pub(super) fn sizes(dir: &Path) -> Vec<(String, u64)> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let len = e.metadata().ok().filter(fs::Metadata::is_file)?.len();
+            is_hex_name(&name).then_some((name, len))
+        })
+        .collect()
+}
+
+/// At open: each partial that no download holds is cut back to its committed
+/// offset; one whose blob is complete is removed, and so is a sidecar
+/// without its data (a crash between the rename and its removal).
+pub(super) fn recover(dir: &Path, blobs: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(hex) = name.strip_suffix(OFFSET_SUFFIX) {
+            if is_hex_name(hex) && !dir.join(hex).exists() {
+                let _ = fs::remove_file(e.path());
+            }
+            continue;
+        }
+        if !is_hex_name(&name) {
+            continue;
+        }
+        match Partial::try_open(dir, &name, false) {
+            Ok(Some(p)) if blobs.join(&name).is_file() => {
+                let _ = p.remove();
+            }
+            Ok(Some(mut p)) => {
+                if let Err(err) = p.settle(None) {
+                    tracing::warn!("cannot recover partial blob {}: {err}", p.data.display());
+                }
+            }
+            // Held by a download in flight, or gone meanwhile.
+            Ok(None) => {}
+            Err(err) => tracing::warn!("cannot open partial blob {}: {err}", e.path().display()),
+        }
+    }
+}
