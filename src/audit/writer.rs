@@ -96,6 +96,12 @@ impl AuditLog {
         Ok(())
     }
 
+    /// Where the log is (the executor keeps its journal of removals in
+    /// flight beside it).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// What the previous reconcile stated (from the state file): `warn`,
     /// `skip` and `deferred` records that say the same again are not written.
     pub fn set_previously_stated(&mut self, fingerprints: BTreeSet<u64>) {

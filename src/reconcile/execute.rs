@@ -1,9 +1,16 @@
 //! The executor: a plan's actions against the engine, in a safe order
-//! (floating tags move before anything is removed), each removal re-checked
-//! right before it where the engine does not check by itself, never forced,
-//! going on after a failed action, one audit record per action.
+//! (floating tags move before anything is removed), a few removals in
+//! flight at once, each re-checked right before it where the engine does not
+//! check by itself, never forced, going on after a failed action, one audit
+//! record per action in plan order, journaled so that a kill loses none.
+
+mod journal;
+
+use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditLog, Outcome, Record};
@@ -16,6 +23,7 @@ use crate::plan::{Action, Kind, Plan};
 use crate::store::{Store, StoreError};
 
 use super::{ReconcileError, Report};
+use journal::Journal;
 
 /// Apply a plan: tags first (the plan is already in that order), then
 /// removals, each re-checked right before it. See [`execute_on`].
@@ -67,15 +75,24 @@ enum Done {
     CachePruned(Result<u64, StoreError>),
 }
 
+/// Removals in flight at once. A small image's removal is mostly the
+/// engine's handling of its request (see `docs/benchmarks.md`): with a few
+/// side by side the engine is never idle between two, which brings a bulk
+/// removal to its own `image prune`.
+const IN_FLIGHT: usize = 3;
+
 /// [`execute`], keeping `observed` current from what each action did (the
 /// engine's answers), so the reconcile needs no listing afterwards.
 ///
-/// Actions run one at a time, in plan order, each record written as soon
-/// as its action is done. Between two removals of different images, the
-/// next one's re-check runs while the engine carries out the current one:
-/// the engine removes layers one at a time anyway, and this keeps it busy,
-/// which brings a bulk removal to the engine's own `image prune`. The
-/// re-check is then at most one removal older than its own removal.
+/// Tags and build-cache prunes run alone, in plan order. Removals run up
+/// to [`IN_FLIGHT`] at once, started in plan order, each re-checked right
+/// before its own removal; one image's actions never overlap (the next
+/// waits for the one in flight). Records are written in plan order, each
+/// as soon as its action and those before it are done, whatever order the
+/// engine finishes them in. Each removal is journaled before the engine is
+/// asked ([`journal`]), so a kill with removals in flight loses none of
+/// their records; when the journal cannot be written, one removal is in
+/// flight at a time.
 #[allow(clippy::too_many_arguments)]
 pub async fn execute_on<E: Engine>(
     engine: &E,
@@ -91,6 +108,9 @@ pub async fn execute_on<E: Engine>(
         run: run.to_string(),
         ..Report::default()
     };
+    if !dry_run {
+        journal::recover(engine, audit).await;
+    }
     for w in &plan.warnings {
         tracing::warn!(rule = %w.rule, "{}: {}", w.reference.as_deref().unwrap_or(&w.image), w.reason);
         audit.append(&warn_record(
@@ -110,46 +130,22 @@ pub async fn execute_on<E: Engine>(
         audit.append(&warn_record(clock, run, None, None, "storage", &msg));
         report.warnings += 1;
     }
-    let actions = &plan.actions;
-    let mut ahead: Option<(DateTime<Utc>, Result<Checked, EngineError>)> = None;
-    for (i, a) in actions.iter().enumerate() {
-        // Shutdown is heard between actions, never inside one.
-        if shutdown.is_cancelled() {
-            report.interrupted = true;
-            break;
-        }
-        if dry_run {
-            let mut rec = record(a, run, clock.now());
-            rec.outcome = Outcome::DryRun;
-            report.dry_run += 1;
-            tracing::info!(action = a.kind.as_str(), rule = %a.rule, "dry-run {}", describe(a));
-            audit.append(&rec);
-            continue;
-        }
-        let (started, checked) = match ahead.take() {
-            Some(done) => done,
-            None => (clock.now(), check(engine, a).await),
-        };
-        // Checked ahead only between removals of different images: one
-        // image's untags and removal stay strictly one after the other.
-        let next = actions
-            .get(i + 1)
-            .filter(|n| a.kind.is_removal() && n.kind.is_removal() && n.image != a.image);
-        let result = match (checked, next) {
-            (Ok(c), Some(n)) => {
-                let next_started = clock.now();
-                let (done, next_checked) = tokio::join!(act(engine, a, c), check(engine, n));
-                ahead = Some((next_started, next_checked));
-                done
-            }
-            (Ok(c), None) => act(engine, a, c).await,
-            (Err(e), _) => Err(e),
-        };
-        let mut rec = record(a, run, started);
-        rec.duration_ms =
-            Some(u64::try_from((clock.now() - started).num_milliseconds()).unwrap_or_default());
-        let rec = settle(a, rec, result, observed, &mut report);
-        audit.append(&rec);
+    let journal = Journal::new(audit.path(), run);
+    let x = Executor {
+        engine,
+        run,
+        clock,
+        journal: &journal,
+    };
+    let mut out = Out {
+        observed: &mut *observed,
+        audit: &mut *audit,
+        report: &mut report,
+    };
+    if dry_run {
+        x.dry_run(&plan.actions, &mut out, shutdown);
+    } else {
+        x.apply(&plan.actions, &mut out, shutdown).await;
     }
     // One record per kind and rule, not per removal: a backlog of thousands
     // would otherwise write thousands of records on every reconcile until it
@@ -175,7 +171,121 @@ pub async fn execute_on<E: Engine>(
         report.deferred += b.count;
     }
     audit.sync().await;
+    // Every record is appended: the journal goes.
+    drop(journal);
     Ok(report)
+}
+
+/// What the actions of one execution share.
+struct Executor<'a, E> {
+    engine: &'a E,
+    run: &'a str,
+    clock: &'a dyn Clock,
+    journal: &'a Journal,
+}
+
+/// What the actions' outcomes go into.
+struct Out<'a> {
+    observed: &'a mut Observed,
+    audit: &'a mut AuditLog,
+    report: &'a mut Report,
+}
+
+impl<E: Engine> Executor<'_, E> {
+    /// A record per action, nothing asked of the engine.
+    fn dry_run(&self, actions: &[Action], out: &mut Out<'_>, shutdown: &CancellationToken) {
+        for a in actions {
+            if shutdown.is_cancelled() {
+                out.report.interrupted = true;
+                break;
+            }
+            let mut rec = record(a, self.run, self.clock.now());
+            rec.outcome = Outcome::DryRun;
+            out.report.dry_run += 1;
+            tracing::info!(action = a.kind.as_str(), rule = %a.rule, "dry-run {}", describe(a));
+            out.audit.append(&rec);
+        }
+    }
+
+    /// Carry out the actions (see [`execute_on`] for the order).
+    async fn apply(&self, actions: &[Action], out: &mut Out<'_>, shutdown: &CancellationToken) {
+        let mut running = FuturesUnordered::new();
+        // Images with a removal in flight.
+        let mut busy: HashSet<&str> = HashSet::new();
+        // A tag or prune is in flight: nothing starts beside it.
+        let mut alone = false;
+        // Done, waiting for the actions before them to be recorded.
+        let mut finished: BTreeMap<usize, Record> = BTreeMap::new();
+        let (mut next, mut written) = (0, 0);
+        loop {
+            if running.is_empty() && self.journal.noted() > 0 {
+                self.journal.clear();
+            }
+            // Shutdown is heard between actions, never inside one: what is
+            // in flight finishes and is recorded.
+            while next < actions.len() && !alone && !out.report.interrupted {
+                if shutdown.is_cancelled() {
+                    out.report.interrupted = true;
+                    break;
+                }
+                let a = &actions[next];
+                let removal = a.kind.is_removal();
+                let window = if self.journal.working() { IN_FLIGHT } else { 1 };
+                let may = if removal {
+                    running.len() < window
+                        && !busy.contains(a.image.as_str())
+                        && self.journal.noted() < journal::SPAN
+                } else {
+                    running.is_empty()
+                };
+                if !may {
+                    break;
+                }
+                if removal {
+                    busy.insert(a.image.as_str());
+                } else {
+                    alone = true;
+                }
+                let i = next;
+                running.push(async move { (i, self.one(a).await) });
+                next += 1;
+            }
+            // Empty: everything started is done, and nothing more starts.
+            let Some((i, (started, result))) = running.next().await else {
+                break;
+            };
+            let a = &actions[i];
+            if a.kind.is_removal() {
+                busy.remove(a.image.as_str());
+            } else {
+                alone = false;
+            }
+            let mut rec = record(a, self.run, started);
+            rec.duration_ms = Some(
+                u64::try_from((self.clock.now() - started).num_milliseconds()).unwrap_or_default(),
+            );
+            finished.insert(i, settle(a, rec, result, out.observed, out.report));
+            while let Some(rec) = finished.remove(&written) {
+                out.audit.append(&rec);
+                written += 1;
+            }
+        }
+    }
+
+    /// One action: its re-check, then the action, journaled in between when
+    /// it removes something. Gives back when it started.
+    async fn one(&self, a: &Action) -> (DateTime<Utc>, Result<Done, EngineError>) {
+        let started = self.clock.now();
+        let result = async {
+            let checked = check(self.engine, a).await?;
+            if let Checked::Remove(targets) = &checked {
+                self.journal.note(&record(a, self.run, started), targets);
+            }
+            act(self.engine, a, checked).await
+        }
+        .await;
+        (started, result)
+    }
 }
 
 /// The re-check right before an action (see [`still_free`], [`evict_targets`]).
