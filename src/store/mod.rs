@@ -404,6 +404,23 @@ impl Store {
         self.root.join(INDEX_FILE)
     }
 
+    /// The bytes of a complete blob, at most `max` of them (a config or a
+    /// manifest read back; a larger blob is an error, not a large read).
+    pub fn read(&self, digest: &str, max: u64) -> Result<Vec<u8>, StoreError> {
+        let path = self.blob_path(digest)?;
+        let mut out = Vec::new();
+        fs::File::open(&path)
+            .and_then(|f| f.take(max + 1).read_to_end(&mut out))
+            .map_err(|e| io("cannot read", &path, e))?;
+        if out.len() as u64 > max {
+            return Err(StoreError::Layout {
+                path,
+                why: format!("blob {digest} is larger than the {max} bytes read back"),
+            });
+        }
+        Ok(out)
+    }
+
     /// `blobs/sha256/<hex>` of a valid digest.
     fn blob_path(&self, digest: &str) -> Result<PathBuf, StoreError> {
         Ok(self.blobs_dir().join(hex_of(digest)?))

@@ -316,24 +316,12 @@ impl Content {
 
     /// The config's `rootfs.diff_ids`, read back from the store.
     async fn diff_ids(&self, digest: &str) -> Result<Vec<String>, TransferError> {
-        let path = self.blob_path(digest);
-        let bytes = off_loop(move || {
-            use std::io::Read;
-            let mut out = Vec::new();
-            std::fs::File::open(&path)?
-                .take(CONFIG_MAX)
-                .read_to_end(&mut out)?;
-            Ok::<_, std::io::Error>(out)
-        })
-        .await
-        .map_err(|e| TransferError::Config(format!("cannot read the config {digest}: {e}")))?;
+        let store = self.store.clone();
+        let owned = digest.to_owned();
+        let bytes = off_loop(move || store.read(&owned, CONFIG_MAX))
+            .await
+            .map_err(|e| TransferError::Config(format!("cannot read the config {digest}: {e}")))?;
         diff_ids(&bytes).map_err(|why| TransferError::Config(format!("config {digest}: {why}")))
-    }
-
-    /// Where a complete blob lives: the OCI image layout's own path.
-    fn blob_path(&self, digest: &str) -> std::path::PathBuf {
-        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-        self.store.root().join("blobs/sha256").join(hex)
     }
 
     /// Serve the store on loopback and have the engine pull the image from

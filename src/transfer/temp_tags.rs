@@ -2,7 +2,6 @@
 //! `state_dir`), and the removal of those an earlier, killed run left.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -113,15 +112,10 @@ impl TempTags {
             }
         } else {
             std::fs::create_dir_all(&self.dir)?;
-            let tmp = self.dir.join(format!(".{TEMP_TAGS_FILE}.tmp"));
             let bytes = serde_json::to_vec_pretty(entries).map_err(std::io::Error::other)?;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            drop(f);
-            std::fs::rename(&tmp, &path)?;
+            return crate::state::write_atomic(&path, &bytes);
         }
-        std::fs::File::open(&self.dir)?.sync_all()
+        crate::state::sync_dir(&self.dir)
     }
 }
 
