@@ -25,10 +25,14 @@ impl Clock for SystemClock {
 /// `delay` shortened by up to half, so that retries of many waiters (or of
 /// hosts failing together) spread out.
 pub fn jittered(delay: Duration) -> Duration {
+    delay.mul_f64(0.5 + random_fraction() / 2.0)
+}
+
+/// A random number in `[0, 1)`, in steps of 1/1000: jitter, not secrets.
+pub fn random_fraction() -> f64 {
     use std::hash::{BuildHasher, Hasher};
     // A fresh random seed per call is all the randomness needed here.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(delay.as_nanos() as u64);
-    let fraction = 0.5 + (h.finish() % 1000) as f64 / 2000.0;
-    delay.mul_f64(fraction)
+    h.write_u64(0);
+    (h.finish() % 1000) as f64 / 1000.0
 }

@@ -47,6 +47,7 @@ pub mod daemon;
 pub mod engine;
 #[cfg(feature = "testkit")]
 pub mod fixture;
+pub mod fleet;
 pub mod fmt;
 pub mod httpd;
 pub mod observe;

@@ -13,7 +13,7 @@ mod validate;
 mod values;
 
 pub use diag::{Diagnostic, Diagnostics};
-pub use validate::{load, load_bytes, parse};
+pub use validate::{load, load_bytes, load_remote, parse};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -90,6 +90,9 @@ pub struct Daemon {
     /// retried with backoff): a stalled uplink must not hold a transfer slot
     /// forever. Also bounds each registry digest lookup.
     pub stall_timeout: Duration,
+    /// With a registry policy (`-p oci://…`): how often the daemon checks
+    /// the reference for a new digest (jittered ±10 %).
+    pub policy_poll: Duration,
 }
 
 /// A compiled cron schedule together with its source text (for display).

@@ -21,6 +21,7 @@ const DEFAULT_CONTROL_SOCKET: &str = "/run/stowage/control.sock";
 const DEFAULT_MIN_AGE: Duration = Duration::from_secs(3600);
 const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(15 * 60);
 const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(2 * 60);
+const DEFAULT_POLICY_POLL: Duration = Duration::from_secs(5 * 60);
 /// `audit_max` default: 50 MB.
 const DEFAULT_AUDIT_MAX: u64 = 50_000_000;
 /// Smallest `audit_max`: below this a log would rotate away the records of
@@ -35,7 +36,9 @@ const MAX_CONCURRENCY: i64 = 64;
 
 impl Validator<'_, '_> {
     pub(super) fn default_daemon(&self) -> Daemon {
-        let state_dir = PathBuf::from(DEFAULT_STATE_DIR);
+        let state_dir = self
+            .host_state_dir
+            .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from);
         Daemon {
             schedule: default_schedule(),
             watch: true,
@@ -54,6 +57,7 @@ impl Validator<'_, '_> {
             metrics: None,
             credentials_file: None,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
+            policy_poll: DEFAULT_POLICY_POLL,
         }
     }
 
@@ -72,6 +76,19 @@ impl Validator<'_, '_> {
         }
         if let Some(v) = &r.state_dir {
             ok &= set(&mut d.state_dir, self.path_value(v, "daemon.state_dir"));
+            if let Some(host) = self.host_state_dir
+                && d.state_dir != host
+            {
+                self.err(
+                    v.span(),
+                    format!(
+                        "daemon.state_dir: this registry policy names {}, but this host's state dir is {} (--state-dir or STOWAGE_STATE_DIR); refused",
+                        d.state_dir.display(),
+                        host.display()
+                    ),
+                );
+                ok = false;
+            }
             d.audit_log = d.state_dir.join("audit.jsonl");
             d.cache_dir = d.state_dir.join(CACHE_DIR);
         }
@@ -120,6 +137,12 @@ impl Validator<'_, '_> {
             ok &= set(
                 &mut d.stall_timeout,
                 self.duration(v, "daemon.stall_timeout", true),
+            );
+        }
+        if let Some(v) = &r.policy_poll {
+            ok &= set(
+                &mut d.policy_poll,
+                self.duration(v, "daemon.policy_poll", true),
             );
         }
         if let Some(v) = &r.max_removals {

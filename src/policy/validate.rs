@@ -41,6 +41,19 @@ pub fn load_bytes(bytes: &[u8], path: &Path) -> Result<Policy, Diagnostics> {
 /// Validate policy `text`; `path` is used for messages and to resolve
 /// relative paths (against its folder). Pure: no I/O.
 pub fn parse(text: &str, path: &Path) -> Result<Policy, Diagnostics> {
+    parse_in(text, path, None)
+}
+
+/// A policy fetched from a registry (`-p oci://…`), named `source` in
+/// messages: the same reader and validator as a file's, but the host's
+/// `state_dir` is given (`--state-dir`), since the policy naming it may not
+/// be reachable. It is the default, relative paths are relative to it, and
+/// a policy whose own `state_dir` differs is refused.
+pub fn load_remote(bytes: &[u8], source: &Path, state_dir: &Path) -> Result<Policy, Diagnostics> {
+    parse_in(super::file::decode(bytes, source)?, source, Some(state_dir))
+}
+
+fn parse_in(text: &str, path: &Path, state_dir: Option<&Path>) -> Result<Policy, Diagnostics> {
     let mut sink = Sink::new(path, text);
     let (doc, errors) = DeTable::parse_recoverable(text);
     if !errors.is_empty() {
@@ -55,7 +68,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Policy, Diagnostics> {
         return Err(sink.finish());
     }
     let raw = raw::read(doc.get_ref(), &mut sink);
-    let policy = Validator::new(&mut sink, path).policy(raw);
+    let mut validator = Validator::new(&mut sink, path);
+    validator.host_state_dir = state_dir;
+    let policy = validator.policy(raw);
     match policy {
         Some(p) if !sink.has_errors() => Ok(p),
         _ => {
@@ -128,6 +143,9 @@ pub(super) struct Validator<'s, 'a> {
     /// Rule names seen so far: name -> (rule kind, span), for uniqueness
     /// across every rule kind (the audit log names rules without their kind).
     names: HashMap<String, (RuleKind, Range<usize>)>,
+    /// A registry policy's host state dir (`--state-dir`): the default and
+    /// the base of relative paths; the policy may not name another.
+    pub(super) host_state_dir: Option<&'a Path>,
 }
 
 impl<'s, 'a> Validator<'s, 'a> {
@@ -136,6 +154,7 @@ impl<'s, 'a> Validator<'s, 'a> {
             sink,
             path,
             names: HashMap::new(),
+            host_state_dir: None,
         }
     }
 
@@ -203,6 +222,8 @@ impl<'s, 'a> Validator<'s, 'a> {
         let p = Path::new(p);
         if p.is_absolute() {
             p.to_path_buf()
+        } else if let Some(dir) = self.host_state_dir {
+            dir.join(p)
         } else {
             self.path.parent().unwrap_or_else(|| Path::new("")).join(p)
         }

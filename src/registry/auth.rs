@@ -269,6 +269,7 @@ impl Auth {
                     headers: &[],
                     authorization: None,
                     form: Some(http::form_encode(&params)),
+                    body: None,
                 }
             }
             None => Request {
@@ -277,6 +278,7 @@ impl Auth {
                 headers: &[],
                 authorization: self.basic.clone(),
                 form: None,
+                body: None,
             },
         };
         let deadline = tokio::time::Instant::now() + transport.timeout();

@@ -187,6 +187,9 @@ pub(super) struct Request<'a> {
     pub authorization: Option<HeaderValue>,
     /// A form body (token requests), else empty.
     pub form: Option<String>,
+    /// A body sent as it is (blob uploads, manifest pushes); its
+    /// `Content-Type` is among `headers`.
+    pub body: Option<Bytes>,
 }
 
 /// The answer, with the URL it finally came from.
@@ -272,6 +275,7 @@ impl Transport {
     pub(super) async fn send(&self, req: Request<'_>) -> Result<Answer, RegistryError> {
         let origin = req.url.authority.clone();
         let (mut url, mut method, mut form) = (req.url.clone(), req.method, req.form);
+        let mut raw_body = req.body;
         let mut seen = HashSet::from([url.clone()]);
         for hop in 0..=self.max_redirects {
             let mut builder = hyper::Request::builder()
@@ -294,7 +298,7 @@ impl Transport {
                         builder.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
                     Bytes::from(f.clone())
                 }
-                None => Bytes::new(),
+                None => raw_body.clone().unwrap_or_default(),
             };
             let request = builder
                 .body(Full::new(body))
@@ -348,6 +352,7 @@ impl Transport {
             {
                 method = Method::GET;
                 form = None;
+                raw_body = None;
             }
             url = next;
         }

@@ -23,6 +23,7 @@ mod blobs;
 mod error;
 mod http;
 mod manifest;
+mod publish;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +37,7 @@ pub use self::blobs::RepoBlobs;
 pub use self::error::RegistryError;
 use self::http::{Answer, Request, Transport, Url};
 use self::manifest::Kind;
+pub use self::publish::Pushed;
 use crate::engine::Credentials;
 use crate::refs::{check_digest, check_host, check_path, check_platform, check_tag};
 use crate::store::Descriptor;
@@ -274,28 +276,50 @@ impl Registry {
         })
     }
 
-    /// GET `path` at this registry with the pull scope of `repository`:
-    /// anonymous or with what earlier challenges asked for; on a 401 from
-    /// the registry itself, answer its challenge and try once more.
+    /// GET `path` at this registry with the pull scope of `repository`.
     async fn get(
         &self,
         repository: &str,
         path: &str,
         headers: &[(HeaderName, HeaderValue)],
     ) -> Result<Answer, RegistryError> {
-        let inner = &self.inner;
+        let url = self.url(path);
         let scope = format!("repository:{repository}:pull");
-        let url = Url::new(inner.base.is_https(), inner.base.authority(), path);
+        self.send(Method::GET, &scope, url, headers, None).await
+    }
+
+    /// `path` (with its query) at this registry.
+    fn url(&self, path: &str) -> Url {
+        let base = &self.inner.base;
+        Url::new(base.is_https(), base.authority(), path)
+    }
+
+    /// One request with `scope` (`repository:NAME:pull` or `…:pull,push`):
+    /// anonymous or with what earlier challenges asked for; on a 401 from
+    /// the registry itself, answer its challenge and try once more.
+    /// Credentials go only to this registry's own `host:port` (an upload
+    /// `Location` elsewhere gets none).
+    async fn send(
+        &self,
+        method: Method,
+        scope: &str,
+        url: Url,
+        headers: &[(HeaderName, HeaderValue)],
+        body: Option<Bytes>,
+    ) -> Result<Answer, RegistryError> {
+        let inner = &self.inner;
+        let to_us = url.authority() == inner.base.authority();
         let mut answered = false;
         loop {
             let answer = inner
                 .transport
                 .send(Request {
-                    method: Method::GET,
+                    method: method.clone(),
                     url: url.clone(),
                     headers,
-                    authorization: inner.auth.header(&scope),
+                    authorization: inner.auth.header(scope).filter(|_| to_us),
                     form: None,
+                    body: body.clone(),
                 })
                 .await?;
             let status = answer.response.status();
@@ -305,10 +329,11 @@ impl Registry {
                 return Ok(answer);
             }
             if status == StatusCode::UNAUTHORIZED
+                && to_us
                 && !answered
                 && inner
                     .auth
-                    .answer(&inner.transport, answer.response.headers(), &scope)
+                    .answer(&inner.transport, answer.response.headers(), scope)
                     .await?
             {
                 answered = true;
