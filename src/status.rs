@@ -192,6 +192,9 @@ pub struct DaemonStatus {
     /// same warning `plan` and `apply` give.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_warning: Option<String>,
+    /// A registry policy (`-p oci://…`): its digest, checks, refusals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_remote: Option<crate::fleet::poll::RemoteStatus>,
 }
 
 /// Backoff rows from a state.
@@ -227,6 +230,9 @@ pub fn render_daemon(d: &DaemonStatus, at: DateTime<Utc>) -> String {
         local(d.policy_loaded),
         d.policy_summary
     ));
+    if let Some(remote) = &d.policy_remote {
+        out.push_str(&crate::fleet::render_status(remote, at));
+    }
     if let Some(e) = &d.reload_error {
         out.push_str(&format!(
             "reload FAILED at {}; the policy above stays in force:\n",
@@ -460,6 +466,7 @@ mod tests {
             backoffs: vec![],
             pulls: PullCounters::default(),
             state_warning: None,
+            policy_remote: None,
         }
     }
 

@@ -1,5 +1,6 @@
 //! The command line: `check`, `plan`, `apply`, `run`, `reconcile`, `status`,
-//! `history`, `pull`.
+//! `history`, `pull`, `policy push`. `-p` takes a file or `oci://…` (see
+//! `remote`).
 //!
 //! Exit codes follow the spec: 0 success; `plan --exit-code` 1 when actions
 //! are pending; `apply` and `pull` 1 when some actions failed; 2 when a
@@ -21,6 +22,7 @@ use crate::audit;
 use crate::clock::{Clock, SystemClock};
 use crate::daemon::{self, control};
 use crate::engine::DockerEngine;
+use crate::fleet::PolicyRef;
 use crate::fmt::human_bytes;
 use crate::plan;
 use crate::policy::{self, Policy};
@@ -39,9 +41,21 @@ const APPLY_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
     about = "Declarative image lifecycle for Docker hosts"
 )]
 struct Cli {
-    /// Policy file [default: $STOWAGE_POLICY, then /etc/stowage/policy.toml]
+    /// Policy file, or a registry policy oci://HOST[:PORT]/REPO:TAG (or @sha256:…)
+    /// [default: $STOWAGE_POLICY, then /etc/stowage/policy.toml]
     #[arg(short = 'p', long = "policy", global = true, env = "STOWAGE_POLICY")]
     policy: Option<PathBuf>,
+    /// With a registry policy: the state dir (the policy must name the same or none)
+    #[arg(
+        long,
+        global = true,
+        env = "STOWAGE_STATE_DIR",
+        default_value = "/var/lib/stowage"
+    )]
+    state_dir: PathBuf,
+    /// With a registry policy: accept only policies signed with this public key (PEM)
+    #[arg(long, global = true, env = "STOWAGE_POLICY_KEY")]
+    policy_key: Option<PathBuf>,
     /// Engine address (unix:///path or tcp://host:port) [default: $DOCKER_HOST, then the local socket]
     #[arg(long, global = true)]
     engine: Option<String>,
@@ -108,6 +122,11 @@ enum Command {
         #[arg(long)]
         platform: Option<String>,
     },
+    /// Registry policies: `stowage policy push FILE oci://HOST/REPO:TAG`
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// The audit log, readable
     History {
         /// Only records newer than this (e.g. 2h, 7d)
@@ -118,14 +137,33 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate FILE and publish it as an OCI artifact; prints its digest
+    Push {
+        file: PathBuf,
+        /// oci://HOST[:PORT]/REPO:TAG
+        reference: String,
+        /// Sign it with this private key (PEM, ed25519 or P-256, as openssl writes)
+        #[arg(long)]
+        sign: Option<PathBuf>,
+    },
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    remote::set_args(remote::RemoteArgs {
+        state_dir: Some(cli.state_dir.clone()),
+        policy_key: cli.policy_key.clone(),
+    });
     let policy_path = cli
         .policy
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_POLICY));
-    if let Command::Check = cli.command {
+    if let Command::Check = cli.command
+        && PolicyRef::from_arg(&policy_path).is_none()
+    {
         return check(&policy_path);
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -201,8 +239,9 @@ macro_rules! outln {
     ($($arg:tt)*) => { emit(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
-// After the macros: `pull` uses them.
+// After the macros: `pull` and `remote` use them.
 mod pull;
+mod remote;
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STOWAGE_LOG")
@@ -247,7 +286,19 @@ enum Fatal {
 
 async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
     let result = match cli.command {
-        Command::Check => unreachable!("handled before the runtime starts"),
+        Command::Check => match remote::reference(&policy_path) {
+            Ok(Some(r)) => remote::check(&r).await,
+            Ok(None) => unreachable!("a file policy is checked before the runtime starts"),
+            Err(e) => Err(e),
+        },
+        Command::Policy {
+            command:
+                PolicyCommand::Push {
+                    file,
+                    reference,
+                    sign,
+                },
+        } => remote::push(&file, &reference, sign.as_deref()).await,
         Command::Plan { json, exit_code } => {
             cmd_plan(&policy_path, cli.engine.as_deref(), json, exit_code).await
         }
@@ -261,7 +312,7 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
             json,
             control_socket,
         } => cmd_status(&policy_path, cli.engine.as_deref(), json, control_socket).await,
-        Command::History { since, json } => cmd_history(&policy_path, since, json),
+        Command::History { since, json } => cmd_history(&policy_path, since, json).await,
         Command::Pull {
             reference,
             platform,
@@ -300,9 +351,13 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-/// Load and validate the policy; an invalid one ends the command (exit 2)
-/// with every diagnostic printed, before anything touches the engine.
-fn load_policy(path: &Path) -> Result<Policy, Fatal> {
+/// Load and validate the policy (a file, or `oci://…` with the last good
+/// one as the fallback); an invalid one ends the command (exit 2) with
+/// every diagnostic printed, before anything touches the engine.
+async fn load_policy(path: &Path) -> Result<Policy, Fatal> {
+    if let Some(r) = remote::reference(path)? {
+        return Ok(remote::open(&r, true, false).await?.policy);
+    }
     policy::load(path).map_err(|d| {
         let text = d.to_string();
         Fatal::Message(format!(
@@ -347,7 +402,7 @@ struct ReadView {
 }
 
 async fn plan_here(path: &Path, engine: Option<&str>) -> Result<ReadView, Fatal> {
-    let policy = load_policy(path)?;
+    let policy = load_policy(path).await?;
     let engine = connect(engine).await?;
     let now = SystemClock.now();
     let state = load_state(&policy, now);
@@ -476,7 +531,7 @@ async fn cmd_apply(path: &Path, engine: Option<&str>, dry_run: bool) -> Result<E
     let shutdown = CancellationToken::new();
     // First: a signal during the policy load or the connection stops too.
     let signalled = stop_on_signals(shutdown.clone())?;
-    let policy = load_policy(path)?;
+    let policy = load_policy(path).await?;
     announce_credentials(&policy);
     // A dry run writes no state (it reads it as `plan` does): no owner needed.
     let _owner = if dry_run {
@@ -520,15 +575,33 @@ async fn cmd_apply(path: &Path, engine: Option<&str>, dry_run: bool) -> Result<E
 }
 
 async fn cmd_run(path: &Path, engine: Option<&str>) -> Result<ExitCode, Fatal> {
-    let policy = load_policy(path)?;
+    let reference = remote::reference(path)?;
+    let opened = match &reference {
+        Some(r) => Some(remote::open(r, true, true).await?),
+        None => None,
+    };
+    let policy = match &opened {
+        Some(o) => o.policy.clone(),
+        None => load_policy(path).await?,
+    };
     announce_credentials(&policy);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     // Handlers first: a SIGHUP right after start must reload, not kill.
     let shutdown = daemon::sources::signals(tx.clone())?;
+    // A registry policy is polled (SIGHUP checks it now); a file is watched.
+    let remote = match (reference, &opened) {
+        (Some(r), Some(o)) => Some(remote::start_poller(r, o, &policy, tx.clone())?),
+        _ => None,
+    };
     // Kept alive for the daemon's lifetime; without it SIGHUP still reloads.
-    let _watcher = match daemon::sources::watch_policy(path, tx) {
-        Ok(w) => Some(w),
-        Err(e) => {
+    let watched = match remote {
+        Some(_) => None,
+        None => Some(daemon::sources::watch_policy(path, tx)),
+    };
+    let _watcher = match watched {
+        None => None,
+        Some(Ok(w)) => Some(w),
+        Some(Err(e)) => {
             tracing::warn!(
                 "cannot watch {} for changes ({e}); reload with SIGHUP",
                 daemon::sources::policy_folder(path).display()
@@ -542,6 +615,7 @@ async fn cmd_run(path: &Path, engine: Option<&str>) -> Result<ExitCode, Fatal> {
         clock: std::sync::Arc::new(SystemClock),
         notifier: daemon::notify::Notifier::from_env(),
         metrics: std::sync::Arc::default(),
+        remote,
     };
     let engine = engine.map(str::to_owned);
     daemon::run(
@@ -559,7 +633,10 @@ async fn cmd_run(path: &Path, engine: Option<&str>) -> Result<ExitCode, Fatal> {
 
 /// The control socket to use: `--control-socket`, else the policy's.
 fn control_socket(path: &Path, given: Option<PathBuf>) -> PathBuf {
-    given.unwrap_or_else(|| daemon::control_socket_for(path))
+    given.unwrap_or_else(|| match PolicyRef::from_arg(path) {
+        Some(_) => remote::control_socket(),
+        None => daemon::control_socket_for(path),
+    })
 }
 
 async fn cmd_reconcile(
@@ -681,12 +758,12 @@ async fn cmd_status_direct(
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_history(
+async fn cmd_history(
     path: &Path,
     since: Option<std::time::Duration>,
     json: bool,
 ) -> Result<ExitCode, Fatal> {
-    let policy = load_policy(path)?;
+    let policy = load_policy(path).await?;
     let cutoff = match since {
         None => None,
         Some(d) => Some(since_cutoff(SystemClock.now(), d)?),

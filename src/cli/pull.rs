@@ -29,7 +29,7 @@ pub(super) async fn cmd_pull(
 ) -> Result<ExitCode, Fatal> {
     let shutdown = CancellationToken::new();
     let signalled = stop_on_signals(shutdown.clone())?;
-    let policy = load_policy(path)?;
+    let policy = load_policy(path).await?;
     // Bad input is refused before the engine is asked anything.
     transfer::cli_intent(&policy, &Observed::default(), reference, platform)
         .map_err(|e| Fatal::Message(format!("{reference}: {e}; nothing done")))?;

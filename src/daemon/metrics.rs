@@ -34,6 +34,9 @@ struct Values {
     reload_errors: u64,
     engine_reachable: bool,
     pulls: PullCounters,
+    /// A registry policy: `(source, digest in force, unix time of the last
+    /// successful check)`.
+    policy_remote: Option<(String, String, Option<f64>)>,
 }
 
 /// The daemon's metrics. Cheap to update; rendered on each scrape.
@@ -83,6 +86,11 @@ impl Metrics {
 
     pub fn reload_error(&self) {
         self.with(|v| v.reload_errors += 1);
+    }
+
+    /// The registry policy in force and when its registry last answered.
+    pub fn policy_remote(&self, source: &str, digest: &str, last_success: Option<f64>) {
+        self.with(|v| v.policy_remote = Some((source.to_owned(), digest.to_owned(), last_success)));
     }
 
     pub fn engine_reachable(&self, up: bool) {
@@ -200,6 +208,38 @@ impl Metrics {
                 "1 when the Docker engine answers, else 0.",
                 &one(u8::from(v.engine_reachable).to_string()),
             );
+            if let Some((source, digest, last)) = &v.policy_remote {
+                metric(
+                    "stowage_policy_info",
+                    "gauge",
+                    "The registry policy in force (its digest as a label).",
+                    &[(
+                        format!(
+                            "{{source=\"{}\",digest=\"{}\"}}",
+                            escape(source),
+                            escape(digest)
+                        ),
+                        "1".to_owned(),
+                    )],
+                );
+                // The age at scrape time: Prometheus sees a stalled fleet
+                // member without computing it from the timestamp.
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                metric(
+                    "stowage_policy_check_age_seconds",
+                    "gauge",
+                    "Seconds since the registry policy was last checked successfully.",
+                    &optional(last.map(|t| format!("{:.3}", (now - t).max(0.0)))),
+                );
+                metric(
+                    "stowage_policy_last_check_success_timestamp_seconds",
+                    "gauge",
+                    "Unix time of the last successful check of the registry policy.",
+                    &optional(last.map(|t| format!("{t:.3}"))),
+                );
+            }
             out
         })
     }

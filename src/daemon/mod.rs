@@ -28,6 +28,7 @@
 
 pub mod control;
 pub mod events;
+mod fleet;
 mod handler;
 mod holder;
 mod link;
@@ -104,6 +105,22 @@ pub enum Trigger {
     ReconcileAndReply(oneshot::Sender<ReconcileResult>),
     /// Images were pulled or loaded and `[storage]` is set: check pressure.
     ImagesArrived,
+    /// The registry policy's poller: a new policy, a refused one, a check.
+    Fleet(crate::fleet::poll::Event),
+}
+
+impl From<crate::fleet::poll::Event> for Trigger {
+    fn from(event: crate::fleet::poll::Event) -> Trigger {
+        Trigger::Fleet(event)
+    }
+}
+
+/// A registry policy (`-p oci://…`): what the daemon shares with its poller.
+pub struct Remote {
+    /// The poller's view, copied into `status` and the metrics.
+    pub status: Arc<Mutex<crate::fleet::poll::RemoteStatus>>,
+    /// Check now (SIGHUP: there is no file to re-read).
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 /// What the daemon starts with.
@@ -116,6 +133,9 @@ pub struct Config {
     pub notifier: Notifier,
     /// Shared so the caller (and tests) can read the counters.
     pub metrics: Arc<Metrics>,
+    /// Set with a registry policy: it is polled instead of watched, and the
+    /// schedule is shifted per host.
+    pub remote: Option<Remote>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +189,11 @@ struct Daemon<E, F> {
     state_lock: StateLock,
     /// The last `state_dir` that could not be owned, so it is logged once.
     state_blocked: Option<PathBuf>,
+    /// A registry policy's poller, when the policy is one.
+    remote: Option<Remote>,
+    /// This host's place in the schedule's period (`[0, 1)`, stable per
+    /// host), so a fleet on one cron does not fire on the same second.
+    schedule_spread: Option<f64>,
 }
 
 /// Runs the daemon until `shutdown` completes. `connect` makes an engine
@@ -192,7 +217,11 @@ where
         clock,
         notifier,
         metrics,
+        remote,
     } = config;
+    let schedule_spread = remote
+        .as_ref()
+        .map(|_| fleet::host_fraction(&policy.daemon.state_dir));
     let now = clock.now();
     let policy_path = policy.source.clone();
     let control_path = policy.daemon.control_socket.clone();
@@ -218,6 +247,7 @@ where
         backoffs: Vec::new(),
         pulls: Default::default(),
         state_warning: None,
+        policy_remote: remote.as_ref().map(fleet::snapshot),
     };
     let shared = Arc::new(Shared {
         view: Mutex::new(view),
@@ -316,7 +346,10 @@ where
         stop: CancellationToken::new(),
         state_lock,
         state_blocked: None,
+        schedule_spread,
+        remote,
     };
+    d.on_fleet_checked();
     d.schedule_next();
     d.notifier.ready("policy loaded; connecting to the engine");
     d.start_connect();
@@ -443,6 +476,8 @@ where
                 tracing::info!("images pulled or loaded: checking disk pressure");
                 self.request(None);
             }
+            Trigger::Fleet(event) => self.on_fleet(event),
+            Trigger::Reload if self.remote.is_some() => self.poll_now(),
             Trigger::Reload => {
                 if self.reload("SIGHUP") {
                     self.request(None);
@@ -488,27 +523,7 @@ where
                     path.display(),
                     new.summary()
                 );
-                for (what, changed) in [
-                    (
-                        "control_socket",
-                        new.daemon.control_socket != old.daemon.control_socket,
-                    ),
-                    ("metrics", new.daemon.metrics != old.daemon.metrics),
-                ] {
-                    if changed {
-                        tracing::warn!(
-                            "daemon.{what} changed: it takes effect when the daemon restarts"
-                        );
-                    }
-                }
-                {
-                    let mut view = self.view();
-                    view.policy_loaded = now;
-                    view.policy_summary = new.summary();
-                    view.reload_error = None;
-                }
-                *lock(&self.shared.policy) = Arc::new(new);
-                self.schedule_next();
+                self.install(new);
                 true
             }
             Err(diags) => {
@@ -535,9 +550,39 @@ where
         ok
     }
 
+    /// Puts a validated policy in force (a reload, or a registry policy
+    /// the poller accepted).
+    fn install(&mut self, new: Policy) {
+        let old = self.policy();
+        let now = self.clock.now();
+        for (what, changed) in [
+            (
+                "control_socket",
+                new.daemon.control_socket != old.daemon.control_socket,
+            ),
+            ("metrics", new.daemon.metrics != old.daemon.metrics),
+        ] {
+            if changed {
+                tracing::warn!("daemon.{what} changed: it takes effect when the daemon restarts");
+            }
+        }
+        {
+            let mut view = self.view();
+            view.policy_loaded = now;
+            view.policy_summary = new.summary();
+            view.reload_error = None;
+        }
+        *lock(&self.shared.policy) = Arc::new(new);
+        self.schedule_next();
+    }
+
     fn schedule_next(&mut self) {
         let now = self.clock.now();
-        self.next_fire = self.policy().daemon.schedule.schedule.after(&now).next();
+        let schedule = &self.policy().daemon.schedule.schedule;
+        self.next_fire = match self.schedule_spread {
+            Some(fraction) => fleet::spread_fire(schedule, now, fraction),
+            None => schedule.after(&now).next(),
+        };
     }
 
     /// How long to sleep before looking at the schedule again.

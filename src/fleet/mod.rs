@@ -30,6 +30,7 @@ use crate::refs::{check_digest, check_host, check_path, check_tag};
 use crate::registry::{Options, Registry, RegistryError};
 
 pub use artifact::POLICY_MEDIA_TYPE;
+pub use poll::render as render_status;
 pub use sign::{PrivateKey, PublicKey};
 
 /// Where the state lives when the policy that would name it is remote.

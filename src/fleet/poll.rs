@@ -92,6 +92,57 @@ pub struct RemoteStatus {
     pub next_check: Option<DateTime<Utc>>,
 }
 
+/// The registry lines of `stowage status`.
+pub fn render(s: &RemoteStatus, at: DateTime<Utc>) -> String {
+    let local = |t: DateTime<Utc>| {
+        t.with_timezone(&chrono::Local)
+            .format("%Y-%m-%d %H:%M:%S")
+            .to_string()
+    };
+    let ago = |t: DateTime<Utc>| crate::fmt::human_age((at - t).num_seconds());
+    let mut out = format!(
+        "policy source: {} digest {}{}{}{}\n",
+        s.source,
+        s.digest,
+        s.created
+            .map(|c| format!(" (created {})", local(c)))
+            .unwrap_or_default(),
+        if s.signed { ", signature required" } else { "" },
+        if s.pinned { ", pinned" } else { "" },
+    );
+    if s.from_last_good {
+        out.push_str("  running on the last good policy kept in the state dir\n");
+    }
+    match (s.unreachable_since, &s.last_error) {
+        (Some(since), e) => out.push_str(&format!(
+            "  registry UNREACHABLE since {} ({} ago){}\n",
+            local(since),
+            ago(since),
+            e.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+        )),
+        (None, _) => {
+            if let Some(t) = s.last_success {
+                out.push_str(&format!("  last check OK {} ({} ago)\n", local(t), ago(t)));
+            }
+        }
+    }
+    if let Some(r) = &s.refused {
+        out.push_str(&format!(
+            "  REFUSED at {}{}: {}\n",
+            local(r.at),
+            r.digest
+                .as_deref()
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default(),
+            r.reason.replace('\n', "\n    ")
+        ));
+    }
+    if let Some(n) = s.next_check {
+        out.push_str(&format!("  next check {}\n", local(n)));
+    }
+    out
+}
+
 /// The policy in force, as the rollback check and the poller see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Current {

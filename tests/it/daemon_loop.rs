@@ -84,6 +84,7 @@ impl Harness {
             clock: Arc::new(SystemClock),
             notifier: Notifier::disabled(),
             metrics: metrics.clone(),
+            remote: None,
         };
         let attempts = Arc::new(AtomicUsize::new(0));
         let connect = move || {

@@ -249,6 +249,7 @@ async fn watchdog_is_withheld_while_an_engine_call_is_past_its_deadline() {
         clock: Arc::new(stowage::reconcile::SystemClock),
         notifier,
         metrics: Arc::new(Metrics::default()),
+        remote: None,
     };
     let task = tokio::spawn(daemon::run(config, connect, rx, async {
         let _ = stopped.await;

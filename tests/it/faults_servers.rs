@@ -497,6 +497,7 @@ keep_last = 1000000
         clock: Arc::new(stowage::reconcile::SystemClock),
         notifier: stowage::daemon::notify::Notifier::disabled(),
         metrics: metrics.clone(),
+        remote: None,
     };
     let engine = Arc::new(images);
     let connect = move || {

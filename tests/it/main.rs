@@ -37,6 +37,8 @@ mod storage_cache;
 mod apply_real;
 mod daemon_real;
 mod engine_real;
+mod fleet_daemon;
+mod policy_oci;
 mod pull_real;
 mod registry_real;
 mod storage_real;

@@ -32,6 +32,9 @@ pub enum Fault {
     /// Answer `200` with a manifest media type, no length and this many
     /// bytes of spaces (a huge manifest); upstream never sees it.
     Endless(u64),
+    /// Forward it; drop this header from the answer (a proxy that strips
+    /// `Docker-Content-Digest`).
+    StripAnswerHeader(&'static str),
 }
 
 /// One request [`HttpProxy`] saw, as it came from the client.
@@ -288,7 +291,17 @@ async fn http_tcp_one(mut client: TcpStream, shared: Arc<HttpShared>) {
         return;
     };
     let answer_head = String::from_utf8_lossy(&answer[..answer_len]).into_owned();
-    if !send_back(&mut cw, rewrite_head(&answer_head, &[]).as_bytes(), &shared).await {
+    let stripped: &[&str] = match &fault {
+        Fault::StripAnswerHeader(h) => &[h],
+        _ => &[],
+    };
+    if !send_back(
+        &mut cw,
+        rewrite_head(&answer_head, stripped).as_bytes(),
+        &shared,
+    )
+    .await
+    {
         return;
     }
     // Where the body starts in the blob: a 206 names its first byte.
