@@ -746,13 +746,16 @@ async fn cmd_status_direct(
         print_json(&serde_json::json!({
             "daemon": null,
             "policy": policy.source,
+            "policy_remote": remote::opened(),
             "engine": engine.address(),
             "references": rows,
         }))?;
         return Ok(ExitCode::SUCCESS);
     }
+    let source = remote::opened().map(|r| crate::fleet::render_status(r, at));
     out!(
-        "daemon: not running\n\n{}",
+        "daemon: not running\n{}\n{}",
+        source.unwrap_or_default(),
         status::render_table(&rows, observed.images.len(), &policy.source, at)
     )?;
     Ok(ExitCode::SUCCESS)

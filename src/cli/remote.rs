@@ -24,6 +24,14 @@ pub(super) struct RemoteArgs {
 
 /// Set once from the command line, before any command runs.
 static ARGS: OnceLock<RemoteArgs> = OnceLock::new();
+/// The registry policy this command read (a command reads one policy), for
+/// `status` without a daemon.
+static OPENED: OnceLock<poll::RemoteStatus> = OnceLock::new();
+
+/// What this command's registry policy is (source, digest, fallback).
+pub(super) fn opened() -> Option<&'static poll::RemoteStatus> {
+    OPENED.get()
+}
 
 pub(super) fn set_args(args: RemoteArgs) {
     let _ = ARGS.set(args);
@@ -63,7 +71,7 @@ fn refused(e: fleet::FleetError) -> Fatal {
 /// one this host kept, said on stderr.
 pub(super) async fn open(r: &PolicyRef, fallback: bool, keep: bool) -> Result<Opened, Fatal> {
     let key = key()?;
-    poll::open(
+    let opened = poll::open(
         r,
         &state_dir(),
         key.as_ref(),
@@ -72,7 +80,9 @@ pub(super) async fn open(r: &PolicyRef, fallback: bool, keep: bool) -> Result<Op
         SystemClock.now(),
     )
     .await
-    .map_err(refused)
+    .map_err(refused)?;
+    let _ = OPENED.set(opened.status.clone());
+    Ok(opened)
 }
 
 /// `stowage check -p oci://…`: the policy there, as it is (no fallback).
