@@ -403,3 +403,130 @@ async fn with_the_registry_down_at_start_the_last_good_policy_is_used() {
     );
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
 }
+
+/// `stowage run -p oci://…` as a user runs it; its log in `dir/run.log`.
+fn run_daemon(engine: &str, r: &PolicyRef, state: &Path, dir: &Path) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("run.log"))
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args([
+            "run",
+            "--engine",
+            engine,
+            "-p",
+            &r.to_string(),
+            "--state-dir",
+        ])
+        .arg(state)
+        .env_remove("DOCKER_HOST")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("STOWAGE_POLICY_KEY")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("starting stowage run")
+}
+
+fn stop(daemon: &mut std::process::Child) {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(daemon.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    daemon.wait().unwrap();
+}
+
+/// `stowage status --json` of the daemon at `state`'s control socket,
+/// until `cond` holds (30 s).
+fn daemon_status_until(
+    state: &Path,
+    what: &str,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let o = Command::new(env!("CARGO_BIN_EXE_stowage"))
+            .args(["status", "--json", "--control-socket"])
+            .arg(state.join("control.sock"))
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if o.status.success() && !v["daemon"].is_null() && cond(&v["daemon"]["policy_remote"]) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {}", text(&o));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_runs_on_the_last_good_policy_while_the_registry_is_down() {
+    let Some(engine) = engine_env::engine_addr() else {
+        return;
+    };
+    let folder = engine_env::short_folder("fr");
+    let dir = folder.path();
+    let mut registry = crate::net::TestRegistry::start(&dir.join("registry"), None);
+    let r = PolicyRef::parse(&format!("oci://{}/fleet/policy:prod", registry.addr)).unwrap();
+    let state = dir.join("state");
+    // Relative to each host's state dir.
+    let extra =
+        "dry_run = true\ncontrol_socket = \"control.sock\"\nschedule = \"0 0 0 1 1 * 2099\"";
+    let t0 = Utc::now();
+    let d1 = publish(&r, &policy_text(1, extra), t0, None).await;
+    let mut daemon = run_daemon(&engine, &r, &state, dir);
+    daemon_status_until(&state, "on v1", |p| p["digest"] == d1.as_str());
+    stop(&mut daemon);
+
+    // Down at start: it runs on the last good policy and says since when.
+    registry.stop();
+    let mut daemon = run_daemon(&engine, &r, &state, dir);
+    let v = daemon_status_until(&state, "on the last good one", |p| {
+        p["digest"] == d1.as_str()
+            && p["from_last_good"] == true
+            && p["unreachable_since"].is_string()
+    });
+    let human = Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args(["status", "--control-socket"])
+        .arg(state.join("control.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        text(&human).contains("running on the last good policy"),
+        "{}",
+        text(&human)
+    );
+    assert!(
+        text(&human).contains("registry UNREACHABLE since"),
+        "{}",
+        text(&human)
+    );
+    assert!(
+        v["daemon"]["policy_summary"]
+            .as_str()
+            .unwrap()
+            .contains("dry_run")
+    );
+
+    // Back, with a new policy: in force within the (capped) backoff.
+    registry.restart();
+    let d2 = publish(
+        &r,
+        &policy_text(2, extra),
+        t0 + chrono::Duration::seconds(1),
+        None,
+    )
+    .await;
+    daemon_status_until(&state, "on v2", |p| {
+        p["digest"] == d2.as_str() && p["unreachable_since"].is_null()
+    });
+    assert!(
+        matches!(daemon.try_wait(), Ok(None)),
+        "the daemon kept running"
+    );
+    stop(&mut daemon);
+    let log = std::fs::read_to_string(dir.join("run.log")).unwrap();
+    assert!(log.contains("running on the last good policy"), "{log}");
+    assert!(log.contains(&format!("new policy {d2} accepted")), "{log}");
+}
