@@ -530,3 +530,57 @@ async fn the_daemon_runs_on_the_last_good_policy_while_the_registry_is_down() {
     assert!(log.contains("running on the last good policy"), "{log}");
     assert!(log.contains(&format!("new policy {d2} accepted")), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_in_oras_shape_is_read_the_same() {
+    let Some(r) = reference("oci_oras") else {
+        return;
+    };
+    let registry = client(&r.host);
+    let policy = policy_text(4, "");
+    let config = registry
+        .push_blob(
+            &r.repository,
+            "application/vnd.oci.empty.v1+json",
+            Bytes::from_static(b"{}"),
+        )
+        .await
+        .unwrap();
+    let layer = registry
+        .push_blob(
+            &r.repository,
+            fleet::POLICY_MEDIA_TYPE,
+            Bytes::from(policy.clone()),
+        )
+        .await
+        .unwrap();
+    // What `oras push REF policy.toml:application/vnd.stowage.policy.v1+toml` (1.2) writes.
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.unknown.artifact.v1",
+        "config": {"mediaType": config.media_type, "digest": config.digest, "size": 2, "data": "e30="},
+        "layers": [{"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size,
+                    "annotations": {"org.opencontainers.image.title": "policy.toml"}}],
+        "annotations": {"org.opencontainers.image.created": "2025-06-01T10:00:00Z"},
+    });
+    let pushed = registry
+        .put_manifest(
+            &r.repository,
+            &r.reference,
+            "application/vnd.oci.image.manifest.v1+json",
+            Bytes::from(manifest.to_string()),
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let o = stowage(&["check", "-p", &r.to_string()], &dir.path().join("state"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(stdout(&o).contains(&pushed.digest), "{}", text(&o));
+    let fetched = fleet::fetch_current(&registry, &r, None).await.unwrap();
+    assert_eq!(fetched.text, policy.as_bytes());
+    assert_eq!(
+        fetched.created.unwrap().to_rfc3339(),
+        "2025-06-01T10:00:00+00:00"
+    );
+}
