@@ -1,5 +1,5 @@
 //! The command line: `check`, `plan`, `apply`, `run`, `reconcile`, `status`,
-//! `history`, `pull`.
+//! `history`, `pull`, `bundle create|verify`, `inventory`.
 //!
 //! Exit codes follow the spec: 0 success; `plan --exit-code` 1 when actions
 //! are pending; `apply` and `pull` 1 when some actions failed; 2 when a
@@ -108,6 +108,18 @@ enum Command {
         #[arg(long)]
         platform: Option<String>,
     },
+    /// Bundles for offline hosts: create, verify
+    Bundle {
+        #[command(subcommand)]
+        command: bundle::BundleCommand,
+    },
+    /// What this host holds (images, references, layers by diff id), as
+    /// JSON, for `bundle create --since`
+    Inventory {
+        /// Write it to this file (atomically) instead of stdout
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+    },
     /// The audit log, readable
     History {
         /// Only records newer than this (e.g. 2h, 7d)
@@ -201,7 +213,8 @@ macro_rules! outln {
     ($($arg:tt)*) => { emit(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
-// After the macros: `pull` uses them.
+// After the macros: `pull` and `bundle` use them.
+mod bundle;
 mod pull;
 
 fn init_logging(format: LogFormat) {
@@ -262,6 +275,12 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
             control_socket,
         } => cmd_status(&policy_path, cli.engine.as_deref(), json, control_socket).await,
         Command::History { since, json } => cmd_history(&policy_path, since, json),
+        Command::Bundle { command } => {
+            bundle::cmd_bundle(&policy_path, cli.engine.as_deref(), command).await
+        }
+        Command::Inventory { output } => {
+            bundle::cmd_inventory(cli.engine.as_deref(), output.as_deref()).await
+        }
         Command::Pull {
             reference,
             platform,
