@@ -156,6 +156,12 @@ pub fn settle(state: &mut State, added: Vec<(String, Entry)>, images: &[Image], 
         .iter()
         .filter_map(|i| held_by(i).map(|(r, _)| (i.id.as_str(), r)))
         .collect();
+    let present: std::collections::HashSet<&str> = images.iter().map(|i| i.id.as_str()).collect();
+    // On the host without its trash reference: restored (by `stowage
+    // restore` beside the daemon, or by hand): the entry goes.
+    state.trash.retain(|id, e| {
+        held.get(id.as_str()) == Some(&e.reference.as_str()) || !present.contains(id.as_str())
+    });
     for (id, e) in &mut state.trash {
         let on_host = held.get(id.as_str()) == Some(&e.reference.as_str());
         if on_host {

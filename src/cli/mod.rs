@@ -108,6 +108,21 @@ enum Command {
         #[arg(long)]
         platform: Option<String>,
     },
+    /// What `[daemon] trash` holds: former references, rule, removed at,
+    /// expires, size
+    Trash {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a trashed image's former references back (exit 1, nothing
+    /// changed, when it cannot); after its window, pull it back by digest
+    Restore {
+        /// A former reference, the `stowage-trash/…` reference, or the image id
+        target: String,
+        /// Hold it out of retention for one trash window (the policy is unchanged)
+        #[arg(long)]
+        protect: bool,
+    },
     /// The audit log, readable
     History {
         /// Only records newer than this (e.g. 2h, 7d)
@@ -201,8 +216,9 @@ macro_rules! outln {
     ($($arg:tt)*) => { emit(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
-// After the macros: `pull` uses them.
+// After the macros: `pull` and `trash` use them.
 mod pull;
+mod trash;
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STOWAGE_LOG")
@@ -262,6 +278,12 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
             control_socket,
         } => cmd_status(&policy_path, cli.engine.as_deref(), json, control_socket).await,
         Command::History { since, json } => cmd_history(&policy_path, since, json),
+        Command::Trash { json } => {
+            trash::cmd_trash(&policy_path, cli.engine.as_deref(), json).await
+        }
+        Command::Restore { target, protect } => {
+            trash::cmd_restore(&policy_path, cli.engine.as_deref(), &target, protect).await
+        }
         Command::Pull {
             reference,
             platform,

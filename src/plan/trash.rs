@@ -32,7 +32,10 @@ pub(super) fn expire(
             ) else {
                 continue;
             };
-            let entry = state.trash.get(&img.id).filter(|t| t.reference == reference);
+            let entry = state
+                .trash
+                .get(&img.id)
+                .filter(|t| t.reference == reference);
             if expires > at {
                 if detail.verdicts
                     && let Some(v) = result.verdicts.get_mut(i)

@@ -810,7 +810,11 @@ fn trash_expiry_takes_only_expired_entries_stowage_made() {
         img("t3", 10.0, &[&running]),
         // Hand-made: another image's id prefix, and a tag that is no time.
         img("h1", 10.0, &[&trash_ref("zz", NOW - DAY)]),
-        img("h2", 10.0, &[&format!("stowage-trash/{}:latest", &id("h2")[7..19])]),
+        img(
+            "h2",
+            10.0,
+            &[&format!("stowage-trash/{}:latest", &id("h2")[7..19])],
+        ),
         img("a1", 1.0, &["app:1"]),
     ];
     let mut state = State::default();
