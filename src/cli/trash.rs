@@ -241,7 +241,7 @@ fn find<'a>(
         })
         .map(|(id, e)| (e.gone_at.is_none(), e.removed_at, id, e))
         .collect();
-    found.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+    found.sort_by_key(|f| std::cmp::Reverse((f.0, f.1)));
     if let Some((_, _, id, e)) = found.first() {
         return Some(((*id).clone(), Some(*e)));
     }

@@ -601,16 +601,16 @@ fn facts(known: Known, prepulled: &[Option<&str>], min_age: i64) -> Vec<ImageFac
                         human_duration(min_age)
                     ),
                 ))
-            } else if let Some(until) = held[k].filter(|&t| t > at) {
-                Some((
-                    "restore".to_string(),
-                    format!(
-                        "restored with --protect: held out of retention for {} more",
-                        human_duration(until - at)
-                    ),
-                ))
             } else {
-                None
+                held[k].filter(|&t| t > at).map(|until| {
+                    (
+                        "restore".to_string(),
+                        format!(
+                            "restored with --protect: held out of retention for {} more",
+                            human_duration(until - at)
+                        ),
+                    )
+                })
             };
             ImageFacts {
                 activity: activity[k],

@@ -106,3 +106,64 @@ pub(super) fn expire(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::{Image, Layer};
+    use crate::plan::{Kind, Observed, plan};
+    use crate::state::State;
+
+    const MB: u64 = 1_000_000;
+
+    /// Disk pressure empties the trash first, oldest first, and plans the
+    /// bytes each eviction frees.
+    #[test]
+    fn eviction_takes_the_trash_first_oldest_first() {
+        let policy = crate::policy::parse(
+            "version = 1\n[daemon]\nmin_age = \"0s\"\ntrash = \"7d\"\n[storage]\nmax_size = \"70MB\"\n",
+            std::path::Path::new("t.toml"),
+        )
+        .expect("valid");
+        let id = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let image = |c: char, tags: Vec<String>, created: i64| Image {
+            id: id(c),
+            repo_tags: tags,
+            repo_digests: vec![],
+            created,
+            size: 30 * MB,
+        };
+        let at = 10_000;
+        let trash_ref = |c: char, t: i64| crate::trash::reference(&id(c), t);
+        let mut observed = Observed {
+            images: vec![
+                // The oldest by creation, but not in the trash.
+                image('a', vec!["app:1".into()], 10),
+                image('b', vec![trash_ref('b', at + 500)], 500),
+                image('c', vec![trash_ref('c', at + 100)], 900),
+            ],
+            ..Observed::default()
+        };
+        for img in &observed.images {
+            let layer = Layer {
+                chain_id: img.id.clone(),
+                size: img.size,
+            };
+            observed.layers.insert(img.id.clone(), vec![layer]);
+        }
+        let p = plan(&policy, &observed, &State::default(), at);
+        let evicted: Vec<(&str, Option<u64>)> = p
+            .actions
+            .iter()
+            .filter(|a| a.kind == Kind::Evict)
+            .map(|a| (a.image.as_str(), a.bytes))
+            .collect();
+        // 90 MB against 70 MB: one eviction, the trash entry expiring first.
+        assert_eq!(
+            evicted,
+            [(id('c').as_str(), Some(30 * MB))],
+            "{}",
+            crate::plan::render(&p)
+        );
+        assert!(p.actions[0].reason.contains("the trash is emptied first"));
+    }
+}
