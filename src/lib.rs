@@ -28,6 +28,7 @@
 //! - [`daemon`]: `stowage run`: triggers, reload, engine events, control
 //!   socket, metrics, systemd notifications.
 //! - [`status`]: what `stowage status` shows, with or without a daemon.
+//! - [`trash`]: what `[daemon] trash` keeps of removed images (references, expiry).
 //! - [`storage`]: disk pressure: eviction by last use over unique layer bytes.
 //! - [`store`]: the content store: resumable, verified blob downloads into an
 //!   OCI layout, served read-only on loopback for the engine to pull.
@@ -63,3 +64,4 @@ pub mod status;
 pub mod storage;
 pub mod store;
 pub mod transfer;
+pub mod trash;

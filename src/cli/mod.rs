@@ -120,6 +120,21 @@ enum Command {
         #[arg(short = 'o', long = "output")]
         output: Option<PathBuf>,
     },
+    /// What `[daemon] trash` holds: former references, rule, removed at,
+    /// expires, size
+    Trash {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a trashed image's former references back (exit 1, nothing
+    /// changed, when it cannot); after its window, pull it back by digest
+    Restore {
+        /// A former reference, the `stowage-trash/…` reference, or the image id
+        target: String,
+        /// Hold it out of retention for one trash window (the policy is unchanged)
+        #[arg(long)]
+        protect: bool,
+    },
     /// The audit log, readable
     History {
         /// Only records newer than this (e.g. 2h, 7d)
@@ -213,9 +228,10 @@ macro_rules! outln {
     ($($arg:tt)*) => { emit(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
-// After the macros: `pull` and `bundle` use them.
+// After the macros: `pull`, `bundle` and `trash` use them.
 mod bundle;
 mod pull;
+mod trash;
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STOWAGE_LOG")
@@ -280,6 +296,12 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
         }
         Command::Inventory { output } => {
             bundle::cmd_inventory(cli.engine.as_deref(), output.as_deref()).await
+        }
+        Command::Trash { json } => {
+            trash::cmd_trash(&policy_path, cli.engine.as_deref(), json).await
+        }
+        Command::Restore { target, protect } => {
+            trash::cmd_restore(&policy_path, cli.engine.as_deref(), &target, protect).await
         }
         Command::Pull {
             reference,

@@ -219,7 +219,9 @@ where
         pulls: Default::default(),
         state_warning: None,
     };
+    let marks = SharedMarks::default();
     let shared = Arc::new(Shared {
+        marks: marks.clone(),
         view: Mutex::new(view),
         policy: Mutex::new(Arc::new(policy)),
         engine: Mutex::new(None),
@@ -307,7 +309,7 @@ where
         watchdog_withheld: false,
         running_waiters: Vec::new(),
         link: EngineLink::new(),
-        marks: SharedMarks::default(),
+        marks,
         state: Some(held),
         flushing: None,
         last_flush: Instant::now(),

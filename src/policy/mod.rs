@@ -90,6 +90,9 @@ pub struct Daemon {
     /// retried with backoff): a stalled uplink must not hold a transfer slot
     /// forever. Also bounds each registry digest lookup.
     pub stall_timeout: Duration,
+    /// How long an image that retention or a `[[tags]]` rule removes stays
+    /// restorable under a `stowage-trash/` reference; zero: removed at once.
+    pub trash: Duration,
 }
 
 /// A compiled cron schedule together with its source text (for display).

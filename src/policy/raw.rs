@@ -45,6 +45,7 @@ pub(super) struct RawDaemon {
     pub metrics: Opt<String>,
     pub credentials_file: Opt<String>,
     pub stall_timeout: Opt<String>,
+    pub trash: Opt<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -54,6 +54,7 @@ impl Validator<'_, '_> {
             metrics: None,
             credentials_file: None,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
+            trash: Duration::ZERO,
         }
     }
 
@@ -112,6 +113,9 @@ impl Validator<'_, '_> {
         }
         if let Some(v) = &r.min_age {
             ok &= set(&mut d.min_age, self.duration(v, "daemon.min_age", false));
+        }
+        if let Some(v) = &r.trash {
+            ok &= set(&mut d.trash, self.duration(v, "daemon.trash", false));
         }
         if let Some(v) = &r.retry_max {
             ok &= set(&mut d.retry_max, self.duration(v, "daemon.retry_max", true));

@@ -44,6 +44,7 @@ mod registry_real;
 mod storage_real;
 mod store_real;
 mod transfer_real;
+mod trash_real;
 
 // Faults injected into the real engine, registry, disk, state and inputs.
 mod faults_disk;
