@@ -28,9 +28,12 @@
 //! - [`daemon`]: `stowage run`: triggers, reload, engine events, control
 //!   socket, metrics, systemd notifications.
 //! - [`status`]: what `stowage status` shows, with or without a daemon.
+//! - [`trash`]: what `[daemon] trash` keeps of removed images (references, expiry).
 //! - [`storage`]: disk pressure: eviction by last use over unique layer bytes.
 //! - [`store`]: the content store: resumable, verified blob downloads into an
 //!   OCI layout, served read-only on loopback for the engine to pull.
+//! - [`bundle`]: bundles for offline hosts: the safe tar reader, verify,
+//!   create (from registries or the engine), inventory.
 //! - [`cli`]: the command line.
 //!
 //! The `testkit` feature (off by default; every test, bench and example target
@@ -40,6 +43,7 @@
 
 pub mod audit;
 pub mod blocking;
+pub mod bundle;
 pub mod cli;
 pub mod clock;
 pub mod credentials;
@@ -61,3 +65,4 @@ pub mod status;
 pub mod storage;
 pub mod store;
 pub mod transfer;
+pub mod trash;

@@ -116,6 +116,13 @@ pub struct State {
     /// again (see [`crate::audit`]).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub reported: BTreeSet<u64>,
+    /// Per image id: what the trash holds of it (see [`crate::trash`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub trash: BTreeMap<String, crate::trash::Entry>,
+    /// Per image id: restored with `--protect`, held out of retention until
+    /// then (Unix seconds).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub held: BTreeMap<String, i64>,
 }
 
 impl State {

@@ -91,6 +91,9 @@ pub struct Evictable<'a> {
     pub activity: i64,
     /// The rule that protects it from eviction, if any.
     pub protection: Option<&'a str>,
+    /// In the trash (or going there in this plan): when its window ends.
+    /// Eviction empties the trash first, oldest first.
+    pub trash: Option<i64>,
 }
 
 /// Everything eviction needs besides the candidates.
@@ -344,18 +347,22 @@ pub fn decide(inputs: &Inputs, candidates: &[Evictable], mut counts: LayerCounts
     let targets = why.join("; ");
     if to_free > 0 {
         // Candidates come in image id order: their index breaks ties.
-        let mut order: Vec<(i64, i64, usize)> = candidates
+        // The trash first (oldest first), then the rest in the policy's order.
+        let mut order: Vec<((bool, i64), i64, i64, usize)> = candidates
             .iter()
             .enumerate()
             .filter(|(_, c)| c.protection.is_none())
-            .map(|(k, c)| match s.order {
-                EvictOrder::Lru => (c.activity, c.image.created, k),
-                EvictOrder::Created => (c.image.created, 0, k),
+            .map(|(k, c)| {
+                let trash = (c.trash.is_none(), c.trash.unwrap_or(0));
+                match s.order {
+                    EvictOrder::Lru => (trash, c.activity, c.image.created, k),
+                    EvictOrder::Created => (trash, c.image.created, 0, k),
+                }
             })
             .collect();
         order.sort_unstable();
         let mut freed = 0u64;
-        for k in order.into_iter().map(|(_, _, k)| k) {
+        for k in order.into_iter().map(|(_, _, _, k)| k) {
             if freed >= to_free {
                 break;
             }
@@ -510,6 +517,7 @@ mod tests {
                 tags: image.repo_tags.len(),
                 activity,
                 protection: None,
+                trash: None,
             })
             .collect()
     }

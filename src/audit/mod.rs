@@ -54,6 +54,10 @@ pub enum Action {
     PruneCache,
     Warn,
     Skip,
+    /// `[daemon] trash`: references taken off, the image kept for the window.
+    Trash,
+    /// `stowage restore`: a trashed image's references put back.
+    Restore,
 }
 
 impl Action {
@@ -69,6 +73,8 @@ impl Action {
             Action::PruneCache => "prune_cache",
             Action::Warn => "warn",
             Action::Skip => "skip",
+            Action::Trash => "trash",
+            Action::Restore => "restore",
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The command line: `check`, `plan`, `apply`, `run`, `reconcile`, `status`,
-//! `history`, `pull`, `policy push`. `-p` takes a file or `oci://…` (see
-//! `remote`).
+//! `history`, `pull`, `bundle create|verify`, `inventory`, `trash`, `restore`,
+//! `policy push`. `-p` takes a file or `oci://…` (see `remote`).
 //!
 //! Exit codes follow the spec: 0 success; `plan --exit-code` 1 when actions
 //! are pending; `apply` and `pull` 1 when some actions failed; 2 when a
@@ -122,6 +122,33 @@ enum Command {
         #[arg(long)]
         platform: Option<String>,
     },
+    /// Bundles for offline hosts: create, verify
+    Bundle {
+        #[command(subcommand)]
+        command: bundle::BundleCommand,
+    },
+    /// What this host holds (images, references, layers by diff id), as
+    /// JSON, for `bundle create --since`
+    Inventory {
+        /// Write it to this file (atomically) instead of stdout
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+    },
+    /// What `[daemon] trash` holds: former references, rule, removed at,
+    /// expires, size
+    Trash {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a trashed image's former references back (exit 1, nothing
+    /// changed, when it cannot); after its window, pull it back by digest
+    Restore {
+        /// A former reference, the `stowage-trash/…` reference, or the image id
+        target: String,
+        /// Hold it out of retention for one trash window (the policy is unchanged)
+        #[arg(long)]
+        protect: bool,
+    },
     /// Registry policies: `stowage policy push FILE oci://HOST/REPO:TAG`
     Policy {
         #[command(subcommand)]
@@ -239,9 +266,11 @@ macro_rules! outln {
     ($($arg:tt)*) => { emit(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
-// After the macros: `pull` and `remote` use them.
+// After the macros: `pull`, `bundle`, `trash` and `remote` use them.
+mod bundle;
 mod pull;
 mod remote;
+mod trash;
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STOWAGE_LOG")
@@ -313,6 +342,18 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
             control_socket,
         } => cmd_status(&policy_path, cli.engine.as_deref(), json, control_socket).await,
         Command::History { since, json } => cmd_history(&policy_path, since, json).await,
+        Command::Bundle { command } => {
+            bundle::cmd_bundle(&policy_path, cli.engine.as_deref(), command).await
+        }
+        Command::Inventory { output } => {
+            bundle::cmd_inventory(cli.engine.as_deref(), output.as_deref()).await
+        }
+        Command::Trash { json } => {
+            trash::cmd_trash(&policy_path, cli.engine.as_deref(), json).await
+        }
+        Command::Restore { target, protect } => {
+            trash::cmd_restore(&policy_path, cli.engine.as_deref(), &target, protect).await
+        }
         Command::Pull {
             reference,
             platform,

@@ -50,6 +50,9 @@ pub enum Request {
     Status,
     /// Reconcile now and answer with the result (waits for it).
     Reconcile,
+    /// `restore --protect` beside the daemon: hold an image out of
+    /// retention until then (written with the next activity marks).
+    Hold { image: String, until: i64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +71,8 @@ pub enum Response {
     Reconcile {
         result: ReconcileResult,
     },
+    /// A `hold` is taken.
+    Held,
     Error {
         message: String,
     },
@@ -77,6 +82,15 @@ pub enum Response {
 pub trait Handler: Send + Sync + 'static {
     fn status(&self) -> impl Future<Output = Response> + Send;
     fn reconcile(&self) -> impl Future<Output = Response> + Send;
+    /// A `hold`; a handler without a state says so.
+    fn hold(&self, image: String, until: i64) -> impl Future<Output = Response> + Send {
+        let _ = (image, until);
+        async {
+            Response::Error {
+                message: "this handler holds no state".into(),
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -279,6 +293,7 @@ async fn answer<H: Handler>(handler: &H, request: Request) -> Response {
         match request {
             Request::Status => handler.status().await,
             Request::Reconcile => handler.reconcile().await,
+            Request::Hold { ref image, until } => handler.hold(image.clone(), until).await,
         }
     };
     match tokio::time::timeout(deadline, handled).await {
@@ -292,7 +307,7 @@ async fn answer<H: Handler>(handler: &H, request: Request) -> Response {
                     Request::Reconcile => {
                         "; the reconcile goes on: see `stowage status` and `stowage history`"
                     }
-                    Request::Status => "",
+                    Request::Status | Request::Hold { .. } => "",
                 }
             ),
         },
@@ -348,6 +363,7 @@ impl Request {
         match self {
             Request::Status => "status",
             Request::Reconcile => "reconcile",
+            Request::Hold { .. } => "hold",
         }
     }
 
@@ -359,6 +375,7 @@ impl Request {
         match self {
             Request::Status => Duration::from_secs(60),
             Request::Reconcile => Duration::from_secs(30 * 60),
+            Request::Hold { .. } => Duration::from_secs(10),
         }
     }
 }
@@ -388,7 +405,7 @@ pub async fn request_within(
                 Request::Reconcile => {
                     " the reconcile may still run: see `stowage status` and `stowage history`"
                 }
-                Request::Status => "",
+                Request::Status | Request::Hold { .. } => "",
             },
         }),
     }

@@ -31,15 +31,20 @@ pub struct Marks {
     pub pulled: HashMap<String, i64>,
     /// Image id -> (creation time, when seen): tagged or imported.
     pub seen: HashMap<String, (i64, i64)>,
+    /// Image id -> held out of retention until (`restore --protect`).
+    pub held: HashMap<String, i64>,
 }
 
 impl Marks {
     pub fn is_empty(&self) -> bool {
-        self.used.is_empty() && self.pulled.is_empty() && self.seen.is_empty()
+        self.used.is_empty()
+            && self.pulled.is_empty()
+            && self.seen.is_empty()
+            && self.held.is_empty()
     }
 
     pub fn len(&self) -> usize {
-        self.used.len() + self.pulled.len() + self.seen.len()
+        self.used.len() + self.pulled.len() + self.seen.len() + self.held.len()
     }
 
     /// Folds `other` in, keeping the latest time of each kind.
@@ -50,6 +55,10 @@ impl Marks {
         }
         for (id, t) in other.pulled {
             let e = self.pulled.entry(id).or_insert(t);
+            *e = (*e).max(t);
+        }
+        for (id, t) in other.held {
+            let e = self.held.entry(id).or_insert(t);
             *e = (*e).max(t);
         }
         for (id, v) in other.seen {
@@ -67,6 +76,10 @@ impl Marks {
         }
         for (id, t) in &self.used {
             state.mark_used(id, *t);
+        }
+        for (id, t) in &self.held {
+            let e = state.held.entry(id.clone()).or_insert(*t);
+            *e = (*e).max(*t);
         }
     }
 }

@@ -25,6 +25,9 @@ pub(super) struct Shared<E> {
     /// Control `reconcile` requests into the loop.
     pub(super) requests: mpsc::Sender<Trigger>,
     pub(super) clock: Arc<dyn Clock>,
+    /// Activity marks (and `restore --protect` holds) the loop writes into
+    /// the state it owns.
+    pub(super) marks: super::events::SharedMarks,
     /// The state as the loop last had it, for `status`.
     pub(super) snapshot: Mutex<Snapshot>,
 }
@@ -81,6 +84,11 @@ impl<E: Engine + 'static> Handler for Shared<E> {
             images,
             references_error,
         }
+    }
+
+    async fn hold(&self, image: String, until: i64) -> Response {
+        lock(&self.marks).held.insert(image, until);
+        Response::Held
     }
 
     async fn reconcile(&self) -> Response {

@@ -249,7 +249,9 @@ where
         state_warning: None,
         policy_remote: remote.as_ref().map(fleet::snapshot),
     };
+    let marks = SharedMarks::default();
     let shared = Arc::new(Shared {
+        marks: marks.clone(),
         view: Mutex::new(view),
         policy: Mutex::new(Arc::new(policy)),
         engine: Mutex::new(None),
@@ -337,7 +339,7 @@ where
         watchdog_withheld: false,
         running_waiters: Vec::new(),
         link: EngineLink::new(),
-        marks: SharedMarks::default(),
+        marks,
         state: Some(held),
         flushing: None,
         last_flush: Instant::now(),

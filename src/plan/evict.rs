@@ -32,11 +32,29 @@ pub(super) fn evict(
     // The store as the plan's retention leaves it, without copying it.
     let mut gone = vec![false; images.len()];
     let mut untagged = vec![false; entries.len()];
+    // Per image: when its trash window ends, for one in the trash or going
+    // there in this plan (eviction takes those first, oldest first).
+    let mut in_trash: Vec<Option<i64>> = images
+        .iter()
+        .map(|i| crate::trash::held_by(i).map(|(_, t)| t))
+        .collect();
+    for t in &result.trash {
+        if let Some(k) = index.image(&t.image) {
+            in_trash[k] = Some(t.expires);
+        }
+    }
     for a in &result.actions {
         match (a.kind, a.reference.as_deref()) {
             (Kind::Untag, Some(r)) => {
                 if let Some(i) = index.find(r) {
                     untagged[i] = true;
+                }
+            }
+            (Kind::Trash, _) => {
+                for r in result.trashing(&a.image).map_or(&[][..], |t| &t.refs) {
+                    if let Some(i) = index.find(r) {
+                        untagged[i] = true;
+                    }
                 }
             }
             (Kind::Remove, _) => {
@@ -82,6 +100,7 @@ pub(super) fn evict(
             first_tag: first[k],
             tags: count[k],
             activity: index.facts[k].activity,
+            trash: in_trash[k],
             protection: index.facts[k]
                 .protection
                 .as_ref()
@@ -159,13 +178,18 @@ fn evict_action(
 ) -> Action {
     let c = &candidates[e.candidate];
     let mut reason = String::with_capacity(80 + targets.len());
-    let _ = match inputs.storage.order {
-        EvictOrder::Lru => write!(
+    let _ = match (c.trash, inputs.storage.order) {
+        (Some(t), _) => write!(
+            reason,
+            "in the trash (its window ends in {}): the trash is emptied first",
+            Human(t.saturating_sub(inputs.at).max(0))
+        ),
+        (None, EvictOrder::Lru) => write!(
             reason,
             "least recently active (last activity {} ago)",
             Human(inputs.at - c.activity)
         ),
-        EvictOrder::Created => write!(
+        (None, EvictOrder::Created) => write!(
             reason,
             "oldest created ({} ago)",
             Human(inputs.at - c.image.created)

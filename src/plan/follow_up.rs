@@ -40,7 +40,7 @@ pub(super) fn follow_up(
     let removed: HashSet<&str> = result
         .actions
         .iter()
-        .filter(|a| a.kind == Kind::Remove && a.reference.is_none())
+        .filter(|a| matches!(a.kind, Kind::Remove | Kind::Trash) && a.reference.is_none())
         .map(|a| a.image.as_str())
         .collect();
     let store = Observed {
@@ -81,6 +81,7 @@ pub(super) fn follow_up(
         .iter()
         .map(|&k| first.images[k].id.as_str())
         .collect();
+    let trash = next.trash;
     let fresh: Vec<Action> = next
         .actions
         .into_iter()
@@ -106,6 +107,8 @@ pub(super) fn follow_up(
             reason: format!("{} (after the changes above)", a.reason),
         });
     }
+    // Its images are not the first pass's: no image is trashed twice.
+    result.trash.extend(trash);
     result.actions.extend(kept);
     for a in &later {
         result.defer(a.kind, &a.rule, 1);

@@ -317,7 +317,11 @@ impl<'a> Index<'a> {
 
     /// Per repository: whether the globs match it.
     pub fn mask(&self, globs: &Globs) -> Vec<bool> {
-        self.repos.iter().map(|r| globs.is_match(r)).collect()
+        // The trash's references are never in a rule's scope.
+        self.repos
+            .iter()
+            .map(|r| globs.is_match(r) && !crate::trash::is_trash_repo(r))
+            .collect()
     }
 
     /// The entry of a reference (the first, should two images claim it).
@@ -458,6 +462,8 @@ pub(super) struct Known<'a> {
     /// The container (smallest id) using it, and how many do.
     users: Vec<(Option<&'a Container>, usize)>,
     previous: Vec<Option<(&'a str, usize)>>,
+    /// Restored with `--protect`: held out of retention until then.
+    held: Vec<Option<i64>>,
 }
 
 pub(super) fn known<'a>(
@@ -524,12 +530,21 @@ pub(super) fn known<'a>(
             .unwrap_or(img.created),
         );
     }
+    let held = if state.held.is_empty() {
+        vec![None; n]
+    } else {
+        ids.images
+            .iter()
+            .map(|img| state.held.get(&img.id).copied())
+            .collect()
+    };
     Known {
         at,
         first_seen,
         activity,
         users,
         previous,
+        held,
     }
 }
 
@@ -542,6 +557,7 @@ fn facts(known: Known, prepulled: &[Option<&str>], min_age: i64) -> Vec<ImageFac
         activity,
         users,
         previous,
+        held,
     } = known;
     (0..activity.len())
         .map(|k| {
@@ -586,7 +602,15 @@ fn facts(known: Known, prepulled: &[Option<&str>], min_age: i64) -> Vec<ImageFac
                     ),
                 ))
             } else {
-                None
+                held[k].filter(|&t| t > at).map(|until| {
+                    (
+                        "restore".to_string(),
+                        format!(
+                            "restored with --protect: held out of retention for {} more",
+                            human_duration(until - at)
+                        ),
+                    )
+                })
             };
             ImageFacts {
                 activity: activity[k],

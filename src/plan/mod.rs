@@ -15,7 +15,9 @@
 //! 7. a second pass over the dangling images, when a float move leaves an
 //!    image without a name, so applying a plan then planning again gives an
 //!    empty plan;
-//! 8. `[storage]` eviction on the store as all that leaves it.
+//! 8. the trash's expiry (`[daemon] trash`): references whose window ended;
+//! 9. `[storage]` eviction on the store as all that leaves it, the trash
+//!    first.
 
 mod evict;
 mod follow_up;
@@ -23,6 +25,7 @@ mod index;
 mod render;
 mod retention;
 mod threads;
+mod trash;
 mod types;
 
 use crate::policy::Policy;
@@ -35,7 +38,9 @@ use retention::retention;
 use threads::{PARALLEL_FROM, beside, join, parallel_map, parallel_tasks};
 
 pub use render::render;
-pub use types::{Action, Backlog, CacheTarget, Decision, Kind, Plan, Protected, Verdict, Warning};
+pub use types::{
+    Action, Backlog, CacheTarget, Decision, Kind, Plan, Protected, Trashing, Verdict, Warning,
+};
 
 // The observation is the planner's input; re-exported under its old path.
 pub use crate::observe::{LayerMap, Observed};
@@ -115,6 +120,7 @@ fn plan_with(
             follow_up(policy, observed, state, at, &index, detail, &mut result);
         }
         result.deferred_dangling = Vec::new();
+        trash::expire(policy, &index, state, at, detail, &mut result);
         let counts = counting.map_or_else(count_layers, join);
         if let (Some(storage), Some(counts)) = (&policy.storage, counts) {
             evict::evict(
@@ -141,6 +147,7 @@ fn decision_of(k: Kind) -> Decision {
         Kind::Untag => Decision::Untag,
         Kind::Remove => Decision::Remove,
         Kind::Evict => Decision::Evict,
+        Kind::Trash => Decision::Trash,
     }
 }
 

@@ -155,11 +155,14 @@ pub fn render(plan: &Plan) -> String {
     }
     let removed: u64 = plan.actions.iter().filter_map(|a| a.bytes).sum();
     let count = |k: Kind| plan.actions.iter().filter(|a| a.kind == k).count();
-    let evict = if plan.pressure.is_some() {
+    let mut evict = if plan.pressure.is_some() {
         format!(", {} evict", count(Kind::Evict))
     } else {
         String::new()
     };
+    if count(Kind::Trash) > 0 {
+        evict.push_str(&format!(", {} to the trash", count(Kind::Trash)));
+    }
     let _ = writeln!(
         out,
         "summary: {} tag, {} untag, {} remove{evict} ({} freed), {} deferred, {} protected, {} warnings",

@@ -569,15 +569,39 @@ pub(super) fn retention(
     // Entries are in reference order with the dangling images first:
     // references, then dangling images.
     let dangling = index.starts[0];
-    let removals: Vec<usize> = (dangling..n)
+    let mut removals: Vec<usize> = (dangling..n)
         .chain(0..dangling)
         .filter(|&i| cause[i].is_some())
         .collect();
     // Per image: the position of its last removal, which is a `remove`
     // when no reference stays.
-    let mut last_of: Vec<Option<usize>> = vec![None; images.len()];
-    for (pos, &i) in removals.iter().enumerate() {
-        last_of[entries[i].img] = Some(pos);
+    let last_positions = |removals: &[usize]| {
+        let mut last_of: Vec<Option<usize>> = vec![None; images.len()];
+        for (pos, &i) in removals.iter().enumerate() {
+            last_of[entries[i].img] = Some(pos);
+        }
+        last_of
+    };
+    let mut last_of = last_positions(&removals);
+    // With `[daemon] trash`, an image that goes whole goes as one `trash`
+    // action at its last removal, its other references folded into it: the
+    // executor takes them all off at once and records them as its former
+    // references.
+    let window = secs(policy.daemon.trash);
+    let trashing = window > 0;
+    let mut folded: Vec<usize> = Vec::new();
+    if trashing {
+        let mut kept = Vec::with_capacity(removals.len());
+        for (pos, &i) in removals.iter().enumerate() {
+            let img = entries[i].img;
+            if remaining[img] == 0 && last_of[img] != Some(pos) {
+                folded.push(i);
+            } else {
+                kept.push(i);
+            }
+        }
+        removals = kept;
+        last_of = last_positions(&removals);
     }
     // An image with names before and none after, yet not removed: a float
     // moved off its last name.
@@ -589,7 +613,14 @@ pub(super) fn retention(
         let img = entries[removals[pos]].img;
         last_of[img] == Some(pos) && remaining[img] == 0
     };
-    let kind = |pos: usize| if last(pos) { Kind::Remove } else { Kind::Untag };
+    let whole = if trashing { Kind::Trash } else { Kind::Remove };
+    let kind = |pos: usize| if last(pos) { whole } else { Kind::Untag };
+    // Per image going to the trash: how many references it has beyond the
+    // one its action names.
+    let mut more: Vec<usize> = vec![0; if trashing { images.len() } else { 0 }];
+    for &i in &folded {
+        more[entries[i].img] += 1;
+    }
     // Every removal action is a removal: the first `max_removals` go now,
     // the rest are counted, and spelled out only when asked.
     let in_budget = removals.len().min(policy.daemon.max_removals);
@@ -598,18 +629,51 @@ pub(super) fn retention(
         let i = removals[pos];
         let e = &entries[i];
         let img = images[e.img];
-        let (rule, reason) = reasons.removed(cause[i].expect("a removal"), e);
+        let (rule, mut reason) = reasons.removed(cause[i].expect("a removal"), e);
+        let kind = kind(pos);
+        if kind == Kind::Trash {
+            let _ = write!(reason, "; kept in the trash for {}", Human(window));
+            match more[e.img] {
+                0 => {}
+                m => {
+                    let _ = write!(reason, ", with {m} more reference(s)");
+                }
+            }
+        }
         Action {
-            kind: kind(pos),
+            kind,
             reference: e.reference.map(str::to_string),
             image: img.id.clone(),
             rule,
             reason,
-            bytes: last(pos).then_some(img.size),
+            bytes: (kind == Kind::Remove).then_some(img.size),
             keep_bytes: None,
             cache: None,
         }
     });
+    if trashing {
+        let mut refs: Vec<Vec<&str>> = vec![Vec::new(); images.len()];
+        for &i in folded.iter().chain(&removals) {
+            if let Some(r) = entries[i].reference {
+                refs[entries[i].img].push(r);
+            }
+        }
+        let expires = at.saturating_add(window);
+        for (pos, a) in removal_actions.iter().enumerate() {
+            if a.kind != Kind::Trash {
+                continue;
+            }
+            let k = entries[removals[pos]].img;
+            let mut refs: Vec<String> = refs[k].iter().map(|r| (*r).to_string()).collect();
+            refs.sort_unstable();
+            plan.trash.push(super::Trashing {
+                image: a.image.clone(),
+                refs,
+                trash_ref: crate::trash::reference(&a.image, expires),
+                expires,
+            });
+        }
+    }
     // Per rule (numbered): deferred untags and removes.
     let mut backlog = vec![[0usize; 2]; policy.retain.len() + policy.tags.len()];
     for (pos, &i) in removals.iter().enumerate().skip(in_budget) {
@@ -621,7 +685,7 @@ pub(super) fn retention(
     }
     for (rule, [untags, removes]) in backlog.into_iter().enumerate() {
         plan.defer(Kind::Untag, reasons.rule_name(rule), untags);
-        plan.defer(Kind::Remove, reasons.rule_name(rule), removes);
+        plan.defer(whole, reasons.rule_name(rule), removes);
     }
     let mut decided: Vec<Option<(Decision, usize)>> = vec![None; n];
     for (pos, &i) in removals.iter().enumerate() {
@@ -630,6 +694,9 @@ pub(super) fn retention(
         } else {
             (Decision::Deferred, pos)
         });
+    }
+    for &i in &folded {
+        decided[i] = last_of[entries[i].img].and_then(|pos| decided[removals[pos]]);
     }
     // Verdicts: for `status` and `plan --json`; a reconcile goes without.
     if detail.verdicts {

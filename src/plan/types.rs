@@ -17,6 +17,9 @@ pub enum Kind {
     Remove,
     /// Disk pressure: remove the image with all its references.
     Evict,
+    /// `[daemon] trash`: the image loses its references but stays, held
+    /// by one `stowage-trash/` reference until its window ends.
+    Trash,
     /// Prune the engine's build cache.
     PruneBuild,
     /// Shrink the content store (`cache_dir`): complete blobs, least
@@ -31,13 +34,14 @@ impl Kind {
             Kind::Untag => "untag",
             Kind::Remove => "remove",
             Kind::Evict => "evict",
+            Kind::Trash => "trash",
             Kind::PruneBuild => "prune_build",
             Kind::PruneCache => "prune_cache",
         }
     }
     /// Counts against `max_removals`.
     pub fn is_removal(self) -> bool {
-        matches!(self, Kind::Untag | Kind::Remove | Kind::Evict)
+        matches!(self, Kind::Untag | Kind::Remove | Kind::Evict | Kind::Trash)
     }
 }
 
@@ -74,6 +78,19 @@ pub struct CacheTarget {
     pub keep: Vec<String>,
 }
 
+/// What a `trash` action does to its image: the references it takes off
+/// (all it has), and the one it puts on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Trashing {
+    pub image: String,
+    /// Sorted; empty for a dangling image.
+    pub refs: Vec<String>,
+    /// `stowage-trash/<12-hex id>:<expires>`.
+    pub trash_ref: String,
+    /// When its window ends (Unix seconds).
+    pub expires: i64,
+}
+
 /// A reference (or dangling image) that a protection keeps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Protected {
@@ -107,6 +124,7 @@ pub enum Decision {
     Untag,
     Remove,
     Evict,
+    Trash,
     Deferred,
 }
 
@@ -119,6 +137,7 @@ impl Decision {
             Decision::Untag => "untag",
             Decision::Remove => "remove",
             Decision::Evict => "evict",
+            Decision::Trash => "trash",
             Decision::Deferred => "deferred",
         }
     }
@@ -152,6 +171,10 @@ pub struct Plan {
     /// what it will not do, and on a large backlog spelling it out is most of
     /// a plan's work.
     pub deferred: Vec<Action>,
+    /// Per `trash` action (in `actions` or `deferred`): what it takes off and
+    /// puts on its image.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub trash: Vec<Trashing>,
     /// The same removals counted per kind and rule, by rule; from every plan.
     pub backlog: Vec<Backlog>,
     pub protected: Vec<Protected>,
@@ -171,6 +194,11 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// What the `trash` action on `image` does.
+    pub fn trashing(&self, image: &str) -> Option<&Trashing> {
+        self.trash.iter().find(|t| t.image == image)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.actions.is_empty() && self.backlog.is_empty()
     }

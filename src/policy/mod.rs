@@ -93,6 +93,9 @@ pub struct Daemon {
     /// With a registry policy (`-p oci://…`): how often the daemon checks
     /// the reference for a new digest (jittered ±10 %).
     pub policy_poll: Duration,
+    /// How long an image that retention or a `[[tags]]` rule removes stays
+    /// restorable under a `stowage-trash/` reference; zero: removed at once.
+    pub trash: Duration,
 }
 
 /// A compiled cron schedule together with its source text (for display).

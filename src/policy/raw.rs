@@ -46,6 +46,7 @@ pub(super) struct RawDaemon {
     pub credentials_file: Opt<String>,
     pub stall_timeout: Opt<String>,
     pub policy_poll: Opt<String>,
+    pub trash: Opt<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -58,6 +58,7 @@ impl Validator<'_, '_> {
             credentials_file: None,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             policy_poll: DEFAULT_POLICY_POLL,
+            trash: Duration::ZERO,
         }
     }
 
@@ -129,6 +130,9 @@ impl Validator<'_, '_> {
         }
         if let Some(v) = &r.min_age {
             ok &= set(&mut d.min_age, self.duration(v, "daemon.min_age", false));
+        }
+        if let Some(v) = &r.trash {
+            ok &= set(&mut d.trash, self.duration(v, "daemon.trash", false));
         }
         if let Some(v) = &r.retry_max {
             ok &= set(&mut d.retry_max, self.duration(v, "daemon.retry_max", true));

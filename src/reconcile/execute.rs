@@ -5,6 +5,7 @@
 //! record per action in plan order, journaled so that a kill loses none.
 
 mod journal;
+mod trash;
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -19,7 +20,7 @@ use crate::clock::Clock;
 use crate::engine::{Engine, EngineError, Image, Removed};
 use crate::fmt::short_id;
 use crate::observe::Observed;
-use crate::plan::{Action, Kind, Plan};
+use crate::plan::{Action, Kind, Plan, Trashing};
 use crate::store::{Store, StoreError};
 
 use super::{ReconcileError, Report};
@@ -69,6 +70,8 @@ enum Done {
     /// What the engine untagged and deleted.
     Removed(Removed),
     Tagged,
+    /// A `trash`: the trash reference put on, the others taken off.
+    Trashed(trash::Trashed),
     Pruned,
     /// The content store shrank by these bytes, or could not (its own
     /// error: the engine took no part): recorded as `ok` or `failed`.
@@ -136,6 +139,7 @@ pub async fn execute_on<E: Engine>(
         run,
         clock,
         journal: &journal,
+        trash: &plan.trash,
     };
     let mut out = Out {
         observed: &mut *observed,
@@ -182,6 +186,8 @@ struct Executor<'a, E> {
     run: &'a str,
     clock: &'a dyn Clock,
     journal: &'a Journal,
+    /// What each `trash` action takes off and puts on.
+    trash: &'a [Trashing],
 }
 
 /// What the actions' outcomes go into.
@@ -229,7 +235,7 @@ impl<E: Engine> Executor<'_, E> {
                     break;
                 }
                 let a = &actions[next];
-                let removal = a.kind.is_removal();
+                let removal = in_flight(a.kind);
                 let window = if self.journal.working() { IN_FLIGHT } else { 1 };
                 let may = if removal {
                     running.len() < window
@@ -255,7 +261,7 @@ impl<E: Engine> Executor<'_, E> {
                 break;
             };
             let a = &actions[i];
-            if a.kind.is_removal() {
+            if in_flight(a.kind) {
                 busy.remove(a.image.as_str());
             } else {
                 alone = false;
@@ -276,6 +282,14 @@ impl<E: Engine> Executor<'_, E> {
     /// it removes something. Gives back when it started.
     async fn one(&self, a: &Action) -> (DateTime<Utc>, Result<Done, EngineError>) {
         let started = self.clock.now();
+        if a.kind == Kind::Trash {
+            let t = self.trash.iter().find(|t| t.image == a.image);
+            let done = trash::trash(self.engine, a, t, started).await;
+            return (
+                started,
+                done.map(|d| d.map_or_else(Done::Skipped, Done::Trashed)),
+            );
+        }
         let result = async {
             let checked = check(self.engine, a).await?;
             if let Checked::Remove(targets) = &checked {
@@ -291,7 +305,7 @@ impl<E: Engine> Executor<'_, E> {
 /// The re-check right before an action (see [`still_free`], [`evict_targets`]).
 async fn check<E: Engine>(engine: &E, a: &Action) -> Result<Checked, EngineError> {
     Ok(match a.kind {
-        Kind::Tag | Kind::PruneBuild | Kind::PruneCache => Checked::Go,
+        Kind::Tag | Kind::PruneBuild | Kind::PruneCache | Kind::Trash => Checked::Go,
         Kind::Untag | Kind::Remove => match still_free(engine, a).await? {
             Ok(target) => Checked::Remove(vec![target]),
             Err(skip) => Checked::Skip(skip),
@@ -334,6 +348,13 @@ async fn act<E: Engine>(engine: &E, a: &Action, checked: Checked) -> Result<Done
         }
         (_, Checked::Go) => Ok(Done::Removed(Removed::default())),
     }
+}
+
+/// Whether an action runs beside others (a removal, re-checked on its own,
+/// journaled) or alone: tags, prunes, and a `trash`, which tags before it
+/// untags.
+fn in_flight(kind: Kind) -> bool {
+    kind.is_removal() && kind != Kind::Trash
 }
 
 /// Shrink the content store to the action's `keep_bytes` of complete
@@ -384,6 +405,21 @@ fn settle(
                     }
                 }
                 Done::Removed(removed) => observed.removed(&removed),
+                Done::Trashed(t) => {
+                    observed.tagged(&a.image, &t.entry.reference);
+                    observed.removed(&t.removed);
+                    rec.reason = format!(
+                        "{}; held by {} until its window ends; former references: {}",
+                        a.reason,
+                        t.entry.reference,
+                        if t.entry.former.is_empty() {
+                            "none".to_string()
+                        } else {
+                            t.entry.former.join(", ")
+                        }
+                    );
+                    report.trashed.push((a.image.clone(), t.entry));
+                }
                 Done::CachePruned(Ok(freed)) => rec.bytes = Some(freed),
                 Done::Pruned | Done::Skipped(_) | Done::CachePruned(Err(_)) => {}
             }
@@ -394,6 +430,7 @@ fn settle(
                     report.removed += 1;
                     report.bytes_freed += a.bytes.unwrap_or(0);
                 }
+                Kind::Trash => {}
                 Kind::PruneBuild => report.bytes_freed += a.bytes.unwrap_or(0),
                 Kind::PruneCache => report.bytes_freed += rec.bytes.unwrap_or(0),
             }
@@ -580,5 +617,6 @@ fn audit_action(kind: Kind) -> audit::Action {
         Kind::Evict => audit::Action::Evict,
         Kind::PruneBuild => audit::Action::PruneBuild,
         Kind::PruneCache => audit::Action::PruneCache,
+        Kind::Trash => audit::Action::Trash,
     }
 }

@@ -55,6 +55,8 @@ pub struct Report {
     /// Transfers not attempted because their reference backs off after
     /// earlier failures: the host is not yet as declared.
     pub backing_off: usize,
+    /// Images the execution put in the trash, with their state entries.
+    pub trashed: Vec<(String, crate::trash::Entry)>,
     /// Set when shutdown stopped the execution between two actions.
     pub interrupted: bool,
     /// Why the state could not be saved at the end of the reconcile (a full
@@ -91,6 +93,9 @@ impl Report {
                 human_bytes(self.pulls.resumed_bytes),
                 self.pulls.verify_failures
             ));
+        }
+        if !self.trashed.is_empty() {
+            s.push_str(&format!(", to the trash {}", self.trashed.len()));
         }
         if self.dry_run > 0 {
             s.push_str(&format!(", dry-run {}", self.dry_run));
@@ -320,6 +325,12 @@ async fn run_reconcile<E: Engine>(
             .collect();
         state.images.retain(|id, _| !gone.contains(id.as_str()));
         state.reported = audit.stated().clone();
+        crate::trash::settle(
+            state,
+            report.trashed.clone(),
+            &observed.images,
+            clock.now().timestamp(),
+        );
         let saved;
         (*state, saved) = save_state(&store, std::mem::take(state)).await;
         if let Err(e) = saved {

@@ -22,7 +22,7 @@ mod auth;
 mod blobs;
 mod error;
 mod http;
-mod manifest;
+pub(crate) mod manifest;
 mod publish;
 
 use std::sync::Arc;

@@ -22,7 +22,8 @@ mod engine_env;
 mod fake_store;
 mod net;
 
-// Pure: the policy, the planner, the systemd unit.
+// Pure: the policy, the planner, the systemd unit, bundle files.
+mod bundle_verify;
 mod plan_props;
 mod plan_table;
 mod policy_check;
@@ -35,6 +36,7 @@ mod storage_cache;
 
 // Against the real private engine and registry.
 mod apply_real;
+mod bundle_real;
 mod daemon_real;
 mod engine_real;
 mod fleet_daemon;
@@ -44,6 +46,7 @@ mod registry_real;
 mod storage_real;
 mod store_real;
 mod transfer_real;
+mod trash_real;
 
 // Faults injected into the real engine, registry, disk, state and inputs.
 mod faults_disk;

@@ -1,7 +1,9 @@
 //! Planner properties over random stores and policies:
 //! - nothing protected is ever planned for removal;
 //! - plan, apply to the fake engine, plan again gives no actions;
-//! - shuffling the input does not change the plan.
+//! - shuffling the input does not change the plan;
+//! - with the trash on, nothing is deleted, each image that goes keeps one
+//!   trash reference, and its window's end removes exactly those.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -35,7 +37,12 @@ const TAGS: [&str; 12] = [
 
 /// Policies exercising every rule kind, parameterised by small numbers.
 fn policies(n: usize, days: u64, max_removals: usize) -> Vec<Policy> {
-    let base = format!("[daemon]\nmin_age = \"2d\"\nmax_removals = {max_removals}\n");
+    policies_with(n, days, max_removals, "")
+}
+
+/// [`policies`] with more `[daemon]` lines.
+fn policies_with(n: usize, days: u64, max_removals: usize, daemon: &str) -> Vec<Policy> {
+    let base = format!("[daemon]\nmin_age = \"2d\"\nmax_removals = {max_removals}\n{daemon}");
     vec![
         policy(&format!(
             "{base}[[retain]]\nname = \"all\"\nimages = [\"**\"]\nkeep_last = {n}\norder = \"semver\"\n\
@@ -215,5 +222,48 @@ proptest! {
         // One audit record per action, warnings included.
         let h = stowage::audit::read(&dir.path().join("audit.jsonl")).unwrap();
         prop_assert_eq!(h.records.len(), first.actions.len() + first.warnings.len());
+    }
+
+    #[test]
+    fn with_the_trash_on_nothing_is_deleted_until_the_window_ends(
+        s in store(), which in 0usize..3, n in 1usize..4, days in 1u64..30,
+    ) {
+        let p = &policies_with(n, days, 1000, "trash = \"7d\"\n")[which];
+        let engine = FakeEngine::new(s.images.clone(), s.containers.clone());
+        let observed = Observed { images: s.images.clone(), containers: s.containers.clone(), ..Observed::default() };
+        let first = plan::plan(p, &observed, &s.state, NOW);
+        prop_assert!(first.actions.iter().all(|a| a.kind != Kind::Remove), "{}", plan::render(&first));
+        let dir = tempfile::tempdir().unwrap();
+        let mut audit = AuditLog::open(&dir.path().join("audit.jsonl")).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let report = rt.block_on(reconcile::execute(
+            &engine, &first, &mut audit, "r", false, &FixedClock(NOW), &CancellationToken::new(),
+        )).unwrap();
+        prop_assert_eq!(report.failed + report.skipped, 0);
+        let now = engine.images();
+        prop_assert_eq!(now.len(), s.images.len(), "an image was deleted");
+        let trashed = first.actions.iter().filter(|a| a.kind == Kind::Trash).count();
+        prop_assert_eq!(report.trashed.len(), trashed);
+        for (id, entry) in &report.trashed {
+            let img = now.iter().find(|i| &i.id == id).expect("still there");
+            prop_assert_eq!(&img.repo_tags, &vec![entry.reference.clone()]);
+            // Its former references: what the plan took off it (a floating
+            // tag moved elsewhere by the plan is not among them).
+            let planned = first.trashing(id).expect("planned");
+            prop_assert_eq!(&entry.former, &planned.refs);
+            let before = s.images.iter().find(|i| &i.id == id).unwrap();
+            prop_assert!(entry.former.iter().all(|r| before.repo_tags.contains(r)));
+        }
+        let after = Observed { images: now.clone(), containers: s.containers.clone(), ..Observed::default() };
+        let second = plan::plan(p, &after, &s.state, NOW);
+        prop_assert!(second.actions.is_empty(), "second plan not empty: {:#?}", second.actions);
+        // After the window: exactly the trashed images go, rule `trash`.
+        let later = plan::plan(p, &after, &s.state, NOW + 7 * DAY);
+        let mut expired: Vec<&str> = later.actions.iter().filter(|a| a.rule == "trash").map(|a| a.image.as_str()).collect();
+        expired.sort_unstable();
+        let mut want: Vec<&str> = report.trashed.iter().map(|(id, _)| id.as_str()).collect();
+        want.sort_unstable();
+        prop_assert_eq!(expired, want);
+        prop_assert!(later.actions.iter().filter(|a| a.rule == "trash").all(|a| a.kind == Kind::Remove));
     }
 }

@@ -776,3 +776,66 @@ fn synthetic_store_20k_plan_and_verdicts() {
         "plan of the 20k synthetic store differs from the one the planner made before its rewrite"
     );
 }
+
+/// `[daemon] trash`: the image retention removes whole goes to the trash as
+/// one action (its other references folded in); one that keeps a name is
+/// only untagged.
+#[test]
+fn trash_instead_of_remove() {
+    let mut images = app5();
+    images[0].repo_tags.push("app:old".into());
+    images.push(img("c1", 30.0, &["app:2.1.0-dev", "keep:me"]));
+    snapshot(
+        "trash_instead_of_remove",
+        "[daemon]\nmin_age = \"1h\"\ntrash = \"7d\"\n\
+         [[retain]]\nname = \"app\"\nimages = [\"app\"]\nkeep_last = 2\n",
+        images,
+        vec![],
+    );
+}
+
+/// Expiry: exactly the trash references stowage made whose window ended
+/// go (rule `trash`), with or without their state entry; those within the
+/// window, and hand-made `stowage-trash/` tags, stay; none of them counts
+/// toward `keep_last` or is in a rule's scope.
+#[test]
+fn trash_expiry_takes_only_expired_entries_stowage_made() {
+    let trash_ref = |name: &str, at: i64| format!("stowage-trash/{}:{at}", &id(name)[7..19]);
+    let expired = trash_ref("t1", NOW - DAY);
+    let lost = trash_ref("t2", NOW - 2 * DAY);
+    let running = trash_ref("t3", NOW + DAY);
+    let images = vec![
+        img("t1", 10.0, &[&expired]),
+        img("t2", 10.0, &[&lost]),
+        img("t3", 10.0, &[&running]),
+        // Hand-made: another image's id prefix, and a tag that is no time.
+        img("h1", 10.0, &[&trash_ref("zz", NOW - DAY)]),
+        img(
+            "h2",
+            10.0,
+            &[&format!("stowage-trash/{}:latest", &id("h2")[7..19])],
+        ),
+        img("a1", 1.0, &["app:1"]),
+    ];
+    let mut state = State::default();
+    state.trash.insert(
+        id("t1"),
+        stowage::trash::Entry {
+            reference: expired.clone(),
+            former: vec!["app:0".into()],
+            rule: "app".into(),
+            removed_at: NOW - 8 * DAY,
+            expires: NOW - DAY,
+            size: 1_000_000,
+            ..Default::default()
+        },
+    );
+    snapshot_with_state(
+        "trash_expiry",
+        "[daemon]\nmin_age = \"1h\"\ntrash = \"7d\"\n\
+         [[retain]]\nname = \"all\"\nimages = [\"**\"]\nkeep_last = 1\n",
+        images,
+        vec![],
+        state,
+    );
+}
