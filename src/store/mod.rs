@@ -96,8 +96,9 @@ pub enum SourceError {
     /// An HTTP status the source did not expect; 5xx and 429 are retryable.
     #[error("the registry answered HTTP {code}")]
     Status { code: u16, retryable: bool },
-    #[error("the registry does not have the blob")]
-    NotFound,
+    /// 404: the repository it was asked in and the registry's message.
+    #[error("the registry has no such blob in {repository}{}", if message.is_empty() { String::new() } else { format!(": {message}") })]
+    NotFound { repository: String, message: String },
     #[error("the registry refused the credentials (or asked for some)")]
     Unauthorized,
     /// Anything else the source will not do, said in its words.
@@ -114,7 +115,7 @@ impl SourceError {
         match self {
             SourceError::Io(_) => true,
             SourceError::Status { retryable, .. } => *retryable,
-            SourceError::NotFound
+            SourceError::NotFound { .. }
             | SourceError::Unauthorized
             | SourceError::Refused(_)
             | SourceError::TooLarge
