@@ -1,7 +1,7 @@
-//! Pure: what the content store path needs to know about names, platforms
-//! and layers, without I/O: the repository as a registry's API names it,
-//! this host's platform, an image config's diff ids, chain ids, and which
-//! layers the engine already holds.
+//! Pure: what the content store path needs to know about names and
+//! layers, without I/O: the repository as a registry's API names it, an
+//! image config's diff ids, chain ids, and which layers the engine already
+//! holds.
 
 use std::collections::HashSet;
 
@@ -20,21 +20,6 @@ pub(super) fn api_path(repository: &str) -> String {
     } else {
         path.to_owned()
     }
-}
-
-/// This host's platform as OCI names it (`linux/amd64`, `linux/arm64`,
-/// `linux/arm/v7`).
-pub(super) fn host_platform() -> String {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "x86" => "386",
-        "aarch64" => "arm64",
-        "arm" => "arm/v7",
-        "powerpc64" => "ppc64le",
-        "loongarch64" => "loong64",
-        other => other,
-    };
-    format!("{}/{arch}", std::env::consts::OS)
 }
 
 /// Pure: the config's `rootfs.diff_ids`.
@@ -151,11 +136,5 @@ mod tests {
             br#"{"architecture":"amd64","rootfs":{"type":"layers","diff_ids":["sha256:aa"]}}"#;
         assert_eq!(diff_ids(config).unwrap(), ["sha256:aa"]);
         assert!(diff_ids(b"{}").is_err());
-    }
-
-    #[test]
-    fn the_host_platform_is_os_slash_arch() {
-        let p = host_platform();
-        assert!(refs::check_platform(&p).is_ok(), "{p}");
     }
 }
