@@ -199,6 +199,8 @@ pub struct Store {
     /// Serialises `index.json` rewrites within the process (the `flock` on
     /// `partial/index.lock` does between processes).
     index: Arc<Mutex<()>>,
+    /// The fsyncs of blobs completed by this handle, still running.
+    syncing: Arc<Mutex<Vec<tokio::task::JoinHandle<std::io::Result<()>>>>>,
 }
 
 const LAYOUT_FILE: &str = "oci-layout";
@@ -214,6 +216,7 @@ impl Store {
         let store = Store {
             root: cache_dir.to_path_buf(),
             index: Arc::default(),
+            syncing: Arc::default(),
         };
         let layout = cache_dir.join(LAYOUT_FILE);
         match fs::read(&layout) {
@@ -250,6 +253,31 @@ impl Store {
         }
         partial::recover(&store.partial_dir(), &store.blobs_dir());
         Ok(store)
+    }
+
+    /// Makes a completed blob durable on the blocking pool (the runtime
+    /// waits for it at exit); [`Store::synced`] waits for it sooner.
+    fn sync_later(&self, durable: partial::Durable) {
+        let job = tokio::task::spawn_blocking(move || durable.run());
+        self.syncing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(job);
+    }
+
+    /// Waits until the blobs completed so far are on disk for good; a blob
+    /// whose fsync failed was removed (and is fetched again when needed).
+    pub async fn synced(&self) {
+        let jobs = std::mem::take(&mut *self.syncing.lock().unwrap_or_else(|e| e.into_inner()));
+        for job in jobs {
+            match job.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(
+                    "content store: a blob could not be synced to disk, removed: {e}"
+                ),
+                Err(e) => tracing::warn!("content store: a blob's sync did not run: {e}"),
+            }
+        }
     }
 
     /// The folder of the store.

@@ -349,6 +349,8 @@ impl Content {
         let loopback = format!("{addr}/{}@{}", src.path, src.digest());
         let (pulled, _) = ctx.pull_quiet(&addr, &loopback, platform).await;
         serving.stop().await;
+        // The blobs' fsyncs ran beside the engine's pull.
+        self.store.synced().await;
         match pulled {
             Ok(()) => {}
             Err(TransferError::Interrupted) => return Err(TransferError::Interrupted),
