@@ -210,17 +210,25 @@ impl Content {
         for desc in &needed {
             self.fetch(ctx, &blobs, desc, &meter, counters).await?;
         }
-        if skipped.is_empty() {
+        // The index entry is written beside the hand-off (the endpoint
+        // serves blobs by digest, not from the index).
+        let indexed = skipped.is_empty().then(|| {
             let (store, name) = (self.store.clone(), intent.reference.clone());
             let (t, m) = (top.0.clone(), manifest.0.clone());
-            if let Err(e) = off_loop(move || store.add_image(&name, &t, &m)).await {
-                tracing::debug!("not noted in the content store's index: {e}");
-            }
-        }
+            tokio::task::spawn_blocking(move || store.add_image(&name, &t, &m))
+        });
         // For an index the engine must pick the platform whose blobs are here.
         let platform =
             (top.0 != manifest.0 || intent.platform.is_some()).then(|| src.platform.clone());
-        match self.hand_off(ctx, src, platform.as_deref()).await {
+        let handed = self.hand_off(ctx, src, platform.as_deref()).await;
+        if let Some(job) = indexed {
+            match job.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!("not noted in the content store's index: {e}"),
+                Err(e) => tracing::debug!("not noted in the content store's index: {e}"),
+            }
+        }
+        match handed {
             Ok(h) => Ok(h),
             Err(TransferError::Interrupted) => Err(TransferError::Interrupted),
             // The engine may lack a layer it was thought to have (one it
