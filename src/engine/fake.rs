@@ -278,6 +278,7 @@ impl Engine for FakeEngine {
             data_root: "/fake".into(),
             server_version: "fake".into(),
             api_version: "1.41".into(),
+            platform: "linux/amd64".into(),
         })
     }
 

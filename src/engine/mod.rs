@@ -61,6 +61,9 @@ pub struct EngineInfo {
     pub data_root: String,
     pub server_version: String,
     pub api_version: String,
+    /// `os/arch[/variant]` as OCI names it, from the engine's `Os`, `Arch`
+    /// and (for arm) its machine's `Architecture`.
+    pub platform: String,
 }
 
 /// The engine's disk usage summary.
@@ -280,6 +283,11 @@ pub trait Engine: Send + Sync {
     /// after the image carries its whole size.
     fn image_layers(&self, id: &str) -> impl Future<Output = EngineResult<Vec<Layer>>> + Send;
     fn info(&self) -> impl Future<Output = EngineResult<EngineInfo>> + Send;
+    /// The platform the engine pulls for when none is named
+    /// (`linux/amd64`, `linux/arm/v7`): its own, not this program's.
+    fn platform(&self) -> impl Future<Output = EngineResult<String>> + Send {
+        async move { self.info().await.map(|i| i.platform) }
+    }
     /// Whether the engine answers at all (cheap, bounded).
     fn ping(&self) -> impl Future<Output = EngineResult<()>> + Send {
         async move { self.info().await.map(|_| ()) }

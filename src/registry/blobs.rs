@@ -44,7 +44,12 @@ impl RepoBlobs {
         let answer = self.registry.get(&self.repository, &path, &headers).await?;
         let answer = self
             .registry
-            .expect(answer, &[StatusCode::OK, StatusCode::PARTIAL_CONTENT])
+            .expect(
+                answer,
+                &[StatusCode::OK, StatusCode::PARTIAL_CONTENT],
+                &self.repository,
+                &format!("blob {digest}"),
+            )
             .await?;
         let url = answer.url.to_string();
         let start = if answer.response.status() == StatusCode::PARTIAL_CONTENT {

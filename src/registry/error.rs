@@ -42,8 +42,15 @@ pub enum RegistryError {
         sent_credentials: bool,
         message: String,
     },
-    #[error("{url}: not found{}", colon(message))]
-    NotFound { url: String, message: String },
+    /// 404 of a manifest or blob: `what` names it (`blob sha256:…`), with
+    /// the repository and the registry's own message.
+    #[error("{what} of {repository} not found at {url}{}", colon(message))]
+    NotFound {
+        url: String,
+        repository: String,
+        what: String,
+        message: String,
+    },
     #[error("{url}: HTTP {code}{}", colon(message))]
     Status {
         url: String,
@@ -129,7 +136,14 @@ impl From<RegistryError> for SourceError {
                 code,
                 retryable: retryable_status(code),
             },
-            RegistryError::NotFound { .. } => SourceError::NotFound,
+            RegistryError::NotFound {
+                repository,
+                message,
+                ..
+            } => SourceError::NotFound {
+                repository,
+                message,
+            },
             RegistryError::Unauthorized { .. } => SourceError::Unauthorized,
             RegistryError::TooLarge { .. } => SourceError::TooLarge,
             RegistryError::RedirectLoop { .. } | RegistryError::TooManyRedirects { .. } => {

@@ -231,7 +231,10 @@ impl Registry {
         let accept = [(header::ACCEPT, HeaderValue::from_static(manifest::ACCEPT))];
         let path = format!("/v2/{repository}/manifests/{reference}");
         let answer = self.get(repository, &path, &accept).await?;
-        let answer = self.expect(answer, &[StatusCode::OK]).await?;
+        let what = format!("manifest {reference}");
+        let answer = self
+            .expect(answer, &[StatusCode::OK], repository, &what)
+            .await?;
         let url = answer.url.clone();
         let content_type =
             http::header_text(&answer.response, &header::CONTENT_TYPE).map(str::to_owned);
@@ -349,8 +352,15 @@ impl Registry {
         }
     }
 
-    /// `answer` when its status is one of `ok`, else its error.
-    async fn expect(&self, answer: Answer, ok: &[StatusCode]) -> Result<Answer, RegistryError> {
+    /// `answer` when its status is one of `ok`, else its error; `what`
+    /// (`blob sha256:…`) in `repository` is what a 404 says is missing.
+    async fn expect(
+        &self,
+        answer: Answer,
+        ok: &[StatusCode],
+        repository: &str,
+        what: &str,
+    ) -> Result<Answer, RegistryError> {
         let status = answer.response.status();
         if ok.contains(&status) {
             return Ok(answer);
@@ -361,7 +371,12 @@ impl Registry {
             .auth
             .scrub(&http::error_text(answer.response).await);
         Err(match status {
-            StatusCode::NOT_FOUND => RegistryError::NotFound { url, message },
+            StatusCode::NOT_FOUND => RegistryError::NotFound {
+                url,
+                repository: repository.to_owned(),
+                what: what.to_owned(),
+                message,
+            },
             _ => RegistryError::Status {
                 url,
                 code: status.as_u16(),

@@ -59,7 +59,14 @@ impl Registry {
         let answer = self
             .send(Method::HEAD, &scope, self.url(&path), &accept, None)
             .await?;
-        let answer = self.expect(answer, &[StatusCode::OK]).await?;
+        let answer = self
+            .expect(
+                answer,
+                &[StatusCode::OK],
+                repository,
+                &format!("manifest {reference}"),
+            )
+            .await?;
         let header = http::header_text(&answer.response, &HeaderName::from_static(DIGEST_HEADER))
             .map(str::trim)
             .filter(|d| d.starts_with("sha256:") && check_digest(d).is_ok())
@@ -115,7 +122,14 @@ impl Registry {
         let repository = &self.api_repository(repository);
         let path = format!("/v2/{repository}/blobs/{digest}");
         let answer = self.get(repository, &path, &[]).await?;
-        let answer = self.expect(answer, &[StatusCode::OK]).await?;
+        let answer = self
+            .expect(
+                answer,
+                &[StatusCode::OK],
+                repository,
+                &format!("blob {digest}"),
+            )
+            .await?;
         let url = answer.url.clone();
         let timeout = self.inner.options.timeout;
         let deadline = tokio::time::Instant::now() + timeout;
@@ -153,7 +167,14 @@ impl Registry {
         if answer.response.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        let answer = self.expect(answer, &[StatusCode::OK]).await?;
+        let answer = self
+            .expect(
+                answer,
+                &[StatusCode::OK],
+                repository,
+                &format!("referrers of {digest}"),
+            )
+            .await?;
         let options = &self.inner.options;
         let deadline = tokio::time::Instant::now() + options.timeout;
         let bytes = http::read_bounded(
@@ -206,7 +227,9 @@ impl Registry {
                 Some(Bytes::new()),
             )
             .await?;
-        let start = self.expect(start, &[StatusCode::ACCEPTED]).await?;
+        let start = self
+            .expect(start, &[StatusCode::ACCEPTED], repository, "a blob upload")
+            .await?;
         let location = http::header_text(&start.response, &header::LOCATION)
             .and_then(|l| start.url.join(l))
             .ok_or_else(|| RegistryError::BadRedirect {
@@ -221,7 +244,13 @@ impl Registry {
         let put = self
             .send(Method::PUT, &scope, url, &octets, Some(bytes))
             .await?;
-        self.expect(put, &[StatusCode::CREATED]).await?;
+        self.expect(
+            put,
+            &[StatusCode::CREATED],
+            repository,
+            &format!("blob upload {digest}"),
+        )
+        .await?;
         Ok(descriptor)
     }
 
@@ -251,7 +280,14 @@ impl Registry {
                 Some(bytes),
             )
             .await?;
-        let answer = self.expect(answer, &[StatusCode::CREATED]).await?;
+        let answer = self
+            .expect(
+                answer,
+                &[StatusCode::CREATED],
+                repository,
+                &format!("manifest {reference}"),
+            )
+            .await?;
         let served = http::header_text(&answer.response, &HeaderName::from_static(DIGEST_HEADER));
         if let Some(served) = served.map(str::trim).filter(|d| d.starts_with("sha256:"))
             && served != digest

@@ -96,8 +96,9 @@ pub enum SourceError {
     /// An HTTP status the source did not expect; 5xx and 429 are retryable.
     #[error("the registry answered HTTP {code}")]
     Status { code: u16, retryable: bool },
-    #[error("the registry does not have the blob")]
-    NotFound,
+    /// 404: the repository it was asked in and the registry's message.
+    #[error("the registry has no such blob in {repository}{}", if message.is_empty() { String::new() } else { format!(": {message}") })]
+    NotFound { repository: String, message: String },
     #[error("the registry refused the credentials (or asked for some)")]
     Unauthorized,
     /// Anything else the source will not do, said in its words.
@@ -114,7 +115,7 @@ impl SourceError {
         match self {
             SourceError::Io(_) => true,
             SourceError::Status { retryable, .. } => *retryable,
-            SourceError::NotFound
+            SourceError::NotFound { .. }
             | SourceError::Unauthorized
             | SourceError::Refused(_)
             | SourceError::TooLarge
@@ -198,6 +199,8 @@ pub struct Store {
     /// Serialises `index.json` rewrites within the process (the `flock` on
     /// `partial/index.lock` does between processes).
     index: Arc<Mutex<()>>,
+    /// The fsyncs of blobs completed by this handle, still running.
+    syncing: Arc<Mutex<Vec<tokio::task::JoinHandle<std::io::Result<()>>>>>,
 }
 
 const LAYOUT_FILE: &str = "oci-layout";
@@ -213,6 +216,7 @@ impl Store {
         let store = Store {
             root: cache_dir.to_path_buf(),
             index: Arc::default(),
+            syncing: Arc::default(),
         };
         let layout = cache_dir.join(LAYOUT_FILE);
         match fs::read(&layout) {
@@ -249,6 +253,31 @@ impl Store {
         }
         partial::recover(&store.partial_dir(), &store.blobs_dir());
         Ok(store)
+    }
+
+    /// Makes a completed blob durable on the blocking pool (the runtime
+    /// waits for it at exit); [`Store::synced`] waits for it sooner.
+    fn sync_later(&self, durable: partial::Durable) {
+        let job = tokio::task::spawn_blocking(move || durable.run());
+        self.syncing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(job);
+    }
+
+    /// Waits until the blobs completed so far are on disk for good; a blob
+    /// whose fsync failed was removed (and is fetched again when needed).
+    pub async fn synced(&self) {
+        let jobs = std::mem::take(&mut *self.syncing.lock().unwrap_or_else(|e| e.into_inner()));
+        for job in jobs {
+            match job.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(
+                    "content store: a blob could not be synced to disk, removed: {e}"
+                ),
+                Err(e) => tracing::warn!("content store: a blob's sync did not run: {e}"),
+            }
+        }
     }
 
     /// The folder of the store.

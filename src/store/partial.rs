@@ -26,6 +26,8 @@ pub(super) struct Partial {
     pub len: u64,
     /// What the sidecar says.
     pub committed: u64,
+    /// When the offset was last committed (or the partial opened).
+    pub last_commit: std::time::Instant,
 }
 
 impl Partial {
@@ -65,6 +67,7 @@ impl Partial {
             data,
             sidecar,
             hasher: Sha256::new(),
+            last_commit: std::time::Instant::now(),
         }))
     }
 
@@ -132,6 +135,7 @@ impl Partial {
         self.file.sync_data()?;
         write_atomic(&self.sidecar, format!("{}\n", self.len).as_bytes())?;
         self.committed = self.len;
+        self.last_commit = std::time::Instant::now();
         Ok(())
     }
 
@@ -149,21 +153,23 @@ impl Partial {
         format!("sha256:{}", hex::encode(self.hasher.clone().finalize()))
     }
 
-    /// Moves the verified bytes into `blob` (in `blobs/sha256`), durably,
-    /// then drops the sidecar.
-    pub fn complete(&mut self, blob: &Path) -> std::io::Result<()> {
-        self.file.sync_all()?;
+    /// Moves the verified bytes into `blob` (in `blobs/sha256`) and drops
+    /// the sidecar, at once; making that durable (the fsyncs of the data and
+    /// both folders) is the returned [`Durable`]'s job, off the way of the
+    /// hand-off. Until it ran a power cut may leave the blob short or wrong:
+    /// the loopback endpoint hashes every body it serves and removes such a
+    /// blob, so it is fetched again, never handed on.
+    pub fn complete(&mut self, blob: &Path) -> std::io::Result<Durable> {
+        let file = self.file.try_clone()?;
         fs::rename(&self.data, blob)?;
         // Stored now: this is its first use.
         let _ = self.file.set_modified(std::time::SystemTime::now());
-        if let Some(dir) = blob.parent() {
-            sync_dir(dir)?;
-        }
         remove_if_there(&self.sidecar)?;
-        if let Some(dir) = self.data.parent() {
-            sync_dir(dir)?;
-        }
-        Ok(())
+        Ok(Durable {
+            file,
+            blob: blob.to_path_buf(),
+            partial_dir: self.data.parent().map(Path::to_path_buf),
+        })
     }
 
     /// Removes the partial (data and sidecar) while holding its lock.
@@ -171,6 +177,35 @@ impl Partial {
         remove_if_there(&self.data)?;
         remove_if_there(&self.sidecar)?;
         Ok(self.len)
+    }
+}
+
+/// The fsyncs a completed blob still needs (see [`Partial::complete`]).
+#[derive(Debug)]
+pub(super) struct Durable {
+    file: File,
+    blob: PathBuf,
+    partial_dir: Option<PathBuf>,
+}
+
+impl Durable {
+    /// The blob's bytes, then its folder and the partial's. On an error the
+    /// blob goes: it cannot be vouched for after a power cut.
+    pub fn run(self) -> std::io::Result<()> {
+        let synced = (|| {
+            self.file.sync_all()?;
+            if let Some(dir) = self.blob.parent() {
+                sync_dir(dir)?;
+            }
+            if let Some(dir) = &self.partial_dir {
+                sync_dir(dir)?;
+            }
+            Ok(())
+        })();
+        if synced.is_err() {
+            let _ = fs::remove_file(&self.blob);
+        }
+        synced
     }
 }
 

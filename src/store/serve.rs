@@ -25,7 +25,6 @@ use hyper::body::Frame;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use sha2::{Digest as _, Sha256};
-use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::blocking::off_loop;
@@ -47,7 +46,8 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const API_VERSION: &str = "Docker-Distribution-API-Version";
 const CONTENT_DIGEST: &str = "Docker-Content-Digest";
-const CHUNK: usize = 256 * 1024;
+/// Read, hashed and sent at once: few trips to the blocking pool.
+const CHUNK: usize = 1 << 20;
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
@@ -229,56 +229,74 @@ fn media_type(bytes: &[u8]) -> Option<String> {
     )
 }
 
-/// A blob streamed from disk and hashed on the way. Its last chunk goes out
-/// only after the hash matched: otherwise the blob is removed and the body
-/// ends in an error, short of its length (the client sees a broken answer,
-/// never a whole wrong one).
+/// A blob streamed from disk and hashed on the way, both on the blocking
+/// pool in [`CHUNK`]s. Its last chunk goes out only after the hash matched:
+/// otherwise the blob is removed and the body ends in an error, short of
+/// its length (the client sees a broken answer, never a whole wrong one).
 fn blob(file: std::fs::File, len: u64, path: PathBuf, digest: String) -> Response<Body> {
     struct Reading {
-        file: tokio::fs::File,
+        file: std::fs::File,
         hasher: Sha256,
         left: u64,
         path: PathBuf,
         digest: String,
     }
     let state = Reading {
-        file: tokio::fs::File::from_std(file),
+        file,
         hasher: Sha256::new(),
         left: len,
         path,
         digest: digest.clone(),
     };
     let stream = futures_util::stream::unfold(Some(state), |state| async move {
-        let mut s = state?;
+        let s = state?;
         if s.left == 0 {
             return None;
         }
-        let mut buf = BytesMut::with_capacity(CHUNK.min(s.left as usize));
-        let n = match s.file.read_buf(&mut buf).await {
-            Ok(0) => {
-                let e = std::io::Error::other("the blob is shorter than it was");
-                return Some((Err(e), None));
+        let (s, read) = off_loop(move || {
+            let mut s = s;
+            let read = next_chunk(&mut s.file, &mut s.hasher, &mut s.left);
+            if read.is_ok() && s.left == 0 {
+                // The last bytes go out only once all of them matched.
+                let got = format!("sha256:{}", hex::encode(s.hasher.clone().finalize()));
+                if got != s.digest {
+                    remove_corrupt(&s.path, &s.digest, &got);
+                    return (s, Err(std::io::Error::other("the blob is corrupt")));
+                }
             }
-            Ok(n) => n.min(s.left as usize),
-            Err(e) => return Some((Err(e), None)),
-        };
-        buf.truncate(n);
-        s.hasher.update(&buf);
-        s.left -= n as u64;
-        if s.left == 0 {
-            // The last bytes go out only once all of them matched.
-            let got = format!("sha256:{}", hex::encode(s.hasher.clone().finalize()));
-            if got != s.digest {
-                let (path, want) = (s.path, s.digest);
-                let _ = off_loop(move || remove_corrupt(&path, &want, &got)).await;
-                return Some((Err(std::io::Error::other("the blob is corrupt")), None));
-            }
+            (s, read)
+        })
+        .await;
+        match read {
+            Ok(buf) => Some((Ok(Frame::data(buf)), Some(s))),
+            Err(e) => Some((Err(e), None)),
         }
-        Some((Ok(Frame::data(buf.freeze())), Some(s)))
     });
     let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
     set_headers(&mut r, "application/octet-stream", Some(&digest), len);
     r
+}
+
+/// Up to [`CHUNK`] more bytes of a blob of which `left` are still to come,
+/// hashed into `hasher`.
+fn next_chunk(
+    file: &mut std::fs::File,
+    hasher: &mut Sha256,
+    left: &mut u64,
+) -> std::io::Result<Bytes> {
+    use std::io::Read as _;
+    let want = usize::try_from(*left).map_or(CHUNK, |l| l.min(CHUNK));
+    let mut buf = BytesMut::zeroed(want);
+    let mut filled = 0;
+    while filled < want {
+        match file.read(&mut buf[filled..])? {
+            0 => return Err(std::io::Error::other("the blob is shorter than it was")),
+            n => filled += n,
+        }
+    }
+    hasher.update(&buf);
+    *left -= want as u64;
+    Ok(buf.freeze())
 }
 
 fn remove_corrupt(path: &std::path::Path, want: &str, got: &str) {

@@ -427,7 +427,14 @@ async fn retries_with_backoff_then_gives_up_after_no_new_byte() {
 async fn an_error_that_is_not_retryable_fails_at_once() {
     let (_d, store) = open();
     let (data, desc) = blob(1000, 11);
-    let src = Mem::new(data, &[], Act::Fail(SourceError::NotFound));
+    let src = Mem::new(
+        data,
+        &[],
+        Act::Fail(SourceError::NotFound {
+            repository: "team/app".into(),
+            message: "BLOB_UNKNOWN: blob unknown to registry".into(),
+        }),
+    );
     let err = store
         .fetch(&src, &desc, &Opts::new().with(&quiet))
         .await
@@ -436,7 +443,7 @@ async fn an_error_that_is_not_retryable_fails_at_once() {
         matches!(
             &err,
             StoreError::Source {
-                source: SourceError::NotFound,
+                source: SourceError::NotFound { .. },
                 ..
             }
         ),
@@ -445,7 +452,8 @@ async fn an_error_that_is_not_retryable_fails_at_once() {
     assert_eq!(
         err.to_string(),
         format!(
-            "blob {} from mem:5000: the registry does not have the blob",
+            "blob {} from mem:5000: the registry has no such blob in team/app: \
+             BLOB_UNKNOWN: blob unknown to registry",
             desc.digest
         )
     );

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::downloads::{Download, Journal, Upstream};
-use super::layers::{api_path, diff_ids, host_platform, split_layers};
+use super::layers::{api_path, diff_ids, split_layers};
 use super::{Candidate, Ctx, PullCounters, PullIntent, PullProgress, TransferError};
 use crate::blocking::off_loop;
 use crate::engine::{Engine, Image};
@@ -38,9 +38,9 @@ pub(super) struct Content {
     /// One client per registry host: tokens and connections are reused.
     registries: Mutex<HashMap<String, Registry>>,
     options: registry::Options,
-    /// Pulled when an entry names no platform: this host's, which is a
-    /// local engine's own.
-    default_platform: String,
+    /// Pulled when an entry names no platform: the engine's own (asked
+    /// once, when first needed), as its own pull would choose.
+    default_platform: tokio::sync::OnceCell<String>,
     /// A download fails after this long without a single new byte.
     give_up: Duration,
 }
@@ -84,7 +84,7 @@ impl Content {
                 timeout: policy.daemon.stall_timeout,
                 ..registry::Options::default()
             },
-            default_platform: host_platform(),
+            default_platform: tokio::sync::OnceCell::new(),
             give_up,
         })
     }
@@ -97,6 +97,24 @@ impl Content {
         let r = Registry::new(host, ctx.credentials(host), &self.options)?;
         clients.insert(host.to_owned(), r.clone());
         Ok(r)
+    }
+
+    /// The platform `intent` names, else the engine's.
+    async fn platform<E: Engine>(
+        &self,
+        ctx: &Ctx<'_, E>,
+        intent: &PullIntent,
+    ) -> Result<String, TransferError> {
+        if let Some(p) = &intent.platform {
+            return Ok(p.clone());
+        }
+        let asked = self
+            .default_platform
+            .get_or_try_init(|| ctx.engine.platform());
+        tokio::select! {
+            p = asked => Ok(p?.clone()),
+            () = ctx.shutdown.cancelled() => Err(TransferError::Interrupted),
+        }
     }
 
     /// Resolve what `intent` asks for at `c`: the pin, else its tag. The
@@ -119,10 +137,7 @@ impl Content {
                 .unwrap_or("latest")
                 .to_owned(),
         };
-        let platform = intent
-            .platform
-            .clone()
-            .unwrap_or_else(|| self.default_platform.clone());
+        let platform = self.platform(ctx, intent).await?;
         let resolved = tokio::select! {
             r = registry.resolve(&path, &reference, &platform) => r?,
             () = ctx.shutdown.cancelled() => return Err(TransferError::Interrupted),
@@ -149,10 +164,7 @@ impl Content {
     ) -> Option<String> {
         let tag = intent.tag_ref.as_deref().and_then(|t| split_tag(t).1)?;
         let registry = self.registry(ctx, &c.registry).ok()?;
-        let platform = intent
-            .platform
-            .clone()
-            .unwrap_or_else(|| self.default_platform.clone());
+        let platform = self.platform(ctx, intent).await.ok()?;
         let resolved = registry
             .resolve(&api_path(&c.repository), tag, &platform)
             .await
@@ -198,17 +210,25 @@ impl Content {
         for desc in &needed {
             self.fetch(ctx, &blobs, desc, &meter, counters).await?;
         }
-        if skipped.is_empty() {
+        // The index entry is written beside the hand-off (the endpoint
+        // serves blobs by digest, not from the index).
+        let indexed = skipped.is_empty().then(|| {
             let (store, name) = (self.store.clone(), intent.reference.clone());
             let (t, m) = (top.0.clone(), manifest.0.clone());
-            if let Err(e) = off_loop(move || store.add_image(&name, &t, &m)).await {
-                tracing::debug!("not noted in the content store's index: {e}");
-            }
-        }
+            tokio::task::spawn_blocking(move || store.add_image(&name, &t, &m))
+        });
         // For an index the engine must pick the platform whose blobs are here.
         let platform =
             (top.0 != manifest.0 || intent.platform.is_some()).then(|| src.platform.clone());
-        match self.hand_off(ctx, src, platform.as_deref()).await {
+        let handed = self.hand_off(ctx, src, platform.as_deref()).await;
+        if let Some(job) = indexed {
+            match job.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!("not noted in the content store's index: {e}"),
+                Err(e) => tracing::debug!("not noted in the content store's index: {e}"),
+            }
+        }
+        match handed {
             Ok(h) => Ok(h),
             Err(TransferError::Interrupted) => Err(TransferError::Interrupted),
             // The engine may lack a layer it was thought to have (one it
@@ -337,6 +357,8 @@ impl Content {
         let loopback = format!("{addr}/{}@{}", src.path, src.digest());
         let (pulled, _) = ctx.pull_quiet(&addr, &loopback, platform).await;
         serving.stop().await;
+        // The blobs' fsyncs ran beside the engine's pull.
+        self.store.synced().await;
         match pulled {
             Ok(()) => {}
             Err(TransferError::Interrupted) => return Err(TransferError::Interrupted),

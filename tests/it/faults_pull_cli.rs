@@ -110,9 +110,12 @@ async fn a_404_of_one_layer_fails_naming_it_and_the_rerun_fetches_only_that_laye
     let out = stowage(&addr, &policy, &["pull", &reference]).await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let naming = format!(
-        "blob {} from {}: the registry does not have the blob",
+        "blob {} from {}: the registry has no such blob in {}: UNKNOWN: GET /v2/{}/blobs/{} answered 404",
         p.own().digest,
-        proxy.addr
+        proxy.addr,
+        p.repository,
+        p.repository,
+        p.own().digest,
     );
     assert!(text(&out).contains(&naming), "{}", text(&out));
     let failed = records(dir.audit(), Action::Pull, Outcome::Failed);

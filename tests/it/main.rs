@@ -54,6 +54,7 @@ mod faults_engine;
 mod faults_inputs;
 mod faults_pull;
 mod faults_pull_cli;
+mod faults_pull_kill;
 mod faults_servers;
 mod faults_state;
 mod faults_transfer;

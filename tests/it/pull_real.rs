@@ -509,3 +509,194 @@ async fn a_prepull_on_a_cut_link_completes_and_after_a_dead_link_resumes() {
         "{last:?}"
     );
 }
+
+// ------------------------------------------------- platforms of an index
+
+/// One HTTP/1.0 exchange with the (loopback) registry: `(status, head, body)`.
+async fn exchange(
+    reg: &str,
+    method: &str,
+    target: &str,
+    headers: &str,
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(reg).await.unwrap();
+    let head = format!(
+        "{method} {target} HTTP/1.0\r\nHost: {reg}\r\n{headers}Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await.unwrap();
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&answer[..split]).into_owned();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head, answer[split + 4..].to_vec())
+}
+
+fn sha256_of(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+/// Uploads `bytes` as a blob of `repo` (POST, then PUT with its digest).
+async fn upload(reg: &str, repo: &str, bytes: &[u8]) -> String {
+    let digest = sha256_of(bytes);
+    let (status, head, _) =
+        exchange(reg, "POST", &format!("/v2/{repo}/blobs/uploads/"), "", b"").await;
+    assert_eq!(status, 202, "{head}");
+    let location = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("location")
+                .then(|| v.trim().to_owned())
+        })
+        .unwrap();
+    let target = location
+        .split_once(reg)
+        .map_or(location.as_str(), |(_, t)| t);
+    let sep = if target.contains('?') { '&' } else { '?' };
+    let (status, head, _) = exchange(
+        reg,
+        "PUT",
+        &format!("{target}{sep}digest={digest}"),
+        "Content-Type: application/octet-stream\r\n",
+        bytes,
+    )
+    .await;
+    assert_eq!(status, 201, "{head}");
+    digest
+}
+
+/// A tar of one small file: an uncompressed OCI layer.
+fn tiny_layer(text: &str) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_path("platform.txt").unwrap();
+    h.set_size(text.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(1_600_000_000);
+    h.set_cksum();
+    b.append(&h, text.as_bytes()).unwrap();
+    b.into_inner().unwrap()
+}
+
+/// One tiny image for `os/arch[/variant]` in `repo`: its manifest's
+/// `(digest, size)` and its config's digest (the engine's image id).
+async fn platform_image(reg: &str, repo: &str, platform: &str) -> ((String, usize), String) {
+    let mut parts = platform.split('/');
+    let (os, arch, variant) = (parts.next().unwrap(), parts.next().unwrap(), parts.next());
+    let layer = tiny_layer(platform);
+    let diff_id = sha256_of(&layer);
+    let layer_digest = upload(reg, repo, &layer).await;
+    let variant_field = variant
+        .map(|v| format!(r#","variant":"{v}""#))
+        .unwrap_or_default();
+    let config = format!(
+        r#"{{"architecture":"{arch}","os":"{os}"{variant_field},"created":"2020-09-13T12:26:40Z","config":{{}},"rootfs":{{"type":"layers","diff_ids":["{diff_id}"]}}}}"#
+    );
+    let config_digest = upload(reg, repo, config.as_bytes()).await;
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer_digest}","size":{}}}]}}"#,
+        config.len(),
+        layer.len()
+    );
+    let digest = sha256_of(manifest.as_bytes());
+    let (status, head, _) = exchange(
+        reg,
+        "PUT",
+        &format!("/v2/{repo}/manifests/{digest}"),
+        "Content-Type: application/vnd.oci.image.manifest.v1+json\r\n",
+        manifest.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 201, "{head}");
+    ((digest, manifest.len()), config_digest)
+}
+
+/// An OCI index of two tiny images pushed by hand through the registry's
+/// API: the engine's own platform and another one. `--platform` picks the
+/// other; no platform picks the engine's (what `/version` says, not what
+/// stowage was built for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stowage_pull_takes_the_platform_asked_from_an_index_else_the_engines() {
+    let Some(engine) = engine_env::engine().await else {
+        return;
+    };
+    let _engine_wide = ENGINE_WIDE.read().await;
+    let (addr, reg) = (
+        engine_env::engine_addr().unwrap(),
+        engine_env::registry().unwrap(),
+    );
+    use stowage::engine::Engine as _;
+    let own = engine.info().await.unwrap().platform;
+    let other = if own == "linux/arm64/v8" || own == "linux/arm64" {
+        "linux/amd64"
+    } else {
+        "linux/arm64/v8"
+    };
+    let repo = format!("{}/multi", engine_env::unique_ns("cli-index"));
+    let (own_manifest, own_id) = platform_image(&reg, &repo, &own).await;
+    let (other_manifest, other_id) = platform_image(&reg, &repo, other).await;
+    let entry = |(digest, size): &(String, usize), platform: &str| {
+        let mut p = platform.split('/');
+        let (os, arch, variant) = (p.next().unwrap(), p.next().unwrap(), p.next());
+        let variant = variant
+            .map(|v| format!(r#","variant":"{v}""#))
+            .unwrap_or_default();
+        format!(
+            r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{digest}","size":{size},"platform":{{"os":"{os}","architecture":"{arch}"{variant}}}}}"#
+        )
+    };
+    // The other platform first: a client that takes the first entry is wrong.
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{},{}]}}"#,
+        entry(&other_manifest, other),
+        entry(&own_manifest, &own)
+    );
+    let (status, head, _) = exchange(
+        &reg,
+        "PUT",
+        &format!("/v2/{repo}/manifests/1"),
+        "Content-Type: application/vnd.oci.image.index.v1+json\r\n",
+        index.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 201, "{head}");
+    let reference = format!("{reg}/{repo}:1");
+    let dir = Dir::new();
+    let policy = dir.policy("");
+
+    let asked = stowage(&addr, &policy, &["pull", &reference, "--platform", other]).await;
+    assert_eq!(asked.status.code(), Some(0), "{}", text(&asked));
+    assert_eq!(holder(&engine, &reference).await, Some(other_id.clone()));
+    assert!(!has_image(&engine, &own_id).await);
+    // The upstream digest reference is the index's, as the engine's own pull records it.
+    let img = engine.image(&other_id).await.unwrap().unwrap();
+    let index_ref = format!("{reg}/{repo}@{}", sha256_of(index.as_bytes()));
+    assert!(img.repo_digests.contains(&index_ref), "{img:?}");
+    assert!(
+        img.repo_digests
+            .iter()
+            .all(|d| !d.starts_with("127.0.0.1:") || d.starts_with(&reg)),
+        "the loopback reference is gone: {img:?}"
+    );
+    // Its last tag gone, the engine drops the image with its digest references.
+    engine.remove(&reference).await.unwrap();
+    assert!(!has_image(&engine, &other_id).await);
+
+    let default = stowage(&addr, &policy, &["pull", &reference]).await;
+    assert_eq!(default.status.code(), Some(0), "{}", text(&default));
+    assert_eq!(holder(&engine, &reference).await, Some(own_id.clone()));
+    assert!(!has_image(&engine, &other_id).await);
+    let pulls = records(dir.audit(), Action::Pull, Outcome::Ok);
+    assert_eq!(pulls.len(), 2, "{:#?}", dir.audit());
+    assert!(
+        pulls.iter().all(|r| r.bytes.is_some_and(|b| b > 0)),
+        "{pulls:#?}"
+    );
+    engine.remove(&reference).await.unwrap();
+}

@@ -111,9 +111,13 @@ async fn resolves_a_pushed_image_by_tag_and_by_digest() {
         matches!(missing, RegistryError::NotFound { .. }) && !missing.retryable(),
         "{missing}"
     );
+    // The repository, the reference and the registry's own words.
+    let text = missing.to_string();
     assert!(
-        missing.to_string().contains("MANIFEST_UNKNOWN"),
-        "{missing}"
+        text.starts_with(&format!(
+            "manifest 2 of {repo} not found at http://{addr}/v2/{repo}/manifests/2: "
+        )) && text.contains("MANIFEST_UNKNOWN"),
+        "{text}"
     );
     let bad = registry.resolve(&repo, "1", "linux").await.unwrap_err();
     assert!(matches!(bad, RegistryError::Input(_)), "{bad}");
@@ -144,7 +148,11 @@ async fn fetches_a_blob_whole_and_from_an_offset() {
 
     let absent = format!("sha256:{}", "0".repeat(64));
     let err = read_blob(&blobs, &absent, 0).await.unwrap_err();
-    assert!(matches!(err, SourceError::NotFound), "{err:?}");
+    assert!(
+        matches!(&err, SourceError::NotFound { repository, message }
+            if repository == &repo && message.contains("BLOB_UNKNOWN")),
+        "{err:?}"
+    );
     assert!(!err.retryable());
     let err = read_blob(&blobs, "sha256:nothex", 0).await.unwrap_err();
     assert!(matches!(err, SourceError::Refused(_)), "{err:?}");

@@ -122,7 +122,12 @@ impl BlobSource for RegistryBlobs {
                     .and_then(|r| r.split('-').next())
                     .and_then(|n| n.parse().ok())
                     .ok_or_else(|| SourceError::Refused("206 without a Content-Range".into()))?,
-                404 => return Err(SourceError::NotFound),
+                404 => {
+                    return Err(SourceError::NotFound {
+                        repository: self.repository.clone(),
+                        message: String::new(),
+                    });
+                }
                 code => {
                     return Err(SourceError::Status {
                         code,

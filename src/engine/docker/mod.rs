@@ -287,6 +287,10 @@ impl Engine for DockerEngine {
         raw::info(self).await
     }
 
+    async fn platform(&self) -> EngineResult<String> {
+        raw::platform(self).await
+    }
+
     async fn ping(&self) -> EngineResult<()> {
         self.bounded("ping", self.timeout, async {
             self.docker

@@ -83,7 +83,13 @@ async fn http_exchange<S: AsyncRead + AsyncWrite + Unpin>(
 pub(super) async fn info(engine: &DockerEngine) -> EngineResult<EngineInfo> {
     let info = engine.raw_json("GET", "/info", engine.timeout).await?;
     let version = engine.raw_json("GET", "/version", engine.timeout).await?;
+    let platform = platform_of(
+        version["Os"].as_str().unwrap_or_default(),
+        version["Arch"].as_str().unwrap_or_default(),
+        info["Architecture"].as_str().unwrap_or_default(),
+    );
     Ok(EngineInfo {
+        platform,
         data_root: info["DockerRootDir"]
             .as_str()
             .unwrap_or_default()
@@ -94,6 +100,43 @@ pub(super) async fn info(engine: &DockerEngine) -> EngineResult<EngineInfo> {
             .unwrap_or_default()
             .to_owned(),
     })
+}
+
+/// The engine's default platform: `/version` alone (quick), and `/info`
+/// only on arm, whose variant only the machine name tells.
+pub(super) async fn platform(engine: &DockerEngine) -> EngineResult<String> {
+    let version = engine.raw_json("GET", "/version", engine.timeout).await?;
+    let (os, arch) = (
+        version["Os"].as_str().unwrap_or_default(),
+        version["Arch"].as_str().unwrap_or_default(),
+    );
+    let machine = if arch == "arm" {
+        let info = engine.raw_json("GET", "/info", engine.timeout).await?;
+        info["Architecture"].as_str().unwrap_or_default().to_owned()
+    } else {
+        String::new()
+    };
+    Ok(platform_of(os, arch, &machine))
+}
+
+/// `os/arch[/variant]` from the engine's `Os` and `Arch` (Go's names) and
+/// its machine (`uname -m`: `armv7l`, `armv6l`): the variant an arm engine
+/// pulls for. An engine that names neither is taken for `linux/amd64`.
+fn platform_of(os: &str, arch: &str, machine: &str) -> String {
+    let os = if os.is_empty() { "linux" } else { os };
+    let arch = if arch.is_empty() { "amd64" } else { arch };
+    let variant = match arch {
+        "arm" => Some(match machine {
+            m if m.starts_with("armv6") => "v6",
+            m if m.starts_with("armv5") => "v5",
+            _ => "v7",
+        }),
+        _ => None,
+    };
+    match variant {
+        Some(v) => format!("{os}/{arch}/{v}"),
+        None => format!("{os}/{arch}"),
+    }
 }
 
 pub(super) async fn disk_usage(engine: &DockerEngine) -> EngineResult<DiskUsage> {
@@ -135,4 +178,19 @@ pub(super) async fn prune_build_cache(engine: &DockerEngine, keep_bytes: u64) ->
 
 pub(super) fn as_u64(value: &serde_json::Value) -> u64 {
     value.as_u64().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_engine_platform_is_its_os_arch_and_arm_variant() {
+        assert_eq!(platform_of("linux", "amd64", "x86_64"), "linux/amd64");
+        assert_eq!(platform_of("linux", "arm64", "aarch64"), "linux/arm64");
+        assert_eq!(platform_of("linux", "arm", "armv7l"), "linux/arm/v7");
+        assert_eq!(platform_of("linux", "arm", "armv6l"), "linux/arm/v6");
+        assert_eq!(platform_of("windows", "amd64", ""), "windows/amd64");
+        assert_eq!(platform_of("", "", ""), "linux/amd64");
+    }
 }
