@@ -650,6 +650,7 @@ async fn cmd_status(
             references,
             images,
             references_error,
+            trash,
         }) => {
             // As `plan` and `apply` say it, from the daemon's reading.
             if let Some(w) = &daemon.state_warning {
@@ -662,6 +663,7 @@ async fn cmd_status(
                     "engine": daemon.engine,
                     "references": references,
                     "references_error": references_error,
+                    "trash": trash,
                 }))?;
                 return Ok(ExitCode::SUCCESS);
             }
@@ -669,12 +671,15 @@ async fn cmd_status(
             let mut out = status::render_daemon(&daemon, now);
             out.push('\n');
             match (references, references_error) {
-                (Some(rows), _) => out.push_str(&status::render_table(
-                    &rows,
-                    images.unwrap_or_default(),
-                    &daemon.policy,
-                    now,
-                )),
+                (Some(rows), _) => {
+                    out.push_str(&status::render_table(
+                        &rows,
+                        images.unwrap_or_default(),
+                        &daemon.policy,
+                        now,
+                    ));
+                    out.push_str(&status::render_trash(&trash.unwrap_or_default()));
+                }
                 (None, e) => out.push_str(&format!(
                     "references not shown: {}\n",
                     e.unwrap_or_else(|| "unknown reason".into())
@@ -706,18 +711,21 @@ async fn cmd_status_direct(
         plan,
     } = plan_here(path, engine).await?;
     let rows = status::rows(&observed, &plan, &state);
+    let trash = crate::trash::totals(&observed.images);
     if json {
         print_json(&serde_json::json!({
             "daemon": null,
             "policy": policy.source,
             "engine": engine.address(),
             "references": rows,
+            "trash": trash,
         }))?;
         return Ok(ExitCode::SUCCESS);
     }
     out!(
-        "daemon: not running\n\n{}",
-        status::render_table(&rows, observed.images.len(), &policy.source, at)
+        "daemon: not running\n\n{}{}",
+        status::render_table(&rows, observed.images.len(), &policy.source, at),
+        status::render_trash(&trash)
     )?;
     Ok(ExitCode::SUCCESS)
 }

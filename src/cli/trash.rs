@@ -39,9 +39,10 @@ pub(super) async fn cmd_trash(
     let engine = connect(engine).await?;
     let now = SystemClock.now();
     let images = engine.list_images().await?;
-    let state = StateStore::new(&policy.daemon.state_dir)
+    let mut state = StateStore::new(&policy.daemon.state_dir)
         .load_readonly(now.timestamp())
         .state;
+    with_journal(&policy, &mut state, &images);
     let rows = trash::rows(&state, &images);
     if json {
         outln!("{}", serde_json::to_string_pretty(&rows)?)?;
@@ -62,9 +63,20 @@ pub(super) async fn cmd_trash(
     for r in &rows {
         outln!("{}", row_line(r, now.timestamp()))?;
     }
-    let (n, bytes) = trash::totals(&images);
-    outln!("{n} image(s) in the trash, {}", human_bytes(bytes))?;
+    let t = trash::totals(&images);
+    outln!(
+        "{} image(s) in the trash, {}",
+        t.images,
+        human_bytes(t.bytes)
+    )?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The entries a run stopped before its state's save journaled, as the
+/// next reconcile will take them (in memory only).
+fn with_journal(policy: &Policy, state: &mut State, images: &[Image]) {
+    let path = crate::reconcile::trash_journal::path_in(&policy.daemon.state_dir);
+    trash::recover(state, crate::reconcile::trash_journal::read(&path), images);
 }
 
 fn row_line(r: &Row, at: i64) -> String {
@@ -138,6 +150,7 @@ pub(super) async fn cmd_restore(
     } else {
         store.load_readonly(now.timestamp()).state
     };
+    with_journal(&policy, &mut state, &engine.list_images().await?);
     let mut audit = AuditLog::open_lenient(&policy.daemon.audit_log, policy.daemon.audit_max);
     let result = restore(&engine, &policy, &state, target, &mut audit).await;
     audit.sync().await;
