@@ -322,6 +322,21 @@ async fn restore<E: Engine>(
     }
     if held {
         engine.remove(&entry.reference).await?;
+        // The engine dropped its `RepoDigests` with the references and has
+        // no call to add one: a pull by digest (the layers are here, so the
+        // manifest only) records them again, when the registry answers.
+        let has = engine.image(&id).await?.map(|i| i.repo_digests);
+        if !entry.repo_digests.is_empty()
+            && has.is_some_and(|h| entry.repo_digests.iter().any(|d| !h.contains(d)))
+        {
+            notes.push(match pull_by_digest(engine, policy, &entry, &id, audit).await? {
+                Ok(_) => "its registry digest reference is back (pulled by digest)".to_string(),
+                Err(errors) => format!(
+                    "its registry digest references are not back (the registry did not give them: {}); its tags are",
+                    errors.join("; ")
+                ),
+            });
+        }
     }
     audit.append(&Record {
         ts: started,
@@ -353,8 +368,8 @@ fn floating(policy: &Policy, reference: &str) -> bool {
         .any(|f| Some(f.tag.as_str()) == tag && f.images.is_match(repo))
 }
 
-/// After the window: the image back from a registry by a recorded digest,
-/// through the content store (as `stowage pull` does).
+/// After the window: the image back from a registry by a recorded digest
+/// ([`pull_by_digest`]), or why not.
 async fn pull_back<E: Engine>(
     engine: &E,
     policy: &Policy,
@@ -371,6 +386,30 @@ async fn pull_back<E: Engine>(
             .to_string(),
         ));
     }
+    pull_by_digest(engine, policy, entry, id, audit)
+        .await?
+        .map_err(|errors| {
+            Fatal::Message(
+                Refused::Gone(format!(
+                    "{} left the trash and could not be pulled back: {}",
+                    short_id(id),
+                    errors.join("; ")
+                ))
+                .to_string(),
+            )
+        })
+}
+
+/// The image pulled by one of its recorded `RepoDigests` (the first that
+/// gives it), through the content store as `stowage pull` does; else why
+/// each failed.
+async fn pull_by_digest<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    entry: &Entry,
+    id: &str,
+    audit: &mut AuditLog,
+) -> Result<Result<String, Vec<String>>, Fatal> {
     let clock = SystemClock;
     let shutdown = CancellationToken::new();
     let run_id = crate::reconcile::run_id(clock.now());
@@ -400,8 +439,10 @@ async fn pull_back<E: Engine>(
             .0
         {
             PullOutcome::Pulled { image } | PullOutcome::Tagged { image } if image == id => {
-                return Ok(image);
+                return Ok(Ok(image));
             }
+            // The image that digest names is here already: the same content.
+            PullOutcome::UpToDate { .. } => return Ok(Ok(id.to_string())),
             PullOutcome::Pulled { image } | PullOutcome::Tagged { image } => {
                 errors.push(format!("{digest} gave another image {image}"));
             }
@@ -409,12 +450,5 @@ async fn pull_back<E: Engine>(
             other => errors.push(format!("{digest}: {other:?}")),
         }
     }
-    Err(Fatal::Message(
-        Refused::Gone(format!(
-            "{} left the trash and could not be pulled back: {}",
-            short_id(id),
-            errors.join("; ")
-        ))
-        .to_string(),
-    ))
+    Ok(Err(errors))
 }

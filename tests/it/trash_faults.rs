@@ -336,8 +336,9 @@ async fn trash_is_evicted_first_and_frees_the_bytes_planned() {
     assert!(engine.image("other/base:1").await.unwrap().is_some());
 }
 
-/// After the window, `restore` pulls the image back by the digest the
-/// registry gave it (recorded when it was trashed): same image, its tags.
+/// `restore` within the window gives the image its registry digest
+/// reference back; after the window it pulls the image back by that digest
+/// (recorded when it was trashed): same image, its tags.
 #[tokio::test]
 async fn trash_restore_after_the_window_pulls_back_by_digest() {
     let (Some(engine), Some(reg)) = (engine_env::engine().await, engine_env::registry()) else {
@@ -353,6 +354,30 @@ async fn trash_restore_after_the_window_pulls_back_by_digest() {
     let digests = engine.image(&id).await.unwrap().unwrap().repo_digests;
     assert!(!digests.is_empty());
     let dir = tempfile::tempdir().unwrap();
+    // Within the window: the tags come back, and the digest reference by a
+    // pull of the manifest (the engine dropped it with the tags).
+    let policy = write_policy(dir.path(), &app, "7d", "");
+    let apply = stowage(&addr, &policy, &["apply"]);
+    assert_eq!(apply.status.code(), Some(0), "{}", text(&apply));
+    assert!(
+        engine
+            .image(&id)
+            .await
+            .unwrap()
+            .unwrap()
+            .repo_digests
+            .is_empty()
+    );
+    let restore = stowage(&addr, &policy, &["restore", &v1]);
+    assert_eq!(restore.status.code(), Some(0), "{}", text(&restore));
+    let back = engine.image(&id).await.unwrap().unwrap();
+    assert_eq!(back.repo_digests, digests, "{}", text(&restore));
+    assert_eq!(
+        tags(&engine, &id).await,
+        vec![format!("{app}:old"), v1.clone()]
+    );
+
+    // After the window: pulled back whole.
     let policy = write_policy(dir.path(), &app, "1s", "");
     let apply = stowage(&addr, &policy, &["apply"]);
     assert_eq!(apply.status.code(), Some(0), "{}", text(&apply));
