@@ -254,7 +254,10 @@ mod tests {
         assert_eq!(recover(&mut state, journaled.clone(), &[restored]), 0);
         assert_eq!(recover(&mut state, journaled.clone(), &[]), 0);
         assert!(state.trash.is_empty());
-        assert_eq!(recover(&mut state, journaled.clone(), &[held.clone()]), 1);
+        assert_eq!(
+            recover(&mut state, journaled.clone(), std::slice::from_ref(&held)),
+            1
+        );
         assert_eq!(state.trash[ID].former, ["app:v1"]);
         // The state's own entry wins over the journal's.
         state.trash.get_mut(ID).unwrap().rule = "kept".into();

@@ -123,6 +123,17 @@ fn wait_reconciles(dir: &Path, name: &str, n: usize) {
     }
 }
 
+/// The daemon's `/metrics` text.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 fn stop(mut child: Child) {
     let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
@@ -205,6 +216,12 @@ async fn trash_survives_kill_9_of_the_daemon_and_its_restarts() {
     let id = load_app(&engine, &app, 2048).await;
     let dir = engine_env::short_folder("tk-");
     let policy = write_policy(dir.path(), &app, "7d", "");
+    let metrics = format!("127.0.0.1:{}", crate::net::free_port());
+    let text_of = std::fs::read_to_string(&policy).unwrap().replace(
+        "trash = \"7d\"\n",
+        &format!("trash = \"7d\"\nmetrics = \"{metrics}\"\n"),
+    );
+    std::fs::write(&policy, text_of).unwrap();
     kill_mid_trash(&engine, dir.path(), &policy, &app, &id, &["run"]).await;
     let former = serde_json::json!([format!("{app}:old"), format!("{app}:v1")]);
     // Before any reconcile, `stowage trash` reads the journal.
@@ -240,6 +257,15 @@ async fn trash_survives_kill_9_of_the_daemon_and_its_restarts() {
         "{}",
         text(&status)
     );
+
+    // And its metrics.
+    let scraped = scrape(&metrics);
+    let gauge = scraped
+        .lines()
+        .find_map(|l| l.strip_prefix("stowage_trash_images "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(gauge >= Some(1), "{scraped}");
+    assert!(scraped.contains("\nstowage_trash_bytes "), "{scraped}");
 
     // Restore beside the daemon, held out of retention; the daemon's next
     // reconcile drops the entry and keeps the image.
