@@ -110,6 +110,18 @@ pub fn render_table(rows: &[StatusRow], images: usize, policy: &Path, at: DateTi
     out
 }
 
+/// The line about the trash under the table: none while it is empty.
+pub fn render_trash(t: &crate::trash::Totals) -> String {
+    if t.images == 0 {
+        return String::new();
+    }
+    format!(
+        "trash: {} image(s), {} (`stowage trash` lists them)\n",
+        t.images,
+        human_bytes(t.bytes)
+    )
+}
+
 /// The outcome of one reconcile run by the daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReconcileResult {
@@ -411,6 +423,19 @@ mod tests {
         assert_eq!(
             lines[5],
             "3 references in 2 repositories, 3 images; policy /etc/p.toml"
+        );
+    }
+
+    #[test]
+    fn the_trash_line_says_count_and_bytes_and_nothing_when_empty() {
+        use crate::trash::Totals;
+        assert_eq!(render_trash(&Totals::default()), "");
+        assert_eq!(
+            render_trash(&Totals {
+                images: 2,
+                bytes: 5_000_000
+            }),
+            "trash: 2 image(s), 5.0 MB (`stowage trash` lists them)\n"
         );
     }
 

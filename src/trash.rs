@@ -138,12 +138,51 @@ pub fn rows(state: &State, images: &[Image]) -> Vec<Row> {
     out
 }
 
-/// Bytes and count of the images the trash holds on the host.
-pub fn totals(images: &[Image]) -> (u64, u64) {
+/// How much the trash holds on the host (`status`, the daemon's gauges).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub images: u64,
+    /// Sum of their sizes as the engine lists them.
+    pub bytes: u64,
+}
+
+/// Count and bytes of the images the trash holds on the host (held by a
+/// trash reference stowage made, in their window or due).
+pub fn totals(images: &[Image]) -> Totals {
     images
         .iter()
         .filter(|i| held_by(i).is_some())
-        .fold((0, 0), |(n, b), i| (n + 1, b + i.size))
+        .fold(Totals::default(), |t, i| Totals {
+            images: t.images + 1,
+            bytes: t.bytes + i.size,
+        })
+}
+
+/// Journaled entries (`reconcile::trash_journal`: written before each trash
+/// reference is put on) into the state: those whose image carries their
+/// trash reference and that the state does not hold. Gives how many came
+/// back (a run killed before its state's save, or a trash stopped halfway).
+pub fn recover(state: &mut State, journaled: BTreeMap<String, Entry>, images: &[Image]) -> usize {
+    if journaled.is_empty() {
+        return 0;
+    }
+    let held: BTreeMap<&str, &str> = images
+        .iter()
+        .filter_map(|i| held_by(i).map(|(r, _)| (i.id.as_str(), r)))
+        .collect();
+    let mut n = 0;
+    for (id, e) in journaled {
+        let carried = held.get(id.as_str()) == Some(&e.reference.as_str());
+        let known = state
+            .trash
+            .get(&id)
+            .is_some_and(|t| t.reference == e.reference);
+        if carried && !known {
+            state.trash.insert(id, e);
+            n += 1;
+        }
+    }
+    n
 }
 
 /// After an execution: the entries it trashed go into the state; an entry
@@ -189,6 +228,42 @@ mod tests {
     use super::*;
 
     const ID: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn journaled_entries_come_back_only_while_their_reference_holds_the_image() {
+        let expires = 1_700_000_000;
+        let entry = |former: &str| Entry {
+            reference: reference(ID, expires),
+            former: vec![former.to_owned()],
+            ..Entry::default()
+        };
+        let held = Image {
+            id: ID.to_owned(),
+            repo_tags: vec![reference(ID, expires)],
+            repo_digests: vec![],
+            created: 0,
+            size: 1,
+        };
+        let journaled: BTreeMap<String, Entry> = [(ID.to_owned(), entry("app:v1"))].into();
+        let mut state = State::default();
+        // Restored since (no trash reference), or gone: nothing comes back.
+        let restored = Image {
+            repo_tags: vec!["app:v1".into()],
+            ..held.clone()
+        };
+        assert_eq!(recover(&mut state, journaled.clone(), &[restored]), 0);
+        assert_eq!(recover(&mut state, journaled.clone(), &[]), 0);
+        assert!(state.trash.is_empty());
+        assert_eq!(
+            recover(&mut state, journaled.clone(), std::slice::from_ref(&held)),
+            1
+        );
+        assert_eq!(state.trash[ID].former, ["app:v1"]);
+        // The state's own entry wins over the journal's.
+        state.trash.get_mut(ID).unwrap().rule = "kept".into();
+        assert_eq!(recover(&mut state, journaled, &[held]), 0);
+        assert_eq!(state.trash[ID].rule, "kept");
+    }
 
     #[test]
     fn only_references_stowage_made_count() {

@@ -727,6 +727,7 @@ async fn cmd_status(
             references,
             images,
             references_error,
+            trash,
         }) => {
             // As `plan` and `apply` say it, from the daemon's reading.
             if let Some(w) = &daemon.state_warning {
@@ -739,6 +740,7 @@ async fn cmd_status(
                     "engine": daemon.engine,
                     "references": references,
                     "references_error": references_error,
+                    "trash": trash,
                 }))?;
                 return Ok(ExitCode::SUCCESS);
             }
@@ -746,12 +748,15 @@ async fn cmd_status(
             let mut out = status::render_daemon(&daemon, now);
             out.push('\n');
             match (references, references_error) {
-                (Some(rows), _) => out.push_str(&status::render_table(
-                    &rows,
-                    images.unwrap_or_default(),
-                    &daemon.policy,
-                    now,
-                )),
+                (Some(rows), _) => {
+                    out.push_str(&status::render_table(
+                        &rows,
+                        images.unwrap_or_default(),
+                        &daemon.policy,
+                        now,
+                    ));
+                    out.push_str(&status::render_trash(&trash.unwrap_or_default()));
+                }
                 (None, e) => out.push_str(&format!(
                     "references not shown: {}\n",
                     e.unwrap_or_else(|| "unknown reason".into())
@@ -783,6 +788,7 @@ async fn cmd_status_direct(
         plan,
     } = plan_here(path, engine).await?;
     let rows = status::rows(&observed, &plan, &state);
+    let trash = crate::trash::totals(&observed.images);
     if json {
         print_json(&serde_json::json!({
             "daemon": null,
@@ -790,14 +796,18 @@ async fn cmd_status_direct(
             "policy_remote": remote::opened(),
             "engine": engine.address(),
             "references": rows,
+            "trash": trash,
         }))?;
         return Ok(ExitCode::SUCCESS);
     }
     let source = remote::opened().map(|r| crate::fleet::render_status(r, at));
     out!(
-        "daemon: not running\n{}\n{}",
+        "daemon: not running
+{}
+{}{}",
         source.unwrap_or_default(),
-        status::render_table(&rows, observed.images.len(), &policy.source, at)
+        status::render_table(&rows, observed.images.len(), &policy.source, at),
+        status::render_trash(&trash)
     )?;
     Ok(ExitCode::SUCCESS)
 }

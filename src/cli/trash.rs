@@ -39,9 +39,10 @@ pub(super) async fn cmd_trash(
     let engine = connect(engine).await?;
     let now = SystemClock.now();
     let images = engine.list_images().await?;
-    let state = StateStore::new(&policy.daemon.state_dir)
+    let mut state = StateStore::new(&policy.daemon.state_dir)
         .load_readonly(now.timestamp())
         .state;
+    with_journal(&policy, &mut state, &images);
     let rows = trash::rows(&state, &images);
     if json {
         outln!("{}", serde_json::to_string_pretty(&rows)?)?;
@@ -62,9 +63,20 @@ pub(super) async fn cmd_trash(
     for r in &rows {
         outln!("{}", row_line(r, now.timestamp()))?;
     }
-    let (n, bytes) = trash::totals(&images);
-    outln!("{n} image(s) in the trash, {}", human_bytes(bytes))?;
+    let t = trash::totals(&images);
+    outln!(
+        "{} image(s) in the trash, {}",
+        t.images,
+        human_bytes(t.bytes)
+    )?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The entries a run stopped before its state's save journaled, as the
+/// next reconcile will take them (in memory only).
+fn with_journal(policy: &Policy, state: &mut State, images: &[Image]) {
+    let path = crate::reconcile::trash_journal::path_in(&policy.daemon.state_dir);
+    trash::recover(state, crate::reconcile::trash_journal::read(&path), images);
 }
 
 fn row_line(r: &Row, at: i64) -> String {
@@ -138,6 +150,7 @@ pub(super) async fn cmd_restore(
     } else {
         store.load_readonly(now.timestamp()).state
     };
+    with_journal(&policy, &mut state, &engine.list_images().await?);
     let mut audit = AuditLog::open_lenient(&policy.daemon.audit_log, policy.daemon.audit_max);
     let result = restore(&engine, &policy, &state, target, &mut audit).await;
     audit.sync().await;
@@ -309,6 +322,21 @@ async fn restore<E: Engine>(
     }
     if held {
         engine.remove(&entry.reference).await?;
+        // The engine dropped its `RepoDigests` with the references and has
+        // no call to add one: a pull by digest (the layers are here, so the
+        // manifest only) records them again, when the registry answers.
+        let has = engine.image(&id).await?.map(|i| i.repo_digests);
+        if !entry.repo_digests.is_empty()
+            && has.is_some_and(|h| entry.repo_digests.iter().any(|d| !h.contains(d)))
+        {
+            notes.push(match pull_by_digest(engine, policy, &entry, &id, audit).await? {
+                Ok(_) => "its registry digest reference is back (pulled by digest)".to_string(),
+                Err(errors) => format!(
+                    "its registry digest references are not back (the registry did not give them: {}); its tags are",
+                    errors.join("; ")
+                ),
+            });
+        }
     }
     audit.append(&Record {
         ts: started,
@@ -340,8 +368,8 @@ fn floating(policy: &Policy, reference: &str) -> bool {
         .any(|f| Some(f.tag.as_str()) == tag && f.images.is_match(repo))
 }
 
-/// After the window: the image back from a registry by a recorded digest,
-/// through the content store (as `stowage pull` does).
+/// After the window: the image back from a registry by a recorded digest
+/// ([`pull_by_digest`]), or why not.
 async fn pull_back<E: Engine>(
     engine: &E,
     policy: &Policy,
@@ -358,6 +386,30 @@ async fn pull_back<E: Engine>(
             .to_string(),
         ));
     }
+    pull_by_digest(engine, policy, entry, id, audit)
+        .await?
+        .map_err(|errors| {
+            Fatal::Message(
+                Refused::Gone(format!(
+                    "{} left the trash and could not be pulled back: {}",
+                    short_id(id),
+                    errors.join("; ")
+                ))
+                .to_string(),
+            )
+        })
+}
+
+/// The image pulled by one of its recorded `RepoDigests` (the first that
+/// gives it), through the content store as `stowage pull` does; else why
+/// each failed.
+async fn pull_by_digest<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    entry: &Entry,
+    id: &str,
+    audit: &mut AuditLog,
+) -> Result<Result<String, Vec<String>>, Fatal> {
     let clock = SystemClock;
     let shutdown = CancellationToken::new();
     let run_id = crate::reconcile::run_id(clock.now());
@@ -387,8 +439,10 @@ async fn pull_back<E: Engine>(
             .0
         {
             PullOutcome::Pulled { image } | PullOutcome::Tagged { image } if image == id => {
-                return Ok(image);
+                return Ok(Ok(image));
             }
+            // The image that digest names is here already: the same content.
+            PullOutcome::UpToDate { .. } => return Ok(Ok(id.to_string())),
             PullOutcome::Pulled { image } | PullOutcome::Tagged { image } => {
                 errors.push(format!("{digest} gave another image {image}"));
             }
@@ -396,12 +450,5 @@ async fn pull_back<E: Engine>(
             other => errors.push(format!("{digest}: {other:?}")),
         }
     }
-    Err(Fatal::Message(
-        Refused::Gone(format!(
-            "{} left the trash and could not be pulled back: {}",
-            short_id(id),
-            errors.join("; ")
-        ))
-        .to_string(),
-    ))
+    Ok(Err(errors))
 }

@@ -67,6 +67,9 @@ pub enum Response {
         /// Images on the engine.
         images: Option<usize>,
         references_error: Option<String>,
+        /// What the trash holds (`[daemon] trash`), with the references.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trash: Option<crate::trash::Totals>,
     },
     Reconcile {
         result: ReconcileResult,

@@ -59,8 +59,13 @@ impl<E: Engine + 'static> Handler for Shared<E> {
         let state = (*snapshot.state).clone();
         daemon.backoffs = status::backoffs(&state);
         daemon.state_warning = changed.or(snapshot.warning);
-        let (references, images, references_error) = match engine {
-            None => (None, None, Some("the engine is unreachable".to_owned())),
+        let (references, images, references_error, trash) = match engine {
+            None => (
+                None,
+                None,
+                Some("the engine is unreachable".to_owned()),
+                None,
+            ),
             Some(engine) => {
                 let planned = tokio::time::timeout(
                     STATUS_TIMEOUT,
@@ -70,11 +75,17 @@ impl<E: Engine + 'static> Handler for Shared<E> {
                 match planned {
                     Ok(Ok((observed, plan))) => {
                         let images = observed.images.len();
+                        let trash = crate::trash::totals(&observed.images);
                         let rows = off_loop(move || status::rows(&observed, &plan, &state)).await;
-                        (Some(rows), Some(images), None)
+                        (Some(rows), Some(images), None, Some(trash))
                     }
-                    Ok(Err(e)) => (None, None, Some(e.to_string())),
-                    Err(_) => (None, None, Some("the engine did not answer in time".into())),
+                    Ok(Err(e)) => (None, None, Some(e.to_string()), None),
+                    Err(_) => (
+                        None,
+                        None,
+                        Some("the engine did not answer in time".into()),
+                        None,
+                    ),
                 }
             }
         };
@@ -83,6 +94,7 @@ impl<E: Engine + 'static> Handler for Shared<E> {
             references,
             images,
             references_error,
+            trash,
         }
     }
 

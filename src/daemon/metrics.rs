@@ -31,6 +31,7 @@ struct Values {
     last_duration: Option<f64>,
     images: Option<u64>,
     image_bytes: Option<u64>,
+    trash: Option<crate::trash::Totals>,
     reload_errors: u64,
     engine_reachable: bool,
     pulls: PullCounters,
@@ -77,6 +78,11 @@ impl Metrics {
             v.images = Some(count);
             v.image_bytes = Some(bytes);
         });
+    }
+
+    /// What the trash holds after a reconcile.
+    pub fn trash(&self, totals: crate::trash::Totals) {
+        self.with(|v| v.trash = Some(totals));
     }
 
     /// Adds what one reconcile's pulls moved and found corrupt.
@@ -195,6 +201,18 @@ impl Metrics {
                 "gauge",
                 "Sum of image sizes as the engine lists them (shared layers counted per image).",
                 &optional(v.image_bytes.map(|n| n.to_string())),
+            );
+            metric(
+                "stowage_trash_images",
+                "gauge",
+                "Images in the trash ([daemon] trash) after the last reconcile, due ones included.",
+                &optional(v.trash.map(|t| t.images.to_string())),
+            );
+            metric(
+                "stowage_trash_bytes",
+                "gauge",
+                "Sum of the sizes of the images in the trash, as the engine lists them.",
+                &optional(v.trash.map(|t| t.bytes.to_string())),
             );
             metric(
                 "stowage_policy_reload_errors_total",
@@ -365,6 +383,10 @@ mod tests {
             log.tally(),
         );
         m.images(3, 4096);
+        m.trash(crate::trash::Totals {
+            images: 2,
+            bytes: 1500,
+        });
         m.engine_reachable(true);
         m.reload_error();
         for _ in 0..2 {
@@ -386,6 +408,9 @@ mod tests {
             "stowage_last_reconcile_duration_seconds 1.500",
             "stowage_images 3",
             "stowage_image_bytes 4096",
+            "stowage_trash_images 2",
+            "stowage_trash_bytes 1500",
+            "# TYPE stowage_trash_bytes gauge",
             "stowage_policy_reload_errors_total 1",
             "stowage_engine_reachable 1",
             "stowage_pull_bytes_received_total 2000",

@@ -141,9 +141,14 @@ where
             }
         };
         let failed = result.error.is_some() || result.failed > 0;
-        let (records, images, pulls) = match &f.result {
-            Ok(report) => (report.records.clone(), report.images, report.pulls),
-            Err(_) => (Default::default(), None, Default::default()),
+        let (records, images, pulls, trash) = match &f.result {
+            Ok(report) => (
+                report.records.clone(),
+                report.images,
+                report.pulls,
+                report.trash,
+            ),
+            Err(_) => (Default::default(), None, Default::default(), None),
         };
         self.metrics.pulls(&pulls);
         self.metrics.reconciled(
@@ -154,6 +159,9 @@ where
         );
         if let Some((count, bytes)) = images {
             self.metrics.images(count, bytes);
+        }
+        if let Some(t) = trash {
+            self.metrics.trash(t);
         }
         self.notifier.status(&format!(
             "last reconcile {}: {}",

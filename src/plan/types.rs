@@ -175,6 +175,11 @@ pub struct Plan {
     /// puts on its image.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub trash: Vec<Trashing>,
+    /// Where the executor journals each trash's state entry before it puts
+    /// the trash reference on (`reconcile::trash_journal`): set by the
+    /// reconcile, which owns the state; never by the planner.
+    #[serde(skip)]
+    pub trash_journal: Option<PathBuf>,
     /// The same removals counted per kind and rule, by rule; from every plan.
     pub backlog: Vec<Backlog>,
     pub protected: Vec<Protected>,

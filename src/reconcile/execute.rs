@@ -140,6 +140,7 @@ pub async fn execute_on<E: Engine>(
         clock,
         journal: &journal,
         trash: &plan.trash,
+        trash_journal: plan.trash_journal.as_deref(),
     };
     let mut out = Out {
         observed: &mut *observed,
@@ -188,6 +189,8 @@ struct Executor<'a, E> {
     journal: &'a Journal,
     /// What each `trash` action takes off and puts on.
     trash: &'a [Trashing],
+    /// Where each trash's entry is journaled before its reference is put on.
+    trash_journal: Option<&'a std::path::Path>,
 }
 
 /// What the actions' outcomes go into.
@@ -284,7 +287,7 @@ impl<E: Engine> Executor<'_, E> {
         let started = self.clock.now();
         if a.kind == Kind::Trash {
             let t = self.trash.iter().find(|t| t.image == a.image);
-            let done = trash::trash(self.engine, a, t, started).await;
+            let done = trash::trash(self.engine, a, t, started, self.trash_journal).await;
             return (
                 started,
                 done.map(|d| d.map_or_else(Done::Skipped, Done::Trashed)),

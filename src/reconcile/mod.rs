@@ -5,6 +5,7 @@
 //! removal, never forced, one audit record per action.
 
 mod execute;
+pub mod trash_journal;
 
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
@@ -70,6 +71,8 @@ pub struct Report {
     /// `(count, bytes)` of the images after a reconcile that ran to its
     /// end, from its observation (the daemon's gauges).
     pub images: Option<(u64, u64)>,
+    /// What the trash holds after that reconcile (the daemon's gauges).
+    pub trash: Option<crate::trash::Totals>,
     /// What the pulls moved over the network, resumed and found corrupt.
     pub pulls: transfer::PullCounters,
 }
@@ -241,6 +244,20 @@ async fn run_reconcile<E: Engine>(
         now.timestamp(),
     )
     .await;
+    // Trash entries a killed run journaled but never saved.
+    let journal_path = trash_journal::path_in(&policy.daemon.state_dir);
+    let journaled = {
+        let path = journal_path.clone();
+        off_loop(move || trash_journal::read(&path)).await
+    };
+    let had_journal = !journaled.is_empty();
+    let recovered = crate::trash::recover(state, journaled, &observed.images);
+    if recovered > 0 {
+        tracing::info!(
+            "{recovered} trash entr(ies) recovered from {} (a run stopped before saving them)",
+            journal_path.display()
+        );
+    }
     // Transfers come first so that retention plans on the store as the
     // pulls left it (a freshly pulled image is never a removal candidate).
     let phase = transfer::Phase {
@@ -299,6 +316,10 @@ async fn run_reconcile<E: Engine>(
     };
     *state = planned_state;
     let mut observed = observed;
+    let mut plan = plan;
+    if !dry_run && !plan.trash.is_empty() {
+        plan.trash_journal = Some(journal_path.clone());
+    }
     let mut report = execute_on(
         engine,
         &plan,
@@ -313,6 +334,7 @@ async fn run_reconcile<E: Engine>(
     add_transfers(&mut report, &transfers);
     if !report.interrupted {
         report.images = Some(observed.totals());
+        report.trash = Some(crate::trash::totals(&observed.images));
     }
     if !dry_run {
         // Forget what is gone (the observation follows what the engine
@@ -333,9 +355,28 @@ async fn run_reconcile<E: Engine>(
         );
         let saved;
         (*state, saved) = save_state(&store, std::mem::take(state)).await;
-        if let Err(e) = saved {
-            tracing::error!("{e}; the next reconcile saves again");
-            report.unsaved = Some(e.to_string());
+        match saved {
+            Err(e) => {
+                tracing::error!("{e}; the next reconcile saves again");
+                report.unsaved = Some(e.to_string());
+            }
+            // Saved: the journal keeps only what this run journaled and the
+            // state lacks (a trash stopped halfway by an engine error: the
+            // next reconcile sees whether its reference holds the image).
+            Ok(()) if had_journal || plan.trash_journal.is_some() => {
+                let (path, trash, since) =
+                    (journal_path.clone(), state.trash.clone(), now.timestamp());
+                off_loop(move || {
+                    let mut left = trash_journal::read(&path);
+                    left.retain(|id, e| {
+                        e.removed_at >= since
+                            && trash.get(id).is_none_or(|t| t.reference != e.reference)
+                    });
+                    trash_journal::settle(&path, &left);
+                })
+                .await;
+            }
+            Ok(()) => {}
         }
     }
     report.audit_held = audit.held();

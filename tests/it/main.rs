@@ -58,6 +58,7 @@ mod faults_pull_kill;
 mod faults_servers;
 mod faults_state;
 mod faults_transfer;
+mod trash_faults;
 
 // The registry client against tiny servers playing what the real registry cannot.
 mod registry_servers;
