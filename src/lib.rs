@@ -31,6 +31,8 @@
 //! - [`storage`]: disk pressure: eviction by last use over unique layer bytes.
 //! - [`store`]: the content store: resumable, verified blob downloads into an
 //!   OCI layout, served read-only on loopback for the engine to pull.
+//! - [`bundle`]: bundles for offline hosts: the safe tar reader, verify,
+//!   create (from registries or the engine), inventory.
 //! - [`cli`]: the command line.
 //!
 //! The `testkit` feature (off by default; every test, bench and example target
@@ -40,6 +42,7 @@
 
 pub mod audit;
 pub mod blocking;
+pub mod bundle;
 pub mod cli;
 pub mod clock;
 pub mod credentials;

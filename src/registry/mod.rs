@@ -22,7 +22,7 @@ mod auth;
 mod blobs;
 mod error;
 mod http;
-mod manifest;
+pub(crate) mod manifest;
 
 use std::sync::Arc;
 use std::time::Duration;

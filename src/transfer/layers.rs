@@ -12,7 +12,7 @@ use crate::store::Descriptor;
 
 /// The repository as its registry's API names it: without the host, Docker
 /// Hub's official images under `library/`.
-pub(super) fn api_path(repository: &str) -> String {
+pub(crate) fn api_path(repository: &str) -> String {
     let path = refs::path_of(repository);
     if canonical_registry(refs::registry_of(repository)) == DEFAULT_REGISTRY && !path.contains('/')
     {
@@ -24,7 +24,7 @@ pub(super) fn api_path(repository: &str) -> String {
 
 /// This host's platform as OCI names it (`linux/amd64`, `linux/arm64`,
 /// `linux/arm/v7`).
-pub(super) fn host_platform() -> String {
+pub(crate) fn host_platform() -> String {
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "x86" => "386",
@@ -38,7 +38,7 @@ pub(super) fn host_platform() -> String {
 }
 
 /// Pure: the config's `rootfs.diff_ids`.
-pub(super) fn diff_ids(config: &[u8]) -> Result<Vec<String>, String> {
+pub(crate) fn diff_ids(config: &[u8]) -> Result<Vec<String>, String> {
     #[derive(Deserialize)]
     struct Config {
         rootfs: RootFs,
@@ -55,7 +55,7 @@ pub(super) fn diff_ids(config: &[u8]) -> Result<Vec<String>, String> {
 /// Pure: chain ids from diff ids, bottom first (as the engine names its
 /// layers: the first is its diff id, each next the sha256 of
 /// `"<chain below> <diff id>"`).
-pub(super) fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+pub(crate) fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     use sha2::{Digest, Sha256};
     let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
     for d in diff_ids {

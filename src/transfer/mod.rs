@@ -29,7 +29,7 @@ mod backoff;
 mod content;
 mod downloads;
 mod intents;
-mod layers;
+pub(crate) mod layers;
 mod preview;
 mod pull;
 mod push;

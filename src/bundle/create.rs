@@ -1,0 +1,1 @@
+//! `bundle create` (filled in below the reader).

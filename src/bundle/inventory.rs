@@ -1,0 +1,1 @@
+//! `stowage inventory` (filled in below the reader).
