@@ -54,6 +54,8 @@ pub enum Action {
     PruneCache,
     Warn,
     Skip,
+    /// A bundle brought in (`stowage bundle import`, the daemon's inbox).
+    Import,
 }
 
 impl Action {
@@ -69,6 +71,7 @@ impl Action {
             Action::PruneCache => "prune_cache",
             Action::Warn => "warn",
             Action::Skip => "skip",
+            Action::Import => "import",
         }
     }
 }

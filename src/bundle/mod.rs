@@ -16,6 +16,7 @@
 
 pub mod archive;
 pub mod create;
+pub mod import;
 pub mod inventory;
 mod tar_out;
 pub mod verify;

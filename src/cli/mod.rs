@@ -52,6 +52,19 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, Subcommand)]
+enum BundleCommand {
+    /// Verify a bundle, then bring its images in and tag them, all or
+    /// nothing (a killed import leaves the host as before)
+    Import {
+        /// The bundle file
+        file: PathBuf,
+        /// The bundle's digest must be this (`sha256:…` of its index.json)
+        #[arg(long)]
+        expect: Option<String>,
+    },
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Human,
@@ -107,6 +120,11 @@ enum Command {
         /// `os/arch[/variant]` of an index [default: the engine's own]
         #[arg(long)]
         platform: Option<String>,
+    },
+    /// Bundles for offline hosts
+    Bundle {
+        #[command(subcommand)]
+        command: BundleCommand,
     },
     /// The audit log, readable
     History {
@@ -202,6 +220,7 @@ macro_rules! outln {
 }
 
 // After the macros: `pull` uses them.
+mod import;
 mod pull;
 
 fn init_logging(format: LogFormat) {
@@ -262,6 +281,9 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
             control_socket,
         } => cmd_status(&policy_path, cli.engine.as_deref(), json, control_socket).await,
         Command::History { since, json } => cmd_history(&policy_path, since, json),
+        Command::Bundle {
+            command: BundleCommand::Import { file, expect },
+        } => import::cmd_import(&policy_path, cli.engine.as_deref(), &file, expect.as_deref()).await,
         Command::Pull {
             reference,
             platform,
