@@ -30,6 +30,7 @@ pub mod control;
 pub mod events;
 mod handler;
 mod holder;
+pub mod inbox;
 mod link;
 pub mod metrics;
 pub mod notify;
@@ -169,6 +170,8 @@ struct Daemon<E, F> {
     state_lock: StateLock,
     /// The last `state_dir` that could not be owned, so it is logged once.
     state_blocked: Option<PathBuf>,
+    /// Inbox files ready to import, at the start of the next reconcile.
+    inbox_ready: Vec<PathBuf>,
 }
 
 /// Runs the daemon until `shutdown` completes. `connect` makes an engine
@@ -316,6 +319,7 @@ where
         stop: CancellationToken::new(),
         state_lock,
         state_blocked: None,
+        inbox_ready: Vec::new(),
     };
     d.schedule_next();
     d.notifier.ready("policy loaded; connecting to the engine");
@@ -328,6 +332,13 @@ where
     );
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    let (inbox_tx, mut inbox_rx) = mpsc::channel(4);
+    let shared = d.shared.clone();
+    let inbox_task = tokio::spawn(inbox::watch(
+        move || lock(&shared.policy).clone(),
+        inbox_tx,
+        servers.clone(),
+    ));
 
     loop {
         d.maybe_start_reconcile();
@@ -337,6 +348,7 @@ where
             () = &mut shutdown => break,
             Some(t) = triggers.recv() => d.on_trigger(t),
             Some(t) = requests.recv() => d.on_trigger(t),
+            Some(files) = inbox_rx.recv() => d.on_inbox(files),
             finished = join(&mut d.running) => d.on_finished(finished),
             wake = d.link.wait() => d.on_link(wake),
             () = sleep_until(d.debounce_at) => {
@@ -360,6 +372,7 @@ where
 
     d.shutdown().await;
     servers.cancel();
+    let _ = inbox_task.await;
     let _ = control_task.await;
     if let Some(t) = metrics_task {
         let _ = t.await;
@@ -427,6 +440,21 @@ where
     fn request(&mut self, waiter: Option<oneshot::Sender<ReconcileResult>>) {
         let pending = self.pending.get_or_insert_with(Vec::new);
         pending.extend(waiter);
+    }
+
+    /// Inbox files that kept still: imported at the start of a reconcile.
+    fn on_inbox(&mut self, files: Vec<PathBuf>) {
+        let mut new = false;
+        for f in files {
+            if !self.inbox_ready.contains(&f) {
+                tracing::info!("inbox: {} is ready to import", f.display());
+                self.inbox_ready.push(f);
+                new = true;
+            }
+        }
+        if new {
+            self.request(None);
+        }
     }
 
     fn on_trigger(&mut self, trigger: Trigger) {
