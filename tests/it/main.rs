@@ -35,6 +35,7 @@ mod storage_cache;
 
 // Against the real private engine and registry.
 mod apply_real;
+mod bundle_import_real;
 mod daemon_real;
 mod engine_real;
 mod pull_real;
