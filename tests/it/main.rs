@@ -38,6 +38,7 @@ mod apply_real;
 mod bundle_import_real;
 mod daemon_real;
 mod engine_real;
+mod inbox_real;
 mod pull_real;
 mod registry_real;
 mod storage_real;
