@@ -16,6 +16,7 @@
 
 pub mod archive;
 pub mod create;
+pub mod from_engine;
 pub mod import;
 pub mod inventory;
 mod tar_out;
@@ -24,6 +25,9 @@ pub mod verify;
 use std::path::PathBuf;
 
 pub use archive::{Archive, BlobReader};
+pub use create::{Created, Fetching, Wanted, create_from_registry, full_name};
+pub use from_engine::create_from_engine;
+pub use inventory::Inventory;
 pub use verify::{BundleImage, MissingLayer, Verified, verify};
 
 use crate::store::Descriptor;

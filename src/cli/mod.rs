@@ -1,5 +1,5 @@
 //! The command line: `check`, `plan`, `apply`, `run`, `reconcile`, `status`,
-//! `history`, `pull`.
+//! `history`, `pull`, `bundle create|verify`, `inventory`.
 //!
 //! Exit codes follow the spec: 0 success; `plan --exit-code` 1 when actions
 //! are pending; `apply` and `pull` 1 when some actions failed; 2 when a
@@ -50,19 +50,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum BundleCommand {
-    /// Verify a bundle, then bring its images in and tag them, all or
-    /// nothing (a killed import leaves the host as before)
-    Import {
-        /// The bundle file
-        file: PathBuf,
-        /// The bundle's digest must be this (`sha256:…` of its index.json)
-        #[arg(long)]
-        expect: Option<String>,
-    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -121,10 +108,17 @@ enum Command {
         #[arg(long)]
         platform: Option<String>,
     },
-    /// Bundles for offline hosts
+    /// Bundles for offline hosts: create, verify
     Bundle {
         #[command(subcommand)]
-        command: BundleCommand,
+        command: bundle::BundleCommand,
+    },
+    /// What this host holds (images, references, layers by diff id), as
+    /// JSON, for `bundle create --since`
+    Inventory {
+        /// Write it to this file (atomically) instead of stdout
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
     },
     /// The audit log, readable
     History {
@@ -219,7 +213,8 @@ macro_rules! outln {
     ($($arg:tt)*) => { emit(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
-// After the macros: `pull` uses them.
+// After the macros: `pull`, `bundle` and `import` use them.
+mod bundle;
 mod import;
 mod pull;
 
@@ -281,9 +276,12 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
             control_socket,
         } => cmd_status(&policy_path, cli.engine.as_deref(), json, control_socket).await,
         Command::History { since, json } => cmd_history(&policy_path, since, json),
-        Command::Bundle {
-            command: BundleCommand::Import { file, expect },
-        } => import::cmd_import(&policy_path, cli.engine.as_deref(), &file, expect.as_deref()).await,
+        Command::Bundle { command } => {
+            bundle::cmd_bundle(&policy_path, cli.engine.as_deref(), command).await
+        }
+        Command::Inventory { output } => {
+            bundle::cmd_inventory(cli.engine.as_deref(), output.as_deref()).await
+        }
         Command::Pull {
             reference,
             platform,

@@ -249,6 +249,30 @@ pub trait Engine: Send + Sync {
         &self,
         references: &[String],
     ) -> impl Future<Output = EngineResult<bytes::Bytes>> + Send;
+    /// Writes the engine's export of `references` (`docker save`: a
+    /// docker-archive tar) to the file `to`, streamed; returns its bytes.
+    /// `bundle create --from-engine` reads it from there.
+    fn export(
+        &self,
+        references: &[String],
+        to: &std::path::Path,
+    ) -> impl Future<Output = EngineResult<u64>> + Send {
+        let _ = (references, to);
+        async {
+            Err(EngineError::Other(
+                "this engine cannot export images".into(),
+            ))
+        }
+    }
+    /// The image's `rootfs` diff ids, bottom first (`stowage inventory`).
+    fn diff_ids(&self, id: &str) -> impl Future<Output = EngineResult<Vec<String>>> + Send {
+        let _ = id;
+        async {
+            Err(EngineError::Other(
+                "this engine cannot tell diff ids".into(),
+            ))
+        }
+    }
     /// The engine's event stream (container and image events), from now on.
     fn events(&self) -> BoxStream<'_, EngineResult<Event>>;
     /// The layers of an image, bottom first, with their sizes. When the

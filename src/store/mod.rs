@@ -421,6 +421,12 @@ impl Store {
         Ok(out)
     }
 
+    /// The file of a complete blob, for a reader that hashes what it reads
+    /// (`bundle create` copies blobs from it).
+    pub fn blob_file(&self, digest: &str) -> Result<PathBuf, StoreError> {
+        self.blob_path(digest)
+    }
+
     /// `blobs/sha256/<hex>` of a valid digest.
     fn blob_path(&self, digest: &str) -> Result<PathBuf, StoreError> {
         Ok(self.blobs_dir().join(hex_of(digest)?))

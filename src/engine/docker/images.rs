@@ -221,6 +221,46 @@ pub(super) async fn save(
     Ok(bytes::Bytes::from(chunks.concat()))
 }
 
+/// `docker save` of `references` streamed into the file `to` (fsynced).
+pub(super) async fn export(
+    engine: &DockerEngine,
+    references: &[String],
+    to: &std::path::Path,
+) -> EngineResult<u64> {
+    use tokio::io::AsyncWriteExt;
+    let names: Vec<&str> = references.iter().map(String::as_str).collect();
+    let call = format!("save {}", references.join(" "));
+    let file_error = |e: std::io::Error| EngineError::Other(format!("{}: {e}", to.display()));
+    let mut file = tokio::fs::File::create(to).await.map_err(file_error)?;
+    let guard = engine.calls.start(&call, engine.slow());
+    let mut stream = std::pin::pin!(engine.docker.export_images(&names));
+    let mut bytes = 0u64;
+    while let Some(chunk) =
+        DockerEngine::next_within(&mut stream, &guard, &call, engine.slow()).await?
+    {
+        let chunk = chunk.map_err(|e| engine.error(e, &call))?;
+        bytes += chunk.len() as u64;
+        file.write_all(&chunk).await.map_err(file_error)?;
+    }
+    file.sync_all().await.map_err(file_error)?;
+    Ok(bytes)
+}
+
+/// The image's `RootFS.Layers` (its diff ids), bottom first.
+pub(super) async fn diff_ids(engine: &DockerEngine, id: &str) -> EngineResult<Vec<String>> {
+    let inspect = engine
+        .raw_json("GET", &format!("/images/{id}/json"), engine.timeout)
+        .await?;
+    Ok(inspect["RootFS"]["Layers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// Splits `repo[:tag]` or `repo@digest` into the name and the tag or digest.
 /// A missing tag means `latest`: an empty tag would make the engine pull
 /// every tag of the repository.

@@ -257,6 +257,14 @@ impl Engine for DockerEngine {
         images::save(self, references).await
     }
 
+    async fn export(&self, references: &[String], to: &std::path::Path) -> EngineResult<u64> {
+        images::export(self, references, to).await
+    }
+
+    async fn diff_ids(&self, id: &str) -> EngineResult<Vec<String>> {
+        images::diff_ids(self, id).await
+    }
+
     fn events(&self) -> BoxStream<'_, EngineResult<Event>> {
         events::events(self)
     }
