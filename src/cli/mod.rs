@@ -108,7 +108,7 @@ enum Command {
         #[arg(long)]
         platform: Option<String>,
     },
-    /// Bundles for offline hosts: create, verify
+    /// Bundles for offline hosts: create, verify, import
     Bundle {
         #[command(subcommand)]
         command: bundle::BundleCommand,

@@ -55,6 +55,28 @@ impl Published {
     }
 }
 
+/// `stowage bundle create -o out [--since inventory] names…` from the
+/// registry (its own state folder beside `out`).
+pub(crate) async fn create_bundle(out: &Path, names: &[String], since: Option<&Path>) -> PathBuf {
+    let dir = out.with_extension("create");
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!("version = 1\n[daemon]\nstate_dir = \"{}\"\n", dir.join("state").display()),
+    )
+    .unwrap();
+    let mut args = vec!["bundle", "create", "-o", out.to_str().unwrap()];
+    if let Some(inv) = since {
+        args.extend(["--since", inv.to_str().unwrap()]);
+    }
+    args.extend(names.iter().map(String::as_str));
+    let engine = engine_env::engine_addr().unwrap();
+    let made = stowage(&engine, &policy, &args).await;
+    assert_eq!(made.status.code(), Some(0), "bundle create: {}", text(&made));
+    out.to_path_buf()
+}
+
 /// A bundle of `names` (each `registry/repo:tag`, as the registry serves
 /// it) at `out`, made with skopeo: blobs once, `index.json` entries named
 /// `as_names` (the same names unless given).
@@ -160,7 +182,7 @@ async fn import_on_a_wiped_engine_gives_the_same_ids_and_references_and_a_rerun_
         return;
     };
     let dir = Dir::new();
-    let file = make_bundle(&dir.path().join("b.tar"), &p.names(), None);
+    let file = create_bundle(&dir.path().join("b.tar"), &p.names(), None).await;
     let ids: Vec<String> = p.images.iter().map(FixtureImage::id).collect();
     let source = tags_of(&engine_env::engine().await.unwrap(), &ids).await;
     let engine = connect(&target.addr).await;
@@ -266,7 +288,7 @@ async fn killed_mid_import_the_references_stay_and_a_rerun_completes_from_the_st
     let old = engine_env::image(&[&p.names()[0]], CREATED, 1024);
     engine_env::load(&engine, std::slice::from_ref(&old)).await;
     let dir = Dir::new();
-    let file = make_bundle(&dir.path().join("b.tar"), &p.names(), None);
+    let file = create_bundle(&dir.path().join("b.tar"), &p.names(), None).await;
     let policy = policy(&dir);
     let before = everything(&engine).await;
     let ids: Vec<String> = p.images.iter().map(FixtureImage::id).collect();
@@ -343,15 +365,31 @@ async fn a_delta_imports_where_its_base_is_and_is_refused_naming_the_layers_else
     let dir = Dir::new();
     let names = p.names();
     // The host has the first image (from a full bundle).
-    let first = make_bundle(&dir.path().join("first.tar"), &names[..1], None);
+    let first = create_bundle(&dir.path().join("first.tar"), &names[..1], None).await;
     let policy = policy(&dir);
     let out = stowage(&host.addr, &policy, &["bundle", "import", first.to_str().unwrap()]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     // Cleared, as the host's own cache would be after `cache_max = 0`.
     std::fs::remove_dir_all(dir.path().join("state/cache")).unwrap();
 
-    // The second image without the base layer it shares with the first.
-    let delta = make_delta(&dir.path().join("delta.tar"), &names[1]);
+    // What the host holds, then the second image without what it has.
+    let inventory = dir.path().join("inventory.json");
+    let inv = stowage(&host.addr, &policy, &["inventory", "-o", inventory.to_str().unwrap()]).await;
+    assert_eq!(inv.status.code(), Some(0), "{}", text(&inv));
+    let delta_file = create_bundle(&dir.path().join("delta.tar"), &names[1..], Some(&inventory)).await;
+    let full = create_bundle(&dir.path().join("full.tar"), &names[1..], None).await;
+    let (delta_len, full_len) = (
+        std::fs::metadata(&delta_file).unwrap().len(),
+        std::fs::metadata(&full).unwrap().len(),
+    );
+    println!("delta {delta_len} bytes, full {full_len} bytes");
+    assert!(delta_len < full_len / 2, "delta {delta_len} of {full_len}");
+    let base = {
+        let a = stowage::bundle::Archive::open(&delta_file).unwrap();
+        let v = stowage::bundle::verify(&a, None).unwrap();
+        v.images[0].missing[0].layer.digest.clone()
+    };
+    let delta = (delta_file, base);
     let other = Dir::new();
     let refused = stowage(&wiped.addr, &other.policy(""), &["bundle", "import", delta.0.to_str().unwrap()]).await;
     println!("{}", text(&refused));
@@ -359,6 +397,7 @@ async fn a_delta_imports_where_its_base_is_and_is_refused_naming_the_layers_else
     let said = text(&refused);
     assert!(said.contains("lacks the layers it leaves out") && said.contains(&delta.1), "{said}");
     assert!(everything(&connect(&wiped.addr).await).await.is_empty(), "the wiped engine changed");
+    assert!(!other.path().join("state/cache/blobs/sha256").read_dir().is_ok_and(|mut d| d.next().is_some()), "blobs copied before the refusal");
 
     let out = stowage(&host.addr, &policy, &["bundle", "import", delta.0.to_str().unwrap()]).await;
     println!("{}", text(&out));
@@ -366,34 +405,4 @@ async fn a_delta_imports_where_its_base_is_and_is_refused_naming_the_layers_else
     let ids: Vec<String> = p.images.iter().map(FixtureImage::id).collect();
     let source = tags_of(&engine_env::engine().await.unwrap(), &ids).await;
     assert_eq!(tags_of(&connect(&host.addr).await, &ids).await, source);
-}
-
-/// A delta bundle of `name`: its base layer left out, named in the
-/// `io.stowage.omitted` annotation. Returns the file and the left-out digest.
-fn make_delta(out: &Path, name: &str) -> (PathBuf, String) {
-    let full = make_bundle(&out.with_extension("full.tar"), &[name.to_owned()], None);
-    let a = stowage::bundle::Archive::open(&full).unwrap();
-    let v = stowage::bundle::verify(&a, None).unwrap();
-    let base = v.images[0].layers[0].digest.clone();
-    let layout = out.with_extension("dlayout");
-    let _ = std::fs::remove_dir_all(&layout);
-    let st = std::process::Command::new("tar")
-        .arg("-xf")
-        .arg(&full)
-        .arg("-C")
-        .arg({
-            std::fs::create_dir_all(&layout).unwrap();
-            &layout
-        })
-        .status()
-        .unwrap();
-    assert!(st.success());
-    std::fs::remove_file(layout.join("blobs/sha256").join(base.trim_start_matches("sha256:"))).unwrap();
-    let index_path = layout.join("index.json");
-    let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
-    index["manifests"][0]["annotations"]["io.stowage.omitted"] = json!(base);
-    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
-    tar_layout(&layout, out);
-    std::fs::remove_dir_all(&layout).unwrap();
-    (out.to_path_buf(), base)
 }

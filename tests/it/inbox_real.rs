@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use stowage::audit::{Action, Outcome};
 use stowage::engine::Engine;
 
-use crate::bundle_import_real::{Published, connect, make_bundle};
+use crate::bundle_import_real::{Published, connect, create_bundle, make_bundle};
 use crate::engine_env::{self, PrivateEngine};
 use crate::transfer_real::{Dir, records};
 
@@ -87,7 +87,7 @@ async fn the_inbox_imports_a_slowly_copied_bundle_once_and_the_same_bundle_again
         return;
     };
     let dir = Dir::new();
-    let bundle = std::fs::read(make_bundle(&dir.path().join("b.tar"), &p.names(), None)).unwrap();
+    let bundle = std::fs::read(create_bundle(&dir.path().join("b.tar"), &p.names(), None).await).unwrap();
     policy(&dir, "");
     let inbox = dir.path().join("inbox");
     std::fs::create_dir_all(&inbox).unwrap();
