@@ -23,9 +23,9 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
+use super::BundleError;
 use super::archive::{Archive, Member};
 use super::verify::{Verified, verify};
-use super::BundleError;
 use crate::audit::{self, AuditLog, Outcome, Record};
 use crate::blocking::off_loop;
 use crate::clock::Clock;
@@ -96,7 +96,9 @@ impl ImportError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ImportError::Bundle(e) => e.exit_code(),
-            ImportError::MissingBase { .. } | ImportError::Failed(_) | ImportError::Interrupted => 1,
+            ImportError::MissingBase { .. } | ImportError::Failed(_) | ImportError::Interrupted => {
+                1
+            }
             ImportError::CannotRun(_) => 2,
         }
     }
@@ -259,11 +261,16 @@ pub async fn import_quiet<E: Engine>(
     // Every blob the images to bring have in the bundle, each once.
     let mut blobs: Vec<Descriptor> = Vec::new();
     for img in &to_bring {
-        let missing: std::collections::HashSet<&str> =
-            img.missing.iter().map(|m| m.layer.digest.as_str()).collect();
-        let own = [&img.top, &img.manifest, &img.config]
-            .into_iter()
-            .chain(img.layers.iter().filter(|l| !missing.contains(l.digest.as_str())));
+        let missing: std::collections::HashSet<&str> = img
+            .missing
+            .iter()
+            .map(|m| m.layer.digest.as_str())
+            .collect();
+        let own = [&img.top, &img.manifest, &img.config].into_iter().chain(
+            img.layers
+                .iter()
+                .filter(|l| !missing.contains(l.digest.as_str())),
+        );
         for d in own {
             if !blobs.iter().any(|b| b.digest == d.digest) {
                 blobs.push(d.clone());

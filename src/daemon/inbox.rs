@@ -264,7 +264,11 @@ async fn one<E: Engine>(
     };
     match import::import(&run, file, None, audit).await {
         Ok(done) => {
-            tracing::info!("inbox: imported {name} ({}): {}", done.digest, done.summary());
+            tracing::info!(
+                "inbox: imported {name} ({}): {}",
+                done.digest,
+                done.summary()
+            );
             if let Err(e) = note_imported(
                 &policy.daemon.state_dir,
                 &done.digest,
@@ -297,7 +301,11 @@ fn reason(e: &ImportError) -> String {
 /// stays, and its digest decides at the next look.
 fn move_out(inbox: &Path, file: &Path, to: &str, why: Option<&str>) {
     let dir = inbox.join(to);
-    let name = file.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let name = file
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
     let result = std::fs::create_dir_all(&dir).and_then(|()| {
         let mut target = dir.join(&name);
         let mut n = 0;
@@ -313,7 +321,11 @@ fn move_out(inbox: &Path, file: &Path, to: &str, why: Option<&str>) {
         crate::state::sync_dir(inbox)
     });
     if let Err(e) = result {
-        tracing::warn!("inbox: cannot move {} to {}: {e}", file.display(), dir.display());
+        tracing::warn!(
+            "inbox: cannot move {} to {}: {e}",
+            file.display(),
+            dir.display()
+        );
     }
 }
 
@@ -337,11 +349,14 @@ mod tests {
         // Growing: the clock starts again.
         assert!(s.look(vec![(p.clone(), (20, None))], at(1500)).is_empty());
         assert!(s.look(vec![(p.clone(), (20, None))], at(3000)).is_empty());
-        assert_eq!(s.look(vec![(p.clone(), (20, None))], at(3500)), [p.clone()]);
+        assert_eq!(s.look(vec![(p.clone(), (20, None))], at(3500)), vec![p.clone()]);
         // Not handed again while it stays as it was...
         assert!(s.look(vec![(p.clone(), (20, None))], at(5000)).is_empty());
         // ...unless it is still there a minute later.
-        assert_eq!(s.look(vec![(p.clone(), (20, None))], at(64_000)), [p.clone()]);
+        assert_eq!(
+            s.look(vec![(p.clone(), (20, None))], at(64_000)),
+            vec![p.clone()]
+        );
         // Gone, then back: a new file.
         assert!(s.look(vec![], at(65_000)).is_empty());
         assert!(s.look(vec![(p.clone(), (20, None))], at(66_000)).is_empty());
@@ -372,7 +387,10 @@ mod tests {
         }
         let failed = inbox.join(FAILED);
         assert!(failed.join("b.tar").is_file() && failed.join("b.tar.1").is_file());
-        assert_eq!(std::fs::read_to_string(failed.join("b.tar.1.reason")).unwrap(), "why\n");
+        assert_eq!(
+            std::fs::read_to_string(failed.join("b.tar.1.reason")).unwrap(),
+            "why\n"
+        );
         assert!(!inbox.join("b.tar").exists());
     }
 }

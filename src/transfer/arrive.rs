@@ -267,8 +267,11 @@ pub async fn arrive<E: Engine>(
         journaled(&journal, key, move |i| i.loopback.extend(noted)).await?;
         let mut failed = None;
         for (a, loopback) in to_pull.iter().zip(names) {
-            let platform = (a.top != a.manifest || a.platform.is_some())
-                .then(|| a.platform.clone().unwrap_or_else(super::layers::host_platform));
+            let platform = (a.top != a.manifest || a.platform.is_some()).then(|| {
+                a.platform
+                    .clone()
+                    .unwrap_or_else(super::layers::host_platform)
+            });
             match hand_off_at(&ctx, &serving, loopback.clone(), platform.as_deref()).await {
                 Ok(h) if h.image == a.config => handed.push(h),
                 Ok(h) => {

@@ -63,7 +63,10 @@ pub(crate) async fn create_bundle(out: &Path, names: &[String], since: Option<&P
     let policy = dir.join("policy.toml");
     std::fs::write(
         &policy,
-        format!("version = 1\n[daemon]\nstate_dir = \"{}\"\n", dir.join("state").display()),
+        format!(
+            "version = 1\n[daemon]\nstate_dir = \"{}\"\n",
+            dir.join("state").display()
+        ),
     )
     .unwrap();
     let mut args = vec!["bundle", "create", "-o", out.to_str().unwrap()];
@@ -73,7 +76,12 @@ pub(crate) async fn create_bundle(out: &Path, names: &[String], since: Option<&P
     args.extend(names.iter().map(String::as_str));
     let engine = engine_env::engine_addr().unwrap();
     let made = stowage(&engine, &policy, &args).await;
-    assert_eq!(made.status.code(), Some(0), "bundle create: {}", text(&made));
+    assert_eq!(
+        made.status.code(),
+        Some(0),
+        "bundle create: {}",
+        text(&made)
+    );
     out.to_path_buf()
 }
 
@@ -85,12 +93,21 @@ pub(crate) fn make_bundle(out: &Path, names: &[String], as_names: Option<&[Strin
     let _ = std::fs::remove_dir_all(&layout);
     for (i, name) in names.iter().enumerate() {
         let st = std::process::Command::new("skopeo")
-            .args(["copy", "--quiet", "--preserve-digests", "--src-tls-verify=false"])
+            .args([
+                "copy",
+                "--quiet",
+                "--preserve-digests",
+                "--src-tls-verify=false",
+            ])
             .arg(format!("docker://{name}"))
             .arg(format!("oci:{}:ref{i}", layout.display()))
             .output()
             .expect("running skopeo");
-        assert!(st.status.success(), "skopeo copy {name}: {}", String::from_utf8_lossy(&st.stderr));
+        assert!(
+            st.status.success(),
+            "skopeo copy {name}: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
     }
     let index_path = layout.join("index.json");
     let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
@@ -117,8 +134,10 @@ pub(crate) fn make_bundle(out: &Path, names: &[String], as_names: Option<&[Strin
 pub(crate) fn tar_layout(layout: &Path, out: &Path) {
     let mut b = tar::Builder::new(std::fs::File::create(out).unwrap());
     b.mode(tar::HeaderMode::Deterministic);
-    b.append_path_with_name(layout.join("oci-layout"), "oci-layout").unwrap();
-    b.append_path_with_name(layout.join("index.json"), "index.json").unwrap();
+    b.append_path_with_name(layout.join("oci-layout"), "oci-layout")
+        .unwrap();
+    b.append_path_with_name(layout.join("index.json"), "index.json")
+        .unwrap();
     let mut blobs: Vec<PathBuf> = std::fs::read_dir(layout.join("blobs/sha256"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -132,7 +151,10 @@ pub(crate) fn tar_layout(layout: &Path, out: &Path) {
 }
 
 /// Image id -> sorted tags, of the images holding any of `ids`.
-pub(crate) async fn tags_of(engine: &DockerEngine, ids: &[String]) -> BTreeMap<String, Vec<String>> {
+pub(crate) async fn tags_of(
+    engine: &DockerEngine,
+    ids: &[String],
+) -> BTreeMap<String, Vec<String>> {
     engine
         .list_images()
         .await
@@ -189,11 +211,24 @@ async fn import_on_a_wiped_engine_gives_the_same_ids_and_references_and_a_rerun_
     assert!(tags_of(&engine, &ids).await.is_empty());
 
     let policy = policy(&dir);
-    let out = stowage(&target.addr, &policy, &["bundle", "import", file.to_str().unwrap()]).await;
+    let out = stowage(
+        &target.addr,
+        &policy,
+        &["bundle", "import", file.to_str().unwrap()],
+    )
+    .await;
     println!("{}", text(&out));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(text(&out).contains("3 brought in, 0 tagged, 0 already present"), "{}", text(&out));
-    assert_eq!(tags_of(&engine, &ids).await, source, "same ids and tags as the source host");
+    assert!(
+        text(&out).contains("3 brought in, 0 tagged, 0 already present"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        tags_of(&engine, &ids).await,
+        source,
+        "same ids and tags as the source host"
+    );
     let imports = records(dir.audit(), Action::Import, Outcome::Ok);
     assert_eq!(imports.len(), 1, "{imports:?}");
     assert_eq!(imports[0].rule.as_deref(), Some("cli"));
@@ -201,7 +236,12 @@ async fn import_on_a_wiped_engine_gives_the_same_ids_and_references_and_a_rerun_
     let c = engine_env::create_container(&target.addr, &p.names()[0]);
     engine_env::remove_container(&target.addr, &c);
 
-    let again = stowage(&target.addr, &policy, &["bundle", "import", file.to_str().unwrap()]).await;
+    let again = stowage(
+        &target.addr,
+        &policy,
+        &["bundle", "import", file.to_str().unwrap()],
+    )
+    .await;
     assert_eq!(again.status.code(), Some(0), "{}", text(&again));
     assert!(
         text(&again).contains("0 brought in, 0 tagged, 3 already present"),
@@ -245,10 +285,18 @@ async fn a_damaged_bundle_is_refused_naming_the_blob_and_the_engine_is_unchanged
     std::fs::write(&truncated, &std::fs::read(&good).unwrap()[..at]).unwrap();
 
     for (file, says) in [
-        (&flipped, vec!["damaged".to_owned(), layer.0.clone(), p.names()[0].clone()]),
+        (
+            &flipped,
+            vec!["damaged".to_owned(), layer.0.clone(), p.names()[0].clone()],
+        ),
         (&truncated, vec![layer.0.clone()]),
     ] {
-        let out = stowage(&target.addr, &policy, &["bundle", "import", file.to_str().unwrap()]).await;
+        let out = stowage(
+            &target.addr,
+            &policy,
+            &["bundle", "import", file.to_str().unwrap()],
+        )
+        .await;
         println!("{}", text(&out));
         assert_eq!(out.status.code(), Some(1), "{}", text(&out));
         let said = text(&out);
@@ -262,16 +310,31 @@ async fn a_damaged_bundle_is_refused_naming_the_blob_and_the_engine_is_unchanged
     let out = stowage(
         &target.addr,
         &policy,
-        &["bundle", "import", good.to_str().unwrap(), "--expect", &format!("sha256:{}", "0".repeat(64))],
+        &[
+            "bundle",
+            "import",
+            good.to_str().unwrap(),
+            "--expect",
+            &format!("sha256:{}", "0".repeat(64)),
+        ],
     )
     .await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("not the expected one"), "{}", text(&out));
+    assert!(
+        text(&out).contains("not the expected one"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(everything(&engine).await, before);
     let failed = records(dir.audit(), Action::Import, Outcome::Failed);
     assert_eq!(failed.len(), 3, "{failed:?}");
     // Not a file at all: could not run.
-    let out = stowage(&target.addr, &policy, &["bundle", "import", "/nonexistent/b.tar"]).await;
+    let out = stowage(
+        &target.addr,
+        &policy,
+        &["bundle", "import", "/nonexistent/b.tar"],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 }
 
@@ -300,14 +363,22 @@ async fn killed_mid_import_the_references_stay_and_a_rerun_completes_from_the_st
     let copying = |_: &Path| std::fs::read_dir(&partial).is_ok_and(|d| d.count() > 0);
     // Loopback references journaled: the engine's pulls begin.
     let handing = |j: &Path| {
-        std::fs::read_to_string(j).is_ok_and(|s| s.contains("\"imports\"") && s.contains("127.0.0.1:"))
+        std::fs::read_to_string(j)
+            .is_ok_and(|s| s.contains("\"imports\"") && s.contains("127.0.0.1:"))
     };
-    for (what, at) in [("copying", &copying as &dyn Fn(&Path) -> bool), ("handing over", &handing)] {
-        let mut child = engine_env::stowage_cmd(&target.addr, &policy, &["bundle", "import", file.to_str().unwrap()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+    for (what, at) in [
+        ("copying", &copying as &dyn Fn(&Path) -> bool),
+        ("handing over", &handing),
+    ] {
+        let mut child = engine_env::stowage_cmd(
+            &target.addr,
+            &policy,
+            &["bundle", "import", file.to_str().unwrap()],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
         let deadline = Instant::now() + Duration::from_secs(120);
         while !at(&journal) && Instant::now() < deadline && child.try_wait().unwrap().is_none() {
             std::thread::sleep(Duration::from_millis(5));
@@ -315,7 +386,10 @@ async fn killed_mid_import_the_references_stay_and_a_rerun_completes_from_the_st
         if what == "handing over" {
             std::thread::sleep(Duration::from_millis(300));
         }
-        assert!(child.try_wait().unwrap().is_none(), "the import ended before it was {what}");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the import ended before it was {what}"
+        );
         child.kill().unwrap();
         let status = child.wait().unwrap();
         assert_eq!(status.signal(), Some(9));
@@ -324,12 +398,24 @@ async fn killed_mid_import_the_references_stay_and_a_rerun_completes_from_the_st
             .into_iter()
             .filter(|l| l.contains(' ') && !l.ends_with(' '))
             .collect();
-        let tagged_before: Vec<String> = before.iter().filter(|l| !l.ends_with(' ')).cloned().collect();
-        assert_eq!(now, tagged_before, "references changed by an import killed while {what}");
+        let tagged_before: Vec<String> = before
+            .iter()
+            .filter(|l| !l.ends_with(' '))
+            .cloned()
+            .collect();
+        assert_eq!(
+            now, tagged_before,
+            "references changed by an import killed while {what}"
+        );
         println!("killed while {what}: references as before");
     }
 
-    let out = stowage(&target.addr, &policy, &["bundle", "import", file.to_str().unwrap()]).await;
+    let out = stowage(
+        &target.addr,
+        &policy,
+        &["bundle", "import", file.to_str().unwrap()],
+    )
+    .await;
     println!("{}", text(&out));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let source = tags_of(&engine_env::engine().await.unwrap(), &ids).await;
@@ -343,12 +429,19 @@ async fn killed_mid_import_the_references_stay_and_a_rerun_completes_from_the_st
         .flat_map(|i| i.repo_digests)
         .filter(|d| d.starts_with("127.0.0.1:") && !d.starts_with(&p.registry))
         .collect();
-    assert_eq!(loopback.len(), 2, "one digest record per imported image: {loopback:?}");
+    assert_eq!(
+        loopback.len(),
+        2,
+        "one digest record per imported image: {loopback:?}"
+    );
     let ok = records(dir.audit(), Action::Import, Outcome::Ok);
     let total: u64 = std::fs::metadata(&file).unwrap().len();
     let copied = ok[0].bytes.unwrap();
     println!("re-run copied {copied} of the bundle's {total} bytes");
-    assert!(copied < total / 2, "the re-run copied {copied} of {total}: not from the store");
+    assert!(
+        copied < total / 2,
+        "the re-run copied {copied} of {total}: not from the store"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -367,16 +460,27 @@ async fn a_delta_imports_where_its_base_is_and_is_refused_naming_the_layers_else
     // The host has the first image (from a full bundle).
     let first = create_bundle(&dir.path().join("first.tar"), &names[..1], None).await;
     let policy = policy(&dir);
-    let out = stowage(&host.addr, &policy, &["bundle", "import", first.to_str().unwrap()]).await;
+    let out = stowage(
+        &host.addr,
+        &policy,
+        &["bundle", "import", first.to_str().unwrap()],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     // Cleared, as the host's own cache would be after `cache_max = 0`.
     std::fs::remove_dir_all(dir.path().join("state/cache")).unwrap();
 
     // What the host holds, then the second image without what it has.
     let inventory = dir.path().join("inventory.json");
-    let inv = stowage(&host.addr, &policy, &["inventory", "-o", inventory.to_str().unwrap()]).await;
+    let inv = stowage(
+        &host.addr,
+        &policy,
+        &["inventory", "-o", inventory.to_str().unwrap()],
+    )
+    .await;
     assert_eq!(inv.status.code(), Some(0), "{}", text(&inv));
-    let delta_file = create_bundle(&dir.path().join("delta.tar"), &names[1..], Some(&inventory)).await;
+    let delta_file =
+        create_bundle(&dir.path().join("delta.tar"), &names[1..], Some(&inventory)).await;
     let full = create_bundle(&dir.path().join("full.tar"), &names[1..], None).await;
     let (delta_len, full_len) = (
         std::fs::metadata(&delta_file).unwrap().len(),
@@ -391,15 +495,38 @@ async fn a_delta_imports_where_its_base_is_and_is_refused_naming_the_layers_else
     };
     let delta = (delta_file, base);
     let other = Dir::new();
-    let refused = stowage(&wiped.addr, &other.policy(""), &["bundle", "import", delta.0.to_str().unwrap()]).await;
+    let refused = stowage(
+        &wiped.addr,
+        &other.policy(""),
+        &["bundle", "import", delta.0.to_str().unwrap()],
+    )
+    .await;
     println!("{}", text(&refused));
     assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
     let said = text(&refused);
-    assert!(said.contains("lacks the layers it leaves out") && said.contains(&delta.1), "{said}");
-    assert!(everything(&connect(&wiped.addr).await).await.is_empty(), "the wiped engine changed");
-    assert!(!other.path().join("state/cache/blobs/sha256").read_dir().is_ok_and(|mut d| d.next().is_some()), "blobs copied before the refusal");
+    assert!(
+        said.contains("lacks the layers it leaves out") && said.contains(&delta.1),
+        "{said}"
+    );
+    assert!(
+        everything(&connect(&wiped.addr).await).await.is_empty(),
+        "the wiped engine changed"
+    );
+    assert!(
+        !other
+            .path()
+            .join("state/cache/blobs/sha256")
+            .read_dir()
+            .is_ok_and(|mut d| d.next().is_some()),
+        "blobs copied before the refusal"
+    );
 
-    let out = stowage(&host.addr, &policy, &["bundle", "import", delta.0.to_str().unwrap()]).await;
+    let out = stowage(
+        &host.addr,
+        &policy,
+        &["bundle", "import", delta.0.to_str().unwrap()],
+    )
+    .await;
     println!("{}", text(&out));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let ids: Vec<String> = p.images.iter().map(FixtureImage::id).collect();

@@ -50,7 +50,10 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("timed out after {secs}s waiting for {what}; daemon log:\n{}", self.log());
+        panic!(
+            "timed out after {secs}s waiting for {what}; daemon log:\n{}",
+            self.log()
+        );
     }
 }
 
@@ -64,7 +67,11 @@ impl Drop for Daemon {
 /// The audit log so far (none yet: empty).
 fn audit_of(dir: &Dir) -> Vec<stowage::audit::Record> {
     let path = dir.path().join("state/audit.jsonl");
-    if path.exists() { dir.audit() } else { Vec::new() }
+    if path.exists() {
+        dir.audit()
+    } else {
+        Vec::new()
+    }
 }
 
 /// The policy: never scheduled, the inbox and state in `dir`, `extra` after.
@@ -87,7 +94,8 @@ async fn the_inbox_imports_a_slowly_copied_bundle_once_and_the_same_bundle_again
         return;
     };
     let dir = Dir::new();
-    let bundle = std::fs::read(create_bundle(&dir.path().join("b.tar"), &p.names(), None).await).unwrap();
+    let bundle =
+        std::fs::read(create_bundle(&dir.path().join("b.tar"), &p.names(), None).await).unwrap();
     policy(&dir, "");
     let inbox = dir.path().join("inbox");
     std::fs::create_dir_all(&inbox).unwrap();
@@ -113,7 +121,10 @@ async fn the_inbox_imports_a_slowly_copied_bundle_once_and_the_same_bundle_again
     assert_eq!(imports()[0].rule.as_deref(), Some("inbox"));
     let engine = connect(&target.addr).await;
     for name in p.names() {
-        assert!(engine.image_id_of(&name).await.unwrap().is_some(), "{name} not tagged");
+        assert!(
+            engine.image_id_of(&name).await.unwrap().is_some(),
+            "{name} not tagged"
+        );
     }
 
     // The same bundle under another name, as copy tools drop files: a
@@ -123,11 +134,15 @@ async fn the_inbox_imports_a_slowly_copied_bundle_once_and_the_same_bundle_again
     std::thread::sleep(Duration::from_secs(3));
     assert!(partial.exists(), "a .partial file was touched");
     std::fs::rename(&partial, inbox.join("again.tar")).unwrap();
-    daemon.wait_for(30, "the second copy in done/", || inbox.join("done/again.tar").is_file());
+    daemon.wait_for(30, "the second copy in done/", || {
+        inbox.join("done/again.tar").is_file()
+    });
     assert_eq!(imports().len(), 1, "the same bundle imported twice");
     let skips = records(dir.audit(), Action::Skip, Outcome::Ok);
     assert!(
-        skips.iter().any(|r| r.reason.contains("was imported before (as b.tar)")),
+        skips
+            .iter()
+            .any(|r| r.reason.contains("was imported before (as b.tar)")),
         "{skips:?}"
     );
 
@@ -138,7 +153,10 @@ async fn the_inbox_imports_a_slowly_copied_bundle_once_and_the_same_bundle_again
     assert!(inbox.join("failed/junk.tar").is_file());
     let why = std::fs::read_to_string(&reason).unwrap();
     println!("failed/junk.tar.reason: {why}");
-    assert!(why.contains("refused, host unchanged") && why.contains("junk.tar"), "{why}");
+    assert!(
+        why.contains("refused, host unchanged") && why.contains("junk.tar"),
+        "{why}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,7 +183,10 @@ async fn a_pinned_prepull_is_satisfied_by_an_inbox_bundle_with_its_registry_unre
     );
     let pin = {
         let a = stowage::bundle::Archive::open(&file).unwrap();
-        stowage::bundle::verify(&a, None).unwrap().images[0].top.digest.clone()
+        stowage::bundle::verify(&a, None).unwrap().images[0]
+            .top
+            .digest
+            .clone()
     };
     policy(
         &dir,
@@ -182,22 +203,36 @@ async fn a_pinned_prepull_is_satisfied_by_an_inbox_bundle_with_its_registry_unre
     daemon.wait_for(30, "the import", || inbox.join("done/b.tar").is_file());
     let engine = connect(&target.addr).await;
     let id = p.images[0].id();
-    assert_eq!(engine.image_id_of(&name).await.unwrap().as_deref(), Some(id.as_str()));
+    assert_eq!(
+        engine.image_id_of(&name).await.unwrap().as_deref(),
+        Some(id.as_str())
+    );
 
     // Another reconcile: the pin is met, nothing is pulled or retried.
     let before = audit_of(&dir).len();
-    let out = engine_env::stowage(&target.addr, &dir.path().join("policy.toml"), &["reconcile"]);
+    let out = engine_env::stowage(
+        &target.addr,
+        &dir.path().join("policy.toml"),
+        &["reconcile"],
+    );
     assert!(out.status.success(), "{}", engine_env::text(&out));
     let after: Vec<_> = audit_of(&dir).into_iter().skip(before).collect();
     assert!(
-        !after.iter().any(|r| r.action == Action::Pull || r.action == Action::Skip),
+        !after
+            .iter()
+            .any(|r| r.action == Action::Pull || r.action == Action::Skip),
         "the pre-pull was not satisfied: {after:?}"
     );
     let img = engine.image(&id).await.unwrap().unwrap();
     assert!(
-        img.repo_digests.iter().any(|d| d.ends_with(&format!("@{pin}"))),
+        img.repo_digests
+            .iter()
+            .any(|d| d.ends_with(&format!("@{pin}"))),
         "the pinned digest is recorded on the image: {:?}",
         img.repo_digests
     );
-    println!("prepull {name}@{pin} satisfied offline; digests {:?}", img.repo_digests);
+    println!(
+        "prepull {name}@{pin} satisfied offline; digests {:?}",
+        img.repo_digests
+    );
 }
