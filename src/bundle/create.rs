@@ -1,7 +1,7 @@
 //! `bundle create`: the images gathered (from registries through the
 //! content store, or from the engine's export, see [`super::from_engine`]),
-//! then one tar written: blobs in digest order, each once, then
-//! `oci-layout`, `index.json` and `manifest.json`.
+//! then one tar written: `oci-layout`, `index.json`, `manifest.json`, then
+//! the blobs in digest order, each once.
 //!
 //! From a registry, manifests go into the bundle as served (their digests,
 //! and pins, hold). skopeo 1.9 finds names only among OCI-typed
@@ -137,7 +137,13 @@ impl Contents {
         };
         let index = serde_json::to_vec(&index).expect("an index serialises");
         let docker = serde_json::to_vec(&self.docker).expect("a manifest list serialises");
+        // The layout files first: a file cut short still says what it held
+        // and names the blobs it lost.
         let mut tar = TarOut::create(out)?;
+        let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
+        tar.file("oci-layout", layout.len() as u64, &layout[..])?;
+        tar.file("index.json", index.len() as u64, index.as_slice())?;
+        tar.file("manifest.json", docker.len() as u64, docker.as_slice())?;
         for (digest, (size, src)) in &self.blobs {
             let name = blob_name(digest);
             match src {
@@ -164,10 +170,6 @@ impl Contents {
                 }
             }
         }
-        let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
-        tar.file("oci-layout", layout.len() as u64, &layout[..])?;
-        tar.file("index.json", index.len() as u64, index.as_slice())?;
-        tar.file("manifest.json", docker.len() as u64, docker.as_slice())?;
         let bytes = tar.finish()?;
         Ok(Created {
             path: out.to_path_buf(),

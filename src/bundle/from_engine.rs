@@ -319,7 +319,7 @@ fn gzip_layer(export: &Export, path: &str, diff_id: &str, to: &Path) -> Result<D
         hasher: Sha256::new(),
         n: 0,
     };
-    let mut gz = flate2::GzBuilder::new().write(out, flate2::Compression::default());
+    let mut gz = flate2::GzBuilder::new().write(out, flate2::Compression::best());
     let mut raw = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

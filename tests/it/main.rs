@@ -22,7 +22,8 @@ mod engine_env;
 mod fake_store;
 mod net;
 
-// Pure: the policy, the planner, the systemd unit.
+// Pure: the policy, the planner, the systemd unit, bundle files.
+mod bundle_verify;
 mod plan_props;
 mod plan_table;
 mod policy_check;
@@ -36,6 +37,7 @@ mod storage_cache;
 // Against the real private engine and registry.
 mod apply_real;
 mod bundle_import_real;
+mod bundle_real;
 mod daemon_real;
 mod engine_real;
 mod inbox_real;
