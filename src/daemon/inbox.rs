@@ -349,7 +349,10 @@ mod tests {
         // Growing: the clock starts again.
         assert!(s.look(vec![(p.clone(), (20, None))], at(1500)).is_empty());
         assert!(s.look(vec![(p.clone(), (20, None))], at(3000)).is_empty());
-        assert_eq!(s.look(vec![(p.clone(), (20, None))], at(3500)), vec![p.clone()]);
+        assert_eq!(
+            s.look(vec![(p.clone(), (20, None))], at(3500)),
+            vec![p.clone()]
+        );
         // Not handed again while it stays as it was...
         assert!(s.look(vec![(p.clone(), (20, None))], at(5000)).is_empty());
         // ...unless it is still there a minute later.
