@@ -18,6 +18,8 @@
 //! upstream digest reference instead, as after a pull.
 
 use std::collections::HashMap;
+
+use futures_util::StreamExt as _;
 use std::fs::File;
 use std::path::Path;
 
@@ -265,33 +267,39 @@ pub async fn arrive<E: Engine>(
             .collect();
         let noted = names.clone();
         journaled(&journal, key, move |i| i.loopback.extend(noted)).await?;
+        // Several at once, as the engine pulls: images sharing a base fetch
+        // it once, and layers decompress on every core.
+        // Futures of a plain `async fn` collected first: closures returning
+        // async blocks trip `Send` inference for the daemon's spawn.
+        let pulls: Vec<_> = to_pull
+            .iter()
+            .zip(names.iter().cloned())
+            .map(|(a, loopback)| hand_off_one(&ctx, &serving, a, loopback))
+            .collect();
+        let results: Vec<Result<Handed, TransferError>> = futures_util::stream::iter(pulls)
+            .buffered(policy.daemon.concurrency.max(1))
+            .collect()
+            .await;
         let mut failed = None;
-        for (a, loopback) in to_pull.iter().zip(names) {
-            let platform = (a.top != a.manifest || a.platform.is_some()).then(|| {
-                a.platform
-                    .clone()
-                    .unwrap_or_else(super::layers::host_platform)
-            });
-            match hand_off_at(&ctx, &serving, loopback.clone(), platform.as_deref()).await {
+        for (a, r) in to_pull.iter().zip(results) {
+            match r {
                 Ok(h) if h.image == a.config => handed.push(h),
                 Ok(h) => {
-                    let got = h.image.clone();
-                    handed.push(h);
-                    failed = Some(TransferError::Config(format!(
-                        "{}: the engine made image {got} of it, the bundle names {}",
-                        a.name, a.config
+                    failed.get_or_insert(TransferError::Config(format!(
+                        "{}: the engine made image {} of it, the bundle names {}",
+                        a.name, h.image, a.config
                     )));
-                    break;
                 }
                 Err(e) => {
-                    failed = Some(e);
-                    break;
+                    failed.get_or_insert(e);
                 }
             }
         }
         serving.stop().await;
         if let Some(e) = failed {
-            undo(engine, &journal, key, &[], &handed_refs(&handed)).await;
+            // Every name journaled: a pull that failed here may still have
+            // left its image.
+            undo(engine, &journal, key, &[], &names).await;
             return Err(e);
         }
     }
@@ -367,6 +375,20 @@ pub async fn arrive<E: Engine>(
         }
     }
     Ok(out)
+}
+
+async fn hand_off_one<E: Engine>(
+    ctx: &Ctx<'_, E>,
+    serving: &store::Serving,
+    a: &Arrival,
+    loopback: String,
+) -> Result<Handed, TransferError> {
+    let platform = (a.top != a.manifest || a.platform.is_some()).then(|| {
+        a.platform
+            .clone()
+            .unwrap_or_else(super::layers::host_platform)
+    });
+    hand_off_at(ctx, serving, loopback, platform.as_deref()).await
 }
 
 fn handed_refs(handed: &[Handed]) -> Vec<String> {
