@@ -58,6 +58,8 @@ pub enum Action {
     Trash,
     /// `stowage restore`: a trashed image's references put back.
     Restore,
+    /// A bundle brought in (`stowage bundle import`, the daemon's inbox).
+    Import,
 }
 
 impl Action {
@@ -75,6 +77,7 @@ impl Action {
             Action::Skip => "skip",
             Action::Trash => "trash",
             Action::Restore => "restore",
+            Action::Import => "import",
         }
     }
 }

@@ -17,6 +17,7 @@
 pub mod archive;
 pub mod create;
 pub mod from_engine;
+pub mod import;
 pub mod inventory;
 mod tar_out;
 pub mod verify;

@@ -49,6 +49,14 @@ pub(super) enum BundleCommand {
         #[arg(long, value_name = "DIGEST")]
         expect: Option<String>,
     },
+    /// Verify a bundle, then bring its images in and tag them, all or
+    /// nothing (a killed import leaves the host as before)
+    Import {
+        file: PathBuf,
+        /// The bundle's digest it must have (`sha256:…` of its index.json)
+        #[arg(long, value_name = "DIGEST")]
+        expect: Option<String>,
+    },
 }
 
 pub(super) async fn cmd_bundle(
@@ -76,6 +84,9 @@ pub(super) async fn cmd_bundle(
             .await
         }
         BundleCommand::Verify { file, expect } => verify(&file, expect.as_deref()).await,
+        BundleCommand::Import { file, expect } => {
+            super::import::cmd_import(policy_path, engine, &file, expect.as_deref()).await
+        }
     }
 }
 

@@ -122,7 +122,7 @@ enum Command {
         #[arg(long)]
         platform: Option<String>,
     },
-    /// Bundles for offline hosts: create, verify
+    /// Bundles for offline hosts: create, verify, import
     Bundle {
         #[command(subcommand)]
         command: bundle::BundleCommand,
@@ -266,8 +266,9 @@ macro_rules! outln {
     ($($arg:tt)*) => { emit(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
-// After the macros: `pull`, `bundle`, `trash` and `remote` use them.
+// After the macros: `pull`, `bundle`, `import`, `trash` and `remote` use them.
 mod bundle;
+mod import;
 mod pull;
 mod remote;
 mod trash;

@@ -31,6 +31,7 @@ pub mod events;
 mod fleet;
 mod handler;
 mod holder;
+pub mod inbox;
 mod link;
 pub mod metrics;
 pub mod notify;
@@ -194,6 +195,8 @@ struct Daemon<E, F> {
     /// This host's place in the schedule's period (`[0, 1)`, stable per
     /// host), so a fleet on one cron does not fire on the same second.
     schedule_spread: Option<f64>,
+    /// Inbox files ready to import, at the start of the next reconcile.
+    inbox_ready: Vec<PathBuf>,
 }
 
 /// Runs the daemon until `shutdown` completes. `connect` makes an engine
@@ -350,6 +353,7 @@ where
         state_blocked: None,
         schedule_spread,
         remote,
+        inbox_ready: Vec::new(),
     };
     d.on_fleet_checked();
     d.schedule_next();
@@ -363,6 +367,13 @@ where
     );
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    let (inbox_tx, mut inbox_rx) = mpsc::channel(4);
+    let shared = d.shared.clone();
+    let inbox_task = tokio::spawn(inbox::watch(
+        move || lock(&shared.policy).clone(),
+        inbox_tx,
+        servers.clone(),
+    ));
 
     loop {
         d.maybe_start_reconcile();
@@ -372,6 +383,7 @@ where
             () = &mut shutdown => break,
             Some(t) = triggers.recv() => d.on_trigger(t),
             Some(t) = requests.recv() => d.on_trigger(t),
+            Some(files) = inbox_rx.recv() => d.on_inbox(files),
             finished = join(&mut d.running) => d.on_finished(finished),
             wake = d.link.wait() => d.on_link(wake),
             () = sleep_until(d.debounce_at) => {
@@ -395,6 +407,7 @@ where
 
     d.shutdown().await;
     servers.cancel();
+    let _ = inbox_task.await;
     let _ = control_task.await;
     if let Some(t) = metrics_task {
         let _ = t.await;
@@ -462,6 +475,21 @@ where
     fn request(&mut self, waiter: Option<oneshot::Sender<ReconcileResult>>) {
         let pending = self.pending.get_or_insert_with(Vec::new);
         pending.extend(waiter);
+    }
+
+    /// Inbox files that kept still: imported at the start of a reconcile.
+    fn on_inbox(&mut self, files: Vec<PathBuf>) {
+        let mut new = false;
+        for f in files {
+            if !self.inbox_ready.contains(&f) {
+                tracing::info!("inbox: {} is ready to import", f.display());
+                self.inbox_ready.push(f);
+                new = true;
+            }
+        }
+        if new {
+            self.request(None);
+        }
     }
 
     fn on_trigger(&mut self, trigger: Trigger) {

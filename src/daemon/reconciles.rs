@@ -51,12 +51,17 @@ where
         let marks = events::take(&self.marks);
         let clock = self.clock.clone();
         let stop = self.stop.clone();
+        let inbox = std::mem::take(&mut self.inbox_ready);
         self.notifier.status("reconciling");
         self.running_engine = Some(engine.clone());
         let task = tokio::spawn(async move {
             let started = clock.now();
             let t0 = Instant::now();
             let dir = policy.daemon.state_dir.clone();
+            // Bundles first: the reconcile (its pre-pulls) sees their images.
+            if !inbox.is_empty() && !policy.daemon.dry_run {
+                super::inbox::process(&*engine, &policy, &*clock, &stop, inbox).await;
+            }
             let mut held = hold(held, &dir, started.timestamp()).await;
             if !marks.is_empty() {
                 marks.apply(&mut held.state);

@@ -74,6 +74,9 @@ pub struct Daemon {
     /// the engine (least recently used go first); 0 keeps none. Partial
     /// downloads are kept regardless until complete or no longer wanted.
     pub cache_max: u64,
+    /// A folder the daemon imports bundles from (`inbox/done/`,
+    /// `inbox/failed/` beside them); none unless set.
+    pub inbox: Option<PathBuf>,
     pub dry_run: bool,
     pub min_age: Duration,
     pub max_removals: usize,

@@ -33,6 +33,7 @@ pub(super) struct RawDaemon {
     pub audit_max: Opt<SizeValue>,
     pub cache_dir: Opt<String>,
     pub cache_max: Opt<SizeValue>,
+    pub inbox: Opt<String>,
     pub dry_run: Opt<bool>,
     pub min_age: Opt<String>,
     // Counts are read as i64 so a negative number gets our own message

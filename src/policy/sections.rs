@@ -46,6 +46,7 @@ impl Validator<'_, '_> {
             audit_max: DEFAULT_AUDIT_MAX,
             cache_dir: state_dir.join(CACHE_DIR),
             cache_max: 0,
+            inbox: None,
             state_dir,
             dry_run: false,
             min_age: DEFAULT_MIN_AGE,
@@ -95,6 +96,11 @@ impl Validator<'_, '_> {
         }
         if let Some(v) = &r.cache_dir {
             ok &= set(&mut d.cache_dir, self.path_value(v, "daemon.cache_dir"));
+        }
+        if let Some(v) = &r.inbox {
+            let mut inbox = PathBuf::new();
+            ok &= set(&mut inbox, self.path_value(v, "daemon.inbox"));
+            d.inbox = Some(inbox);
         }
         if let Some(v) = &r.cache_max {
             ok &= set(&mut d.cache_max, self.size(v, "daemon.cache_max"));

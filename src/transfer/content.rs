@@ -69,6 +69,13 @@ pub(super) struct Handed {
     platform: Option<String>,
 }
 
+impl Handed {
+    /// The platform the engine was told to pick, if any.
+    pub(super) fn platform_name(&self) -> Option<&str> {
+        self.platform.as_deref()
+    }
+}
+
 impl Content {
     /// Opens the store in `cache_dir` (creating it). `give_up`: how long a
     /// download may go without a new byte (longer for `stowage pull`, where
@@ -353,35 +360,12 @@ impl Content {
         platform: Option<&str>,
     ) -> Result<Handed, TransferError> {
         let serving = store::serve(self.store.clone(), ctx.shutdown).await?;
-        let addr = serving.addr.to_string();
-        let loopback = format!("{addr}/{}@{}", src.path, src.digest());
-        let (pulled, _) = ctx.pull_quiet(&addr, &loopback, platform).await;
+        let loopback = loopback_ref(&serving, &src.path, src.digest());
+        let handed = hand_off_at(ctx, &serving, loopback, platform).await;
         serving.stop().await;
         // The blobs' fsyncs ran beside the engine's pull.
         self.store.synced().await;
-        match pulled {
-            Ok(()) => {}
-            Err(TransferError::Interrupted) => return Err(TransferError::Interrupted),
-            Err(e) => {
-                return Err(TransferError::HandOff {
-                    loopback,
-                    source: Box::new(e),
-                });
-            }
-        }
-        let found = ctx
-            .engine
-            .image(&loopback)
-            .await?
-            .filter(|i| i.repo_digests.contains(&loopback));
-        match found {
-            Some(img) => Ok(Handed {
-                image: img.id,
-                loopback,
-                platform: platform.map(str::to_owned),
-            }),
-            None => Err(TransferError::Verify(loopback)),
-        }
+        handed
     }
 
     /// After the reference points at the image: the download is done (its
@@ -401,6 +385,7 @@ impl Content {
             registry: c.registry.clone(),
             platform: handed.platform.clone(),
             loopback: handed.loopback.clone(),
+            imported: false,
         };
         let tagged = intent.tag_ref.is_some();
         let done = record_upstream(ctx, &handed.image, &up, tagged).await;
@@ -432,7 +417,12 @@ impl Content {
                     remove_loopback(ctx, img, &up.loopback).await;
                     true
                 }
-                Some(img) => record_upstream(ctx, &image, &up, !img.repo_tags.is_empty()).await,
+                // An imported image's loopback reference is its digest's
+                // only record until the upstream one is there.
+                Some(img) => {
+                    let tagged = !img.repo_tags.is_empty() && !up.imported;
+                    record_upstream(ctx, &image, &up, tagged).await
+                }
             };
             if done {
                 let journal = self.journal.clone();
@@ -535,6 +525,49 @@ async fn remove_loopback<E: Engine>(ctx: &Ctx<'_, E>, img: &Image, loopback: &st
     }
     if let Err(e) = ctx.engine.remove(loopback).await {
         tracing::warn!("cannot remove the loopback reference {loopback}: {e}");
+    }
+}
+
+/// The name the engine pulls `digest` of `path` by from `serving`
+/// (`127.0.0.1:PORT/<path>@<digest>`), which it keeps as a digest reference.
+pub(super) fn loopback_ref(serving: &store::Serving, path: &str, digest: &str) -> String {
+    format!("{}/{path}@{digest}", serving.addr)
+}
+
+/// The hand-off itself: the engine pulls `loopback` from `serving`; `Ok`
+/// once the engine lists an image for exactly that digest reference. The
+/// one way an image goes from the content store into the engine (pulls and
+/// bundle imports).
+pub(super) async fn hand_off_at<E: Engine>(
+    ctx: &Ctx<'_, E>,
+    serving: &store::Serving,
+    loopback: String,
+    platform: Option<&str>,
+) -> Result<Handed, TransferError> {
+    let addr = serving.addr.to_string();
+    let (pulled, _) = ctx.pull_quiet(&addr, &loopback, platform).await;
+    match pulled {
+        Ok(()) => {}
+        Err(TransferError::Interrupted) => return Err(TransferError::Interrupted),
+        Err(e) => {
+            return Err(TransferError::HandOff {
+                loopback,
+                source: Box::new(e),
+            });
+        }
+    }
+    let found = ctx
+        .engine
+        .image(&loopback)
+        .await?
+        .filter(|i| i.repo_digests.contains(&loopback));
+    match found {
+        Some(img) => Ok(Handed {
+            image: img.id,
+            loopback,
+            platform: platform.map(str::to_owned),
+        }),
+        None => Err(TransferError::Verify(loopback)),
     }
 }
 

@@ -49,6 +49,38 @@ pub(super) struct Upstream {
     pub platform: Option<String>,
     /// `127.0.0.1:PORT/…@sha256:…` the hand-off left, removed afterwards.
     pub loopback: String,
+    /// From a bundle import: until the upstream reference is recorded, the
+    /// loopback one is the only record of the digest (a pin's), so it stays.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub imported: bool,
+}
+
+/// A bundle import in progress, by the bundle's digest: what a killed one
+/// leaves for the next start to undo (see `transfer::arrive`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Import {
+    /// Unix seconds when it began.
+    pub since: i64,
+    /// Every blob it copies into the store `(digest, size)`: their partials
+    /// are kept for a re-run.
+    #[serde(default)]
+    pub blobs: Vec<(String, u64)>,
+    /// Loopback digest references its hand-offs may have made, each written
+    /// here before its pull.
+    #[serde(default)]
+    pub loopback: Vec<String>,
+    /// Written before the first tag: each reference with the image it named
+    /// before (none: it did not exist) and the one it gets.
+    #[serde(default)]
+    pub retag: Vec<Retag>,
+}
+
+/// One reference an import moves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Retag {
+    pub reference: String,
+    pub before: Option<String>,
+    pub after: String,
 }
 
 /// What `downloads.json` holds.
@@ -60,6 +92,9 @@ pub(super) struct Entries {
     /// By image id.
     #[serde(default)]
     pub upstream: BTreeMap<String, Upstream>,
+    /// By bundle digest.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub imports: BTreeMap<String, Import>,
 }
 
 impl Entries {
@@ -75,10 +110,13 @@ impl Entries {
                 prepull_keys.contains(key)
             }
         });
+        // An import is run again by hand (or the inbox), like `stowage pull`.
+        self.imports.retain(|_, i| now - i.since < CLI_KEEP_SECS);
         let mut seen = HashSet::new();
         self.downloads
             .values()
             .flat_map(|d| d.blobs.iter())
+            .chain(self.imports.values().flat_map(|i| i.blobs.iter()))
             .filter(|(digest, _)| seen.insert(digest.clone()))
             .cloned()
             .collect()

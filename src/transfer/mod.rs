@@ -24,6 +24,7 @@
 //! exists and removed from it after the tag is gone: a tag that a killed run
 //! left is recognised and removed at the next start, never taken for a user's.
 
+mod arrive;
 mod backoff;
 mod content;
 mod downloads;
@@ -50,6 +51,9 @@ use crate::observe::{self, Observed};
 use crate::policy::Policy;
 use crate::state::State;
 
+pub use arrive::{
+    Arrival, Arrived, ImportLock, arrive, forget_import, note_import, recover_imports,
+};
 pub use backoff::{Waiting, next_backoff};
 pub use intents::{
     Candidate, PullIntent, PullIntents, PullStep, PushIntent, PushIntents, cli_intent, decide_pull,
@@ -376,6 +380,15 @@ pub async fn run<E: Engine>(
     // a killed push must not be taken for a user's reference below.
     let journal = TempTags::load(&policy.daemon.state_dir);
     remove_leftover_tags(phase, &journal, observed, audit, &mut report).await?;
+    // Likewise what a killed bundle import left (unless one is running).
+    if !options.dry_run && engine.is_local() {
+        let undone = arrive::recover_imports(engine, &policy.daemon.state_dir, None).await;
+        if !undone.is_empty() {
+            tracing::info!("undid an interrupted bundle import: {}", undone.join(", "));
+            report.changed = true;
+            report.stale = true;
+        }
+    }
     let content = content_for(engine, policy, policy.daemon.stall_timeout).await;
     if policy.prepull.is_empty() && policy.mirror.is_empty() && content.is_none() {
         return Ok(report);

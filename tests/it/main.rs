@@ -36,10 +36,12 @@ mod storage_cache;
 
 // Against the real private engine and registry.
 mod apply_real;
+mod bundle_import_real;
 mod bundle_real;
 mod daemon_real;
 mod engine_real;
 mod fleet_daemon;
+mod inbox_real;
 mod policy_oci;
 mod pull_real;
 mod registry_real;
