@@ -58,6 +58,7 @@ pub mod policy;
 pub mod reconcile;
 pub mod refs;
 pub mod registry;
+pub mod scan;
 pub mod state;
 pub mod status;
 pub mod storage;

@@ -116,6 +116,20 @@ pub struct State {
     /// again (see [`crate::audit`]).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub reported: BTreeSet<u64>,
+    /// Admission verdicts, keyed by `image-id command-hash` (see
+    /// `crate::scan`): an image is scanned once per command.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scans: BTreeMap<String, ScanVerdict>,
+}
+
+/// One cached admission verdict (never the secret or the tool's output:
+/// only its first line, and for `builtin:secrets` kinds, files and lines).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanVerdict {
+    pub passed: bool,
+    pub reason: String,
+    /// When it was reached (Unix seconds).
+    pub at: i64,
 }
 
 impl State {

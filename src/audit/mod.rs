@@ -54,6 +54,8 @@ pub enum Action {
     PruneCache,
     Warn,
     Skip,
+    /// An admission check's verdict (`[[scan]]`).
+    Scan,
 }
 
 impl Action {
@@ -69,6 +71,7 @@ impl Action {
             Action::PruneCache => "prune_cache",
             Action::Warn => "warn",
             Action::Skip => "skip",
+            Action::Scan => "scan",
         }
     }
 }
