@@ -1,5 +1,5 @@
 //! The command line: `check`, `plan`, `apply`, `run`, `reconcile`, `status`,
-//! `history`, `pull`, `bundle create|verify`, `inventory`.
+//! `history`, `pull`, `scan`, `bundle create|verify`, `inventory`.
 //!
 //! Exit codes follow the spec: 0 success; `plan --exit-code` 1 when actions
 //! are pending; `apply` and `pull` 1 when some actions failed; 2 when a
@@ -107,6 +107,12 @@ enum Command {
         /// `os/arch[/variant]` of an index [default: the engine's own]
         #[arg(long)]
         platform: Option<String>,
+    },
+    /// Run the policy's `[[scan]]` admission checks on a local image now
+    /// (0 all passed, 1 one failed, 2 could not run)
+    Scan {
+        /// A local image: `repository:tag`, `repo@digest` or an image id
+        reference: String,
     },
     /// Bundles for offline hosts: create, verify
     Bundle {
@@ -216,6 +222,7 @@ macro_rules! outln {
 // After the macros: `pull` and `bundle` use them.
 mod bundle;
 mod pull;
+mod scan;
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STOWAGE_LOG")
@@ -280,6 +287,9 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
         }
         Command::Inventory { output } => {
             bundle::cmd_inventory(cli.engine.as_deref(), output.as_deref()).await
+        }
+        Command::Scan { reference } => {
+            scan::cmd_scan(&policy_path, cli.engine.as_deref(), &reference).await
         }
         Command::Pull {
             reference,

@@ -402,6 +402,7 @@ mod tests {
         text.push(b' ');
         let token = format!("ghp_{}", "R2d2C3poR2d2C3poR2d2C3poR2d2C3po1234");
         text.extend_from_slice(token.as_bytes());
+        text.push(b' ');
         text.extend_from_slice(&[b'y'; 5000]);
         text.extend_from_slice(b"\nnext\n");
         let got = findings("x", &text);
@@ -412,6 +413,7 @@ mod tests {
         let mut text = vec![b'x'; LINE_MAX - 10];
         text.push(b' ');
         text.extend_from_slice(token.as_bytes());
+        text.push(b',');
         text.extend_from_slice(&[b'z'; LINE_MAX]);
         assert_eq!(findings("x", &text).len(), 1);
     }

@@ -170,6 +170,7 @@ pub async fn preview<E: Engine>(
         shutdown: &never,
         progress: None,
         content: content.as_ref().map(Ok),
+        scan: None,
     };
     // `stowage plan` shows what `stowage apply` would do: refresh is due.
     let pulls = pull_intents(policy, observed, state, now, true);
