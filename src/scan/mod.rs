@@ -215,7 +215,11 @@ pub async fn admit<E: Engine>(
                     rule: rule.name.clone(),
                     reference: reference.clone(),
                     image: image.clone(),
-                    judged: if c.passed { Judged::Passed } else { Judged::Failed },
+                    judged: if c.passed {
+                        Judged::Passed
+                    } else {
+                        Judged::Failed
+                    },
                     reason: c.reason,
                     on_fail: rule.on_fail,
                     cached: true,
@@ -230,7 +234,10 @@ pub async fn admit<E: Engine>(
             let (judged, reason) = match (&archive, wants_archive) {
                 (Some(Err(e)), true) => (Judged::Error, e.clone()),
                 (a, _) => {
-                    let path = a.as_ref().and_then(|a| a.as_ref().ok()).map(|e| e.path.clone());
+                    let path = a
+                        .as_ref()
+                        .and_then(|a| a.as_ref().ok())
+                        .map(|e| e.path.clone());
                     ctx.ran.fetch_add(1, Ordering::Relaxed);
                     judge(ctx, rule, reference, image, path).await
                 }
@@ -256,8 +263,12 @@ pub async fn admit<E: Engine>(
                 cached: false,
             };
             match v.judged {
-                Judged::Passed => tracing::info!(rule = %v.rule, "scan {reference} ({}): passed", short_id(image)),
-                _ => tracing::warn!(rule = %v.rule, "scan {reference} ({}): {}", short_id(image), v.reason),
+                Judged::Passed => {
+                    tracing::info!(rule = %v.rule, "scan {reference} ({}): passed", short_id(image))
+                }
+                _ => {
+                    tracing::warn!(rule = %v.rule, "scan {reference} ({}): {}", short_id(image), v.reason)
+                }
             }
             out.push(v);
         }
@@ -293,7 +304,10 @@ async fn judge<E: Engine>(
         })
         .collect();
     match run::run(&argv, rule.timeout, &ctx.shutdown).await {
-        Err(e) => (Judged::Error, format!("cannot run {:?}: {e}", rule.command[0])),
+        Err(e) => (
+            Judged::Error,
+            format!("cannot run {:?}: {e}", rule.command[0]),
+        ),
         Ok(r) if r.timed_out => (
             Judged::Error,
             format!(
@@ -338,14 +352,22 @@ async fn builtin_secrets(
     };
     stop.store(true, Ordering::Relaxed);
     match result {
-        None => (Judged::Error, "builtin:secrets did not finish (timeout or shutdown)".to_owned()),
+        None => (
+            Judged::Error,
+            "builtin:secrets did not finish (timeout or shutdown)".to_owned(),
+        ),
         Some(Err(e)) => (Judged::Error, format!("reading the export: {e}")),
         Some(Ok(report)) if report.total == 0 => (
             Judged::Passed,
             format!("no secrets in {} files", report.files),
         ),
         Some(Ok(report)) => {
-            let shown: Vec<String> = report.findings.iter().take(5).map(ToString::to_string).collect();
+            let shown: Vec<String> = report
+                .findings
+                .iter()
+                .take(5)
+                .map(ToString::to_string)
+                .collect();
             let more = report.total.saturating_sub(shown.len());
             let mut reason = format!("{} secrets found: {}", report.total, shown.join("; "));
             if more > 0 {
@@ -375,9 +397,11 @@ impl Export {
                 source,
             })?;
         let hex = image.trim_start_matches("sha256:");
-        let path = ctx
-            .work_dir
-            .join(format!("{}.{}.tar", &hex[..hex.len().min(16)], std::process::id()));
+        let path = ctx.work_dir.join(format!(
+            "{}.{}.tar",
+            &hex[..hex.len().min(16)],
+            std::process::id()
+        ));
         let export = Export { path };
         match ctx.engine.export(&[image.to_owned()], &export.path).await {
             Ok(_) => Ok(Ok(export)),

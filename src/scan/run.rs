@@ -153,9 +153,13 @@ mod tests {
     #[tokio::test]
     async fn exit_code_and_first_line() {
         let t = CancellationToken::new();
-        let r = run(&sh("echo; echo '  CVE-1 found '; exit 3"), Duration::from_secs(20), &t)
-            .await
-            .unwrap();
+        let r = run(
+            &sh("echo; echo '  CVE-1 found '; exit 3"),
+            Duration::from_secs(20),
+            &t,
+        )
+        .await
+        .unwrap();
         assert_eq!(r.code, Some(3));
         assert_eq!(r.first_line(), "CVE-1 found");
     }

@@ -64,9 +64,10 @@ pub struct Rule {
 impl Rule {
     fn applies_to(&self, path: &str) -> bool {
         self.files.is_empty()
-            || self.files.iter().any(|f| {
-                path == f.as_str() || path.ends_with(&format!("/{f}"))
-            })
+            || self
+                .files
+                .iter()
+                .any(|f| path == f.as_str() || path.ends_with(&format!("/{f}")))
     }
 }
 
@@ -234,7 +235,16 @@ pub fn scan_file<R: Read>(
                     buf.extend_from_slice(&data[..i.min(room)]);
                     if i > room {
                         // The rest of an over-long line: the window moves on.
-                        window(&mut buf, &rules, path, layer, line, report, seen, &data[room..i]);
+                        window(
+                            &mut buf,
+                            &rules,
+                            path,
+                            layer,
+                            line,
+                            report,
+                            seen,
+                            &data[room..i],
+                        );
                     }
                     check(&buf, &rules, path, layer, line, report, seen);
                     buf.clear();
@@ -285,6 +295,9 @@ fn check(
     report: &mut Report,
     seen: &mut BTreeSet<Finding>,
 ) {
+    // (finding, from a generic rule): a line a specific rule names is not
+    // named again by a generic one (`_authToken=` is npm's, not "a secret").
+    let mut here: Vec<(Finding, bool)> = Vec::new();
     for rule in rules {
         for caps in rule.regex.captures_iter(text) {
             let Some(m) = caps.name("secret").or_else(|| caps.get(0)) else {
@@ -296,23 +309,29 @@ fn check(
             {
                 continue;
             }
-            let shown: String = String::from_utf8_lossy(&secret[..rule.show.min(secret.len())])
-                .into_owned();
-            let f = Finding {
-                layer: layer.to_owned(),
-                file: path.to_owned(),
-                line,
-                rule: rule.id.clone(),
-                kind: rule.kind.clone(),
-                masked: format!("{shown}…"),
-            };
-            if seen.contains(&f) {
-                continue;
-            }
-            report.total += 1;
-            if seen.len() < FINDINGS_MAX {
-                seen.insert(f);
-            }
+            let shown: String =
+                String::from_utf8_lossy(&secret[..rule.show.min(secret.len())]).into_owned();
+            here.push((
+                Finding {
+                    layer: layer.to_owned(),
+                    file: path.to_owned(),
+                    line,
+                    rule: rule.id.clone(),
+                    kind: rule.kind.clone(),
+                    masked: format!("{shown}…"),
+                },
+                rule.entropy.is_some(),
+            ));
+        }
+    }
+    let specific = here.iter().any(|(_, generic)| !generic);
+    for (f, generic) in here {
+        if (generic && specific) || seen.contains(&f) {
+            continue;
+        }
+        report.total += 1;
+        if seen.len() < FINDINGS_MAX {
+            seen.insert(f);
         }
     }
 }
@@ -354,7 +373,9 @@ mod tests {
 
     /// The file a rule's example is tried in: its first `files` entry.
     fn home(r: &RawRule) -> String {
-        r.files.first().map_or_else(|| "etc/app.conf".to_owned(), |f| format!("app/{f}"))
+        r.files
+            .first()
+            .map_or_else(|| "etc/app.conf".to_owned(), |f| format!("app/{f}"))
     }
 
     /// A test per rule: its example is found by exactly that rule, its
@@ -374,7 +395,11 @@ mod tests {
                 assert!(f.masked.chars().count() <= r.show.max(11) + 1, "{f:?}");
             }
             let clean = findings(&home(&r), r.clean.as_bytes());
-            assert!(clean.is_empty(), "rule {}: clean line found: {clean:?}", r.id);
+            assert!(
+                clean.is_empty(),
+                "rule {}: clean line found: {clean:?}",
+                r.id
+            );
         }
     }
 
@@ -383,8 +408,20 @@ mod tests {
         let line = b"STRIPE_KEY=sk_live_abc123";
         assert!(!findings("app/.env", line).is_empty());
         assert!(findings("app/settings.txt", line).is_empty());
-        assert!(!findings("root/.docker/config.json", br#"{"auths":{"r":{"auth":"dXNlcjpwYXNz"}}}"#).is_empty());
-        assert!(findings("root/config.json", br#"{"auths":{"r":{"auth":"dXNlcjpwYXNz"}}}"#).is_empty());
+        assert!(
+            !findings(
+                "root/.docker/config.json",
+                br#"{"auths":{"r":{"auth":"dXNlcjpwYXNz"}}}"#
+            )
+            .is_empty()
+        );
+        assert!(
+            findings(
+                "root/config.json",
+                br#"{"auths":{"r":{"auth":"dXNlcjpwYXNz"}}}"#
+            )
+            .is_empty()
+        );
     }
 
     #[test]

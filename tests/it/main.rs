@@ -41,6 +41,8 @@ mod daemon_real;
 mod engine_real;
 mod pull_real;
 mod registry_real;
+mod scan_gate;
+mod scan_secrets;
 mod storage_real;
 mod store_real;
 mod transfer_real;
