@@ -44,14 +44,19 @@ impl Policy {
     /// One line for `stowage check`.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "policy OK: {} retain, {} protect, {} tags, {} float, {} prepull, {} mirror, {} scan rules; storage {}; schedule {:?}",
+            "policy OK: {} retain, {} protect, {} tags, {} float, {} prepull, {} mirror{} rules; storage {}; schedule {:?}",
             self.retain.len(),
             self.protect.len(),
             self.tags.len(),
             self.float.len(),
             self.prepull.len(),
             self.mirror.len(),
-            self.scan.len(),
+            // Said only when written, so existing summaries read the same.
+            if self.scan.is_empty() {
+                String::new()
+            } else {
+                format!(", {} scan", self.scan.len())
+            },
             if self.storage.is_some() { "on" } else { "off" },
             self.daemon.schedule.source,
         );
