@@ -700,6 +700,7 @@ async fn cmd_status_direct(
             "policy": policy.source,
             "engine": engine.address(),
             "references": rows,
+            "scans": status::scan_counts(&state),
         }))?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -707,6 +708,9 @@ async fn cmd_status_direct(
         "daemon: not running\n\n{}",
         status::render_table(&rows, observed.images.len(), &policy.source, at)
     )?;
+    if let Some(line) = status::scan_line(&state) {
+        outln!("{line}")?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

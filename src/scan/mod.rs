@@ -166,6 +166,12 @@ impl<'a, E: Engine> Admission<'a, E> {
     }
 }
 
+/// Whether any `[[scan]]` rule of `policy` applies to `reference` (`plan`'s
+/// "pending scan").
+pub fn any_in_scope(policy: &Policy, reference: &str) -> bool {
+    policy.scan.iter().any(|r| applies(r, reference))
+}
+
 fn applies(rule: &Scan, reference: &str) -> bool {
     match Reference::parse(reference) {
         Ok(r) => rule

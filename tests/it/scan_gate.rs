@@ -44,6 +44,12 @@ async fn scan_failing_new_digest_leaves_the_old_image_and_a_passing_one_moves() 
         refuse(&b.id())
     ));
     publish(&engine, &a, None).await;
+    let plan = stowage(&addr, &policy, &["plan"]).await;
+    assert!(
+        String::from_utf8_lossy(&plan.stdout).contains("pending scan"),
+        "{}",
+        text(&plan)
+    );
     let out = stowage(&addr, &policy, &["apply"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(holder(&engine, &reference).await, Some(a.id()));
@@ -67,6 +73,12 @@ async fn scan_failing_new_digest_leaves_the_old_image_and_a_passing_one_moves() 
         failed[0].reason.starts_with("CVE-2099-0001"),
         "{:?}",
         failed[0]
+    );
+    let status = stowage(&addr, &policy, &["status"]).await;
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("scans: 2 verdicts, 1 failed"),
+        "{}",
+        text(&status)
     );
     let pulls = records(dir.audit(), Action::Pull, Outcome::Failed);
     assert!(
