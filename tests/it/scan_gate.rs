@@ -223,3 +223,51 @@ async fn scan_output_of_100_mb_is_bounded() {
     assert!(failed[0].reason.len() <= 310, "{}", failed[0].reason.len());
     engine.remove(&reference).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_failing_image_is_not_mirrored() {
+    let Some(engine) = engine_env::engine().await else {
+        return;
+    };
+    let _engine_wide = ENGINE_WIDE.read().await;
+    let (addr, reg) = (
+        engine_env::engine_addr().unwrap(),
+        engine_env::registry().unwrap(),
+    );
+    let ns = engine_env::unique_ns("scan-mirror");
+    let good = engine_env::image(&[&format!("{ns}/app:1")], now() - DAY, 4096);
+    let bad = engine_env::image(&[&format!("{ns}/app:2")], now() - DAY, 4096);
+    engine_env::load(&engine, &[good.clone(), bad.clone()]).await;
+    let dir = Dir::new();
+    let policy = dir.policy(&format!(
+        "[[mirror]]\nname = \"edge\"\nregistry = \"{reg}\"\nimages = [\"{ns}/app\"]\n\
+         [[scan]]\nname = \"cves\"\ncommand = {}\n",
+        refuse(&bad.id())
+    ));
+    let out = stowage(&addr, &policy, &["apply"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let pushed = records(dir.audit(), Action::Push, Outcome::Ok);
+    assert_eq!(pushed.len(), 1, "{:#?}", dir.audit());
+    assert_eq!(pushed[0].image.as_deref(), Some(good.id().as_str()));
+    let refused = records(dir.audit(), Action::Push, Outcome::Failed);
+    assert!(
+        refused[0].error.as_deref().unwrap_or("").contains("blocked by scan \"cves\""),
+        "{refused:#?}"
+    );
+    assert!(
+        engine
+            .remote_digest(&format!("{reg}/{ns}/app:2"), None)
+            .await
+            .is_err(),
+        "the failing image reached the mirror"
+    );
+    assert!(
+        engine
+            .remote_digest(&format!("{reg}/{ns}/app:1"), None)
+            .await
+            .is_ok()
+    );
+    for i in [&good, &bad] {
+        engine.remove(&i.tags[0]).await.unwrap();
+    }
+}
