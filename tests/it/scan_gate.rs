@@ -251,7 +251,11 @@ async fn scan_failing_image_is_not_mirrored() {
     assert_eq!(pushed[0].image.as_deref(), Some(good.id().as_str()));
     let refused = records(dir.audit(), Action::Push, Outcome::Failed);
     assert!(
-        refused[0].error.as_deref().unwrap_or("").contains("blocked by scan \"cves\""),
+        refused[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("blocked by scan \"cves\""),
         "{refused:#?}"
     );
     assert!(

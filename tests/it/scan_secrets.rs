@@ -101,7 +101,7 @@ pub(crate) fn planted() -> Planted {
             tail(60),
             "PRIVATE KEY"
         ),
-        aws: format!("{}{}", "AK", format!("IA{}", tail(16))),
+        aws: format!("{}IA{}", "AK", tail(16)),
         github: format!("{}_{}", "ghp", tail(36)),
         gitlab: format!("{}-{}", "glpat", tail(20)),
         npm: format!("npm_{}", tail(30)),
