@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use regex::bytes::Regex;
+use regex::bytes::{Regex, RegexSet};
 use serde::Deserialize;
 
 /// The rules, as shipped.
@@ -53,6 +53,8 @@ struct RawRule {
 /// One compiled rule.
 #[derive(Debug)]
 pub struct Rule {
+    /// Position in [`RULES`] (and in [`SET`]).
+    index: usize,
     pub id: String,
     pub kind: String,
     regex: Regex,
@@ -76,7 +78,9 @@ pub static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
     let raw: RawRules = toml::from_str(RULES_TOML).expect("rules.toml parses (tested)");
     raw.rule
         .into_iter()
-        .map(|r| Rule {
+        .enumerate()
+        .map(|(index, r)| Rule {
+            index,
             regex: Regex::new(&r.regex).expect("rules.toml regexes compile (tested)"),
             id: r.id,
             kind: r.kind,
@@ -85,6 +89,23 @@ pub static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
             show: r.show,
         })
         .collect()
+});
+
+/// Every rule's regex in one automaton: a line is matched once, and only
+/// the rules it hits run again for their captures.
+static SET: LazyLock<RegexSet> = LazyLock::new(|| {
+    RegexSet::new(RULES.iter().map(|r| r.regex.as_str()))
+        .expect("rules.toml regexes compile (tested)")
+});
+
+/// The same, multi-line, over a whole chunk read: a chunk it does not match
+/// holds no line any rule matches (`^` matching at every line start only
+/// widens it), so its lines are not looked at one by one.
+static CHUNK_SET: LazyLock<RegexSet> = LazyLock::new(|| {
+    regex::bytes::RegexSetBuilder::new(RULES.iter().map(|r| r.regex.as_str()))
+        .multi_line(true)
+        .build()
+        .expect("rules.toml regexes compile (tested)")
 });
 
 /// One leaked secret, named but never shown.
@@ -228,8 +249,14 @@ pub fn scan_file<R: Read>(
             return Ok(());
         }
         let mut data = &chunk[..n];
+        let quiet = !CHUNK_SET.is_match(data);
         while !data.is_empty() {
             match data.iter().position(|&b| b == b'\n') {
+                // A whole line of a chunk no rule matches.
+                Some(i) if quiet && buf.is_empty() => {
+                    line += 1;
+                    data = &data[i + 1..];
+                }
                 Some(i) => {
                     let room = LINE_MAX + OVERLAP - buf.len();
                     buf.extend_from_slice(&data[..i.min(room)]);
@@ -298,7 +325,11 @@ fn check(
     // (finding, from a generic rule): a line a specific rule names is not
     // named again by a generic one (`_authToken=` is npm's, not "a secret").
     let mut here: Vec<(Finding, bool)> = Vec::new();
-    for rule in rules {
+    let hits = SET.matches(text);
+    if !hits.matched_any() {
+        return;
+    }
+    for rule in rules.iter().filter(|r| hits.matched(r.index)) {
         for caps in rule.regex.captures_iter(text) {
             let Some(m) = caps.name("secret").or_else(|| caps.get(0)) else {
                 continue;
