@@ -28,10 +28,20 @@ fn main() {
             while text.len() < 64 * 1024 {
                 x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
                 let w = (x >> 33) as usize;
-                let _ = writeln!(text, "key_{} = value-{:x} some words here {}", w % 997, w, w % 13);
+                let _ = writeln!(
+                    text,
+                    "key_{} = value-{:x} some words here {}",
+                    w % 997,
+                    w,
+                    w % 13
+                );
             }
             if l == 2 && n == 7 {
-                let _ = writeln!(text, "token: {}_{}", "ghp", "R2d2C3poR2d2C3poR2d2C3poR2d2C3po1234");
+                let _ = writeln!(
+                    text,
+                    "token: {}_{}",
+                    "ghp", "R2d2C3poR2d2C3poR2d2C3poR2d2C3po1234"
+                );
             }
             put(&mut layer, &format!("srv/data/{l}/{n}.conf"), &text);
             written += text.len();

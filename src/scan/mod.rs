@@ -40,6 +40,12 @@ use crate::state::ScanVerdict;
 
 /// Folder of the exports under `state_dir`.
 const WORK_DIR: &str = "scan";
+/// Verdicts kept in the state at most (the oldest go first): a host that
+/// sees many images does not grow its state without end.
+const CACHE_MAX: usize = 10_000;
+/// Makes each export's file name unique within the process (two jobs may
+/// admit the same image at once).
+static EXPORTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Why the admission checks could not run at all.
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +168,14 @@ impl<'a, E: Engine> Admission<'a, E> {
 
     /// The verdict cache, for the state.
     pub fn into_cache(self) -> BTreeMap<String, ScanVerdict> {
-        self.cache.into_inner().unwrap_or_else(|p| p.into_inner())
+        let mut cache = self.cache.into_inner().unwrap_or_else(|p| p.into_inner());
+        if cache.len() > CACHE_MAX {
+            let mut ages: Vec<i64> = cache.values().map(|v| v.at).collect();
+            ages.sort_unstable();
+            let cutoff = ages[cache.len() - CACHE_MAX];
+            cache.retain(|_, v| v.at >= cutoff);
+        }
+        cache
     }
 }
 
@@ -404,9 +417,10 @@ impl Export {
             })?;
         let hex = image.trim_start_matches("sha256:");
         let path = ctx.work_dir.join(format!(
-            "{}.{}.tar",
+            "{}.{}.{}.tar",
             &hex[..hex.len().min(16)],
-            std::process::id()
+            std::process::id(),
+            EXPORTS.fetch_add(1, Ordering::Relaxed)
         ));
         let export = Export { path };
         match ctx.engine.export(&[image.to_owned()], &export.path).await {
