@@ -37,11 +37,9 @@ fn main() {
                 );
             }
             if l == 2 && n == 7 {
-                let _ = writeln!(
-                    text,
-                    "token: {}_{}",
-                    "ghp", "R2d2C3poR2d2C3poR2d2C3poR2d2C3po1234"
-                );
+                // Split so that this file holds no token-shaped string.
+                let token = ["ghp", "R2d2C3poR2d2C3poR2d2C3poR2d2C3po1234"].join("_");
+                let _ = writeln!(text, "token: {token}");
             }
             put(&mut layer, &format!("srv/data/{l}/{n}.conf"), &text);
             written += text.len();
