@@ -34,6 +34,8 @@
 //!   OCI layout, served read-only on loopback for the engine to pull.
 //! - [`bundle`]: bundles for offline hosts: the safe tar reader, verify,
 //!   create (from registries or the engine), inventory.
+//! - [`scan`]: admission checks (`[[scan]]`): external commands and
+//!   `builtin:secrets`, run on arriving images before their reference moves.
 //! - [`cli`]: the command line.
 //!
 //! The `testkit` feature (off by default; every test, bench and example target
@@ -60,6 +62,7 @@ pub mod policy;
 pub mod reconcile;
 pub mod refs;
 pub mod registry;
+pub mod scan;
 pub mod state;
 pub mod status;
 pub mod storage;

@@ -123,6 +123,20 @@ pub struct State {
     /// then (Unix seconds).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub held: BTreeMap<String, i64>,
+    /// Admission verdicts, keyed by `image-id command-hash` (see
+    /// `crate::scan`): an image is scanned once per command.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scans: BTreeMap<String, ScanVerdict>,
+}
+
+/// One cached admission verdict (never the secret or the tool's output:
+/// only its first line, and for `builtin:secrets` kinds, files and lines).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanVerdict {
+    pub passed: bool,
+    pub reason: String,
+    /// When it was reached (Unix seconds).
+    pub at: i64,
 }
 
 impl State {

@@ -210,6 +210,26 @@ pub struct DaemonStatus {
 }
 
 /// Backoff rows from a state.
+/// Cached `[[scan]]` verdicts: `(all, failed)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ScanCounts {
+    pub verdicts: usize,
+    pub failed: usize,
+}
+
+pub fn scan_counts(state: &State) -> ScanCounts {
+    ScanCounts {
+        verdicts: state.scans.len(),
+        failed: state.scans.values().filter(|v| !v.passed).count(),
+    }
+}
+
+/// `scans: 12 verdicts, 1 failed`, when any were reached.
+pub fn scan_line(state: &State) -> Option<String> {
+    let c = scan_counts(state);
+    (c.verdicts > 0).then(|| format!("scans: {} verdicts, {} failed", c.verdicts, c.failed))
+}
+
 pub fn backoffs(state: &State) -> Vec<BackoffRow> {
     state
         .backoff

@@ -60,6 +60,8 @@ pub enum Action {
     Restore,
     /// A bundle brought in (`stowage bundle import`, the daemon's inbox).
     Import,
+    /// An admission check's verdict (`[[scan]]`).
+    Scan,
 }
 
 impl Action {
@@ -78,6 +80,7 @@ impl Action {
             Action::Trash => "trash",
             Action::Restore => "restore",
             Action::Import => "import",
+            Action::Scan => "scan",
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The command line: `check`, `plan`, `apply`, `run`, `reconcile`, `status`,
-//! `history`, `pull`, `bundle create|verify`, `inventory`, `trash`, `restore`,
-//! `policy push`. `-p` takes a file or `oci://…` (see `remote`).
+//! `history`, `pull`, `scan`, `bundle create|verify|import`, `inventory`, `trash`,
+//! `restore`, `policy push`. `-p` takes a file or `oci://…` (see `remote`).
 //!
 //! Exit codes follow the spec: 0 success; `plan --exit-code` 1 when actions
 //! are pending; `apply` and `pull` 1 when some actions failed; 2 when a
@@ -121,6 +121,12 @@ enum Command {
         /// `os/arch[/variant]` of an index [default: the engine's own]
         #[arg(long)]
         platform: Option<String>,
+    },
+    /// Run the policy's `[[scan]]` admission checks on a local image now
+    /// (0 all passed, 1 one failed, 2 could not run)
+    Scan {
+        /// A local image: `repository:tag`, `repo@digest` or an image id
+        reference: String,
     },
     /// Bundles for offline hosts: create, verify, import
     Bundle {
@@ -266,11 +272,12 @@ macro_rules! outln {
     ($($arg:tt)*) => { emit(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
-// After the macros: `pull`, `bundle`, `import`, `trash` and `remote` use them.
+// After the macros: `pull`, `bundle`, `import`, `scan`, `trash` and `remote` use them.
 mod bundle;
 mod import;
 mod pull;
 mod remote;
+mod scan;
 mod trash;
 
 fn init_logging(format: LogFormat) {
@@ -354,6 +361,9 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
         }
         Command::Restore { target, protect } => {
             trash::cmd_restore(&policy_path, cli.engine.as_deref(), &target, protect).await
+        }
+        Command::Scan { reference } => {
+            scan::cmd_scan(&policy_path, cli.engine.as_deref(), &reference).await
         }
         Command::Pull {
             reference,
@@ -798,6 +808,7 @@ async fn cmd_status_direct(
             "engine": engine.address(),
             "references": rows,
             "trash": trash,
+            "scans": status::scan_counts(&state),
         }))?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -810,6 +821,9 @@ async fn cmd_status_direct(
         status::render_table(&rows, observed.images.len(), &policy.source, at),
         status::render_trash(&trash)
     )?;
+    if let Some(line) = status::scan_line(&state) {
+        outln!("{line}")?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

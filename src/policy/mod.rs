@@ -8,6 +8,7 @@
 mod diag;
 pub(crate) mod file;
 mod raw;
+mod scan;
 mod sections;
 mod validate;
 mod values;
@@ -34,6 +35,8 @@ pub struct Policy {
     pub float: Vec<Float>,
     pub prepull: Vec<Prepull>,
     pub mirror: Vec<Mirror>,
+    /// `[[scan]]`: admission checks on arriving and outgoing images.
+    pub scan: Vec<Scan>,
     pub storage: Option<Storage>,
 }
 
@@ -41,13 +44,19 @@ impl Policy {
     /// One line for `stowage check`.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "policy OK: {} retain, {} protect, {} tags, {} float, {} prepull, {} mirror rules; storage {}; schedule {:?}",
+            "policy OK: {} retain, {} protect, {} tags, {} float, {} prepull, {} mirror{} rules; storage {}; schedule {:?}",
             self.retain.len(),
             self.protect.len(),
             self.tags.len(),
             self.float.len(),
             self.prepull.len(),
             self.mirror.len(),
+            // Said only when written, so existing summaries read the same.
+            if self.scan.is_empty() {
+                String::new()
+            } else {
+                format!(", {} scan", self.scan.len())
+            },
             if self.storage.is_some() { "on" } else { "off" },
             self.daemon.schedule.source,
         );
@@ -251,6 +260,39 @@ pub struct Mirror {
     pub registry: String,
     pub scope: Scope,
     pub prefix: Option<String>,
+}
+
+/// One `[[scan]]` rule: a command (or `builtin:secrets`) every arriving
+/// image in scope passes before its reference moves to it.
+#[derive(Debug, Clone)]
+pub struct Scan {
+    pub name: String,
+    /// Every repository when `images` is not written.
+    pub scope: Scope,
+    /// The argv as written, placeholders (`{ref}`, `{image}`, `{archive}`)
+    /// still in it; `["builtin:secrets"]` for stowage's own secret scan.
+    pub command: Vec<String>,
+    pub on_fail: OnFail,
+    /// A scan still running after this long is killed and fails.
+    pub timeout: Duration,
+}
+
+impl Scan {
+    /// Whether the command is stowage's own secret scan.
+    pub fn is_builtin_secrets(&self) -> bool {
+        self.command.len() == 1 && self.command[0] == BUILTIN_SECRETS
+    }
+}
+
+/// The one built-in scan's command word.
+pub const BUILTIN_SECRETS: &str = "builtin:secrets";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFail {
+    /// A failing image is not tagged into place and not mirrored.
+    Block,
+    /// Recorded only.
+    Warn,
 }
 
 #[derive(Debug, Clone)]

@@ -115,6 +115,17 @@ pub(super) struct RawMirror {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct RawScan {
+    pub name: Opt<String>,
+    pub images: List,
+    pub tags: List,
+    pub command: List,
+    pub on_fail: Opt<String>,
+    pub timeout: Opt<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct RawStorage {
     pub max_size: Opt<SizeValue>,
     pub high_watermark: Opt<String>,
@@ -188,11 +199,13 @@ pub(super) struct RawPolicy {
     pub float: Vec<Section<RawFloat>>,
     pub prepull: Vec<Section<RawPrepull>>,
     pub mirror: Vec<Section<RawMirror>>,
+    pub scan: Vec<Section<RawScan>>,
     pub storage: Option<Section<RawStorage>>,
 }
 
 const TOP_KEYS: &[&str] = &[
-    "version", "daemon", "retain", "protect", "tags", "float", "prepull", "mirror", "storage",
+    "version", "daemon", "retain", "protect", "tags", "float", "prepull", "mirror", "scan",
+    "storage",
 ];
 
 /// Read the parsed document into raw sections, reporting unknown keys and
@@ -225,6 +238,7 @@ pub(super) fn read(doc: &DeTable<'_>, sink: &mut Sink<'_>) -> RawPolicy {
             "float" => out.float = array(value, "float", sink),
             "prepull" => out.prepull = array(value, "prepull", sink),
             "mirror" => out.mirror = array(value, "mirror", sink),
+            "scan" => out.scan = array(value, "scan", sink),
             other => {
                 // A daemon or storage key written before any table header
                 // lands at the top level: say where it belongs.

@@ -92,6 +92,7 @@ pub(super) enum RuleKind {
     Float,
     Prepull,
     Mirror,
+    Scan,
 }
 
 impl RuleKind {
@@ -104,6 +105,7 @@ impl RuleKind {
             RuleKind::Float => "float",
             RuleKind::Prepull => "prepull",
             RuleKind::Mirror => "mirror",
+            RuleKind::Scan => "scan",
         }
     }
 }
@@ -191,6 +193,7 @@ impl<'s, 'a> Validator<'s, 'a> {
         let float = collect(raw.float.iter().map(|s| self.float(s)), &mut ok);
         let prepull = collect(raw.prepull.iter().map(|s| self.prepull(s)), &mut ok);
         let mirror = collect(raw.mirror.iter().map(|s| self.mirror(s)), &mut ok);
+        let scan = collect(raw.scan.iter().map(|s| self.scan(s)), &mut ok);
         let storage = match &raw.storage {
             Some(s) => Some(self.storage(s)?),
             None => None,
@@ -214,6 +217,7 @@ impl<'s, 'a> Validator<'s, 'a> {
             float,
             prepull,
             mirror,
+            scan,
             storage,
         })
     }

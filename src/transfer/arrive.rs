@@ -247,6 +247,7 @@ pub async fn arrive<E: Engine>(
         shutdown,
         progress: None,
         content: None,
+        scan: None,
     };
     let images = engine.list_images().await?;
     let have: HashMap<&str, &Image> = images.iter().map(|i| (i.id.as_str(), i)).collect();

@@ -164,6 +164,8 @@ struct Ctx<'a, E: Engine> {
     /// it cannot be used: every pull fails with that rather than going
     /// around it.
     content: Option<Result<&'a Content, String>>,
+    /// The `[[scan]]` admission checks; `None` when the policy has none.
+    scan: Option<&'a crate::scan::Admission<'a, E>>,
 }
 
 impl<E: Engine> Ctx<'_, E> {
@@ -367,6 +369,30 @@ pub async fn run<E: Engine>(
     state: &mut State,
     audit: &mut AuditLog,
 ) -> Result<TransferReport, AuditError> {
+    // The verdict cache is lent to the admission checks and given back on
+    // every way out.
+    let admission = (!phase.policy.scan.is_empty()).then(|| {
+        crate::scan::Admission::new(
+            phase.engine,
+            phase.policy,
+            std::mem::take(&mut state.scans),
+            phase.shutdown.clone(),
+        )
+    });
+    let result = run_phase(phase, observed, state, audit, admission.as_ref()).await;
+    if let Some(a) = admission {
+        state.scans = a.into_cache();
+    }
+    result
+}
+
+async fn run_phase<E: Engine>(
+    phase: &Phase<'_, E>,
+    observed: &mut Observed,
+    state: &mut State,
+    audit: &mut AuditLog,
+    scan: Option<&crate::scan::Admission<'_, E>>,
+) -> Result<TransferReport, AuditError> {
     let Phase {
         engine,
         policy,
@@ -402,6 +428,7 @@ pub async fn run<E: Engine>(
         shutdown,
         progress: None,
         content: content.as_ref().map(|c| c.as_ref().map_err(Clone::clone)),
+        scan,
     };
     let now = clock.now().timestamp();
     let store = content.as_ref().and_then(|c| c.as_ref().ok());

@@ -170,6 +170,7 @@ pub async fn preview<E: Engine>(
         shutdown: &never,
         progress: None,
         content: content.as_ref().map(Ok),
+        scan: None,
     };
     // `stowage plan` shows what `stowage apply` would do: refresh is due.
     let pulls = pull_intents(policy, observed, state, now, true);
@@ -204,6 +205,12 @@ pub async fn preview<E: Engine>(
         .collect()
         .await;
     plan.items.extend(found.into_iter().flatten());
+    // A pulled image is new to the host: its admission checks are to come.
+    for step in &mut plan.items {
+        if step.kind == StepKind::Pull && crate::scan::any_in_scope(policy, &step.reference) {
+            step.reason.push_str("; pending scan");
+        }
+    }
     plan
 }
 

@@ -206,6 +206,18 @@ async fn pull_once<E: Engine>(
                 }
             }
         };
+        // Admission checks before the reference moves: a blocked image is
+        // not tagged, and one this pull brought is removed again.
+        if let Some(why) = admission(ctx, intent, &image, run_id, clock, &mut result).await {
+            if let (Some(store), Some(h), PullStep::Pull { from }) = (content, handed, &step) {
+                store.finish(ctx, intent, c, from, h).await;
+            }
+            if result.pulled.take().is_some() {
+                remove_blocked(ctx, &image).await;
+            }
+            causes.push(why);
+            return fail(result, causes);
+        }
         let tagged = match &intent.tag_ref {
             Some(tag_ref) if intent.current.as_deref() != Some(image.as_str()) => ctx
                 .engine
@@ -240,6 +252,49 @@ async fn pull_once<E: Engine>(
         return result;
     }
     fail(result, causes)
+}
+
+/// Runs the `[[scan]]` checks on `image` before `intent`'s reference moves
+/// to it, their records into `result`; `Some(why)` when one blocks.
+async fn admission<E: Engine>(
+    ctx: &Ctx<'_, E>,
+    intent: &PullIntent,
+    image: &str,
+    run_id: &str,
+    clock: &dyn Clock,
+    result: &mut JobResult,
+) -> Option<String> {
+    let scan = ctx.scan?;
+    if intent.current.as_deref() == Some(image) || !scan.in_scope(&intent.reference) {
+        return None;
+    }
+    let arrival = [(intent.reference.clone(), image.to_owned())];
+    match crate::scan::admit(scan, &arrival).await {
+        Ok(verdicts) => {
+            for v in &verdicts {
+                result.records.push(v.record(run_id, clock.now()));
+            }
+            crate::scan::blocking(&verdicts).map(|v| {
+                format!(
+                    "blocked by scan {:?}: {}; {} not moved",
+                    v.rule, v.reason, intent.reference
+                )
+            })
+        }
+        Err(e) => Some(format!("admission checks could not run: {e}; not moved")),
+    }
+}
+
+/// A blocked image this pull brought goes again: nothing else names it
+/// (its loopback and upstream digest references go with it).
+async fn remove_blocked<E: Engine>(ctx: &Ctx<'_, E>, image: &str) {
+    match ctx.engine.remove(image).await {
+        Ok(_) => tracing::info!("removed the blocked image {}", crate::fmt::short_id(image)),
+        Err(e) => tracing::warn!(
+            "cannot remove the blocked image {}: {e}; left untagged",
+            crate::fmt::short_id(image)
+        ),
+    }
 }
 
 /// The tag `intent` follows (`latest` for a reference given by digest only).
@@ -354,6 +409,15 @@ pub async fn pull_one<E: Engine>(
     } else {
         None
     };
+    // No verdict cache outside the daemon's state: `stowage pull` scans.
+    let admission = (!phase.policy.scan.is_empty()).then(|| {
+        crate::scan::Admission::new(
+            phase.engine,
+            phase.policy,
+            std::collections::BTreeMap::new(),
+            phase.shutdown.clone(),
+        )
+    });
     let ctx = Ctx {
         engine: phase.engine,
         creds: &creds,
@@ -362,6 +426,7 @@ pub async fn pull_one<E: Engine>(
         shutdown: phase.shutdown,
         progress,
         content: content.as_ref().map(|c| c.as_ref().map_err(Clone::clone)),
+        scan: admission.as_ref(),
     };
     let r = pull_once(&ctx, intent, observed, phase.run_id, false, phase.clock).await;
     if let Some(Ok(store)) = &content {

@@ -93,6 +93,26 @@ async fn push_once<E: Engine>(
         result.dry_run = true;
         return result;
     }
+    // A failing image is not mirrored onward.
+    if let Some(scan) = ctx.scan
+        && scan.in_scope(&intent.source)
+    {
+        let arrival = [(intent.source.clone(), intent.image.clone())];
+        let blocked = match crate::scan::admit(scan, &arrival).await {
+            Ok(verdicts) => {
+                for v in &verdicts {
+                    result.records.push(v.record(run_id, clock.now()));
+                }
+                crate::scan::blocking(&verdicts)
+                    .map(|v| format!("blocked by scan {:?}: {}; not pushed", v.rule, v.reason))
+            }
+            Err(e) => Some(format!("admission checks could not run: {e}; not pushed")),
+        };
+        if let Some(why) = blocked {
+            fail(&mut result, rec, why);
+            return result;
+        }
+    }
     // The last safe point before the host changes.
     if ctx.shutdown.is_cancelled() {
         return result.interrupted(rec, "push");

@@ -45,6 +45,8 @@ mod inbox_real;
 mod policy_oci;
 mod pull_real;
 mod registry_real;
+mod scan_gate;
+mod scan_secrets;
 mod storage_real;
 mod store_real;
 mod transfer_real;

@@ -1158,3 +1158,102 @@ fn check_binary_reports_an_unreadable_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("error: cannot read policy"));
 }
+
+// ----------------------------------------------------------------- scan ----
+
+#[test]
+fn scan_defaults_and_scope() {
+    let p = parse(
+        "version = 1\n\
+         [[scan]]\nname = \"secrets\"\ncommand = [\"builtin:secrets\"]\n\
+         [[scan]]\nname = \"trivy\"\nimages = [\"app/**\"]\ntags = [\"v.*\"]\non_fail = \"warn\"\ntimeout = \"30s\"\n\
+         command = [\"trivy\", \"image\", \"--input\", \"{archive}\", \"--exit-code\", \"1\"]\n",
+    )
+    .unwrap();
+    assert_eq!(p.scan.len(), 2);
+    let s = &p.scan[0];
+    assert!(s.is_builtin_secrets());
+    assert_eq!(s.on_fail, policy::OnFail::Block);
+    assert_eq!(s.timeout, Duration::from_secs(600));
+    assert!(s.scope.matches("anything/at/all", "1"));
+    let t = &p.scan[1];
+    assert_eq!(t.on_fail, policy::OnFail::Warn);
+    assert_eq!(t.timeout, Duration::from_secs(30));
+    assert!(t.scope.matches("app/web", "v1"));
+    assert!(!t.scope.matches("app/web", "latest"));
+    assert!(!t.scope.matches("other", "v1"));
+    assert!(p.summary().contains("2 scan rules"), "{}", p.summary());
+}
+
+#[test]
+fn scan_missing_command() {
+    one_error(
+        "version = 1\n[[scan]]\nname = \"x\"\n",
+        "2:1",
+        "scan[1]: missing required key `command`",
+    );
+}
+
+#[test]
+fn scan_empty_command() {
+    one_error(
+        "version = 1\n[[scan]]\nname = \"x\"\ncommand = []\n",
+        "4:11",
+        "scan[1].command: must not be empty",
+    );
+}
+
+#[test]
+fn scan_unknown_placeholder() {
+    one_error(
+        "version = 1\n[[scan]]\nname = \"x\"\ncommand = [\"t\", \"{img}\"]\n",
+        "4:17",
+        "scan[1].command[2]: unknown placeholder {img}",
+    );
+}
+
+#[test]
+fn scan_unknown_builtin_and_builtin_with_arguments() {
+    one_error(
+        "version = 1\n[[scan]]\nname = \"x\"\ncommand = [\"builtin:cves\"]\n",
+        "4:12",
+        "is not a built-in scan",
+    );
+    one_error(
+        "version = 1\n[[scan]]\nname = \"x\"\ncommand = [\"builtin:secrets\", \"-v\"]\n",
+        "4:31",
+        "takes no arguments",
+    );
+}
+
+#[test]
+fn scan_bad_on_fail_suggests_and_bad_timeout() {
+    one_error(
+        "version = 1\n[[scan]]\nname = \"x\"\ncommand = [\"t\"]\non_fail = \"blok\"\n",
+        "5:11",
+        "did you mean \"block\"?",
+    );
+    one_error(
+        "version = 1\n[[scan]]\nname = \"x\"\ncommand = [\"t\"]\ntimeout = \"0s\"\n",
+        "5:11",
+        "scan[1].timeout: must be longer than zero",
+    );
+}
+
+#[test]
+fn scan_names_are_unique_across_rules() {
+    one_error(
+        "version = 1\n[[protect]]\nname = \"x\"\nimages = [\"a\"]\n[[scan]]\nname = \"x\"\ncommand = [\"t\"]\n",
+        "6:8",
+        "duplicate rule name \"x\"",
+    );
+}
+
+#[test]
+fn scan_unknown_key_suggests() {
+    one_error(
+        "version = 1\n[[scan]]\nname = \"x\"\ncommand = [\"t\"]\ncomand = [\"t\"]\n",
+        "5:1",
+        "did you mean `command`?",
+    );
+}
