@@ -159,6 +159,11 @@ pub async fn import<E: Engine>(
 ) -> Result<Imported, ImportError> {
     let started = run.clock.now();
     let result = import_quiet(run, file, expect).await;
+    if let Ok(imported) = &result {
+        for v in &imported.arrived.verdicts {
+            audit.append(&v.record(run.run_id, run.clock.now()));
+        }
+    }
     audit.append(&record(run, file, started, &result));
     result
 }

@@ -61,6 +61,8 @@ pub struct Arrived {
     pub tagged: Vec<(String, String)>,
     /// Already in the engine under that name: nothing done.
     pub present: Vec<(String, String)>,
+    /// The `[[scan]]` verdicts of the images whose references moved.
+    pub verdicts: Vec<crate::scan::Verdict>,
 }
 
 /// An import's hold on `state_dir`: one import at a time, and recovery
@@ -323,6 +325,15 @@ pub async fn arrive<E: Engine>(
         });
     }
     let loopbacks = handed_refs(&handed);
+    // Admission before any reference moves: a blocked image this import
+    // brought goes with its loopback reference, the references stay.
+    match admit(engine, policy, shutdown, &retag).await {
+        Ok(mut verdicts) => out.verdicts.append(&mut verdicts),
+        Err(why) => {
+            undo(engine, &journal, key, &[], &loopbacks).await;
+            return Err(TransferError::Blocked(why));
+        }
+    }
     let noted = retag.clone();
     if let Err(e) = journaled(&journal, key, move |i| i.retag = noted).await {
         undo(engine, &journal, key, &[], &loopbacks).await;
@@ -447,4 +458,39 @@ async fn undo<E: Engine>(
 /// The repository of `name` as a registry's API names it.
 fn api_path_of(name: &str) -> String {
     super::layers::api_path(split_tag(name).0)
+}
+
+/// The policy's `[[scan]]` rules on every image a reference moves to (no
+/// verdict cache outside the daemon's state: an import scans, as `stowage
+/// pull` does); `Err` says which blocked, or why the checks could not run.
+async fn admit<E: Engine>(
+    engine: &E,
+    policy: &Policy,
+    shutdown: &tokio_util::sync::CancellationToken,
+    retag: &[Retag],
+) -> Result<Vec<crate::scan::Verdict>, String> {
+    if policy.scan.is_empty() {
+        return Ok(Vec::new());
+    }
+    let admission = crate::scan::Admission::new(
+        engine,
+        policy,
+        std::collections::BTreeMap::new(),
+        shutdown.clone(),
+    );
+    let arrivals: Vec<(String, String)> = retag
+        .iter()
+        .filter(|r| admission.in_scope(&r.reference))
+        .map(|r| (r.reference.clone(), r.after.clone()))
+        .collect();
+    let verdicts = crate::scan::admit(&admission, &arrivals)
+        .await
+        .map_err(|e| format!("admission checks could not run: {e}; nothing tagged"))?;
+    if let Some(v) = crate::scan::blocking(&verdicts) {
+        return Err(format!(
+            "{} blocked by scan {:?}: {}; nothing tagged",
+            v.reference, v.rule, v.reason
+        ));
+    }
+    Ok(verdicts)
 }

@@ -104,6 +104,10 @@ pub enum TransferError {
     /// The content store cannot be used (its folder, its layout).
     #[error("content store: {0}")]
     Unusable(String),
+    /// An arriving image failed a `[[scan]]` rule with `on_fail = "block"`
+    /// (or its checks could not run): not tagged into place.
+    #[error("{0}")]
+    Blocked(String),
 }
 
 fn last_status(last: &Option<String>) -> String {

@@ -533,3 +533,56 @@ async fn a_delta_imports_where_its_base_is_and_is_refused_naming_the_layers_else
     let source = tags_of(&engine_env::engine().await.unwrap(), &ids).await;
     assert_eq!(tags_of(&connect(&host.addr).await, &ids).await, source);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_a_scan_blocks_tags_nothing_and_one_it_passes_goes_in() {
+    let Some(p) = Published::new("bundle-scan", 2, 256 << 10, 64 << 10).await else {
+        return;
+    };
+    let Some(target) = PrivateEngine::start(None) else {
+        return;
+    };
+    let dir = Dir::new();
+    let file = create_bundle(&dir.path().join("b.tar"), &p.names(), None).await;
+    let ids: Vec<String> = p.images.iter().map(FixtureImage::id).collect();
+    let engine = connect(&target.addr).await;
+    let before = everything(&engine).await;
+
+    // Blocked: the second image fails; neither reference is tagged and the
+    // images the import brought are gone again.
+    let bad = &ids[1];
+    let gate = format!(
+        "[[scan]]\nname = \"gate\"\ncommand = [\"/bin/sh\", \"-c\", \"if [ {{image}} = {bad} ]; then echo 'CVE-2099-0001 in {{ref}}'; exit 1; fi; echo clean\"]\n"
+    );
+    let policy = dir.policy(&gate);
+    let out = stowage(
+        &target.addr,
+        &policy,
+        &["bundle", "import", file.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("blocked by scan \"gate\": CVE-2099-0001"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(everything(&engine).await, before, "the engine is unchanged");
+    let failed = records(dir.audit(), Action::Import, Outcome::Failed);
+    assert_eq!(failed.len(), 1, "{failed:?}");
+
+    // Passing: both go in, each with its `scan` record.
+    let policy = dir.policy(
+        "[[scan]]\nname = \"gate\"\ncommand = [\"/bin/sh\", \"-c\", \"echo clean {ref}\"]\n",
+    );
+    let out = stowage(
+        &target.addr,
+        &policy,
+        &["bundle", "import", file.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(tags_of(&engine, &ids).await.len(), 2);
+    let scans = records(dir.audit(), Action::Scan, Outcome::Ok);
+    assert_eq!(scans.len(), 2, "{scans:?}");
+}
