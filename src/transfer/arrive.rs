@@ -164,16 +164,7 @@ pub async fn recover_imports<E: Engine>(
     for (key, import) in pending {
         match roll_back(engine, &import.retag, &import.loopback).await {
             Ok(mut said) => {
-                let (j, k) = (journal.clone(), key.clone());
-                off_loop(move || {
-                    j.best_effort(|e| {
-                        if let Some(i) = e.imports.get_mut(&k) {
-                            i.loopback.clear();
-                            i.retag.clear();
-                        }
-                    });
-                })
-                .await;
+                settle(&journal, &key).await;
                 undone.append(&mut said);
             }
             Err(e) => tracing::warn!("cannot undo the interrupted import of {key} yet: {e}"),
@@ -439,18 +430,7 @@ async fn undo<E: Engine>(
     loopback: &[String],
 ) {
     match roll_back(engine, retag, loopback).await {
-        Ok(_) => {
-            let (j, k) = (journal.clone(), key.to_owned());
-            off_loop(move || {
-                j.best_effort(|e| {
-                    if let Some(i) = e.imports.get_mut(&k) {
-                        i.loopback.clear();
-                        i.retag.clear();
-                    }
-                });
-            })
-            .await;
-        }
+        Ok(_) => settle(journal, key).await,
         Err(e) => tracing::warn!("cannot undo the import of {key} now ({e}): at the next start"),
     }
 }
@@ -493,4 +473,18 @@ async fn admit<E: Engine>(
         ));
     }
     Ok(verdicts)
+}
+
+/// An import's references are as before again: nothing left to undo.
+async fn settle(journal: &Journal, key: &str) {
+    let (j, k) = (journal.clone(), key.to_owned());
+    off_loop(move || {
+        j.best_effort(|e| {
+            if let Some(i) = e.imports.get_mut(&k) {
+                i.loopback.clear();
+                i.retag.clear();
+            }
+        });
+    })
+    .await;
 }
