@@ -91,8 +91,17 @@ async fn trash_remove_then_restore_gives_the_same_image_and_references() {
     );
     assert_eq!(row["rule"], "releases");
     // Applying again changes nothing: the trash is not retention's.
-    let again = stowage(&addr, &policy, &["plan", "--exit-code"]);
-    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    // (Only this test's images: expired trash another test left on this
+    // engine is anyone's reconcile's to remove.)
+    let again = stowage(&addr, &policy, &["plan", "--json"]);
+    let planned: Value = serde_json::from_slice(&again.stdout).expect("json");
+    let ours: Vec<&Value> = planned["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["image"] == id.as_str() || a.to_string().contains(app.as_str()))
+        .collect();
+    assert!(ours.is_empty(), "{planned:#}");
     let history = stowage(&addr, &policy, &["history", "--json"]);
     assert!(
         String::from_utf8_lossy(&history.stdout).contains("\"trash\""),
