@@ -211,7 +211,7 @@ pub struct DaemonStatus {
 
 /// Backoff rows from a state.
 /// Cached `[[scan]]` verdicts: `(all, failed)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScanCounts {
     pub verdicts: usize,
     pub failed: usize,
@@ -226,7 +226,11 @@ pub fn scan_counts(state: &State) -> ScanCounts {
 
 /// `scans: 12 verdicts, 1 failed`, when any were reached.
 pub fn scan_line(state: &State) -> Option<String> {
-    let c = scan_counts(state);
+    render_scans(scan_counts(state))
+}
+
+/// [`scan_line`] from the counts (the daemon's answer carries those).
+pub fn render_scans(c: ScanCounts) -> Option<String> {
     (c.verdicts > 0).then(|| format!("scans: {} verdicts, {} failed", c.verdicts, c.failed))
 }
 
@@ -443,6 +447,25 @@ mod tests {
         assert_eq!(
             lines[5],
             "3 references in 2 repositories, 3 images; policy /etc/p.toml"
+        );
+    }
+
+    #[test]
+    fn the_scan_line_comes_through_the_daemons_answer_and_is_absent_when_none_ran() {
+        let none = ScanCounts {
+            verdicts: 0,
+            failed: 0,
+        };
+        assert_eq!(render_scans(none), None);
+        let some = ScanCounts {
+            verdicts: 3,
+            failed: 1,
+        };
+        let wire: ScanCounts =
+            serde_json::from_str(&serde_json::to_string(&some).unwrap()).unwrap();
+        assert_eq!(
+            render_scans(wire).as_deref(),
+            Some("scans: 3 verdicts, 1 failed")
         );
     }
 

@@ -739,6 +739,7 @@ async fn cmd_status(
             images,
             references_error,
             trash,
+            scans,
         }) => {
             // As `plan` and `apply` say it, from the daemon's reading.
             if let Some(w) = &daemon.state_warning {
@@ -752,6 +753,7 @@ async fn cmd_status(
                     "references": references,
                     "references_error": references_error,
                     "trash": trash,
+                    "scans": scans,
                 }))?;
                 return Ok(ExitCode::SUCCESS);
             }
@@ -767,6 +769,10 @@ async fn cmd_status(
                         now,
                     ));
                     out.push_str(&status::render_trash(&trash.unwrap_or_default()));
+                    if let Some(line) = scans.and_then(status::render_scans) {
+                        out.push_str(&line);
+                        out.push('\n');
+                    }
                 }
                 (None, e) => out.push_str(&format!(
                     "references not shown: {}\n",
@@ -814,9 +820,7 @@ async fn cmd_status_direct(
     }
     let source = remote::opened().map(|r| crate::fleet::render_status(r, at));
     out!(
-        "daemon: not running
-{}
-{}{}",
+        "daemon: not running\n{}\n{}{}",
         source.unwrap_or_default(),
         status::render_table(&rows, observed.images.len(), &policy.source, at),
         status::render_trash(&trash)

@@ -70,6 +70,9 @@ pub enum Response {
         /// What the trash holds (`[daemon] trash`), with the references.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         trash: Option<crate::trash::Totals>,
+        /// The cached `[[scan]]` verdicts: how many, how many failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scans: Option<crate::status::ScanCounts>,
     },
     Reconcile {
         result: ReconcileResult,

@@ -58,6 +58,7 @@ impl<E: Engine + 'static> Handler for Shared<E> {
         .await;
         let state = (*snapshot.state).clone();
         daemon.backoffs = status::backoffs(&state);
+        let scans = Some(status::scan_counts(&state));
         daemon.state_warning = changed.or(snapshot.warning);
         let (references, images, references_error, trash) = match engine {
             None => (
@@ -95,6 +96,7 @@ impl<E: Engine + 'static> Handler for Shared<E> {
             images,
             references_error,
             trash,
+            scans,
         }
     }
 
