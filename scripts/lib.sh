@@ -9,7 +9,8 @@
 # Source it, then:
 #   stowage_install_deps
 #   T=$(mktemp -d /tmp/stowage-x.XXXX)
-#   stowage_start_engine "$T"           # sets STOWAGE_ENGINE_SOCK, STOWAGE_ENGINE_PID
+#   stowage_start_engine "$T"           # sets STOWAGE_ENGINE_SOCK, STOWAGE_ENGINE_PID,
+#                                       # STOWAGE_ENGINE_TLS_ADDR, STOWAGE_ENGINE_TLS_CERTS
 #   stowage_start_registry "$T" "$(stowage_free_port)"   # sets STOWAGE_REGISTRY_ADDR
 #   ...
 #   stowage_stop_all
@@ -33,6 +34,10 @@ stowage_install_deps() {
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
     # htpasswd: bcrypt users for the registry with auth in the credentials tests.
     command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
+    # openssl: the private engine's TLS certificates (stowage_make_certs);
+    # ip: the network namespace of tests/it/engine_tls.rs.
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    command -v ip >/dev/null 2>&1 || missing+=(iproute2)
     if [ ${#missing[@]} -eq 0 ]; then
         return 0
     fi
@@ -83,14 +88,73 @@ stowage_wait_for() {
     return 1
 }
 
+# _stowage_cert EXT KEY CERT CN [CA CAKEY]: a new P-256 key and its
+# certificate with the extensions of section EXT of $STOWAGE_CERT_EXT, signed
+# by CA (self-signed without one), valid 30 days.
+_stowage_cert() {
+    local ext=$1 key=$2 cert=$3 cn=$4 ca=${5:-} cakey=${6:-}
+    local sign=(-signkey "$key")
+    [ -n "$ca" ] && sign=(-CA "$ca" -CAkey "$cakey" -set_serial "0x$(openssl rand -hex 8)")
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -subj "/CN=$cn" -keyout "$key" -out "$cert.csr" 2>/dev/null &&
+        openssl x509 -req -in "$cert.csr" "${sign[@]}" -days 30 \
+            -extfile "$STOWAGE_CERT_EXT" -extensions "$ext" -out "$cert" 2>/dev/null &&
+        rm -f "$cert.csr"
+}
+
+# Make a test PKI under DIR with openssl: a CA (ca.pem), the engine's
+# certificate for 127.0.0.1 and localhost (server-cert.pem, server-key.pem),
+# DIR/client with ca.pem, cert.pem and key.pem as DOCKER_CERT_PATH holds them,
+# and DIR/other: a second CA and a client certificate of its own, which the
+# engine does not trust.
+stowage_make_certs() {
+    local d=$1
+    mkdir -p "$d/client" "$d/other"
+    STOWAGE_CERT_EXT="$d/ext.cnf"
+    cat >"$STOWAGE_CERT_EXT" <<'EOF'
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1, DNS:localhost
+[client]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+EOF
+    _stowage_cert ca "$d/ca-key.pem" "$d/ca.pem" "stowage test CA" &&
+        _stowage_cert server "$d/server-key.pem" "$d/server-cert.pem" 127.0.0.1 \
+            "$d/ca.pem" "$d/ca-key.pem" &&
+        _stowage_cert client "$d/client/key.pem" "$d/client/cert.pem" "stowage test client" \
+            "$d/ca.pem" "$d/ca-key.pem" &&
+        cp "$d/ca.pem" "$d/client/ca.pem" &&
+        _stowage_cert ca "$d/other/ca-key.pem" "$d/other/ca.pem" "another CA" &&
+        _stowage_cert client "$d/other/key.pem" "$d/other/cert.pem" "another client" \
+            "$d/other/ca.pem" "$d/other/ca-key.pem"
+}
+
 # Start a private dockerd under DIR. DIR must be short (unix socket paths are
 # limited to 108 bytes and containerd's shim sockets live under the exec root).
-# Sets STOWAGE_ENGINE_SOCK (unix://DIR/docker.sock) and STOWAGE_ENGINE_PID.
+# Besides its unix socket it listens on tcp://127.0.0.1:PORT with TLS, client
+# certificates required (`--tlsverify`), certificates from stowage_make_certs
+# under DIR/tls. Sets STOWAGE_ENGINE_SOCK (unix://DIR/docker.sock),
+# STOWAGE_ENGINE_PID, STOWAGE_ENGINE_TLS_ADDR (tcp://127.0.0.1:PORT) and
+# STOWAGE_ENGINE_TLS_CERTS (DIR/tls).
 stowage_start_engine() {
     local dir=$1
     mkdir -p "$dir/data" "$dir/exec"
     local sock="$dir/docker.sock"
-    stowage_log "starting a private dockerd at unix://$sock"
+    if ! stowage_make_certs "$dir/tls"; then
+        echo "error: making the engine's TLS certificates with openssl failed" >&2
+        return 1
+    fi
+    local tls_port
+    tls_port=$(stowage_free_port) || return 1
+    stowage_log "starting a private dockerd at unix://$sock and tcp://127.0.0.1:$tls_port (TLS)"
     # Own containerd namespaces: should dockerd attach to a system containerd
     # (it does when /run/containerd/containerd.sock exists), its containers
     # still never mix with the machine-wide engine's.
@@ -98,6 +162,8 @@ stowage_start_engine() {
     ns="stowage-${ns#stowage-}"
     dockerd --data-root "$dir/data" --exec-root "$dir/exec" --pidfile "$dir/docker.pid" \
         -H "unix://$sock" --bridge=none --iptables=false \
+        -H "tcp://127.0.0.1:$tls_port" --tlsverify --tlscacert "$dir/tls/ca.pem" \
+        --tlscert "$dir/tls/server-cert.pem" --tlskey "$dir/tls/server-key.pem" \
         --containerd-namespace "$ns" --containerd-plugins-namespace "$ns-plugins" \
         >"$dir/dockerd.log" 2>&1 &
     local pid=$!
@@ -107,9 +173,18 @@ stowage_start_engine() {
         tail -n 30 "$dir/dockerd.log" >&2 || true
         return 1
     fi
+    if ! stowage_wait_for 10 docker --host "tcp://127.0.0.1:$tls_port" --tlsverify \
+        --tlscacert "$dir/tls/client/ca.pem" --tlscert "$dir/tls/client/cert.pem" \
+        --tlskey "$dir/tls/client/key.pem" version; then
+        echo "error: the private dockerd does not answer over TLS at 127.0.0.1:$tls_port; log tail:" >&2
+        tail -n 30 "$dir/dockerd.log" >&2 || true
+        return 1
+    fi
     STOWAGE_ENGINE_SOCK="unix://$sock"
     STOWAGE_ENGINE_PID=$pid
-    export STOWAGE_ENGINE_SOCK STOWAGE_ENGINE_PID
+    STOWAGE_ENGINE_TLS_ADDR="tcp://127.0.0.1:$tls_port"
+    STOWAGE_ENGINE_TLS_CERTS="$dir/tls"
+    export STOWAGE_ENGINE_SOCK STOWAGE_ENGINE_PID STOWAGE_ENGINE_TLS_ADDR STOWAGE_ENGINE_TLS_CERTS
 }
 
 # Start a private registry (CNCF distribution) on 127.0.0.1:PORT storing under

@@ -213,10 +213,17 @@ impl CredentialStore {
 
 /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
 fn default_config_path() -> Option<PathBuf> {
+    docker_config_dir().map(|dir| dir.join("config.json"))
+}
+
+/// The docker CLI's config folder: `$DOCKER_CONFIG`, else `~/.docker`. It
+/// is also where the engine's TLS certificates are looked for when
+/// `DOCKER_CERT_PATH` is not set.
+pub fn docker_config_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("DOCKER_CONFIG").filter(|d| !d.is_empty()) {
-        return Some(PathBuf::from(dir).join("config.json"));
+        return Some(PathBuf::from(dir));
     }
-    home_dir().map(|home| home.join(".docker").join("config.json"))
+    home_dir().map(|home| home.join(".docker"))
 }
 
 /// `$HOME`, else the home of the running user's passwd entry: systemd sets

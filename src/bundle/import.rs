@@ -116,9 +116,7 @@ impl From<TransferError> for ImportError {
     fn from(e: TransferError) -> Self {
         match e {
             TransferError::Interrupted => ImportError::Interrupted,
-            TransferError::Engine(e @ crate::engine::EngineError::Unreachable { .. }) => {
-                ImportError::CannotRun(e.to_string())
-            }
+            TransferError::Engine(e) if e.is_unreachable() => ImportError::CannotRun(e.to_string()),
             e => ImportError::Failed(e.to_string()),
         }
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use tokio_util::sync::CancellationToken;
 
-use super::{Fatal, connect, emit, errln, load_policy, stop_on_signals};
+use super::{ConnectOptions, Fatal, connect, emit, errln, load_policy, stop_on_signals};
 use crate::bundle::{self, Archive, BundleError, Inventory, Wanted};
 use crate::clock::{Clock, SystemClock};
 use crate::credentials::CredentialStore;
@@ -61,7 +61,7 @@ pub(super) enum BundleCommand {
 
 pub(super) async fn cmd_bundle(
     policy_path: &Path,
-    engine: Option<&str>,
+    engine: &ConnectOptions,
     command: BundleCommand,
 ) -> Result<ExitCode, Fatal> {
     match command {
@@ -92,7 +92,7 @@ pub(super) async fn cmd_bundle(
 
 async fn create(
     policy_path: &Path,
-    engine: Option<&str>,
+    engine: &ConnectOptions,
     output: &Path,
     from_engine: bool,
     since: Option<&Path>,
@@ -245,7 +245,7 @@ async fn verify(file: &Path, expect: Option<&str>) -> Result<ExitCode, Fatal> {
 
 /// `stowage inventory [-o FILE]`.
 pub(super) async fn cmd_inventory(
-    engine: Option<&str>,
+    engine: &ConnectOptions,
     output: Option<&Path>,
 ) -> Result<ExitCode, Fatal> {
     let engine = connect(engine).await?;

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Fatal, connect, emit, errln, load_policy, stop_on_signals};
+use super::{ConnectOptions, Fatal, connect, emit, errln, load_policy, stop_on_signals};
 use crate::audit::{self, AuditLog};
 use crate::bundle::import::{self, Origin};
 use crate::clock::{Clock, SystemClock};
@@ -16,7 +16,7 @@ use crate::fmt::{human_bytes, short_id};
 
 pub(super) async fn cmd_import(
     path: &Path,
-    engine: Option<&str>,
+    engine: &ConnectOptions,
     file: &Path,
     expect: Option<&str>,
 ) -> Result<ExitCode, Fatal> {

@@ -22,6 +22,7 @@ use crate::audit;
 use crate::clock::{Clock, SystemClock};
 use crate::daemon::{self, control};
 use crate::engine::DockerEngine;
+use crate::engine::docker::ConnectOptions;
 use crate::fleet::PolicyRef;
 use crate::fmt::human_bytes;
 use crate::plan;
@@ -56,14 +57,63 @@ struct Cli {
     /// With a registry policy: accept only policies signed with this public key (PEM)
     #[arg(long, global = true, env = "STOWAGE_POLICY_KEY")]
     policy_key: Option<PathBuf>,
-    /// Engine address (unix:///path or tcp://host:port) [default: $DOCKER_HOST, then the local socket]
-    #[arg(long, global = true)]
-    engine: Option<String>,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Log format on stderr
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How to reach the engine: the address, and TLS as the docker CLI's
+/// global flags and environment say (see `engine::docker::ConnectOptions`).
+#[derive(Debug, clap::Args)]
+struct EngineArgs {
+    /// Engine address: unix:///PATH, tcp://HOST:PORT, https://HOST:PORT
+    /// [default: $DOCKER_HOST, then the local socket; tcp://localhost:2376 with TLS]
+    #[arg(long, global = true, value_name = "URI")]
+    engine: Option<String>,
+    /// Use TLS to a tcp:// engine, without verifying it; implied by
+    /// --tlsverify [default: on when $DOCKER_TLS is set]
+    #[arg(long, global = true, value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true")]
+    tls: Option<bool>,
+    /// Use TLS and verify the engine's certificate; given at all (even
+    /// =false), TLS is on [default: on when $DOCKER_TLS_VERIFY is set]
+    #[arg(long, global = true, value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true")]
+    tlsverify: Option<bool>,
+    /// Trust only engine certificates signed by this CA ('' for the host's CA
+    /// store) [default: ca.pem in $DOCKER_CERT_PATH, else ~/.docker]
+    #[arg(long, global = true, value_name = "FILE",
+          value_parser = clap::builder::OsStringValueParser::new())]
+    tlscacert: Option<std::ffi::OsString>,
+    /// TLS client certificate [default: cert.pem in $DOCKER_CERT_PATH, else
+    /// ~/.docker, when it exists]
+    #[arg(long, global = true, value_name = "FILE")]
+    tlscert: Option<PathBuf>,
+    /// TLS client key [default: key.pem beside the default certificate]
+    #[arg(long, global = true, value_name = "FILE")]
+    tlskey: Option<PathBuf>,
+    /// Send registry credentials to a plain tcp:// engine on another host
+    /// (refused otherwise: they would cross the network in clear text)
+    #[arg(long, global = true, env = "STOWAGE_ALLOW_PLAINTEXT_CREDENTIALS")]
+    allow_plaintext_credentials: bool,
+}
+
+impl EngineArgs {
+    fn options(&self) -> ConnectOptions {
+        ConnectOptions {
+            address: self.engine.clone(),
+            tls: self.tls,
+            tls_verify: self.tlsverify,
+            ca_cert: self.tlscacert.clone().map(PathBuf::from),
+            cert: self.tlscert.clone(),
+            key: self.tlskey.clone(),
+            allow_plaintext_credentials: self.allow_plaintext_credentials,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -322,6 +372,7 @@ enum Fatal {
 }
 
 async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
+    let engine = cli.engine.options();
     let result = match cli.command {
         Command::Check => match remote::reference(&policy_path) {
             Ok(Some(r)) => remote::check(&r).await,
@@ -336,11 +387,9 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
                     sign,
                 },
         } => remote::push(&file, &reference, sign.as_deref()).await,
-        Command::Plan { json, exit_code } => {
-            cmd_plan(&policy_path, cli.engine.as_deref(), json, exit_code).await
-        }
-        Command::Apply { dry_run } => cmd_apply(&policy_path, cli.engine.as_deref(), dry_run).await,
-        Command::Run => cmd_run(&policy_path, cli.engine.as_deref()).await,
+        Command::Plan { json, exit_code } => cmd_plan(&policy_path, &engine, json, exit_code).await,
+        Command::Apply { dry_run } => cmd_apply(&policy_path, &engine, dry_run).await,
+        Command::Run => cmd_run(&policy_path, &engine).await,
         Command::Reconcile {
             control_socket,
             timeout,
@@ -348,35 +397,19 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
         Command::Status {
             json,
             control_socket,
-        } => cmd_status(&policy_path, cli.engine.as_deref(), json, control_socket).await,
+        } => cmd_status(&policy_path, &engine, json, control_socket).await,
         Command::History { since, json } => cmd_history(&policy_path, since, json).await,
-        Command::Bundle { command } => {
-            bundle::cmd_bundle(&policy_path, cli.engine.as_deref(), command).await
-        }
-        Command::Inventory { output } => {
-            bundle::cmd_inventory(cli.engine.as_deref(), output.as_deref()).await
-        }
-        Command::Trash { json } => {
-            trash::cmd_trash(&policy_path, cli.engine.as_deref(), json).await
-        }
+        Command::Bundle { command } => bundle::cmd_bundle(&policy_path, &engine, command).await,
+        Command::Inventory { output } => bundle::cmd_inventory(&engine, output.as_deref()).await,
+        Command::Trash { json } => trash::cmd_trash(&policy_path, &engine, json).await,
         Command::Restore { target, protect } => {
-            trash::cmd_restore(&policy_path, cli.engine.as_deref(), &target, protect).await
+            trash::cmd_restore(&policy_path, &engine, &target, protect).await
         }
-        Command::Scan { reference } => {
-            scan::cmd_scan(&policy_path, cli.engine.as_deref(), &reference).await
-        }
+        Command::Scan { reference } => scan::cmd_scan(&policy_path, &engine, &reference).await,
         Command::Pull {
             reference,
             platform,
-        } => {
-            pull::cmd_pull(
-                &policy_path,
-                cli.engine.as_deref(),
-                &reference,
-                platform.as_deref(),
-            )
-            .await
-        }
+        } => pull::cmd_pull(&policy_path, &engine, &reference, platform.as_deref()).await,
     };
     match result {
         Ok(code) => code,
@@ -429,8 +462,8 @@ fn announce_credentials(policy: &Policy) {
     );
 }
 
-async fn connect(engine: Option<&str>) -> Result<DockerEngine, Fatal> {
-    Ok(DockerEngine::connect(engine).await?)
+async fn connect(engine: &ConnectOptions) -> Result<DockerEngine, Fatal> {
+    Ok(DockerEngine::connect_with(engine).await?)
 }
 
 fn load_state(policy: &Policy, at: DateTime<Utc>) -> crate::state::State {
@@ -453,7 +486,7 @@ struct ReadView {
     plan: crate::plan::Plan,
 }
 
-async fn plan_here(path: &Path, engine: Option<&str>) -> Result<ReadView, Fatal> {
+async fn plan_here(path: &Path, engine: &ConnectOptions) -> Result<ReadView, Fatal> {
     let policy = load_policy(path).await?;
     let engine = connect(engine).await?;
     let now = SystemClock.now();
@@ -471,7 +504,7 @@ async fn plan_here(path: &Path, engine: Option<&str>) -> Result<ReadView, Fatal>
 
 async fn cmd_plan(
     path: &Path,
-    engine: Option<&str>,
+    engine: &ConnectOptions,
     json: bool,
     exit_code: bool,
 ) -> Result<ExitCode, Fatal> {
@@ -579,7 +612,7 @@ fn stop_on_signals(shutdown: CancellationToken) -> Result<Arc<AtomicI32>, Fatal>
     Ok(seen)
 }
 
-async fn cmd_apply(path: &Path, engine: Option<&str>, dry_run: bool) -> Result<ExitCode, Fatal> {
+async fn cmd_apply(path: &Path, engine: &ConnectOptions, dry_run: bool) -> Result<ExitCode, Fatal> {
     let shutdown = CancellationToken::new();
     // First: a signal during the policy load or the connection stops too.
     let signalled = stop_on_signals(shutdown.clone())?;
@@ -626,7 +659,7 @@ async fn cmd_apply(path: &Path, engine: Option<&str>, dry_run: bool) -> Result<E
     })
 }
 
-async fn cmd_run(path: &Path, engine: Option<&str>) -> Result<ExitCode, Fatal> {
+async fn cmd_run(path: &Path, engine: &ConnectOptions) -> Result<ExitCode, Fatal> {
     let reference = remote::reference(path)?;
     let opened = match &reference {
         Some(r) => Some(remote::open(r, true, true).await?),
@@ -669,12 +702,12 @@ async fn cmd_run(path: &Path, engine: Option<&str>) -> Result<ExitCode, Fatal> {
         metrics: std::sync::Arc::default(),
         remote,
     };
-    let engine = engine.map(str::to_owned);
+    let engine = engine.clone();
     daemon::run(
         config,
         move || {
             let engine = engine.clone();
-            async move { DockerEngine::connect(engine.as_deref()).await }
+            async move { DockerEngine::connect_with(&engine).await }
         },
         rx,
         shutdown,
@@ -726,7 +759,7 @@ fn print_reconcile(answer: control::Response) -> Result<ExitCode, Fatal> {
 
 async fn cmd_status(
     path: &Path,
-    engine: Option<&str>,
+    engine: &ConnectOptions,
     json: bool,
     socket: Option<PathBuf>,
 ) -> Result<ExitCode, Fatal> {
@@ -793,7 +826,7 @@ async fn cmd_status(
 
 async fn cmd_status_direct(
     path: &Path,
-    engine: Option<&str>,
+    engine: &ConnectOptions,
     json: bool,
 ) -> Result<ExitCode, Fatal> {
     let ReadView {

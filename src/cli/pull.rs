@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Fatal, announce_credentials, connect, emit, errln, load_policy, stop_on_signals};
+use super::{
+    ConnectOptions, Fatal, announce_credentials, connect, emit, errln, load_policy, stop_on_signals,
+};
 use crate::audit::{self, AuditLog};
 use crate::clock::{Clock, SystemClock};
 use crate::fmt::{human_bytes, short_digest, short_id};
@@ -23,7 +25,7 @@ const REDRAW: Duration = Duration::from_millis(200);
 
 pub(super) async fn cmd_pull(
     path: &Path,
-    engine: Option<&str>,
+    engine: &ConnectOptions,
     reference: &str,
     platform: Option<&str>,
 ) -> Result<ExitCode, Fatal> {

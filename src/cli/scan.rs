@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Fatal, connect, emit, errln, load_policy, stop_on_signals};
+use super::{ConnectOptions, Fatal, connect, emit, errln, load_policy, stop_on_signals};
 use crate::audit::{self, AuditLog};
 use crate::clock::{Clock, SystemClock};
 use crate::engine::Engine;
@@ -16,7 +16,7 @@ use crate::scan::{self, Admission, Judged};
 
 pub(super) async fn cmd_scan(
     path: &Path,
-    engine: Option<&str>,
+    engine: &ConnectOptions,
     reference: &str,
 ) -> Result<ExitCode, Fatal> {
     let shutdown = CancellationToken::new();

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use super::{Fatal, connect, emit, errln, load_policy};
+use super::{ConnectOptions, Fatal, connect, emit, errln, load_policy};
 use crate::audit::{self, AuditLog, Outcome, Record};
 use crate::clock::{Clock, SystemClock};
 use crate::engine::{Engine, Image};
@@ -32,7 +32,7 @@ use crate::trash::{self, Entry, Row};
 
 pub(super) async fn cmd_trash(
     path: &Path,
-    engine: Option<&str>,
+    engine: &ConnectOptions,
     json: bool,
 ) -> Result<ExitCode, Fatal> {
     let policy = load_policy(path).await?;
@@ -129,7 +129,7 @@ enum Refused {
 
 pub(super) async fn cmd_restore(
     path: &Path,
-    engine: Option<&str>,
+    engine: &ConnectOptions,
     target: &str,
     protect: bool,
 ) -> Result<ExitCode, Fatal> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
-use crate::engine::{Engine, EngineError, EngineResult};
+use crate::engine::{Engine, EngineResult};
 use crate::reconcile::{self, ReconcileError};
 use crate::status::ReconcileResult;
 
@@ -182,7 +182,9 @@ where
         for w in waiters {
             let _ = w.send(result.clone());
         }
-        if let Err(ReconcileError::Engine(e @ EngineError::Unreachable { .. })) = &f.result {
+        if let Err(ReconcileError::Engine(e)) = &f.result
+            && e.is_unreachable()
+        {
             self.engine_lost(&e.to_string());
         }
     }

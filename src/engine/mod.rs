@@ -152,8 +152,36 @@ pub enum EngineError {
     /// answer): `call` names the call, `after` its deadline.
     #[error("the Docker engine did not finish `{call}` within {}", humantime::format_duration(*.after))]
     Timeout { call: String, after: Duration },
+    /// TLS to the engine could not be set up, or one side refused the
+    /// other: which file, which certificate (see [`docker::TlsError`]).
+    #[error("cannot reach the Docker engine at {address} over TLS: {error}")]
+    Tls {
+        address: String,
+        #[source]
+        error: docker::TlsError,
+    },
+    /// Registry credentials would cross a plain-text connection to an engine
+    /// on another host; refused before anything was sent.
+    #[error(
+        "refusing to send the registry credentials for {registry} in clear text to the Docker \
+         engine at {address}: use TLS (--tlsverify with the engine's certificates, or \
+         DOCKER_TLS_VERIFY=1 and DOCKER_CERT_PATH), or allow it with \
+         --allow-plaintext-credentials (STOWAGE_ALLOW_PLAINTEXT_CREDENTIALS=1)"
+    )]
+    PlaintextCredentials { address: String, registry: String },
     #[error("{0}")]
     Other(String),
+}
+
+impl EngineError {
+    /// Whether the engine cannot be reached at all (an outage, or TLS that
+    /// fails), as opposed to one call's failure.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            EngineError::Unreachable { .. } | EngineError::Tls { .. }
+        )
+    }
 }
 
 /// An engine call still in flight past its deadline: the deadline did not

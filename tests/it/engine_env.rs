@@ -20,6 +20,13 @@ pub const ENGINE_VAR: &str = "STOWAGE_TEST_ENGINE";
 pub const REGISTRY_VAR: &str = "STOWAGE_TEST_REGISTRY";
 /// A scratch folder tests may write into.
 pub const DIR_VAR: &str = "STOWAGE_TEST_DIR";
+/// `tcp://127.0.0.1:PORT`: the private engine's TLS listener (`--tlsverify`:
+/// client certificates required).
+pub const TLS_ENGINE_VAR: &str = "STOWAGE_TEST_TLS_ENGINE";
+/// The folder of that listener's test PKI (`stowage_make_certs` in
+/// `scripts/lib.sh`): `ca.pem`; `client/` with `ca.pem`, `cert.pem` and
+/// `key.pem`; `other/`, a CA and a client certificate the engine does not trust.
+pub const TLS_CERTS_VAR: &str = "STOWAGE_TEST_TLS_CERTS";
 
 /// Whether this runs in CI, where a missing engine or tool is a failure, not a skip.
 pub fn in_ci() -> bool {
@@ -63,6 +70,14 @@ pub async fn engine() -> Option<DockerEngine> {
         Ok(engine) => Some(engine),
         Err(e) => panic!("{ENGINE_VAR} is set but the engine does not answer: {e}"),
     }
+}
+
+/// The private engine's TLS address and its PKI folder, or `None` (after a
+/// SKIP line) outside CI.
+pub fn tls_engine() -> Option<(String, std::path::PathBuf)> {
+    let addr = required(TLS_ENGINE_VAR, "TLS engine test")?;
+    let certs = required(TLS_CERTS_VAR, "TLS engine test")?;
+    Some((addr, certs.into()))
 }
 
 /// `127.0.0.1:PORT` of the private registry, or `None` (after a SKIP line) outside CI.

@@ -40,6 +40,7 @@ mod bundle_import_real;
 mod bundle_real;
 mod daemon_real;
 mod engine_real;
+mod engine_tls;
 mod fleet_daemon;
 mod inbox_real;
 mod policy_oci;

@@ -22,11 +22,26 @@ impl DockerEngine {
                 status_code: 409,
                 message,
             } => EngineError::Conflict(one_line(&message)),
-            err if is_transport(&err) => EngineError::Unreachable {
-                address: self.address.clone(),
-                message: root_cause(&err),
-            },
+            err if is_transport(&err) => self.transport_error(&err),
             err => EngineError::Other(one_line(&format!("{what}: {}", chain(&err)))),
+        }
+    }
+
+    /// The connection failed: unreachable, or TLS that one side refused.
+    fn transport_error(&self, err: &BollardError) -> EngineError {
+        let tls = match &self.endpoint {
+            super::Endpoint::Tls(_, client) => client.explain(err),
+            _ => None,
+        };
+        match tls {
+            Some(error) => EngineError::Tls {
+                address: self.address.clone(),
+                error,
+            },
+            None => EngineError::Unreachable {
+                address: self.address.clone(),
+                message: root_cause(err),
+            },
         }
     }
 
@@ -39,10 +54,7 @@ impl DockerEngine {
         credentials: Option<&Credentials>,
     ) -> EngineError {
         match err {
-            err if is_transport(&err) => EngineError::Unreachable {
-                address: self.address.clone(),
-                message: root_cause(&err),
-            },
+            err if is_transport(&err) => self.transport_error(&err),
             BollardError::DockerResponseServerError { message, .. }
             | BollardError::DockerStreamError { error: message } => EngineError::Registry {
                 reference: reference.to_owned(),

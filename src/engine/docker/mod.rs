@@ -6,7 +6,9 @@
 //! (pulls, pushes, registry look-ups), `events` (the event stream), `raw`
 //! (the HTTP/1.0 client for the two endpoints bollard 0.21 models only in
 //! their newest shape, `system df` and `build prune`, and engine info),
-//! `messages` (errors as one bounded, redacted line) and `deadline`.
+//! `messages` (errors as one bounded, redacted line), `deadline`, and `tls`
+//! (the address and TLS settings as the docker CLI reads them, the rustls
+//! client, and whether registry credentials may cross the connection).
 //!
 //! Every call has a deadline that covers the whole answer, body included
 //! (bollard's own timeout covers only the wait for headers), and a streamed
@@ -19,6 +21,7 @@ mod events;
 mod images;
 mod messages;
 mod raw;
+mod tls;
 mod transfer;
 
 use std::time::Duration;
@@ -31,9 +34,8 @@ use super::{
 };
 use deadline::{Calls, STUCK_SLACK};
 use messages::{chain, one_line, root_cause};
-
-/// The engine's address when neither an explicit URI nor `DOCKER_HOST` is given.
-const DEFAULT_ADDRESS: &str = "unix:///var/run/docker.sock";
+pub use tls::{ConnectOptions, TlsError};
+use tls::{DockerEnv, Target, TlsClient};
 /// Connecting must fail fast: a daemon that cannot reach its engine says so.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bounds bollard's wait for response headers. Loading a large archive
@@ -53,8 +55,17 @@ const SLOW_FACTOR: u32 = 5;
 #[derive(Debug, Clone)]
 enum Endpoint {
     Unix(String),
-    /// `host:port`.
+    /// `host:port`, plain text.
     Tcp(String),
+    /// `host:port` over TLS.
+    Tls(String, TlsClient),
+}
+
+impl Endpoint {
+    /// Plain text to another host: what registry credentials must not cross.
+    fn plaintext_remote(&self) -> bool {
+        matches!(self, Endpoint::Tcp(host) if !tls::is_loopback(host))
+    }
 }
 
 /// A Docker engine reached over its API socket.
@@ -69,6 +80,9 @@ pub struct DockerEngine {
     timeout: Duration,
     /// Calls in flight, shared by clones.
     calls: Calls,
+    /// `--allow-plaintext-credentials`: registry credentials may go to a
+    /// plain `tcp://` engine on another host.
+    allow_plaintext_credentials: bool,
 }
 
 /// [`CALL_TIMEOUT`], or the duration in [`TIMEOUT_VAR`].
@@ -87,51 +101,76 @@ fn call_timeout() -> EngineResult<Duration> {
 }
 
 impl DockerEngine {
-    /// Connects to `uri`, else `DOCKER_HOST`, else the local socket; negotiates
-    /// the API version down to the engine's and pings it.
-    ///
-    /// Accepts `unix:///path`, a bare `/path`, `tcp://host:port` and
-    /// `http://host:port`.
+    /// Connects to `uri`, else `DOCKER_HOST`, else the local socket, with
+    /// TLS as the docker CLI's environment says (see [`Self::connect_with`]).
     pub async fn connect(uri: Option<&str>) -> EngineResult<DockerEngine> {
-        let address = resolve_address(uri);
+        DockerEngine::connect_with(&ConnectOptions {
+            address: uri.map(str::to_owned),
+            ..ConnectOptions::default()
+        })
+        .await
+    }
+
+    /// Connects as `options` and the docker CLI's environment say;
+    /// negotiates the API version down to the engine's and pings it.
+    ///
+    /// Accepts `unix:///path`, a bare `/path`, `tcp://host:port` (TLS with
+    /// `--tls`/`--tlsverify`, `DOCKER_TLS`/`DOCKER_TLS_VERIFY`),
+    /// `https://host:port` and `http://host:port`. Certificate files are
+    /// read now: a missing or unreadable one is an error naming it.
+    pub async fn connect_with(options: &ConnectOptions) -> EngineResult<DockerEngine> {
+        let resolved = tls::resolve(options, &DockerEnv::from_process());
+        let address = match &resolved {
+            Ok((address, _)) => address.clone(),
+            Err(_) => options.address.clone().unwrap_or_default(),
+        };
         let timeout = call_timeout()?;
         let unreachable = |message: String| EngineError::Unreachable {
             address: address.clone(),
             message,
         };
+        let tls_error = |error: TlsError| EngineError::Tls {
+            address: address.clone(),
+            error,
+        };
 
-        let (docker, endpoint) = if let Some(path) = address
-            .strip_prefix("unix://")
-            .or_else(|| address.starts_with('/').then_some(address.as_str()))
-        {
-            // bollard checks that the socket exists; give a plain message.
-            if !std::path::Path::new(path).exists() {
-                return Err(unreachable(format!("no socket at {path}")));
+        let (docker, endpoint) = match resolved.map_err(unreachable)?.1 {
+            Target::Unix(path) => {
+                // bollard checks that the socket exists; give a plain message.
+                if !std::path::Path::new(&path).exists() {
+                    return Err(unreachable(format!("no socket at {path}")));
+                }
+                let docker = Docker::connect_with_unix(
+                    &path,
+                    CONNECT_TIMEOUT.as_secs(),
+                    bollard::API_DEFAULT_VERSION,
+                )
+                .map_err(|e| unreachable(one_line(&chain(&e))))?;
+                (docker, Endpoint::Unix(path))
             }
-            let docker = Docker::connect_with_unix(
-                path,
-                CONNECT_TIMEOUT.as_secs(),
-                bollard::API_DEFAULT_VERSION,
-            )
-            .map_err(|e| unreachable(one_line(&chain(&e))))?;
-            (docker, Endpoint::Unix(path.to_owned()))
-        } else if let Some(host) = address
-            .strip_prefix("tcp://")
-            .or_else(|| address.strip_prefix("http://"))
-        {
-            let host = host.trim_end_matches('/');
-            let docker = Docker::connect_with_http(
-                &format!("tcp://{host}"),
-                CONNECT_TIMEOUT.as_secs(),
-                bollard::API_DEFAULT_VERSION,
-            )
-            .map_err(|e| unreachable(one_line(&chain(&e))))?;
-            (docker, Endpoint::Tcp(host.to_owned()))
-        } else {
-            return Err(unreachable(
-                "unsupported address (use unix:///PATH, tcp://HOST:PORT or http://HOST:PORT)"
-                    .to_owned(),
-            ));
+            Target::Tcp(host) => {
+                let docker = Docker::connect_with_http(
+                    &format!("tcp://{host}"),
+                    CONNECT_TIMEOUT.as_secs(),
+                    bollard::API_DEFAULT_VERSION,
+                )
+                .map_err(|e| unreachable(one_line(&chain(&e))))?;
+                (docker, Endpoint::Tcp(host))
+            }
+            Target::Tls(host, files) => {
+                let client = TlsClient::new(&host, &files).map_err(tls_error)?;
+                let docker = client.docker(&host, CONNECT_TIMEOUT).map_err(unreachable)?;
+                (docker, Endpoint::Tls(host, client))
+            }
+        };
+        // A TLS failure says which side refused what; a TLS engine reached
+        // in plain text says so.
+        let failed = |e: bollard::errors::Error| match &endpoint {
+            Endpoint::Tls(_, client) => client
+                .explain(&e)
+                .map_or_else(|| unreachable(root_cause(&e)), tls_error),
+            _ if wants_tls(&e) => tls_error(TlsError::EngineWantsTls),
+            _ => unreachable(root_cause(&e)),
         };
 
         // bollard speaks the newest API by default; older engines (20.10 is
@@ -139,14 +178,8 @@ impl DockerEngine {
         // Bounded whole: an engine that sends headers and then nothing must
         // not hold a connection attempt (bollard bounds only the headers).
         let handshake = async {
-            let docker = docker
-                .negotiate_version()
-                .await
-                .map_err(|e| unreachable(root_cause(&e)))?;
-            docker
-                .ping()
-                .await
-                .map_err(|e| unreachable(root_cause(&e)))?;
+            let docker = docker.negotiate_version().await.map_err(failed)?;
+            docker.ping().await.map_err(failed)?;
             Ok(docker)
         };
         let docker = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
@@ -164,6 +197,7 @@ impl DockerEngine {
             endpoint,
             timeout,
             calls: Calls::default(),
+            allow_plaintext_credentials: options.allow_plaintext_credentials,
         })
     }
 
@@ -178,16 +212,19 @@ impl DockerEngine {
     }
 }
 
-/// The address [`DockerEngine::connect`] uses for `uri`: itself, else
-/// `DOCKER_HOST`, else the local socket (the daemon shows it while the
-/// engine is unreachable).
-pub fn resolve_address(uri: Option<&str>) -> String {
-    match uri {
-        Some(uri) => uri.to_owned(),
-        None => std::env::var("DOCKER_HOST")
-            .ok()
-            .filter(|v| !v.trim().is_empty())
-            .unwrap_or_else(|| DEFAULT_ADDRESS.to_owned()),
+/// The answer of a TLS-only engine to plain HTTP (Go's `net/http`).
+fn wants_tls(e: &bollard::errors::Error) -> bool {
+    matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 400, message }
+        if message.contains("HTTP request to an HTTPS server"))
+}
+
+/// The address [`DockerEngine::connect_with`] uses for `options`: the given
+/// one, else `DOCKER_HOST`, else the local socket (the daemon shows it while
+/// the engine is unreachable).
+pub fn resolve_address(options: &ConnectOptions) -> String {
+    match tls::resolve(options, &DockerEnv::from_process()) {
+        Ok((address, _)) => address,
+        Err(_) => options.address.clone().unwrap_or_default(),
     }
 }
 
@@ -276,10 +313,7 @@ impl Engine for DockerEngine {
     fn is_local(&self) -> bool {
         match &self.endpoint {
             Endpoint::Unix(_) => true,
-            Endpoint::Tcp(host) => {
-                let h = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
-                matches!(h, "127.0.0.1" | "localhost" | "[::1]")
-            }
+            Endpoint::Tcp(host) | Endpoint::Tls(host, _) => tls::is_loopback(host),
         }
     }
 

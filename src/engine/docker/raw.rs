@@ -26,9 +26,21 @@ impl DockerEngine {
             "{method} /v{}.{}{path} HTTP/1.0\r\nHost: docker\r\nContent-Length: 0\r\n\r\n",
             version.major_version, version.minor_version
         );
-        let unreachable = |e: std::io::Error| EngineError::Unreachable {
-            address: self.address.clone(),
-            message: e.to_string(),
+        let unreachable = |e: std::io::Error| match &self.endpoint {
+            Endpoint::Tls(_, client) => match client.explain(&e) {
+                Some(error) => EngineError::Tls {
+                    address: self.address.clone(),
+                    error,
+                },
+                None => EngineError::Unreachable {
+                    address: self.address.clone(),
+                    message: e.to_string(),
+                },
+            },
+            _ => EngineError::Unreachable {
+                address: self.address.clone(),
+                message: e.to_string(),
+            },
         };
         let exchange = async {
             match &self.endpoint {
@@ -37,6 +49,9 @@ impl DockerEngine {
                 }
                 Endpoint::Tcp(host) => {
                     http_exchange(tokio::net::TcpStream::connect(host).await?, &request).await
+                }
+                Endpoint::Tls(host, client) => {
+                    http_exchange(client.stream(host).await?, &request).await
                 }
             }
         };

@@ -28,13 +28,14 @@ pub(super) async fn pull(
     if let Some(platform) = platform {
         options = options.platform(platform);
     }
+    let auth = docker_credentials(engine, credentials)?;
     let call = format!("pull {reference}");
     let guard = engine.calls.start(&call, TRANSFER_IDLE);
-    let mut stream = std::pin::pin!(engine.docker.create_image(
-        Some(options.build()),
-        None,
-        docker_credentials(credentials)
-    ));
+    let mut stream = std::pin::pin!(
+        engine
+            .docker
+            .create_image(Some(options.build()), None, auth)
+    );
     while let Some(message) =
         DockerEngine::next_within(&mut stream, &guard, &call, TRANSFER_IDLE).await?
     {
@@ -63,13 +64,10 @@ pub(super) async fn push(
 ) -> EngineResult<()> {
     let (name, tag) = split_reference(reference);
     let options = PushImageOptionsBuilder::new().tag(tag).build();
+    let auth = docker_credentials(engine, credentials)?;
     let call = format!("push {reference}");
     let guard = engine.calls.start(&call, TRANSFER_IDLE);
-    let mut stream = std::pin::pin!(engine.docker.push_image(
-        name,
-        Some(options),
-        docker_credentials(credentials)
-    ));
+    let mut stream = std::pin::pin!(engine.docker.push_image(name, Some(options), auth));
     while let Some(message) =
         DockerEngine::next_within(&mut stream, &guard, &call, TRANSFER_IDLE).await?
     {
@@ -106,6 +104,7 @@ pub(super) async fn remote_digest(
     reference: &str,
     credentials: Option<&Credentials>,
 ) -> EngineResult<String> {
+    let auth = docker_credentials(engine, credentials)?;
     let inspect = engine
         .bounded(
             &format!("look up {reference} at its registry"),
@@ -113,7 +112,7 @@ pub(super) async fn remote_digest(
             async {
                 engine
                     .docker
-                    .inspect_registry_image(reference, docker_credentials(credentials))
+                    .inspect_registry_image(reference, auth)
                     .await
                     .map_err(|e| engine.registry_error(e, reference, credentials))
             },
@@ -128,14 +127,29 @@ pub(super) async fn remote_digest(
         })
 }
 
-fn docker_credentials(credentials: Option<&Credentials>) -> Option<DockerCredentials> {
-    credentials.map(|c| DockerCredentials {
+/// `credentials` as bollard sends them (`X-Registry-Auth`): the one way
+/// they reach the engine, so the one place that refuses, before anything is
+/// sent, to put them in clear text on the way to another host.
+fn docker_credentials(
+    engine: &DockerEngine,
+    credentials: Option<&Credentials>,
+) -> EngineResult<Option<DockerCredentials>> {
+    let Some(c) = credentials else {
+        return Ok(None);
+    };
+    if engine.endpoint.plaintext_remote() && !engine.allow_plaintext_credentials {
+        return Err(EngineError::PlaintextCredentials {
+            address: engine.address.clone(),
+            registry: c.server.clone(),
+        });
+    }
+    Ok(Some(DockerCredentials {
         username: c.username.clone(),
         password: c.password.clone(),
         identitytoken: c.identity_token.clone(),
         serveraddress: Some(c.server.clone()),
         ..Default::default()
-    })
+    }))
 }
 
 fn progress(
