@@ -98,7 +98,8 @@ struct EngineArgs {
     tlskey: Option<PathBuf>,
     /// Send registry credentials to a plain tcp:// engine on another host
     /// (refused otherwise: they would cross the network in clear text)
-    #[arg(long, global = true, env = "STOWAGE_ALLOW_PLAINTEXT_CREDENTIALS")]
+    #[arg(long, global = true, env = "STOWAGE_ALLOW_PLAINTEXT_CREDENTIALS",
+          value_parser = clap::builder::BoolishValueParser::new())]
     allow_plaintext_credentials: bool,
 }
 

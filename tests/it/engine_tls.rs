@@ -273,6 +273,62 @@ async fn each_tls_mistake_is_refused_with_what_to_fix() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_verifies_by_default_and_docker_tls_alone_does_not() {
+    let Some((tls_addr, certs)) = engine_env::tls_engine() else {
+        return;
+    };
+    let dir = Dir::new();
+    let policy = dir.policy("");
+    let client = certs.join("client");
+    // The right client certificate beside a CA that did not sign the engine's.
+    let wrong_ca = cert_dir(
+        &dir,
+        "wrong-ca",
+        &[
+            ("ca.pem", certs.join("other/ca.pem")),
+            ("cert.pem", client.join("cert.pem")),
+            ("key.pem", client.join("key.pem")),
+        ],
+    );
+    let https = tls_addr.replacen("tcp://", "https://", 1);
+    let plan = |address: &str, env: &[(&str, &Path)]| {
+        run(stowage(&dir, &policy, &["--engine", address, "plan"], env))
+    };
+
+    let out = plan(&https, &[("DOCKER_CERT_PATH", &client)]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = plan(&https, &[("DOCKER_CERT_PATH", &wrong_ca)]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("does not verify against"),
+        "{}",
+        text(&out)
+    );
+
+    // DOCKER_TLS alone: TLS, the engine's certificate not checked, so the
+    // wrong CA does not matter; the client certificate is still sent.
+    let tls = [
+        ("DOCKER_TLS", Path::new("1")),
+        ("DOCKER_CERT_PATH", wrong_ca.as_path()),
+    ];
+    let out = plan(&tls_addr, &tls).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // ... and DOCKER_TLS_VERIFY on top verifies again.
+    let verify = [
+        ("DOCKER_TLS", Path::new("1")),
+        ("DOCKER_TLS_VERIFY", Path::new("0")),
+        ("DOCKER_CERT_PATH", wrong_ca.as_path()),
+    ];
+    let out = plan(&tls_addr, &verify).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("does not verify against"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_a_plain_engine_says_it_answers_in_plain_http() {
     let Some((_, certs)) = engine_env::tls_engine() else {
         return;
@@ -330,13 +386,14 @@ async fn credentials_never_go_in_clear_text_to_another_host_unless_allowed() {
     let listener = netns.listen("10.66.0.1:0");
     let remote = Recorder::start(listener, engine_socket());
     let address = format!("tcp://{}", remote.addr);
-    let in_netns = |args: &[&str]| {
+    let in_netns_with = |args: &[&str], env: &[(&str, &Path)]| {
         let mut cmd = netns.command(env!("CARGO_BIN_EXE_stowage"));
         let mut all = vec!["--engine", address.as_str()];
         all.extend_from_slice(args);
-        prepare(&mut cmd, &dir, &policy, &all, &[]);
+        prepare(&mut cmd, &dir, &policy, &all, env);
         cmd
     };
+    let in_netns = |args: &[&str]| in_netns_with(args, &[]);
 
     // No credentials involved: reading the engine goes.
     let plan = run(in_netns(&["plan"])).await;
@@ -360,6 +417,14 @@ async fn credentials_never_go_in_clear_text_to_another_host_unless_allowed() {
         "{}",
         text(&refused)
     );
+    // The variable set to a false value allows nothing.
+    let zero = run(in_netns_with(
+        &["pull", &reference],
+        &[("STOWAGE_ALLOW_PLAINTEXT_CREDENTIALS", Path::new("0"))],
+    ))
+    .await;
+    assert_eq!(zero.status.code(), Some(1), "{}", text(&zero));
+    assert!(text(&zero).contains(&expected), "{}", text(&zero));
     let sent = remote.requests();
     assert!(
         sent.len() > before,
@@ -381,12 +446,12 @@ async fn credentials_never_go_in_clear_text_to_another_host_unless_allowed() {
     assert!(!remote.text().contains(&auth) && !text(&refused).contains(&secret));
     assert!(!has_image(&engine, &image.id()).await);
 
-    // Allowed: the same pull goes, with its credentials.
-    let allowed = run(in_netns(&[
-        "--allow-plaintext-credentials",
-        "pull",
-        &reference,
-    ]))
+    // Allowed (the variable the unit would set): the same pull goes, with
+    // its credentials.
+    let allowed = run(in_netns_with(
+        &["pull", &reference],
+        &[("STOWAGE_ALLOW_PLAINTEXT_CREDENTIALS", Path::new("1"))],
+    ))
     .await;
     assert_eq!(allowed.status.code(), Some(0), "{}", text(&allowed));
     assert!(
@@ -406,6 +471,20 @@ async fn credentials_never_go_in_clear_text_to_another_host_unless_allowed() {
         remote.requests()
     );
     assert_eq!(holder(&engine, &reference).await, Some(image.id()));
+    // The flag allows it too: the registry look-up carries the credentials,
+    // and the image is up to date.
+    let again = run(in_netns(&[
+        "--allow-plaintext-credentials",
+        "pull",
+        &reference,
+    ]))
+    .await;
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("up to date"),
+        "{}",
+        text(&again)
+    );
     engine.remove(&reference).await.unwrap();
 }
 

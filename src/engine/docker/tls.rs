@@ -283,8 +283,8 @@ pub enum TlsError {
         alert: String,
     },
     #[error(
-        "the engine answers in plain HTTP, not TLS: drop --tls/--tlsverify (and DOCKER_TLS, \
-         DOCKER_TLS_VERIFY), or give its TLS address"
+        "the engine answers in plain HTTP, not TLS: use tcp:// without --tls/--tlsverify (and \
+         DOCKER_TLS, DOCKER_TLS_VERIFY unset), or give its TLS address"
     )]
     NotTls,
     #[error(
