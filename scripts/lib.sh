@@ -21,8 +21,17 @@ STOWAGE_PIDS_REGISTRY=()
 
 stowage_log() { printf '==> %s\n' "$*" >&2; }
 
-# Install docker.io, docker-registry, busybox-static, skopeo and apache2-utils when any of
-# their commands is missing (CI runs on a fresh Debian machine as root).
+# Whether this runs in CI (as tests/it/engine_env.rs reads CI): a skip there is a failure.
+stowage_in_ci() {
+    case "${CI:-}" in
+    "" | false | 0) return 1 ;;
+    *) return 0 ;;
+    esac
+}
+
+# Install docker.io, docker-registry, busybox-static, skopeo, systemd, apache2-utils,
+# dpkg-dev, groff-base and man-db when any of their commands is missing (CI
+# runs on a fresh Debian machine as root).
 stowage_install_deps() {
     local missing=()
     command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
@@ -38,6 +47,12 @@ stowage_install_deps() {
     # ip: the network namespace of tests/it/engine_tls.rs.
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+    # The .deb (scripts/package, the package phase of scripts/test): cargo-deb
+    # computes Depends with dpkg-shlibdeps; tests/it/package.rs renders the
+    # man pages with groff; the installed package is checked with man -w.
+    command -v dpkg-shlibdeps >/dev/null 2>&1 || missing+=(dpkg-dev)
+    command -v groff >/dev/null 2>&1 || missing+=(groff-base)
+    command -v man >/dev/null 2>&1 || missing+=(man-db)
     if [ ${#missing[@]} -eq 0 ]; then
         return 0
     fi
@@ -253,4 +268,106 @@ stowage_stop_all() {
     done
     STOWAGE_PIDS_REGISTRY=()
     STOWAGE_PIDS_ENGINE=()
+}
+
+# dpkg with its arguments, waiting up to 2 min for a dpkg or apt of someone
+# else to release the lock instead of failing on it.
+stowage_dpkg() {
+    local out rc
+    for _ in $(seq 1 60); do
+        rc=0
+        out=$(dpkg "$@" 2>&1) || rc=$?
+        if [ "$rc" -ne 0 ] && grep -q "lock" <<<"$out"; then
+            sleep 2
+            continue
+        fi
+        printf '%s\n' "$out"
+        return "$rc"
+    done
+    printf '%s\n' "$out"
+    return 1
+}
+
+# Paths an installed stowage owns; a host with any of them is not touched.
+STOWAGE_PACKAGE_PATHS=(/usr/bin/stowage /etc/stowage /var/lib/stowage
+    /usr/lib/systemd/system/stowage.service /lib/systemd/system/stowage.service
+    /etc/systemd/system/stowage.service)
+
+# Install the .deb DEB, check what a user gets, purge it and check it is gone.
+# Needs root and a host without stowage (its purge removes /etc/stowage and
+# /var/lib/stowage): returns 2 without touching anything otherwise. Sets
+# STOWAGE_PACKAGE_INSTALLED=1 while installed, for a trap to purge.
+stowage_check_package() {
+    local deb=$1 p
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "the package check needs root (dpkg -i)" >&2
+        return 2
+    fi
+    if dpkg-query -W -f='${Status}' stowage 2>/dev/null | grep -q installed; then
+        echo "stowage is already installed as a package here; not replacing it" >&2
+        return 2
+    fi
+    for p in "${STOWAGE_PACKAGE_PATHS[@]}"; do
+        if [ -e "$p" ]; then
+            echo "$p exists (a stowage installed from source?); not installing over it" >&2
+            return 2
+        fi
+    done
+    local version
+    version=$(dpkg-deb -f "$deb" Version)
+    stowage_log "dpkg -i $deb"
+    STOWAGE_PACKAGE_INSTALLED=1
+    stowage_dpkg -i "$deb" || return 1
+    (
+        set -euo pipefail
+        fail() { echo "package check: $*" >&2; exit 1; }
+        [ "$(dpkg-query -W -f='${Status}' stowage)" = "install ok installed" ] || fail "not installed"
+        [ "$(command -v stowage)" = /usr/bin/stowage ] || fail "stowage is not /usr/bin/stowage"
+        out=$(stowage --version)
+        [ "$out" = "stowage ${version%-*}" ] || fail "stowage --version: $out (package $version)"
+        out=$(stowage check -p /etc/stowage/policy.toml) || fail "stowage check of the installed policy failed"
+        echo "$out"
+        grep -q "dry_run" <<<"$out" || fail "the installed policy is not a dry run"
+        # The default policy path is the installed one.
+        stowage check >/dev/null || fail "stowage check (default -p) failed"
+        dpkg-query -W -f='${Conffiles}\n' stowage | grep -q '^ /etc/stowage/policy.toml ' ||
+            fail "/etc/stowage/policy.toml is not a conffile"
+        [ "$(stat -c %a /var/lib/stowage)" = 700 ] || fail "/var/lib/stowage missing or not 0700"
+        [ -f /lib/systemd/system/stowage.service ] || fail "no /lib/systemd/system/stowage.service"
+        grep -qx 'ExecStart=/usr/bin/stowage run --policy /etc/stowage/policy.toml' \
+            /lib/systemd/system/stowage.service || fail "the unit does not start /usr/bin/stowage"
+        # Installing must not enable or start the service.
+        [ ! -e /etc/systemd/system/multi-user.target.wants/stowage.service ] || fail "the unit was enabled"
+        if [ -d /run/systemd/system ]; then
+            ! systemctl is-active --quiet stowage || fail "the service was started"
+        fi
+        [ "$(man -w stowage)" = /usr/share/man/man1/stowage.1.gz ] || fail "man -w stowage: $(man -w stowage 2>&1)"
+        man -w stowage-bundle-create >/dev/null || fail "no man page stowage-bundle-create"
+        MANWIDTH=80 man stowage 2>/dev/null | grep -q "EXIT STATUS" || fail "man stowage does not render"
+        for f in /usr/share/bash-completion/completions/stowage \
+            /usr/share/zsh/vendor-completions/_stowage \
+            /usr/share/fish/vendor_completions.d/stowage.fish; do
+            [ -s "$f" ] || fail "no completion $f"
+        done
+        bash --norc -c 'source /usr/share/bash-completion/completions/stowage && complete -p stowage' >/dev/null ||
+            fail "the bash completion does not register"
+        [ -f /usr/share/doc/stowage/README.md ] && [ -f /usr/share/doc/stowage/docs/policy.md ] ||
+            fail "no docs in /usr/share/doc/stowage"
+    ) || return 1
+    stowage_log "dpkg -L stowage"
+    dpkg -L stowage
+    stowage_log "dpkg --purge stowage"
+    stowage_dpkg --purge stowage || return 1
+    STOWAGE_PACKAGE_INSTALLED=0
+    if dpkg-query -W -f='${Status}' stowage 2>/dev/null | grep -q installed; then
+        echo "package check: still installed after the purge" >&2
+        return 1
+    fi
+    for p in "${STOWAGE_PACKAGE_PATHS[@]}" /usr/share/man/man1/stowage.1.gz \
+        /usr/share/bash-completion/completions/stowage /usr/share/doc/stowage; do
+        if [ -e "$p" ]; then
+            echo "package check: $p is left after the purge" >&2
+            return 1
+        fi
+    done
 }

@@ -1,6 +1,7 @@
 //! The command line: `check`, `plan`, `apply`, `run`, `reconcile`, `status`,
 //! `history`, `pull`, `scan`, `bundle create|verify|import`, `inventory`, `trash`,
-//! `restore`, `policy push`. `-p` takes a file or `oci://…` (see `remote`).
+//! `restore`, `policy push`, `completions`, `man` (these two in `docs`).
+//! `-p` takes a file or `oci://…` (see `remote`).
 //!
 //! Exit codes follow the spec: 0 success; `plan --exit-code` 1 when actions
 //! are pending; `apply` and `pull` 1 when some actions failed; 2 when a
@@ -219,6 +220,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the completion script for SHELL on stdout (the .deb installs
+    /// bash, zsh and fish ones)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (stowage.1, stowage-SUBCOMMAND.1) into DIR, one
+    /// path a line on stdout (the .deb installs them)
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -249,6 +262,12 @@ pub fn main() -> ExitCode {
         && PolicyRef::from_arg(&policy_path).is_none()
     {
         return check(&policy_path);
+    }
+    // No policy, engine or runtime: output made from the clap definitions.
+    match &cli.command {
+        Command::Completions { shell } => return docs::completions(*shell),
+        Command::Man { out } => return docs::man_pages(out),
+        _ => {}
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -325,6 +344,8 @@ macro_rules! outln {
 
 // After the macros: `pull`, `bundle`, `import`, `scan`, `trash` and `remote` use them.
 mod bundle;
+mod docs;
+pub use docs::command;
 mod import;
 mod pull;
 mod remote;
@@ -380,6 +401,9 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
             Ok(None) => unreachable!("a file policy is checked before the runtime starts"),
             Err(e) => Err(e),
         },
+        Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!("completions and man pages are written before the runtime starts")
+        }
         Command::Policy {
             command:
                 PolicyCommand::Push {

@@ -22,8 +22,9 @@ mod engine_env;
 mod fake_store;
 mod net;
 
-// Pure: the policy, the planner, the systemd unit, bundle files.
+// Pure: the policy, the planner, the systemd unit, the package, bundle files.
 mod bundle_verify;
+mod package;
 mod plan_props;
 mod plan_table;
 mod policy_check;

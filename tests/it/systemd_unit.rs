@@ -31,11 +31,8 @@ fn have_systemd_analyze(test: &str) -> bool {
 /// The unit with ExecStart at the built binary, in a temp folder.
 fn unit_copy(dir: &Path) -> std::path::PathBuf {
     let bin = env!("CARGO_BIN_EXE_stowage");
-    let text = UNIT.replace(
-        "ExecStart=/usr/local/bin/stowage ",
-        &format!("ExecStart={bin} "),
-    );
-    assert_ne!(text, UNIT, "ExecStart=/usr/local/bin/stowage not found");
+    let text = UNIT.replace("ExecStart=/usr/bin/stowage ", &format!("ExecStart={bin} "));
+    assert_ne!(text, UNIT, "ExecStart=/usr/bin/stowage not found");
     let path = dir.join("stowage.service");
     std::fs::write(&path, text).unwrap();
     path
