@@ -33,6 +33,23 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
 }
 
+/// `true` when `tool --version` runs; a loud SKIP (a failure in CI) when not.
+/// `package` is the Debian package `stowage_install_deps` installs it from.
+pub fn have_tool(tool: &str, package: &str, test: &str) -> bool {
+    let found = std::process::Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            !in_ci(),
+            "{tool} is missing: scripts/lib.sh installs the `{package}` package"
+        );
+        eprintln!("SKIP {test}: {tool} not installed (apt-get install {package})");
+    }
+    found
+}
+
 /// The value of `var`, or `None` after a loud SKIP line (a panic in CI).
 fn required(var: &str, what: &str) -> Option<String> {
     match std::env::var(var) {

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
-use crate::engine_env::in_ci;
+use crate::engine_env::have_tool;
 use crate::fake_store::{NOW, img};
 use stowage::engine::fake::FakeEngine;
 use stowage::fixture::FixedClock;
@@ -60,22 +60,6 @@ fn stowage(args: &[&str]) -> std::process::Output {
 
 fn completion_script(shell: &str) -> String {
     String::from_utf8(stowage(&["completions", shell]).stdout).unwrap()
-}
-
-/// `true` when `tool` runs; a loud SKIP (a failure in CI) when not.
-fn have(tool: &str, package: &str, test: &str) -> bool {
-    let found = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            !in_ci(),
-            "{tool} is missing: scripts/lib.sh installs the `{package}` package"
-        );
-        eprintln!("SKIP {test}: {tool} not installed (apt-get install {package})");
-    }
-    found
 }
 
 /// What bash's completion offers after `stowage WORDS… <TAB>`, by running
@@ -254,7 +238,7 @@ fn man_pages_one_per_subcommand_and_clean_roff() {
     }
     assert!(top.contains("/etc/stowage/policy.toml"));
 
-    if !have(
+    if !have_tool(
         "groff",
         "groff-base",
         "man_pages_one_per_subcommand_and_clean_roff",

@@ -8,25 +8,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::engine_env::in_ci;
+use crate::engine_env::have_tool;
 
 const UNIT: &str = include_str!("../../systemd/stowage.service");
-
-/// `true` when systemd-analyze is there; a loud SKIP (a failure in CI) when not.
-fn have_systemd_analyze(test: &str) -> bool {
-    let found = Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            !in_ci(),
-            "systemd-analyze is missing: scripts/lib.sh installs the `systemd` package"
-        );
-        eprintln!("SKIP {test}: systemd-analyze not installed (apt-get install systemd)");
-    }
-    found
-}
 
 /// The unit with ExecStart at the built binary, in a temp folder.
 fn unit_copy(dir: &Path) -> std::path::PathBuf {
@@ -74,7 +58,11 @@ fn unit_declares_what_the_daemon_relies_on() {
 
 #[test]
 fn systemd_analyze_verify_passes() {
-    if !have_systemd_analyze("systemd_analyze_verify_passes") {
+    if !have_tool(
+        "systemd-analyze",
+        "systemd",
+        "systemd_analyze_verify_passes",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -96,7 +84,11 @@ fn systemd_analyze_verify_passes() {
 
 #[test]
 fn systemd_analyze_security_exposure_stays_low() {
-    if !have_systemd_analyze("systemd_analyze_security_exposure_stays_low") {
+    if !have_tool(
+        "systemd-analyze",
+        "systemd",
+        "systemd_analyze_security_exposure_stays_low",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
