@@ -6,7 +6,9 @@
 //! (pulls, pushes, registry look-ups), `events` (the event stream), `raw`
 //! (the HTTP/1.0 client for the two endpoints bollard 0.21 models only in
 //! their newest shape, `system df` and `build prune`, and engine info),
-//! `messages` (errors as one bounded, redacted line) and `deadline`.
+//! `messages` (errors as one bounded, redacted line), `deadline`, and
+//! `podman` (what Podman's service does its own way: names, containers,
+//! pulls and pushes; the engine's [`EngineKind`] says which it is).
 //!
 //! Every call has a deadline that covers the whole answer, body included
 //! (bollard's own timeout covers only the wait for headers), and a streamed
@@ -18,6 +20,7 @@ mod deadline;
 mod events;
 mod images;
 mod messages;
+mod podman;
 mod raw;
 mod transfer;
 
@@ -26,14 +29,17 @@ use std::time::Duration;
 use bollard::Docker;
 
 use super::{
-    BoxStream, Container, Credentials, DiskUsage, Engine, EngineError, EngineInfo, EngineResult,
-    Event, Image, Layer, Progress, Removed, StuckCall,
+    BoxStream, Container, Credentials, DiskUsage, Engine, EngineError, EngineInfo, EngineKind,
+    EngineResult, Event, Image, Layer, Progress, Removed, StuckCall,
 };
 use deadline::{Calls, STUCK_SLACK};
 use messages::{chain, one_line, root_cause};
 
 /// The engine's address when neither an explicit URI nor `DOCKER_HOST` is given.
 const DEFAULT_ADDRESS: &str = "unix:///var/run/docker.sock";
+/// Podman's rootful socket (`podman.socket`); the rootless one is
+/// `$XDG_RUNTIME_DIR/podman/podman.sock`.
+const PODMAN_SOCKET: &str = "/run/podman/podman.sock";
 /// Connecting must fail fast: a daemon that cannot reach its engine says so.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bounds bollard's wait for response headers. Loading a large archive
@@ -69,6 +75,11 @@ pub struct DockerEngine {
     timeout: Duration,
     /// Calls in flight, shared by clones.
     calls: Calls,
+    /// Docker or Podman, told by the engine's version at connect.
+    kind: EngineKind,
+    /// Podman's libpod API version (`4.3.1`) for the calls it answers only
+    /// there; empty on Docker.
+    libpod_api: String,
 }
 
 /// [`CALL_TIMEOUT`], or the duration in [`TIMEOUT_VAR`].
@@ -147,16 +158,20 @@ impl DockerEngine {
                 .ping()
                 .await
                 .map_err(|e| unreachable(root_cause(&e)))?;
-            Ok(docker)
+            let version = docker
+                .version()
+                .await
+                .map_err(|e| unreachable(root_cause(&e)))?;
+            Ok((docker, podman::kind_of(&version)))
         };
-        let docker = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+        let (docker, (kind, libpod_api)) = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
             .await
             .unwrap_or_else(|_| {
-                Err(unreachable(format!(
-                    "no answer to version and ping within {}",
-                    humantime::format_duration(CONNECT_TIMEOUT)
-                )))
-            })?;
+            Err(unreachable(format!(
+                "no answer to version and ping within {}",
+                humantime::format_duration(CONNECT_TIMEOUT)
+            )))
+        })?;
         let docker = docker.with_timeout(REQUEST_TIMEOUT);
         Ok(DockerEngine {
             docker,
@@ -164,6 +179,8 @@ impl DockerEngine {
             endpoint,
             timeout,
             calls: Calls::default(),
+            kind,
+            libpod_api,
         })
     }
 
@@ -187,8 +204,28 @@ pub fn resolve_address(uri: Option<&str>) -> String {
         None => std::env::var("DOCKER_HOST")
             .ok()
             .filter(|v| !v.trim().is_empty())
-            .unwrap_or_else(|| DEFAULT_ADDRESS.to_owned()),
+            .unwrap_or_else(|| {
+                let runtime_dir = std::env::var("XDG_RUNTIME_DIR").ok();
+                local_socket(runtime_dir.as_deref(), |p| std::path::Path::new(p).exists())
+            }),
     }
+}
+
+/// The local socket when no address is given: Docker's, else (when it
+/// does not exist) Podman's rootful then rootless one, else Docker's (for
+/// the message).
+fn local_socket(runtime_dir: Option<&str>, exists: impl Fn(&str) -> bool) -> String {
+    let docker = DEFAULT_ADDRESS.trim_start_matches("unix://");
+    let rootless = runtime_dir.map(|d| format!("{}/podman/podman.sock", d.trim_end_matches('/')));
+    [
+        Some(docker.to_owned()),
+        Some(PODMAN_SOCKET.to_owned()),
+        rootless,
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| exists(p))
+    .map_or_else(|| DEFAULT_ADDRESS.to_owned(), |p| format!("unix://{p}"))
 }
 
 impl Engine for DockerEngine {
@@ -197,7 +234,10 @@ impl Engine for DockerEngine {
     }
 
     async fn list_containers(&self) -> EngineResult<Vec<Container>> {
-        self.containers(None).await
+        match self.kind {
+            EngineKind::Docker => self.containers(None).await,
+            EngineKind::Podman => podman::containers(self).await,
+        }
     }
 
     async fn containers_using(&self, image_id: &str) -> EngineResult<Vec<Container>> {
@@ -244,6 +284,11 @@ impl Engine for DockerEngine {
         reference: &str,
         credentials: Option<&Credentials>,
     ) -> EngineResult<String> {
+        if self.kind == EngineKind::Podman {
+            return Err(EngineError::Unsupported(
+                "look up a registry digest (Podman answers no /distribution API)".to_owned(),
+            ));
+        }
         transfer::remote_digest(self, reference, credentials).await
     }
 
@@ -306,11 +351,20 @@ impl Engine for DockerEngine {
         self.calls.overdue(STUCK_SLACK)
     }
 
+    fn kind(&self) -> EngineKind {
+        self.kind
+    }
+
     async fn disk_usage(&self) -> EngineResult<DiskUsage> {
         raw::disk_usage(self).await
     }
 
     async fn prune_build_cache(&self, keep_bytes: u64) -> EngineResult<u64> {
+        if !self.kind.has_build_cache() {
+            return Err(EngineError::Unsupported(
+                "prune a build cache (Podman keeps none apart from its images)".to_owned(),
+            ));
+        }
         raw::prune_build_cache(self, keep_bytes).await
     }
 }
@@ -318,6 +372,28 @@ impl Engine for DockerEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn podman_sockets_serve_when_dockers_is_missing() {
+        let only = |there: &'static [&'static str]| move |p: &str| there.contains(&p);
+        let xdg = Some("/run/user/1000");
+        assert_eq!(
+            local_socket(
+                xdg,
+                only(&["/var/run/docker.sock", "/run/podman/podman.sock"])
+            ),
+            "unix:///var/run/docker.sock"
+        );
+        assert_eq!(
+            local_socket(xdg, only(&["/run/podman/podman.sock"])),
+            "unix:///run/podman/podman.sock"
+        );
+        assert_eq!(
+            local_socket(xdg, only(&["/run/user/1000/podman/podman.sock"])),
+            "unix:///run/user/1000/podman/podman.sock"
+        );
+        assert_eq!(local_socket(None, only(&[])), "unix:///var/run/docker.sock");
+    }
 
     #[tokio::test]
     async fn unreachable_socket_is_one_line() {
