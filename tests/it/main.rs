@@ -42,6 +42,7 @@ mod daemon_real;
 mod engine_real;
 mod fleet_daemon;
 mod inbox_real;
+mod podman_real;
 mod policy_oci;
 mod pull_real;
 mod registry_real;

@@ -10,25 +10,43 @@ use super::raw::as_u64;
 use super::{DockerEngine, podman};
 use crate::engine::{Container, EngineError, EngineKind, EngineResult, Image, Layer, Removed};
 
+/// How often a Podman image listing that raced a removal is asked again.
+const PODMAN_LIST_RETRIES: usize = 3;
+
 pub(super) async fn list_images(engine: &DockerEngine) -> EngineResult<Vec<Image>> {
     // `all=false`: the default list already holds dangling images;
     // `all=true` would add the intermediate parents of locally built
     // images, which cannot be removed while their children exist.
     let options = ListImagesOptionsBuilder::new().all(false).build();
-    let images = engine
-        .bounded("list images", engine.timeout, async {
+    let list = || {
+        engine.bounded("list images", engine.timeout, async {
             engine
                 .docker
-                .list_images(Some(options))
+                .list_images(Some(options.clone()))
                 .await
                 .map_err(|e| engine.error(e, "list images"))
         })
-        .await?;
+    };
+    let mut images = list().await;
+    // Podman's listing fails whole when an image it is describing is
+    // removed meanwhile (by another client): list again, a few times.
+    for _ in 0..PODMAN_LIST_RETRIES {
+        match &images {
+            Err(EngineError::Other(m))
+                if engine.kind == EngineKind::Podman && m.contains("image not known") =>
+            {
+                tracing::debug!("listing images again: {m}");
+                images = list().await;
+            }
+            _ => break,
+        }
+    }
+    let images = images?;
     Ok(images
         .into_iter()
         .map(|image| Image {
             id: image.id,
-            repo_tags: engine.names_out(real_refs(image.repo_tags)),
+            repo_tags: engine.tags_out(real_refs(image.repo_tags)),
             repo_digests: engine.names_out(real_refs(image.repo_digests)),
             created: image.created,
             size: u64::try_from(image.size).unwrap_or(0),
@@ -105,7 +123,7 @@ pub(super) async fn image(engine: &DockerEngine, reference: &str) -> EngineResul
     {
         Ok(v) => Ok(v["Id"].as_str().map(|id| Image {
             id: id.to_owned(),
-            repo_tags: engine.names_out(real_refs(strings(&v["RepoTags"]))),
+            repo_tags: engine.tags_out(real_refs(strings(&v["RepoTags"]))),
             repo_digests: engine.names_out(real_refs(strings(&v["RepoDigests"]))),
             created: v["Created"]
                 .as_str()

@@ -74,6 +74,17 @@ impl DockerEngine {
         names.into_iter().map(|n| self.name_out(n)).collect()
     }
 
+    /// An image's `RepoTags` as stowage shows them. Podman lists the name
+    /// an image was pulled by digest under (`repo@sha256:…`) among its
+    /// tags too; it is in `RepoDigests` as well, and is no tag.
+    pub(super) fn tags_out(&self, names: Vec<String>) -> Vec<String> {
+        let mut names = self.names_out(names);
+        if self.kind == EngineKind::Podman {
+            names.retain(|n| !n.contains('@'));
+        }
+        names
+    }
+
     /// A name (or image id) stowage hands the engine, as it must read it.
     pub(super) fn name_in<'a>(&self, name: &'a str) -> std::borrow::Cow<'a, str> {
         match self.kind {
