@@ -407,6 +407,30 @@ mod tests {
     use crate::plan::{Decision, Verdict};
     use crate::state::{Backoff, ImageState};
 
+    #[test]
+    fn podman_notes_say_what_differs_for_the_policy() {
+        let parse = |body: &str| {
+            crate::policy::parse(&format!("version = 1\n{body}"), Path::new("/p.toml")).unwrap()
+        };
+        let plain = parse("");
+        assert!(engine_notes(EngineKind::Docker, true, &plain, None).is_empty());
+        let notes = engine_notes(EngineKind::Podman, true, &plain, Some("file"));
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("localhost/"), "{notes:?}");
+        let busy =
+            parse("[[prepull]]\nimage = \"nginx:1.25\"\n[storage]\nbuild_cache_max = \"1GB\"\n");
+        let notes = engine_notes(EngineKind::Podman, false, &busy, Some("none"));
+        assert_eq!(notes.len(), 4, "{notes:?}");
+        assert!(notes[1].contains("build_cache_max"), "{notes:?}");
+        assert!(
+            notes[2].contains("per layer") && notes[2].contains("2m"),
+            "{notes:?}"
+        );
+        assert!(notes[3].contains("events_logger"), "{notes:?}");
+        // A local Podman pulls through the content store: no progress note.
+        assert_eq!(engine_notes(EngineKind::Podman, true, &busy, None).len(), 2);
+    }
+
     const NOW: i64 = 1_800_000_000;
     const DAY: i64 = 86_400;
 
