@@ -181,6 +181,7 @@ async fn podman_is_told_apart_and_named_in_plan_status_and_check() {
         );
     }
     let out = stowage(&addr, &policy, &["plan", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["engine"]["kind"], "podman", "{v:#}");
     assert_eq!(
