@@ -10,15 +10,12 @@ use super::raw::as_u64;
 use super::{DockerEngine, podman};
 use crate::engine::{Container, EngineError, EngineKind, EngineResult, Image, Layer, Removed};
 
-/// How often a Podman image listing that raced a removal is asked again.
-const PODMAN_LIST_RETRIES: usize = 3;
-
 pub(super) async fn list_images(engine: &DockerEngine) -> EngineResult<Vec<Image>> {
     // `all=false`: the default list already holds dangling images;
     // `all=true` would add the intermediate parents of locally built
     // images, which cannot be removed while their children exist.
     let options = ListImagesOptionsBuilder::new().all(false).build();
-    let list = || {
+    let images = podman::again(engine, || {
         engine.bounded("list images", engine.timeout, async {
             engine
                 .docker
@@ -26,22 +23,8 @@ pub(super) async fn list_images(engine: &DockerEngine) -> EngineResult<Vec<Image
                 .await
                 .map_err(|e| engine.error(e, "list images"))
         })
-    };
-    let mut images = list().await;
-    // Podman's listing fails whole when an image it is describing is
-    // removed meanwhile (by another client): list again, a few times.
-    for _ in 0..PODMAN_LIST_RETRIES {
-        match &images {
-            Err(EngineError::Other(m))
-                if engine.kind == EngineKind::Podman && m.contains("image not known") =>
-            {
-                tracing::debug!("listing images again: {m}");
-                images = list().await;
-            }
-            _ => break,
-        }
-    }
-    let images = images?;
+    })
+    .await?;
     Ok(images
         .into_iter()
         .map(|image| Image {

@@ -329,7 +329,7 @@ impl Engine for DockerEngine {
     }
 
     async fn info(&self) -> EngineResult<EngineInfo> {
-        raw::info(self).await
+        podman::again(self, || raw::info(self)).await
     }
 
     async fn platform(&self) -> EngineResult<String> {

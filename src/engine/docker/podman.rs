@@ -124,12 +124,45 @@ pub(super) fn image_id(id: &str) -> String {
     }
 }
 
+/// How often a Podman listing that raced a removal is asked again.
+const RACED_RETRIES: usize = 3;
+
+/// `call`, asked again (up to [`RACED_RETRIES`] more times) while Podman
+/// answers it with an object it was describing gone: its listings fail
+/// whole, with a 500, when another client removes an image or container
+/// meanwhile. Docker's answers are taken as they come.
+pub(super) async fn again<T, F, Fut>(engine: &DockerEngine, call: F) -> EngineResult<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = EngineResult<T>>,
+{
+    let mut answer = call().await;
+    for _ in 0..RACED_RETRIES {
+        match &answer {
+            Err(EngineError::Other(m)) if engine.kind == EngineKind::Podman && raced(m) => {
+                tracing::debug!("asking Podman again: {m}");
+                answer = call().await;
+            }
+            _ => break,
+        }
+    }
+    answer
+}
+
+/// Podman's words for an image or container that went away.
+fn raced(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("not known") || m.contains("no such")
+}
+
 /// Every container Podman knows, in any state, Buildah's included.
 pub(super) async fn containers(engine: &DockerEngine) -> EngineResult<Vec<Container>> {
     let path = "/containers/json?all=true&external=true";
-    let list = engine
-        .raw_json_at("GET", &engine.libpod(path), path, engine.timeout)
-        .await?;
+    let versioned = engine.libpod(path);
+    let list = again(engine, || {
+        engine.raw_json_at("GET", &versioned, path, engine.timeout)
+    })
+    .await?;
     Ok(list
         .as_array()
         .map(|a| a.iter().map(|c| container_of(engine, c)).collect())
@@ -492,6 +525,15 @@ mod tests {
         assert_eq!(kind_of(&docker), (EngineKind::Docker, String::new()));
         let bare = bollard::models::SystemVersion::default();
         assert_eq!(kind_of(&bare).0, EngineKind::Docker);
+    }
+
+    #[test]
+    fn raced_listings_are_told_by_their_words() {
+        assert!(raced(
+            "list images: Docker responded with status code 500: retrieving label for image \"e6\": image not known"
+        ));
+        assert!(raced("GET /containers/json: 500 no such container"));
+        assert!(!raced("GET /containers/json: 500 database is locked"));
     }
 
     #[test]
