@@ -356,7 +356,7 @@ impl Engine for DockerEngine {
     }
 
     async fn disk_usage(&self) -> EngineResult<DiskUsage> {
-        raw::disk_usage(self).await
+        podman::again(self, || raw::disk_usage(self)).await
     }
 
     async fn prune_build_cache(&self, keep_bytes: u64) -> EngineResult<u64> {
