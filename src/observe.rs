@@ -14,7 +14,7 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::blocking::off_loop;
-use crate::engine::{Container, Engine, EngineError, Image, Layer, Removed};
+use crate::engine::{Container, Engine, EngineError, EngineKind, Image, Layer, Removed};
 use crate::policy::Policy;
 use crate::state::State;
 use crate::store::{Store, StoreError};
@@ -26,6 +26,8 @@ pub type LayerMap = FxHashMap<String, Vec<Layer>>;
 /// What the engine showed: the input of a plan besides policy, state and time.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Observed {
+    /// Docker or Podman: how its names match a policy's globs.
+    pub engine: EngineKind,
     pub images: Vec<Image>,
     pub containers: Vec<Container>,
     /// Layers per image id; gathered only when `[storage]` is set. Images
@@ -122,6 +124,7 @@ pub struct Cache {
 pub async fn observe<E: Engine>(engine: &E) -> Result<Observed, EngineError> {
     let (images, containers) = tokio::try_join!(engine.list_images(), engine.list_containers())?;
     Ok(Observed {
+        engine: engine.kind(),
         images,
         containers,
         ..Observed::default()

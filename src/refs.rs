@@ -8,6 +8,7 @@
 //! `Reference::parse_explicit` and the `check_*` functions for the policy
 //! validator, which words their messages.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::Ipv6Addr;
 use std::str::FromStr;
@@ -311,6 +312,99 @@ pub(crate) fn check_host(text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// How an engine names the images it holds, as far as a policy's globs care
+/// (see "Podman" in `docs/policy.md`).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Naming {
+    /// Docker: an image built or loaded here has no registry host
+    /// (`team/app`), the same name as Docker Hub's `team/app`.
+    #[default]
+    Docker,
+    /// Podman: an image built or loaded here is `localhost/team/app`, apart
+    /// from Docker Hub's `docker.io/team/app` (which stowage shows as
+    /// `team/app`, as Docker does: [`familiar`]).
+    Podman,
+}
+
+/// The prefix Podman gives images built, loaded or tagged without a registry.
+pub(crate) const LOCALHOST: &str = "localhost/";
+
+/// The one other name a repository (as stowage shows it) answers to in a
+/// policy's globs: a Docker Hub repository also under its full name
+/// (`nginx` as `docker.io/library/nginx`, `team/app` as `docker.io/team/app`,
+/// how `podman images` shows them); on Podman, a local image's
+/// `localhost/team/app` also as `team/app`, the name it has on Docker. A
+/// `localhost/` name on Docker is a registry on port 80 of this host, not a
+/// local image, and keeps its one name.
+pub(crate) fn glob_alias(repository: &str, naming: Naming) -> Option<Cow<'_, str>> {
+    if naming == Naming::Podman
+        && let Some(rest) = repository.strip_prefix(LOCALHOST)
+    {
+        return Some(Cow::Borrowed(rest));
+    }
+    if host_part(repository).is_some() {
+        return None;
+    }
+    Some(Cow::Owned(match repository.contains('/') {
+        true => format!("{DEFAULT_REGISTRY}/{repository}"),
+        false => format!("{DEFAULT_REGISTRY}/library/{repository}"),
+    }))
+}
+
+/// Docker's short form of a Docker Hub name, as dockerd lists it:
+/// `docker.io/library/nginx:1.25` is `nginx:1.25`, `docker.io/team/app@sha256:…`
+/// is `team/app@sha256:…`. Podman lists full names; stowage shows and
+/// matches the short ones on either engine. Other names are unchanged.
+pub(crate) fn familiar(name: &str) -> Cow<'_, str> {
+    let Some(rest) = name.strip_prefix("docker.io/") else {
+        return Cow::Borrowed(name);
+    };
+    let path = |s: &'_ str| -> usize { s.find(['@', ':']).unwrap_or(s.len()) };
+    let short = match rest.strip_prefix("library/") {
+        Some(short) if !short[..path(short)].contains('/') => short,
+        _ => rest,
+    };
+    // `docker.io/localhost/app` must not come out as registry `localhost`.
+    if host_part(&short[..path(short)]).is_some() {
+        return Cow::Borrowed(name);
+    }
+    Cow::Borrowed(short)
+}
+
+/// The inverse of [`familiar`] for an engine that resolves short names its
+/// own way (Podman, after its `containers.conf`): a name without a registry
+/// host gets `docker.io/` (and `library/` for a one-segment path), so it
+/// names exactly what dockerd would. Image ids (`sha256:…`, bare hex) and
+/// names with a host are unchanged.
+pub(crate) fn qualified(name: &str) -> Cow<'_, str> {
+    let is_id = name.starts_with("sha256:")
+        || (!name.is_empty() && name.bytes().all(|b| b.is_ascii_hexdigit()));
+    if is_id || host_part(name).is_some() {
+        return Cow::Borrowed(name);
+    }
+    let repository_end = name.find(['@', ':']).unwrap_or(name.len());
+    Cow::Owned(match name[..repository_end].contains('/') {
+        true => format!("{DEFAULT_REGISTRY}/{name}"),
+        false => format!("{DEFAULT_REGISTRY}/library/{name}"),
+    })
+}
+
+/// Whether a registry `host[:port]` is this host's loopback (`127.0.0.0/8`,
+/// `[::1]`, `localhost`): registries dockerd talks plain HTTP to unasked.
+pub(crate) fn is_loopback_registry(registry: &str) -> bool {
+    let host = match registry.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(rest, |(h, _)| h),
+        None => registry.rsplit_once(':').map_or(registry, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// `os/arch[/variant]`, e.g. `linux/arm64` or `linux/arm/v7`.
 pub(crate) fn check_platform(p: &str) -> Result<(), String> {
     let parts: Vec<&str> = p.split('/').collect();
@@ -422,6 +516,83 @@ mod tests {
         ] {
             assert!(Reference::parse_explicit(&ok).is_ok(), "{ok}");
             assert!(Reference::parse(&ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn docker_hub_names_in_short_and_full_form() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        for (full, short) in [
+            ("docker.io/library/nginx:1.25", "nginx:1.25"),
+            ("docker.io/library/nginx", "nginx"),
+            ("docker.io/team/app:v1", "team/app:v1"),
+            ("docker.io/library/a/b:1", "library/a/b:1"),
+            (
+                &format!("docker.io/library/nginx@{d}"),
+                &format!("nginx@{d}"),
+            ),
+            (&format!("docker.io/team/app@{d}"), &format!("team/app@{d}")),
+        ] {
+            assert_eq!(familiar(full), short, "{full}");
+            assert_eq!(qualified(short), full, "{short}");
+        }
+        for same in [
+            "localhost/team/app:v1",
+            "127.0.0.1:5000/team/app:v1",
+            "quay.io/x/y:1",
+            "docker.io/localhost/app:1",
+        ] {
+            assert_eq!(familiar(same), same);
+        }
+        for id in [
+            d.as_str(),
+            "d837299d9cfe",
+            "localhost/team/app:v1",
+            "ghcr.io/a:1",
+        ] {
+            assert_eq!(qualified(id), id);
+        }
+    }
+
+    #[test]
+    fn glob_aliases() {
+        let alias = |r, n| glob_alias(r, n).map(Cow::into_owned);
+        assert_eq!(
+            alias("nginx", Naming::Docker).as_deref(),
+            Some("docker.io/library/nginx")
+        );
+        assert_eq!(
+            alias("team/app", Naming::Podman).as_deref(),
+            Some("docker.io/team/app")
+        );
+        assert_eq!(
+            alias("localhost/team/app", Naming::Podman).as_deref(),
+            Some("team/app")
+        );
+        // On Docker `localhost/…` is a registry on this host, not a local image.
+        assert_eq!(alias("localhost/team/app", Naming::Docker), None);
+        assert_eq!(alias("127.0.0.1:5000/team/app", Naming::Podman), None);
+        assert_eq!(alias("localhost:5000/team/app", Naming::Podman), None);
+    }
+
+    #[test]
+    fn loopback_registries() {
+        for yes in [
+            "127.0.0.1:5000",
+            "127.1.2.3",
+            "[::1]:5000",
+            "localhost:5000",
+            "localhost",
+        ] {
+            assert!(is_loopback_registry(yes), "{yes}");
+        }
+        for no in [
+            "10.0.0.5:5000",
+            "docker.io",
+            "[fd00::1]:5000",
+            "localhost.example.com",
+        ] {
+            assert!(!is_loopback_registry(no), "{no}");
         }
     }
 

@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::engine::{EngineInfo, EngineKind};
 use crate::fmt::{human_age, human_bytes, short_id};
 use crate::observe::Observed;
 use crate::plan::{Decision, Plan};
+use crate::policy::Policy;
 use crate::refs::split_tag;
 use crate::state::State;
 use crate::transfer::PullCounters;
@@ -183,6 +185,12 @@ pub struct DaemonStatus {
     pub reload_error: Option<Dated>,
     /// The engine's address.
     pub engine: String,
+    /// Docker or Podman, once connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_kind: Option<EngineKind>,
+    /// What differs on this engine for the policy ([`engine_notes`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub engine_notes: Vec<String>,
     pub engine_reachable: bool,
     /// Why the engine is unreachable.
     pub engine_error: Option<String>,
@@ -248,6 +256,64 @@ pub fn backoffs(state: &State) -> Vec<BackoffRow> {
 }
 
 /// The daemon part of `stowage status`, human readable.
+/// What differs on this engine from Docker and matters for `policy`, one
+/// line each; nothing on Docker. Said once: in the daemon's log when it
+/// connects, under `status` and `plan`, and by `check --engine`. Podman's
+/// events logger (`None` when not asked) tells whether it sends events.
+pub fn engine_notes(
+    kind: EngineKind,
+    local: bool,
+    policy: &Policy,
+    event_logger: Option<&str>,
+) -> Vec<String> {
+    if kind != EngineKind::Podman {
+        return Vec::new();
+    }
+    let mut notes = vec![
+        "Podman names images built or loaded here localhost/…: a glob without a registry \
+         matches them too (team/* matches localhost/team/app), the plan names them as Podman does"
+            .to_owned(),
+    ];
+    if policy
+        .storage
+        .as_ref()
+        .is_some_and(|s| s.build_cache_max.is_some())
+    {
+        notes.push(
+            "[storage] build_cache_max does nothing on Podman: it keeps no build cache apart from \
+             its images (build layers are images, which retention and eviction cover)"
+                .to_owned(),
+        );
+    }
+    if !local && !policy.prepull.is_empty() {
+        notes.push(format!(
+            "a remote Podman reports a pull per layer, not per byte: a layer that takes longer \
+             than stall_timeout ({}) to arrive is abandoned",
+            humantime::format_duration(policy.daemon.stall_timeout)
+        ));
+    }
+    if event_logger == Some("none") {
+        notes.push(
+            "Podman's events_logger is \"none\": it sends no events, so container use and pulls \
+             are noted only at each reconcile"
+                .to_owned(),
+        );
+    }
+    notes
+}
+
+/// `engine: Podman 4.3.1 (API 1.41) at ADDRESS`, then a `note:` line per note.
+pub fn render_engine(info: &EngineInfo, address: &str, notes: &[String]) -> String {
+    let mut out = format!(
+        "engine: {} {} (API {}) at {address}\n",
+        info.kind, info.server_version, info.api_version
+    );
+    for n in notes {
+        out.push_str(&format!("  note: {n}\n"));
+    }
+    out
+}
+
 pub fn render_daemon(d: &DaemonStatus, at: DateTime<Utc>) -> String {
     let local = |t: DateTime<Utc>| {
         t.with_timezone(&chrono::Local)
@@ -278,13 +344,17 @@ pub fn render_daemon(d: &DaemonStatus, at: DateTime<Utc>) -> String {
             out.push_str(&format!("  {line}\n"));
         }
     }
+    let kind = d.engine_kind.map(|k| format!(" ({k})")).unwrap_or_default();
     match (&d.engine_reachable, &d.engine_error) {
-        (true, _) => out.push_str(&format!("engine: {} reachable\n", d.engine)),
+        (true, _) => out.push_str(&format!("engine: {}{kind} reachable\n", d.engine)),
         (false, e) => out.push_str(&format!(
             "engine: {} UNREACHABLE{}\n",
             d.engine,
             e.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
         )),
+    }
+    for n in &d.engine_notes {
+        out.push_str(&format!("  note: {n}\n"));
     }
     match &d.last_reconcile {
         Some(r) => out.push_str(&format!(
@@ -336,6 +406,30 @@ mod tests {
     use crate::engine::Image;
     use crate::plan::{Decision, Verdict};
     use crate::state::{Backoff, ImageState};
+
+    #[test]
+    fn podman_notes_say_what_differs_for_the_policy() {
+        let parse = |body: &str| {
+            crate::policy::parse(&format!("version = 1\n{body}"), Path::new("/p.toml")).unwrap()
+        };
+        let plain = parse("");
+        assert!(engine_notes(EngineKind::Docker, true, &plain, None).is_empty());
+        let notes = engine_notes(EngineKind::Podman, true, &plain, Some("file"));
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("localhost/"), "{notes:?}");
+        let busy =
+            parse("[[prepull]]\nimage = \"nginx:1.25\"\n[storage]\nbuild_cache_max = \"1GB\"\n");
+        let notes = engine_notes(EngineKind::Podman, false, &busy, Some("none"));
+        assert_eq!(notes.len(), 4, "{notes:?}");
+        assert!(notes[1].contains("build_cache_max"), "{notes:?}");
+        assert!(
+            notes[2].contains("per layer") && notes[2].contains("2m"),
+            "{notes:?}"
+        );
+        assert!(notes[3].contains("events_logger"), "{notes:?}");
+        // A local Podman pulls through the content store: no progress note.
+        assert_eq!(engine_notes(EngineKind::Podman, true, &busy, None).len(), 2);
+    }
 
     const NOW: i64 = 1_800_000_000;
     const DAY: i64 = 86_400;
@@ -523,6 +617,8 @@ mod tests {
             policy_summary: "2 rules".to_owned(),
             reload_error: None,
             engine: "unix:///run/docker.sock".to_owned(),
+            engine_kind: None,
+            engine_notes: Vec::new(),
             engine_reachable: true,
             engine_error: None,
             reconciling: false,

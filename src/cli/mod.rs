@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 use crate::audit;
 use crate::clock::{Clock, SystemClock};
 use crate::daemon::{self, control};
-use crate::engine::DockerEngine;
 use crate::engine::docker::ConnectOptions;
+use crate::engine::{DockerEngine, Engine};
 use crate::fleet::PolicyRef;
 use crate::fmt::human_bytes;
 use crate::plan;
@@ -72,7 +72,8 @@ struct Cli {
 #[derive(Debug, clap::Args)]
 struct EngineArgs {
     /// Engine address: unix:///PATH, tcp://HOST:PORT, https://HOST:PORT
-    /// [default: $DOCKER_HOST, then the local socket; tcp://localhost:2376 with TLS]
+    /// [default: $DOCKER_HOST, then /var/run/docker.sock, else Podman's /run/podman/podman.sock
+    /// or $XDG_RUNTIME_DIR/podman/podman.sock; tcp://localhost:2376 with TLS]
     #[arg(long, global = true, value_name = "URI")]
     engine: Option<String>,
     /// Use TLS to a tcp:// engine, without verifying it; implied by
@@ -258,10 +259,16 @@ pub fn main() -> ExitCode {
         .policy
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_POLICY));
+    // `check` touches no engine unless one is named with `--engine`.
+    let mut checked = None;
     if let Command::Check = cli.command
         && PolicyRef::from_arg(&policy_path).is_none()
     {
-        return check(&policy_path);
+        match (check(&policy_path), &cli.engine.engine) {
+            (Ok(policy), Some(_)) => checked = Some(policy),
+            (Ok(_), None) => return ExitCode::SUCCESS,
+            (Err(code), _) => return code,
+        }
     }
     // No policy, engine or runtime: output made from the clap definitions.
     match &cli.command {
@@ -279,7 +286,10 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let code = runtime.block_on(run(cli, policy_path));
+    let code = match checked {
+        Some(policy) => runtime.block_on(check_engine(&policy, &cli.engine.options())),
+        None => runtime.block_on(run(cli, policy_path)),
+    };
     // What is still buffered goes now, under the same rule as every write.
     match finish_output() {
         Ok(()) => code,
@@ -445,20 +455,57 @@ async fn run(cli: Cli, policy_path: PathBuf) -> ExitCode {
     }
 }
 
-fn check(path: &Path) -> ExitCode {
+fn check(path: &Path) -> Result<Policy, ExitCode> {
     match policy::load(path) {
         Ok(p) => match outln!("{}: {}", path.display(), p.summary()) {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(()) => Ok(p),
             Err(msg) => {
                 errln(format_args!("error: {msg}"));
-                ExitCode::from(2)
+                Err(ExitCode::from(2))
             }
         },
         Err(diags) => {
             errln(format_args!("{}", diags.to_string().trim_end()));
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// `check --engine ADDRESS`: the valid policy against that engine, which
+/// engine it is and what differs there for this policy (exit 2 when it
+/// does not answer).
+async fn check_engine(policy: &Policy, engine: &ConnectOptions) -> ExitCode {
+    let shown = async {
+        let engine = connect(engine).await?;
+        let (header, _) = engine_header(&engine, policy).await?;
+        out!("{header}")
+    };
+    match shown.await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            errln(format_args!("error: {msg}"));
             ExitCode::from(2)
         }
     }
+}
+
+/// The `engine:` header of `plan`, `status` and `check --engine` (which
+/// engine, and what differs there for `policy`), and the same as JSON.
+async fn engine_header(
+    engine: &DockerEngine,
+    policy: &Policy,
+) -> Result<(String, serde_json::Value), Fatal> {
+    let info = engine.info().await?;
+    let logger = engine.event_logger().await;
+    let notes = status::engine_notes(info.kind, engine.is_local(), policy, logger.as_deref());
+    let json = serde_json::json!({
+        "kind": info.kind,
+        "version": info.server_version,
+        "api_version": info.api_version,
+        "address": engine.address(),
+        "notes": notes,
+    });
+    Ok((status::render_engine(&info, engine.address(), &notes), json))
 }
 
 /// Load and validate the policy (a file, or `oci://…` with the last good
@@ -545,13 +592,16 @@ async fn cmd_plan(
     // registry shows up in the plan instead of failing it.
     let transfers =
         crate::transfer::preview(&engine, &policy, &observed, &state, at.timestamp()).await;
+    let (header, engine_json) = engine_header(&engine, &policy).await?;
     if json {
         let mut value = serde_json::to_value(&plan)?;
         if let Some(map) = value.as_object_mut() {
             map.insert("transfers".into(), serde_json::to_value(&transfers.items)?);
+            map.insert("engine".into(), engine_json);
         }
         print_json(&value)?;
     } else {
+        out!("{header}")?;
         out!("{}", transfers.render())?;
         out!("{}", plan::render(&plan))?;
     }
@@ -864,12 +914,14 @@ async fn cmd_status_direct(
     } = plan_here(path, engine).await?;
     let rows = status::rows(&observed, &plan, &state);
     let trash = crate::trash::totals(&observed.images);
+    let (header, engine_json) = engine_header(&engine, &policy).await?;
     if json {
         print_json(&serde_json::json!({
             "daemon": null,
             "policy": policy.source,
             "policy_remote": remote::opened(),
             "engine": engine.address(),
+            "engine_info": engine_json,
             "references": rows,
             "trash": trash,
             "scans": status::scan_counts(&state),
@@ -878,7 +930,7 @@ async fn cmd_status_direct(
     }
     let source = remote::opened().map(|r| crate::fleet::render_status(r, at));
     out!(
-        "daemon: not running\n{}\n{}{}",
+        "daemon: not running\n{header}{}\n{}{}",
         source.unwrap_or_default(),
         status::render_table(&rows, observed.images.len(), &policy.source, at),
         status::render_trash(&trash)

@@ -298,7 +298,7 @@ async fn restore<E: Engine>(
     for r in &entry.former {
         match engine.image(r).await? {
             Some(img) if img.id == id => {}
-            Some(img) if floating(policy, r) => notes.push(format!(
+            Some(img) if floating(policy, r, engine.kind().naming()) => notes.push(format!(
                 "{r} is a floating tag and has moved since (now {}): left where it is",
                 short_id(&img.id)
             )),
@@ -360,12 +360,12 @@ async fn restore<E: Engine>(
 }
 
 /// Whether `reference` is a `[[float]]` rule's tag.
-fn floating(policy: &Policy, reference: &str) -> bool {
+fn floating(policy: &Policy, reference: &str, naming: crate::refs::Naming) -> bool {
     let (repo, tag) = split_tag(reference);
     policy
         .float
         .iter()
-        .any(|f| Some(f.tag.as_str()) == tag && f.images.is_match(repo))
+        .any(|f| Some(f.tag.as_str()) == tag && f.images.matches_repo(repo, naming))
 }
 
 /// After the window: the image back from a registry by a recorded digest

@@ -239,6 +239,8 @@ where
         policy_summary: policy.summary(),
         reload_error: None,
         engine: engine_address,
+        engine_kind: None,
+        engine_notes: Vec::new(),
         engine_reachable: false,
         engine_error: None,
         reconciling: false,

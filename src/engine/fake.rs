@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 use super::{
-    BoxStream, Container, Credentials, DiskUsage, Engine, EngineError, EngineInfo, EngineResult,
-    Event, Image, Layer, Progress, Removed, StuckCall,
+    BoxStream, Container, Credentials, DiskUsage, Engine, EngineError, EngineInfo, EngineKind,
+    EngineResult, Event, Image, Layer, Progress, Removed, StuckCall,
 };
 
 #[derive(Debug, Default)]
@@ -30,6 +30,8 @@ struct Inner {
     layers: std::collections::HashMap<String, Vec<Layer>>,
     /// What `stuck_call` answers, shared with the test that flips it.
     stuck: Arc<Mutex<Option<StuckCall>>>,
+    /// The engine it poses as (`kind`, `info`).
+    kind: EngineKind,
 }
 
 #[derive(Debug, Default)]
@@ -46,6 +48,12 @@ impl FakeEngine {
                 ..Inner::default()
             }),
         }
+    }
+
+    /// Poses as `kind` (Podman's naming, for planner and loop tests).
+    pub fn with_kind(self, kind: EngineKind) -> Self {
+        self.lock().kind = kind;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -275,11 +283,16 @@ impl Engine for FakeEngine {
 
     async fn info(&self) -> EngineResult<EngineInfo> {
         Ok(EngineInfo {
+            kind: self.lock().kind,
             data_root: "/fake".into(),
             server_version: "fake".into(),
             api_version: "1.41".into(),
             platform: "linux/amd64".into(),
         })
+    }
+
+    fn kind(&self) -> EngineKind {
+        self.lock().kind
     }
 
     async fn disk_usage(&self) -> EngineResult<DiskUsage> {

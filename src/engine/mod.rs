@@ -54,9 +54,62 @@ pub struct Container {
     pub state: String,
 }
 
+/// Which engine answers the Docker API at the address: Podman's service
+/// speaks it too, with differences the rest of stowage asks about here
+/// rather than knowing the engine (see `docs/podman.md`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    #[default]
+    Docker,
+    /// `podman system service`: its version's `Components` name a "Podman Engine".
+    Podman,
+}
+
+impl EngineKind {
+    /// The engine's name as people know it.
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Docker => "Docker",
+            EngineKind::Podman => "Podman",
+        }
+    }
+
+    /// How it names images (`localhost/…` for local ones on Podman).
+    pub fn naming(self) -> crate::refs::Naming {
+        match self {
+            EngineKind::Docker => crate::refs::Naming::Docker,
+            EngineKind::Podman => crate::refs::Naming::Podman,
+        }
+    }
+
+    /// Whether a push leaves the digest it pushed among the image's
+    /// `RepoDigests`. Podman's do not (and it lists every name with every
+    /// digest it knows the image by): the digest comes from the registry.
+    pub fn records_pushed_digest(self) -> bool {
+        self == EngineKind::Docker
+    }
+
+    /// Whether the engine keeps a build cache apart from its images
+    /// (BuildKit's). Podman's build layers are images: retention and
+    /// eviction cover them, and `build_cache_max` has nothing to prune.
+    pub fn has_build_cache(self) -> bool {
+        self == EngineKind::Docker
+    }
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What the engine reports about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineInfo {
+    /// Docker or Podman.
+    #[serde(default)]
+    pub kind: EngineKind,
     /// The engine's data root (`DockerRootDir`).
     pub data_root: String,
     pub server_version: String,
@@ -169,6 +222,10 @@ pub enum EngineError {
          --allow-plaintext-credentials (STOWAGE_ALLOW_PLAINTEXT_CREDENTIALS=1)"
     )]
     PlaintextCredentials { address: String, registry: String },
+    /// The engine has no such call (Podman 4 answers no
+    /// `/distribution/…/json`): the caller has another way or says so.
+    #[error("the engine cannot {0}")]
+    Unsupported(String),
     #[error("{0}")]
     Other(String),
 }
@@ -324,6 +381,10 @@ pub trait Engine: Send + Sync {
     /// watchdog: a reconcile waiting on it makes no progress.
     fn stuck_call(&self) -> Option<StuckCall> {
         None
+    }
+    /// Docker or Podman, as the engine said when connected.
+    fn kind(&self) -> EngineKind {
+        EngineKind::Docker
     }
     /// Whether the engine runs on this host, so that its data root can be
     /// measured here (false for a remote `tcp://` engine).

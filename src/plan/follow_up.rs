@@ -57,12 +57,17 @@ pub(super) fn follow_up(
             })
             .collect(),
         containers: observed.containers.clone(),
+        engine: observed.engine,
         ..Observed::default()
     };
     let sorted = Sorted::new(&store.images);
-    let index = Index::build(policy, &store.images, &sorted, || {
-        index::known(&sorted, policy, &store.containers, state, at)
-    });
+    let index = Index::build(
+        policy,
+        store.engine.naming(),
+        &store.images,
+        &sorted,
+        || index::known(&sorted, policy, &store.containers, state, at),
+    );
     let placement = retention::place_all(policy, &index, at, false);
     let next = retention(
         policy,

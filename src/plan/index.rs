@@ -14,7 +14,7 @@ use rustc_hash::FxHashMap as HashMap;
 
 use crate::engine::{Container, Image};
 use crate::policy::{Globs, Policy};
-use crate::refs::split_tag;
+use crate::refs::{Naming, split_tag};
 use crate::state::{ImageState, State};
 
 use crate::fmt::{human_duration, short_id as short};
@@ -111,6 +111,9 @@ pub(super) struct Index<'a> {
     semver_rank: Vec<u32>,
     /// Per entry: the first `[[protect]]` entry (index) that matches it.
     pub protect: Vec<Option<usize>>,
+    /// How the engine names images: which other name each repository
+    /// answers to in the policy's globs.
+    naming: Naming,
 }
 
 /// The first eight bytes as a big-endian number, zero-padded: ordering by it
@@ -156,6 +159,7 @@ impl<'a> Index<'a> {
     /// meanwhile.
     pub fn build<'k>(
         policy: &Policy,
+        naming: Naming,
         all: &'a [Image],
         sorted: &'a Sorted<'a>,
         known: impl FnOnce() -> Known<'k>,
@@ -303,6 +307,7 @@ impl<'a> Index<'a> {
             tags,
             semver_rank,
             protect: Vec::new(),
+            naming,
         };
         index.protect = index.protections(policy);
         let min_age = i64::try_from(policy.daemon.min_age.as_secs()).unwrap_or(i64::MAX);
@@ -320,7 +325,7 @@ impl<'a> Index<'a> {
         // The trash's references are never in a rule's scope.
         self.repos
             .iter()
-            .map(|r| globs.is_match(r) && !crate::trash::is_trash_repo(r))
+            .map(|r| globs.matches_repo(r, self.naming) && !crate::trash::is_trash_repo(r))
             .collect()
     }
 

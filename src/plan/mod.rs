@@ -110,7 +110,8 @@ fn plan_with(
         // second half. Retention rules share both threads in between. The
         // result is the same either way.
         let known = beside(scope, parallel, look);
-        let index = Index::build(policy, &observed.images, &sorted, || {
+        let naming = observed.engine.naming();
+        let index = Index::build(policy, naming, &observed.images, &sorted, || {
             known.map_or_else(look, join)
         });
         let placement = retention::place_all(policy, &index, at, parallel);

@@ -19,6 +19,7 @@ pub use validate::{load, load_bytes, load_remote, parse};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::refs::{self, Naming};
 use globset::GlobSet;
 use regex::{Regex, RegexSet};
 
@@ -127,8 +128,11 @@ pub struct Scope {
 }
 
 impl Scope {
-    pub fn matches(&self, repository: &str, tag: &str) -> bool {
-        self.images.is_match(repository) && self.tags.as_ref().is_none_or(|t| t.is_match(tag))
+    /// Whether a reference the engine holds, `repository:tag` as stowage
+    /// shows it, is in scope on an engine that names images `naming`'s way.
+    pub fn matches(&self, repository: &str, tag: &str, naming: Naming) -> bool {
+        self.images.matches_repo(repository, naming)
+            && self.tags.as_ref().is_none_or(|t| t.is_match(tag))
     }
 }
 
@@ -139,8 +143,13 @@ pub struct Globs {
 }
 
 impl Globs {
-    pub(crate) fn is_match(&self, repository: &str) -> bool {
+    /// Whether the globs match a repository the engine holds, under its
+    /// name or the one other name it answers to ([`refs::glob_alias`]:
+    /// `docker.io/library/nginx` for `nginx`; on Podman `team/app` for
+    /// `localhost/team/app`).
+    pub(crate) fn matches_repo(&self, repository: &str, naming: Naming) -> bool {
         self.set.is_match(repository)
+            || refs::glob_alias(repository, naming).is_some_and(|a| self.set.is_match(a.as_ref()))
     }
 }
 

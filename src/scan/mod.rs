@@ -35,6 +35,7 @@ use crate::audit::{self, Outcome, Record};
 use crate::engine::Engine;
 use crate::fmt::short_id;
 use crate::policy::{OnFail, Policy, Scan};
+use crate::refs::Naming;
 use crate::refs::Reference;
 use crate::state::ScanVerdict;
 
@@ -149,7 +150,9 @@ impl<'a, E: Engine> Admission<'a, E> {
 
     /// Whether any rule applies to `reference`.
     pub fn in_scope(&self, reference: &str) -> bool {
-        self.rules.iter().any(|r| applies(r, reference))
+        self.rules
+            .iter()
+            .any(|r| applies(r, reference, self.engine.kind().naming()))
     }
 
     /// Scans that ran (not answered from the cache).
@@ -162,7 +165,7 @@ impl<'a, E: Engine> Admission<'a, E> {
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         self.rules
             .iter()
-            .filter(|r| applies(r, reference))
+            .filter(|r| applies(r, reference, self.engine.kind().naming()))
             .any(|r| !cache.contains_key(&cache_key(image, &r.command)))
     }
 
@@ -181,15 +184,15 @@ impl<'a, E: Engine> Admission<'a, E> {
 
 /// Whether any `[[scan]]` rule of `policy` applies to `reference` (`plan`'s
 /// "pending scan").
-pub fn any_in_scope(policy: &Policy, reference: &str) -> bool {
-    policy.scan.iter().any(|r| applies(r, reference))
+pub fn any_in_scope(policy: &Policy, reference: &str, naming: Naming) -> bool {
+    policy.scan.iter().any(|r| applies(r, reference, naming))
 }
 
-fn applies(rule: &Scan, reference: &str) -> bool {
+fn applies(rule: &Scan, reference: &str, naming: Naming) -> bool {
     match Reference::parse(reference) {
         Ok(r) => rule
             .scope
-            .matches(&r.repository, r.tag.as_deref().unwrap_or("")),
+            .matches(&r.repository, r.tag.as_deref().unwrap_or(""), naming),
         // An unparsable name is in scope of a rule for every repository.
         Err(_) => rule.scope.tags.is_none(),
     }
@@ -219,7 +222,12 @@ pub async fn admit<E: Engine>(
 ) -> Result<Vec<Verdict>, ScanError> {
     let mut out = Vec::new();
     for (reference, image) in arrivals {
-        let rules: Vec<&Scan> = ctx.rules.iter().filter(|r| applies(r, reference)).collect();
+        let naming = ctx.engine.kind().naming();
+        let rules: Vec<&Scan> = ctx
+            .rules
+            .iter()
+            .filter(|r| applies(r, reference, naming))
+            .collect();
         let mut archive: Option<Result<Export, String>> = None;
         for rule in rules {
             let key = cache_key(image, &rule.command);

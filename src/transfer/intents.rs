@@ -313,7 +313,7 @@ pub fn push_intents(policy: &Policy, observed: &Observed, state: &State, now: i6
             let (repository, Some(tag)) = split_tag(reference) else {
                 continue;
             };
-            if !m.scope.matches(repository, tag)
+            if !m.scope.matches(repository, tag, observed.engine.naming())
                 || canonical_registry(refs::registry_of(repository))
                     == canonical_registry(&m.registry)
             {

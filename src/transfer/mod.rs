@@ -181,19 +181,51 @@ impl<E: Engine> Ctx<'_, E> {
         self.creds.scrub(text)
     }
 
-    /// The digest `reference` has at its registry, bounded by the stall timeout.
+    /// The digest `reference` has at its registry, bounded by the stall
+    /// timeout: the engine's look-up, or the registry client's where the
+    /// engine has none (Podman).
     async fn lookup(&self, registry: &str, reference: &str) -> Result<String, TransferError> {
-        let asked = tokio::time::timeout(
-            self.stall,
-            self.engine
-                .remote_digest(reference, self.credentials(registry)),
-        );
+        let ask = async {
+            match self
+                .engine
+                .remote_digest(reference, self.credentials(registry))
+                .await
+            {
+                Err(EngineError::Unsupported(_)) => self.registry_digest(registry, reference).await,
+                answer => answer.map_err(TransferError::from),
+            }
+        };
+        let asked = tokio::time::timeout(self.stall, ask);
         tokio::select! {
             answer = asked => answer
-                .map_err(|_| TransferError::LookupTimeout(self.stall))?
-                .map_err(TransferError::from),
+                .map_err(|_| TransferError::LookupTimeout(self.stall))?,
             () = self.shutdown.cancelled() => Err(TransferError::Interrupted),
         }
+    }
+
+    /// The digest `reference` names at `registry`, from a manifest `HEAD`
+    /// of stowage's own registry client (the top of an index, as the
+    /// engine's look-up answers).
+    async fn registry_digest(
+        &self,
+        registry: &str,
+        reference: &str,
+    ) -> Result<String, TransferError> {
+        let parsed = crate::refs::Reference::parse(reference)
+            .map_err(|e| TransferError::Engine(EngineError::Other(format!("{reference}: {e}"))))?;
+        let wanted = parsed
+            .digest
+            .or(parsed.tag)
+            .unwrap_or_else(|| "latest".to_owned());
+        let options = crate::registry::Options {
+            timeout: self.stall,
+            ..crate::registry::Options::default()
+        };
+        let client =
+            crate::registry::Registry::new(registry, self.credentials(registry), &options)?;
+        Ok(client
+            .manifest_digest(&layers::api_path(&parsed.repository), &wanted)
+            .await?)
     }
 
     /// Pull `from`, abandoning it when no progress arrives for the stall

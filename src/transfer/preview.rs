@@ -207,7 +207,9 @@ pub async fn preview<E: Engine>(
     plan.items.extend(found.into_iter().flatten());
     // A pulled image is new to the host: its admission checks are to come.
     for step in &mut plan.items {
-        if step.kind == StepKind::Pull && crate::scan::any_in_scope(policy, &step.reference) {
+        if step.kind == StepKind::Pull
+            && crate::scan::any_in_scope(policy, &step.reference, engine.kind().naming())
+        {
             step.reason.push_str("; pending scan");
         }
     }

@@ -141,7 +141,20 @@ async fn push_once<E: Engine>(
         }
     }
     let pushed = ctx.push(&intent.registry, &intent.target).await;
-    if pushed.is_ok() {
+    if pushed.is_ok() && !ctx.engine.kind().records_pushed_digest() {
+        // Podman keeps no record of what it pushed (and lists every name
+        // with every digest it knows): the registry says.
+        match ctx.lookup(&intent.registry, &intent.target).await {
+            Ok(digest) => {
+                result.mirrored = Some((intent.target.clone(), intent.image.clone(), digest));
+            }
+            Err(e) => tracing::debug!(
+                "pushed {} but cannot read its digest back: {}",
+                intent.target,
+                ctx.scrub(&e.to_string())
+            ),
+        }
+    } else if pushed.is_ok() {
         // Read the target digest before the temporary tag (and with it the
         // engine's record of that digest) goes.
         let repo = split_tag(&intent.target).0;

@@ -1,6 +1,7 @@
-//! The real private engine and registry that `scripts/test` starts (see
-//! `scripts/lib.sh`): their addresses, fixture images loaded into them, the
-//! docker CLI and the stowage binary against them, and engines of a test's own.
+//! The real private engine, Podman service and registry that `scripts/test`
+//! starts (see `scripts/lib.sh`): their addresses, fixture images loaded into
+//! them, the docker, podman and buildah CLIs and the stowage binary against
+//! them, and engines of a test's own.
 //!
 //! Outside CI a missing engine skips the test loudly; in CI it fails, so a
 //! broken harness can never pass as green.
@@ -27,6 +28,10 @@ pub const TLS_ENGINE_VAR: &str = "STOWAGE_TEST_TLS_ENGINE";
 /// `scripts/lib.sh`): `ca.pem`; `client/` with `ca.pem`, `cert.pem` and
 /// `key.pem`; `other/`, a CA and a client certificate the engine does not trust.
 pub const TLS_CERTS_VAR: &str = "STOWAGE_TEST_TLS_CERTS";
+/// `unix:///.../podman.sock` of the private Podman service.
+pub const PODMAN_VAR: &str = "STOWAGE_TEST_PODMAN";
+/// A `buildah` wrapper on the private Podman service's storage.
+pub const BUILDAH_VAR: &str = "STOWAGE_TEST_BUILDAH";
 
 /// Whether this runs in CI, where a missing engine or tool is a failure, not a skip.
 pub fn in_ci() -> bool {
@@ -95,6 +100,69 @@ pub fn tls_engine() -> Option<(String, std::path::PathBuf)> {
     let addr = required(TLS_ENGINE_VAR, "TLS engine test")?;
     let certs = required(TLS_CERTS_VAR, "TLS engine test")?;
     Some((addr, certs.into()))
+}
+
+/// Address of the private Podman service, if the harness started one.
+pub fn podman_addr() -> Option<String> {
+    let addr = required(PODMAN_VAR, "real-Podman test")?;
+    // Tests remove images: never let them near a machine-wide Podman.
+    assert!(
+        !addr.contains("/run/podman/podman.sock") && !addr.contains("/run/user/"),
+        "{PODMAN_VAR}={addr} is a machine-wide Podman; tests need a private one"
+    );
+    Some(addr)
+}
+
+/// A connection to the private Podman service, or `None` (after a SKIP
+/// line) outside CI.
+pub async fn podman() -> Option<DockerEngine> {
+    let addr = podman_addr()?;
+    match DockerEngine::connect(Some(&addr)).await {
+        Ok(engine) => {
+            assert_eq!(
+                engine.kind(),
+                stowage::engine::EngineKind::Podman,
+                "{PODMAN_VAR}={addr} is not a Podman service"
+            );
+            Some(engine)
+        }
+        Err(e) => panic!("{PODMAN_VAR} is set but the Podman service does not answer: {e}"),
+    }
+}
+
+/// Runs the podman CLI against the PRIVATE service at `addr` (`--remote`).
+pub fn podman_cli(addr: &str, args: &[&str]) -> String {
+    let output = Command::new("podman")
+        .args(["--remote", "--url", addr])
+        .args(args)
+        .output()
+        .expect("running the podman CLI");
+    assert!(
+        output.status.success(),
+        "podman {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Runs buildah on the private Podman service's storage.
+pub fn buildah(args: &[&str]) -> String {
+    let wrapper = std::env::var(BUILDAH_VAR)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| panic!("{BUILDAH_VAR} is not set: run scripts/test"));
+    let output = Command::new(&wrapper)
+        .args(args)
+        .output()
+        .expect("running buildah");
+    assert!(
+        output.status.success(),
+        "buildah {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
 /// `127.0.0.1:PORT` of the private registry, or `None` (after a SKIP line) outside CI.

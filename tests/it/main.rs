@@ -44,6 +44,7 @@ mod engine_real;
 mod engine_tls;
 mod fleet_daemon;
 mod inbox_real;
+mod podman_real;
 mod policy_oci;
 mod pull_real;
 mod registry_real;

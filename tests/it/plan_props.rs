@@ -130,9 +130,10 @@ fn protected_image(p: &Policy, s: &Store, image: &Image) -> bool {
 
 fn protected_ref(p: &Policy, reference: &str) -> bool {
     let (repo, tag) = stowage::refs::split_tag(reference);
-    p.protect
-        .iter()
-        .any(|pr| pr.scope.matches(repo, tag.unwrap_or("")))
+    p.protect.iter().any(|pr| {
+        pr.scope
+            .matches(repo, tag.unwrap_or(""), stowage::refs::Naming::Docker)
+    })
 }
 
 proptest! {

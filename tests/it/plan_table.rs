@@ -839,3 +839,60 @@ fn trash_expiry_takes_only_expired_entries_stowage_made() {
         state,
     );
 }
+
+/// The same store planned as Docker lists it and as Podman does: on Podman
+/// `team/*` takes the local `localhost/team/app` (its own repository for
+/// `keep_last`, apart from Docker Hub's `team/app`); on Docker a
+/// `localhost/` name is a registry on this host and stays out of it.
+#[test]
+fn podman_local_names_match_globs_without_a_registry() {
+    let p = policy(
+        "[[retain]]\nname = \"team\"\nimages = [\"team/*\"]\nkeep_last = 1\n\
+         [[protect]]\nname = \"pinned\"\nimages = [\"team/pinned\"]\n",
+    );
+    let images = vec![
+        img("l1", 30.0, &["localhost/team/app:v1"]),
+        img("l2", 20.0, &["localhost/team/app:v2"]),
+        img("l3", 10.0, &["localhost/team/app:v3"]),
+        img("h1", 40.0, &["team/app:v1"]),
+        img("p1", 50.0, &["localhost/team/pinned:v1"]),
+        img("p2", 5.0, &["localhost/team/pinned:v2"]),
+    ];
+    let planned = |engine| {
+        let observed = Observed {
+            engine,
+            images: images.clone(),
+            ..Observed::default()
+        };
+        plan::render(&plan::plan(&p, &observed, &State::default(), NOW))
+    };
+    // The first word of a plan line is its action, the second the reference.
+    let acts = |plan: &str, action: &str, reference: &str| {
+        plan.lines().any(|l| {
+            let mut words = l.split_whitespace();
+            words.next() == Some(action) && words.next() == Some(reference)
+        })
+    };
+    let touched = |plan: &str, reference: &str| {
+        ["remove", "untag", "trash", "evict"]
+            .iter()
+            .any(|a| acts(plan, a, reference))
+    };
+    let podman = planned(stowage::engine::EngineKind::Podman);
+    for gone in ["localhost/team/app:v1", "localhost/team/app:v2"] {
+        assert!(acts(&podman, "remove", gone), "{gone}:\n{podman}");
+    }
+    assert!(!touched(&podman, "localhost/team/app:v3"), "{podman}");
+    // Docker Hub's team/app is a repository of its own, newest there.
+    assert!(!touched(&podman, "team/app:v1"), "{podman}");
+    // Protection takes the local name too.
+    assert!(
+        podman.contains("  localhost/team/pinned:v1  (pinned: matches [[protect]]"),
+        "{podman}"
+    );
+    assert!(!touched(&podman, "localhost/team/pinned:v1"), "{podman}");
+
+    let docker = planned(stowage::engine::EngineKind::Docker);
+    assert!(!docker.contains("localhost/"), "{docker}");
+    assert!(!touched(&docker, "team/app:v1"), "{docker}");
+}

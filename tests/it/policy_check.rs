@@ -10,6 +10,7 @@ use proptest::prelude::*;
 use stowage::policy::{
     self, Diagnostics, EvictOrder, FloatOrder, OnViolation, Order, Policy, Refresh, RetainScope,
 };
+use stowage::refs::Naming::{Docker, Podman};
 
 const HEX: &str = "4f53cda18c2baa0c0354bb5f9a3ecbe5ed12ab4d8e11ba873c2f11161202b945";
 
@@ -856,11 +857,18 @@ fn full_policy_parses_with_values_and_defaults() {
         panic!("tagged")
     };
     // `*` stays in one segment, `**` crosses; tags are anchored.
-    assert!(scope.matches("team/app", "v1.2.3"));
-    assert!(!scope.matches("team/app/sub", "v1.2.3"));
-    assert!(scope.matches("127.0.0.1:5000/team/app", "v1.2.3"));
-    assert!(!scope.matches("team/app", "v1.2.3-rc1"));
-    assert!(!scope.matches("team/app", "xv1.2.3"));
+    assert!(scope.matches("team/app", "v1.2.3", Docker));
+    assert!(!scope.matches("team/app/sub", "v1.2.3", Docker));
+    assert!(scope.matches("127.0.0.1:5000/team/app", "v1.2.3", Docker));
+    assert!(!scope.matches("team/app", "v1.2.3-rc1", Docker));
+    assert!(!scope.matches("team/app", "xv1.2.3", Docker));
+    // On Podman a local image is `localhost/team/app`: the same glob takes
+    // it; on Docker `localhost/` is a registry on this host, and stays out.
+    assert!(scope.matches("localhost/team/app", "v1.2.3", Podman));
+    assert!(!scope.matches("localhost/team/app/sub", "v1.2.3", Podman));
+    assert!(!scope.matches("localhost/team/app", "v1.2.3", Docker));
+    // A Docker Hub repository answers to its full name too.
+    assert!(scope.matches("team/app", "v1.2.3", Podman));
     let b = &p.retain[1];
     assert_eq!(b.order, Order::Created);
     assert_eq!(b.keep_within, Some(Duration::from_secs(14 * 86400)));
@@ -870,7 +878,7 @@ fn full_policy_parses_with_values_and_defaults() {
     assert_eq!(p.retain[2].keep_last, None);
 
     assert_eq!(p.protect[0].name, "protect[1]");
-    assert!(p.protect[0].scope.matches("debian", "anything"));
+    assert!(p.protect[0].scope.matches("debian", "anything", Docker));
     assert_eq!(p.tags[0].on_violation, OnViolation::Untag);
     assert!(p.tags[0].allow.is_match("stable") && !p.tags[0].allow.is_match("stable2"));
     assert_eq!(p.float[0].order, FloatOrder::Created);
@@ -1175,13 +1183,13 @@ fn scan_defaults_and_scope() {
     assert!(s.is_builtin_secrets());
     assert_eq!(s.on_fail, policy::OnFail::Block);
     assert_eq!(s.timeout, Duration::from_secs(600));
-    assert!(s.scope.matches("anything/at/all", "1"));
+    assert!(s.scope.matches("anything/at/all", "1", Docker));
     let t = &p.scan[1];
     assert_eq!(t.on_fail, policy::OnFail::Warn);
     assert_eq!(t.timeout, Duration::from_secs(30));
-    assert!(t.scope.matches("app/web", "v1"));
-    assert!(!t.scope.matches("app/web", "latest"));
-    assert!(!t.scope.matches("other", "v1"));
+    assert!(t.scope.matches("app/web", "v1", Docker));
+    assert!(!t.scope.matches("app/web", "latest", Docker));
+    assert!(!t.scope.matches("other", "v1", Docker));
     assert!(p.summary().contains("2 scan rules"), "{}", p.summary());
 }
 

@@ -61,9 +61,14 @@ where
         // Only a real outage (or the start) is worth a reconcile: a
         // reconnect for a failed event stream, with the engine answering
         // all along, is not.
+        self.note_engine(engine.as_ref());
         let outage = self.link.connected(engine, watcher, Instant::now());
         if outage {
-            tracing::info!("engine {} reachable", self.view().engine);
+            let (address, kind) = {
+                let view = self.view();
+                (view.engine.clone(), view.engine_kind.unwrap_or_default())
+            };
+            tracing::info!("engine {address} ({kind}) reachable");
         } else {
             tracing::debug!("engine connection re-established");
         }
@@ -72,6 +77,28 @@ where
             // Whatever happened while it was away, look again.
             self.request(None);
         }
+    }
+
+    /// What differs on the engine just connected, for `status`, and said
+    /// once in the log (again only when another kind of engine answers).
+    fn note_engine(&self, engine: &E) {
+        let kind = engine.kind();
+        let policy = lock(&self.shared.policy).clone();
+        let notes = crate::status::engine_notes(kind, engine.is_local(), &policy, None);
+        let mut view = self.view();
+        if view.engine_kind != Some(kind) {
+            // The first says how names match (news, not trouble); the
+            // others are what does not work as on Docker.
+            for (i, n) in notes.iter().enumerate() {
+                if i == 0 {
+                    tracing::info!("{n}");
+                } else {
+                    tracing::warn!("{n}");
+                }
+            }
+        }
+        view.engine_kind = Some(kind);
+        view.engine_notes = notes;
     }
 
     /// The engine is gone (a reconcile found it so): drop the connection,

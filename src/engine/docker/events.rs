@@ -6,8 +6,8 @@ use bollard::models::EventMessageTypeEnum;
 use bollard::query_parameters::EventsOptionsBuilder;
 use futures_util::StreamExt;
 
-use super::DockerEngine;
-use crate::engine::{BoxStream, Engine, EngineResult, Event, EventKind};
+use super::{DockerEngine, podman};
+use crate::engine::{BoxStream, Engine, EngineKind, EngineResult, Event, EventKind};
 
 pub(super) fn events(engine: &DockerEngine) -> BoxStream<'_, EngineResult<Event>> {
     let filters = HashMap::from([("type", vec!["container", "image"])]);
@@ -20,18 +20,31 @@ pub(super) fn events(engine: &DockerEngine) -> BoxStream<'_, EngineResult<Event>
             Some(EventMessageTypeEnum::IMAGE) => EventKind::Image,
             _ => EventKind::Other,
         };
-        let image = if kind == EventKind::Container {
+        let attribute = |key: &str| {
             actor
                 .attributes
                 .as_ref()
-                .and_then(|a| a.get("image").cloned())
-        } else {
-            None
+                .and_then(|a| a.get(key))
+                .filter(|v| !v.is_empty())
+                .cloned()
         };
+        let image = match kind {
+            EventKind::Container => attribute("image").map(|i| engine.name_out(i)),
+            _ => None,
+        };
+        let mut id = actor.id.unwrap_or_default();
+        if engine.kind == EngineKind::Podman && kind == EventKind::Image {
+            // Podman names an image by its bare hex id, and a `pull` only by
+            // the reference in its `name` attribute.
+            id = match attribute("name") {
+                Some(name) if id.is_empty() => engine.name_out(name),
+                _ => podman::image_id(&id),
+            };
+        }
         Ok(Event {
             kind,
             action: message.action.unwrap_or_default(),
-            id: actor.id.unwrap_or_default(),
+            id,
             image,
             time: message.time.unwrap_or_default(),
         })

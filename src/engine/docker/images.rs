@@ -6,30 +6,31 @@ use bollard::query_parameters::{
     TagImageOptionsBuilder,
 };
 
-use super::DockerEngine;
 use super::raw::as_u64;
-use crate::engine::{Container, EngineError, EngineResult, Image, Layer, Removed};
+use super::{DockerEngine, podman};
+use crate::engine::{Container, EngineError, EngineKind, EngineResult, Image, Layer, Removed};
 
 pub(super) async fn list_images(engine: &DockerEngine) -> EngineResult<Vec<Image>> {
     // `all=false`: the default list already holds dangling images;
     // `all=true` would add the intermediate parents of locally built
     // images, which cannot be removed while their children exist.
     let options = ListImagesOptionsBuilder::new().all(false).build();
-    let images = engine
-        .bounded("list images", engine.timeout, async {
+    let images = podman::again(engine, || {
+        engine.bounded("list images", engine.timeout, async {
             engine
                 .docker
-                .list_images(Some(options))
+                .list_images(Some(options.clone()))
                 .await
                 .map_err(|e| engine.error(e, "list images"))
         })
-        .await?;
+    })
+    .await?;
     Ok(images
         .into_iter()
         .map(|image| Image {
             id: image.id,
-            repo_tags: real_refs(image.repo_tags),
-            repo_digests: real_refs(image.repo_digests),
+            repo_tags: engine.tags_out(real_refs(image.repo_tags)),
+            repo_digests: engine.names_out(real_refs(image.repo_digests)),
             created: image.created,
             size: u64::try_from(image.size).unwrap_or(0),
         })
@@ -56,7 +57,14 @@ impl DockerEngine {
                     .map_err(|e| self.error(e, "list containers"))
             })
             .await?;
-        Ok(containers.into_iter().map(container_of).collect())
+        Ok(containers
+            .into_iter()
+            .map(|c| {
+                let mut c = container_of(c);
+                c.image = self.name_out(c.image);
+                c
+            })
+            .collect())
     }
 }
 
@@ -65,8 +73,12 @@ pub(super) async fn containers_using(
     image_id: &str,
 ) -> EngineResult<Vec<Container>> {
     // `ancestor` also matches containers of child images; only exact
-    // users count here.
-    let mut users = engine.containers(Some(image_id)).await?;
+    // users count here. Podman's listing with Buildah's containers takes
+    // no filter.
+    let mut users = match engine.kind {
+        EngineKind::Docker => engine.containers(Some(image_id)).await?,
+        EngineKind::Podman => podman::containers(engine).await?,
+    };
     users.retain(|c| c.image_id == image_id);
     Ok(users)
 }
@@ -75,6 +87,7 @@ pub(super) async fn image_id_of(
     engine: &DockerEngine,
     reference: &str,
 ) -> EngineResult<Option<String>> {
+    let reference = engine.name_in(reference);
     match engine
         .raw_json("GET", &format!("/images/{reference}/json"), engine.timeout)
         .await
@@ -86,14 +99,15 @@ pub(super) async fn image_id_of(
 }
 
 pub(super) async fn image(engine: &DockerEngine, reference: &str) -> EngineResult<Option<Image>> {
+    let reference = engine.name_in(reference);
     match engine
         .raw_json("GET", &format!("/images/{reference}/json"), engine.timeout)
         .await
     {
         Ok(v) => Ok(v["Id"].as_str().map(|id| Image {
             id: id.to_owned(),
-            repo_tags: real_refs(strings(&v["RepoTags"])),
-            repo_digests: real_refs(strings(&v["RepoDigests"])),
+            repo_tags: engine.tags_out(real_refs(strings(&v["RepoTags"]))),
+            repo_digests: engine.names_out(real_refs(strings(&v["RepoDigests"]))),
             created: v["Created"]
                 .as_str()
                 .and_then(|c| chrono::DateTime::parse_from_rfc3339(c).ok())
@@ -112,37 +126,43 @@ pub(super) async fn remove(engine: &DockerEngine, reference: &str) -> EngineResu
         .noprune(false)
         .build();
     let call = format!("remove {reference}");
+    let name = engine.name_in(reference);
     let items = engine
         .bounded(&call, engine.slow(), async {
             engine
                 .docker
-                .remove_image(reference, Some(options), None)
+                .remove_image(&name, Some(options), None)
                 .await
                 .map_err(|e| engine.error(e, &call))
         })
         .await?;
     let mut removed = Removed::default();
     for item in items {
-        removed.untagged.extend(item.untagged);
-        removed.deleted.extend(item.deleted);
+        removed
+            .untagged
+            .extend(item.untagged.map(|n| engine.name_out(n)));
+        removed
+            .deleted
+            .extend(item.deleted.map(|id| podman::image_id(&id)));
     }
     Ok(removed)
 }
 
 pub(super) async fn tag(engine: &DockerEngine, source: &str, target: &str) -> EngineResult<()> {
-    let (repo, tag) = split_reference(target);
     if target.contains('@') {
         return Err(EngineError::Other(format!(
             "tag {source} as {target}: a tag target cannot be a digest"
         )));
     }
+    let (source_name, target_name) = (engine.name_in(source), engine.name_in(target));
+    let (repo, tag) = split_reference(&target_name);
     let options = TagImageOptionsBuilder::new().repo(repo).tag(tag).build();
     let call = format!("tag {source} as {target}");
     engine
         .bounded(&call, engine.timeout, async {
             engine
                 .docker
-                .tag_image(source, Some(options))
+                .tag_image(&source_name, Some(options))
                 .await
                 .map_err(|e| engine.error(e, &call))
         })
@@ -150,6 +170,8 @@ pub(super) async fn tag(engine: &DockerEngine, source: &str, target: &str) -> En
 }
 
 pub(super) async fn image_layers(engine: &DockerEngine, id: &str) -> EngineResult<Vec<Layer>> {
+    let name = engine.name_in(id);
+    let id = name.as_ref();
     let inspect = engine
         .raw_json("GET", &format!("/images/{id}/json"), engine.timeout)
         .await?;
@@ -195,8 +217,13 @@ pub(super) async fn load(
             // `Loaded image ID:` first: `Loaded image:` is its prefix.
             if let Some(id) = line.strip_prefix("Loaded image ID:") {
                 loaded.push(id.trim().to_owned());
-            } else if let Some(reference) = line.strip_prefix("Loaded image:") {
-                loaded.push(reference.trim().to_owned());
+            } else if let Some(references) = line.strip_prefix("Loaded image:") {
+                // Podman names every image of the archive on one line.
+                loaded.extend(
+                    references
+                        .split(',')
+                        .map(|r| engine.name_out(r.trim().to_owned())),
+                );
             }
         }
     }
@@ -208,7 +235,11 @@ pub(super) async fn save(
     engine: &DockerEngine,
     references: &[String],
 ) -> EngineResult<bytes::Bytes> {
-    let names: Vec<&str> = references.iter().map(String::as_str).collect();
+    let names: Vec<String> = references
+        .iter()
+        .map(|r| engine.name_in(r).into_owned())
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let call = format!("save {}", references.join(" "));
     let guard = engine.calls.start(&call, engine.slow());
     let mut stream = std::pin::pin!(engine.docker.export_images(&names));
@@ -228,7 +259,11 @@ pub(super) async fn export(
     to: &std::path::Path,
 ) -> EngineResult<u64> {
     use tokio::io::AsyncWriteExt;
-    let names: Vec<&str> = references.iter().map(String::as_str).collect();
+    let names: Vec<String> = references
+        .iter()
+        .map(|r| engine.name_in(r).into_owned())
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let call = format!("save {}", references.join(" "));
     let file_error = |e: std::io::Error| EngineError::Other(format!("{}: {e}", to.display()));
     let mut file = tokio::fs::File::create(to).await.map_err(file_error)?;
@@ -248,6 +283,7 @@ pub(super) async fn export(
 
 /// The image's `RootFS.Layers` (its diff ids), bottom first.
 pub(super) async fn diff_ids(engine: &DockerEngine, id: &str) -> EngineResult<Vec<String>> {
+    let id = engine.name_in(id);
     let inspect = engine
         .raw_json("GET", &format!("/images/{id}/json"), engine.timeout)
         .await?;

@@ -22,6 +22,14 @@ impl DockerEngine {
                 status_code: 409,
                 message,
             } => EngineError::Conflict(one_line(&message)),
+            // Podman refuses an unforced removal by id of an image with
+            // several tags as a 500.
+            BollardError::DockerResponseServerError {
+                status_code: 500,
+                message,
+            } if message.contains("please force removal") => {
+                EngineError::Conflict(one_line(&message))
+            }
             err if is_transport(&err) => self.transport_error(&err),
             err => EngineError::Other(one_line(&format!("{what}: {}", chain(&err)))),
         }

@@ -6,9 +6,11 @@
 //! (pulls, pushes, registry look-ups), `events` (the event stream), `raw`
 //! (the HTTP/1.0 client for the two endpoints bollard 0.21 models only in
 //! their newest shape, `system df` and `build prune`, and engine info),
-//! `messages` (errors as one bounded, redacted line), `deadline`, and `tls`
+//! `messages` (errors as one bounded, redacted line), `deadline`, `tls`
 //! (the address and TLS settings as the docker CLI reads them, the rustls
-//! client, and whether registry credentials may cross the connection).
+//! client, and whether registry credentials may cross the connection), and
+//! `podman` (what Podman's service does its own way: names, containers,
+//! pulls and pushes; the engine's [`EngineKind`] says which it is).
 //!
 //! Every call has a deadline that covers the whole answer, body included
 //! (bollard's own timeout covers only the wait for headers), and a streamed
@@ -20,6 +22,7 @@ mod deadline;
 mod events;
 mod images;
 mod messages;
+mod podman;
 mod raw;
 mod tls;
 mod transfer;
@@ -29,8 +32,8 @@ use std::time::Duration;
 use bollard::Docker;
 
 use super::{
-    BoxStream, Container, Credentials, DiskUsage, Engine, EngineError, EngineInfo, EngineResult,
-    Event, Image, Layer, Progress, Removed, StuckCall,
+    BoxStream, Container, Credentials, DiskUsage, Engine, EngineError, EngineInfo, EngineKind,
+    EngineResult, Event, Image, Layer, Progress, Removed, StuckCall,
 };
 use deadline::{Calls, STUCK_SLACK};
 use messages::{chain, one_line, root_cause};
@@ -83,6 +86,11 @@ pub struct DockerEngine {
     /// `--allow-plaintext-credentials`: registry credentials may go to a
     /// plain `tcp://` engine on another host.
     allow_plaintext_credentials: bool,
+    /// Docker or Podman, told by the engine's version at connect.
+    kind: EngineKind,
+    /// Podman's libpod API version (`4.3.1`) for the calls it answers only
+    /// there; empty on Docker.
+    libpod_api: String,
 }
 
 /// [`CALL_TIMEOUT`], or the duration in [`TIMEOUT_VAR`].
@@ -180,16 +188,17 @@ impl DockerEngine {
         let handshake = async {
             let docker = docker.negotiate_version().await.map_err(failed)?;
             docker.ping().await.map_err(failed)?;
-            Ok(docker)
+            let version = docker.version().await.map_err(failed)?;
+            Ok((docker, podman::kind_of(&version)))
         };
-        let docker = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+        let (docker, (kind, libpod_api)) = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
             .await
             .unwrap_or_else(|_| {
-                Err(unreachable(format!(
-                    "no answer to version and ping within {}",
-                    humantime::format_duration(CONNECT_TIMEOUT)
-                )))
-            })?;
+            Err(unreachable(format!(
+                "no answer to version and ping within {}",
+                humantime::format_duration(CONNECT_TIMEOUT)
+            )))
+        })?;
         let docker = docker.with_timeout(REQUEST_TIMEOUT);
         Ok(DockerEngine {
             docker,
@@ -198,6 +207,8 @@ impl DockerEngine {
             timeout,
             calls: Calls::default(),
             allow_plaintext_credentials: options.allow_plaintext_credentials,
+            kind,
+            libpod_api,
         })
     }
 
@@ -219,8 +230,8 @@ fn wants_tls(e: &bollard::errors::Error) -> bool {
 }
 
 /// The address [`DockerEngine::connect_with`] uses for `options`: the given
-/// one, else `DOCKER_HOST`, else the local socket (the daemon shows it while
-/// the engine is unreachable).
+/// one, else `DOCKER_HOST`, else the local socket, Docker's or Podman's (the
+/// daemon shows it while the engine is unreachable).
 pub fn resolve_address(options: &ConnectOptions) -> String {
     match tls::resolve(options, &DockerEnv::from_process()) {
         Ok((address, _)) => address,
@@ -234,7 +245,10 @@ impl Engine for DockerEngine {
     }
 
     async fn list_containers(&self) -> EngineResult<Vec<Container>> {
-        self.containers(None).await
+        match self.kind {
+            EngineKind::Docker => self.containers(None).await,
+            EngineKind::Podman => podman::containers(self).await,
+        }
     }
 
     async fn containers_using(&self, image_id: &str) -> EngineResult<Vec<Container>> {
@@ -281,6 +295,11 @@ impl Engine for DockerEngine {
         reference: &str,
         credentials: Option<&Credentials>,
     ) -> EngineResult<String> {
+        if self.kind == EngineKind::Podman {
+            return Err(EngineError::Unsupported(
+                "look up a registry digest (Podman answers no /distribution API)".to_owned(),
+            ));
+        }
         transfer::remote_digest(self, reference, credentials).await
     }
 
@@ -318,7 +337,7 @@ impl Engine for DockerEngine {
     }
 
     async fn info(&self) -> EngineResult<EngineInfo> {
-        raw::info(self).await
+        podman::again(self, || raw::info(self)).await
     }
 
     async fn platform(&self) -> EngineResult<String> {
@@ -340,11 +359,20 @@ impl Engine for DockerEngine {
         self.calls.overdue(STUCK_SLACK)
     }
 
+    fn kind(&self) -> EngineKind {
+        self.kind
+    }
+
     async fn disk_usage(&self) -> EngineResult<DiskUsage> {
-        raw::disk_usage(self).await
+        podman::again(self, || raw::disk_usage(self)).await
     }
 
     async fn prune_build_cache(&self, keep_bytes: u64) -> EngineResult<u64> {
+        if !self.kind.has_build_cache() {
+            return Err(EngineError::Unsupported(
+                "prune a build cache (Podman keeps none apart from its images)".to_owned(),
+            ));
+        }
         raw::prune_build_cache(self, keep_bytes).await
     }
 }

@@ -22,10 +22,24 @@ impl DockerEngine {
         within: Duration,
     ) -> EngineResult<serde_json::Value> {
         let version = self.docker.client_version();
-        let request = format!(
-            "{method} /v{}.{}{path} HTTP/1.0\r\nHost: docker\r\nContent-Length: 0\r\n\r\n",
+        let versioned = format!(
+            "/v{}.{}{path}",
             version.major_version, version.minor_version
         );
+        self.raw_json_at(method, &versioned, path, within).await
+    }
+
+    /// [`DockerEngine::raw_json`] at `versioned`, a path with its API
+    /// version (Podman's libpod calls carry their own); `path` names it.
+    pub(super) async fn raw_json_at(
+        &self,
+        method: &str,
+        versioned: &str,
+        path: &str,
+        within: Duration,
+    ) -> EngineResult<serde_json::Value> {
+        let request =
+            format!("{method} {versioned} HTTP/1.0\r\nHost: docker\r\nContent-Length: 0\r\n\r\n");
         let unreachable = |e: std::io::Error| match &self.endpoint {
             Endpoint::Tls(_, client) => match client.explain(&e) {
                 Some(error) => EngineError::Tls {
@@ -104,6 +118,7 @@ pub(super) async fn info(engine: &DockerEngine) -> EngineResult<EngineInfo> {
         info["Architecture"].as_str().unwrap_or_default(),
     );
     Ok(EngineInfo {
+        kind: engine.kind,
         platform,
         data_root: info["DockerRootDir"]
             .as_str()

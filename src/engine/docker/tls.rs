@@ -34,6 +34,9 @@ use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 /// The engine's address when nothing names one: the local socket, or with
 /// TLS the docker CLI's `tcp://localhost:2376`.
 const DEFAULT_ADDRESS: &str = "unix:///var/run/docker.sock";
+/// Podman's rootful socket (`podman.socket`); the rootless one is
+/// `$XDG_RUNTIME_DIR/podman/podman.sock`.
+const PODMAN_SOCKET: &str = "/run/podman/podman.sock";
 const DEFAULT_TLS_ADDRESS: &str = "tcp://localhost:2376";
 /// The docker CLI's port for `tcp://HOST` without one; `https://HOST` gets
 /// the TLS port.
@@ -81,11 +84,20 @@ pub(super) struct DockerEnv {
     /// `DOCKER_CERT_PATH`, else the docker config folder (`DOCKER_CONFIG`,
     /// else `~/.docker`).
     pub cert_dir: Option<PathBuf>,
+    /// The local socket when nothing names an address (see
+    /// [`local_socket`]); `None`: Docker's.
+    pub local_socket: Option<String>,
 }
 
 impl DockerEnv {
     pub(super) fn from_process() -> DockerEnv {
-        DockerEnv::from_vars(|name| std::env::var(name).ok())
+        let runtime_dir = std::env::var("XDG_RUNTIME_DIR").ok();
+        DockerEnv {
+            local_socket: Some(local_socket(runtime_dir.as_deref(), |p| {
+                std::path::Path::new(p).exists()
+            })),
+            ..DockerEnv::from_vars(|name| std::env::var(name).ok())
+        }
     }
 
     /// Set means not empty, whatever the value: `DOCKER_TLS_VERIFY=0`
@@ -99,8 +111,26 @@ impl DockerEnv {
             cert_dir: var("DOCKER_CERT_PATH")
                 .map(PathBuf::from)
                 .or_else(crate::credentials::docker_config_dir),
+            local_socket: None,
         }
     }
+}
+
+/// The local socket when no address is given: Docker's, else (when it
+/// does not exist) Podman's rootful then rootless one, else Docker's (for
+/// the message).
+fn local_socket(runtime_dir: Option<&str>, exists: impl Fn(&str) -> bool) -> String {
+    let docker = DEFAULT_ADDRESS.trim_start_matches("unix://");
+    let rootless = runtime_dir.map(|d| format!("{}/podman/podman.sock", d.trim_end_matches('/')));
+    [
+        Some(docker.to_owned()),
+        Some(PODMAN_SOCKET.to_owned()),
+        rootless,
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| exists(p))
+    .map_or_else(|| DEFAULT_ADDRESS.to_owned(), |p| format!("unix://{p}"))
 }
 
 /// Where the engine listens and how, resolved from options and environment.
@@ -153,11 +183,12 @@ pub(super) fn resolve(
         .or_else(|| env.host.clone())
         .unwrap_or_else(|| {
             if tls {
-                DEFAULT_TLS_ADDRESS
+                DEFAULT_TLS_ADDRESS.to_owned()
             } else {
-                DEFAULT_ADDRESS
+                env.local_socket
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_ADDRESS.to_owned())
             }
-            .to_owned()
         });
     let address = address.trim().to_owned();
     let files = |verify: bool| tls_files(options, env, verify);
@@ -602,6 +633,28 @@ impl ServerCertVerifier for AnyServerCert {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn podman_sockets_serve_when_dockers_is_missing() {
+        let only = |there: &'static [&'static str]| move |p: &str| there.contains(&p);
+        let xdg = Some("/run/user/1000");
+        assert_eq!(
+            local_socket(
+                xdg,
+                only(&["/var/run/docker.sock", "/run/podman/podman.sock"])
+            ),
+            "unix:///var/run/docker.sock"
+        );
+        assert_eq!(
+            local_socket(xdg, only(&["/run/podman/podman.sock"])),
+            "unix:///run/podman/podman.sock"
+        );
+        assert_eq!(
+            local_socket(xdg, only(&["/run/user/1000/podman/podman.sock"])),
+            "unix:///run/user/1000/podman/podman.sock"
+        );
+        assert_eq!(local_socket(None, only(&[])), "unix:///var/run/docker.sock");
+    }
 
     fn env() -> DockerEnv {
         DockerEnv {

@@ -6,10 +6,10 @@ use bollard::auth::DockerCredentials;
 use bollard::errors::Error as BollardError;
 use bollard::query_parameters::{CreateImageOptionsBuilder, PushImageOptionsBuilder};
 
-use super::DockerEngine;
 use super::images::split_reference;
 use super::messages::{one_line, redact};
-use crate::engine::{Credentials, EngineError, EngineResult, Progress};
+use super::{DockerEngine, podman};
+use crate::engine::{Credentials, EngineError, EngineKind, EngineResult, Progress};
 
 /// Longest quiet gap between two progress messages of a pull or push. The
 /// transfer's stall watchdog (`daemon.stall_timeout`) abandons them first;
@@ -23,6 +23,17 @@ pub(super) async fn pull(
     credentials: Option<&Credentials>,
     on_progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> EngineResult<()> {
+    if engine.kind == EngineKind::Podman {
+        return podman::pull(
+            engine,
+            reference,
+            platform,
+            credentials,
+            on_progress,
+            TRANSFER_IDLE,
+        )
+        .await;
+    }
     let (name, tag) = split_reference(reference);
     let mut options = CreateImageOptionsBuilder::new().from_image(name).tag(tag);
     if let Some(platform) = platform {
@@ -62,6 +73,9 @@ pub(super) async fn push(
     credentials: Option<&Credentials>,
     on_progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> EngineResult<()> {
+    if engine.kind == EngineKind::Podman {
+        return podman::push(engine, reference, credentials, on_progress, TRANSFER_IDLE).await;
+    }
     let (name, tag) = split_reference(reference);
     let options = PushImageOptionsBuilder::new().tag(tag).build();
     let auth = docker_credentials(engine, credentials)?;
