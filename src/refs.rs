@@ -399,10 +399,23 @@ pub(crate) fn is_loopback_registry(registry: &str) -> bool {
         Some(rest) => rest.split_once(']').map_or(rest, |(h, _)| h),
         None => registry.rsplit_once(':').map_or(registry, |(h, _)| h),
     };
-    host.eq_ignore_ascii_case("localhost")
-        || host
+    is_loopback_host(host)
+}
+
+/// Whether a bare host (an IPv6 one with or without its brackets) is this
+/// host's loopback: `localhost`, `127.0.0.0/8`, `::1`, and IPv4-mapped
+/// `::ffff:127.x.y.z` (the same address; Go's `net.IP` compares it so too).
+/// Any other name counts as another host. The one rule for the engine's
+/// address, registries and token realms.
+pub(crate) fn is_loopback_host(host: &str) -> bool {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
             .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// `os/arch[/variant]`, e.g. `linux/arm64` or `linux/arm/v7`.
@@ -583,6 +596,7 @@ mod tests {
             "[::1]:5000",
             "localhost:5000",
             "localhost",
+            "[::ffff:127.0.0.1]:5000",
         ] {
             assert!(is_loopback_registry(yes), "{yes}");
         }

@@ -4,7 +4,6 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -144,14 +143,7 @@ pub(super) fn host_of(authority: &str) -> &str {
 
 /// Loopback hosts: plain http is fine there (and the engine thinks so too).
 pub(super) fn is_loopback(host: &str) -> bool {
-    if host.eq_ignore_ascii_case("localhost") {
-        return true;
-    }
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    match bare.parse::<IpAddr>() {
-        Ok(ip) => ip.is_loopback(),
-        Err(_) => bare.parse::<Ipv6Addr>().is_ok_and(|ip| ip.is_loopback()),
-    }
+    crate::refs::is_loopback_host(host)
 }
 
 /// `application/x-www-form-urlencoded` of `pairs`.
@@ -506,7 +498,14 @@ mod tests {
 
     #[test]
     fn loopback_and_hosts() {
-        for h in ["localhost", "127.0.0.1", "127.9.9.9", "[::1]", "::1"] {
+        for h in [
+            "localhost",
+            "127.0.0.1",
+            "127.9.9.9",
+            "[::1]",
+            "::1",
+            "[::ffff:127.0.0.1]",
+        ] {
             assert!(is_loopback(h), "{h}");
         }
         for h in ["10.0.0.1", "r.example", "[::2]", "localhost.example"] {

@@ -15,7 +15,6 @@
 //! naming the file.
 
 use std::io;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -572,11 +571,7 @@ pub(super) fn host_of(hostport: &str) -> &str {
 /// Whether `host:port` is this host's loopback: `localhost`, 127.0.0.0/8,
 /// `::1` (IPv4-mapped too). Any other name counts as another host.
 pub(super) fn is_loopback(hostport: &str) -> bool {
-    let host = host_of(hostport);
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+    crate::refs::is_loopback_host(host_of(hostport))
 }
 
 /// `--tls` without `--tlsverify`: the engine's certificate is taken as it
