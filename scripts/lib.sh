@@ -286,7 +286,10 @@ stowage_start_podman() {
         printf '[containers]\nnetns = "none"\n'
         printf 'default_ulimits = ["nofile=%s:%s", "nproc=%s:%s"]\n' "$nofile" "$nofile" "$nproc" "$nproc"
         printf '[network]\nnetwork_config_dir = "%s"\n' "$dir/networks"
-        printf '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
+        # runc, not Debian's default crun: crun refuses a host with hybrid
+        # cgroups (v1 controllers beside /sys/fs/cgroup/unified), which
+        # some CI machines have; runc (docker.io's own runtime) runs on both.
+        printf '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
         printf 'events_logfile_path = "%s"\ntmp_dir = "%s"\nlock_type = "file"\n' \
             "$dir/events.log" "$dir/tmp"
         printf 'volume_path = "%s"\nstatic_dir = "%s"\nimage_copy_tmp_dir = "%s"\n' \
