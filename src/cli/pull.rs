@@ -36,6 +36,7 @@ pub(super) async fn cmd_pull(
     transfer::cli_intent(&policy, &Observed::default(), reference, platform)
         .map_err(|e| Fatal::Message(format!("{reference}: {e}; nothing done")))?;
     announce_credentials(&policy);
+    crate::registry::prepare_tls();
     let engine = connect(engine).await?;
     let observed = observe::observe(&engine).await?;
     let intent = transfer::cli_intent(&policy, &observed, reference, platform)

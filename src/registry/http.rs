@@ -199,7 +199,7 @@ pub(super) struct Transport {
 }
 
 /// rustls with ring over the host's CA store, loaded once per process.
-fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+pub(super) fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
     static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
     CONFIG
         .get_or_init(|| {

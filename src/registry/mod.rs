@@ -42,6 +42,16 @@ use crate::engine::Credentials;
 use crate::refs::{check_digest, check_host, check_path, check_platform, check_tag};
 use crate::store::Descriptor;
 
+/// Loads the host's CA certificates (once per process, some milliseconds
+/// of parsing) on a thread of its own, so that the first registry client
+/// finds them ready: call it before waiting on something else, such as the
+/// engine's handshake.
+pub fn prepare_tls() {
+    std::thread::spawn(|| {
+        let _ = http::tls_config();
+    });
+}
+
 /// Where Docker Hub's API answers (`docker.io` names it in references).
 const DOCKER_HUB_API: &str = "registry-1.docker.io";
 

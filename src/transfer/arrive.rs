@@ -215,6 +215,11 @@ fn holder<'a>(images: &'a [Image], reference: &str) -> Option<&'a str> {
         .map(|i| i.id.as_str())
 }
 
+/// Hand-offs at once: they cross loopback only, so `concurrency` (which
+/// spares the uplink) does not bound them. The engine downloads a shared
+/// base once and extracts the images' own layers side by side.
+const HAND_OFFS: usize = 8;
+
 /// Hand every image of `arrivals` that the engine lacks to it from the
 /// content store, check each is the image the bundle names, then tag every
 /// name, all or none. On `Err` the engine's references are as they were
@@ -271,7 +276,7 @@ pub async fn arrive<E: Engine>(
             .map(|(a, loopback)| hand_off_one(&ctx, &serving, a, loopback))
             .collect();
         let results: Vec<Result<Handed, TransferError>> = futures_util::stream::iter(pulls)
-            .buffered(policy.daemon.concurrency.max(1))
+            .buffered(HAND_OFFS.max(policy.daemon.concurrency))
             .collect()
             .await;
         let mut failed = None;
