@@ -743,5 +743,7 @@ async fn a_blob_verified_here_is_noted_for_one_serve_and_a_put_one_is_not() {
     // Bytes put in whole (or left by an earlier process) are hashed when served.
     let (bytes, put) = blob(1000, 8);
     store.put(&put, &bytes).unwrap();
-    assert!(!Store::take_verified_here(&store.blob_path(&put.digest).unwrap()));
+    assert!(!Store::take_verified_here(
+        &store.blob_path(&put.digest).unwrap()
+    ));
 }
