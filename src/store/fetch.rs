@@ -465,9 +465,8 @@ impl<S: BlobSource> Run<'_, S> {
         let blob = self.store.blobs_dir().join(hex_of(&self.desc.digest)?);
         let slot = std::sync::Arc::new(std::sync::Mutex::new(None));
         let put = slot.clone();
-        let to = blob.clone();
         self.on_disk(move |p| {
-            let durable = p.complete(&to)?;
+            let durable = p.complete(&blob)?;
             *put.lock().unwrap_or_else(|e| e.into_inner()) = Some(durable);
             Ok(())
         })
@@ -475,7 +474,6 @@ impl<S: BlobSource> Run<'_, S> {
         if let Some(durable) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
             self.store.sync_later(durable);
         }
-        Store::verified_here(blob);
         Ok(Ended::Done)
     }
 

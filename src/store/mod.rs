@@ -203,17 +203,6 @@ pub struct Store {
     syncing: Arc<Mutex<Vec<tokio::task::JoinHandle<std::io::Result<()>>>>>,
 }
 
-/// Blobs this process verified and renamed into place, by path, until
-/// served once. The loopback endpoint hashes every blob it serves, to catch
-/// one damaged on disk since it was verified (an earlier run, a power cut);
-/// a blob verified by this very process moments ago is sent without that
-/// second pass (the engine checks every layer's digest as well), which
-/// leaves the cores to the engine's own pull. Process-wide, because an
-/// import's copy and its hand-off open the store separately.
-static VERIFIED_HERE: Mutex<std::collections::BTreeSet<PathBuf>> =
-    Mutex::new(std::collections::BTreeSet::new());
-const VERIFIED_HERE_MAX: usize = 4096;
-
 const LAYOUT_FILE: &str = "oci-layout";
 const LAYOUT: &str = "{\"imageLayoutVersion\":\"1.0.0\"}";
 pub(crate) const INDEX_FILE: &str = "index.json";
@@ -430,27 +419,6 @@ impl Store {
             .into_iter()
             .map(|(hex, _)| format!("sha256:{hex}"))
             .collect()
-    }
-
-    /// Notes that this process has just verified the blob at `path` (size
-    /// and sha256, as it was renamed into `blobs/`).
-    fn verified_here(path: PathBuf) {
-        let mut set = VERIFIED_HERE.lock().unwrap_or_else(|e| e.into_inner());
-        // Bounded: a long-lived daemon that never serves what it fetched
-        // forgets (and then hashes on serving, as for any older blob).
-        if set.len() >= VERIFIED_HERE_MAX {
-            set.clear();
-        }
-        set.insert(path);
-    }
-
-    /// Whether this process verified the blob at `path` and has not served it
-    /// since; the answer is `true` once (the next serve hashes again).
-    pub(crate) fn take_verified_here(path: &Path) -> bool {
-        VERIFIED_HERE
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(path)
     }
 
     fn blobs_dir(&self) -> PathBuf {

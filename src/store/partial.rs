@@ -157,9 +157,8 @@ impl Partial {
     /// the sidecar, at once; making that durable (the fsyncs of the data and
     /// both folders) is the returned [`Durable`]'s job, off the way of the
     /// hand-off. Until it ran a power cut may leave the blob short or wrong:
-    /// the loopback endpoint of the next run hashes every body it serves and
-    /// removes such a blob, so it is fetched again, never handed on (only
-    /// this process, which the power cut ends, serves it unhashed).
+    /// the loopback endpoint hashes every body it serves and removes such a
+    /// blob, so it is fetched again, never handed on.
     pub fn complete(&mut self, blob: &Path) -> std::io::Result<Durable> {
         let file = self.file.try_clone()?;
         fs::rename(&self.data, blob)?;

@@ -12,9 +12,7 @@
 //! Only complete blobs are served (never a partial), by digest only (no
 //! tags, no catalog); anything else is 404 or 405 with an OCI error body.
 //! Every body is hashed as it goes out: a blob whose bytes no longer match
-//! is removed and its answer broken off, so the engine never takes it. The
-//! exception is a blob this process verified moments before (served once
-//! without the second pass; see `VERIFIED_HERE` in the store).
+//! is removed and its answer broken off, so the engine never takes it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -238,16 +236,14 @@ fn media_type(bytes: &[u8]) -> Option<String> {
 fn blob(file: std::fs::File, len: u64, path: PathBuf, digest: String) -> Response<Body> {
     struct Reading {
         file: std::fs::File,
-        /// `None` for a blob this process has just verified.
-        hasher: Option<Sha256>,
+        hasher: Sha256,
         left: u64,
         path: PathBuf,
         digest: String,
     }
-    let hasher = (!Store::take_verified_here(&path)).then(Sha256::new);
     let state = Reading {
         file,
-        hasher,
+        hasher: Sha256::new(),
         left: len,
         path,
         digest: digest.clone(),
@@ -259,13 +255,10 @@ fn blob(file: std::fs::File, len: u64, path: PathBuf, digest: String) -> Respons
         }
         let (s, read) = off_loop(move || {
             let mut s = s;
-            let read = next_chunk(&mut s.file, s.hasher.as_mut(), &mut s.left);
-            if read.is_ok()
-                && s.left == 0
-                && let Some(hasher) = &s.hasher
-            {
+            let read = next_chunk(&mut s.file, &mut s.hasher, &mut s.left);
+            if read.is_ok() && s.left == 0 {
                 // The last bytes go out only once all of them matched.
-                let got = format!("sha256:{}", hex::encode(hasher.clone().finalize()));
+                let got = format!("sha256:{}", hex::encode(s.hasher.clone().finalize()));
                 if got != s.digest {
                     remove_corrupt(&s.path, &s.digest, &got);
                     return (s, Err(std::io::Error::other("the blob is corrupt")));
@@ -285,10 +278,10 @@ fn blob(file: std::fs::File, len: u64, path: PathBuf, digest: String) -> Respons
 }
 
 /// Up to [`CHUNK`] more bytes of a blob of which `left` are still to come,
-/// hashed into `hasher` when there is one.
+/// hashed into `hasher`.
 fn next_chunk(
     file: &mut std::fs::File,
-    hasher: Option<&mut Sha256>,
+    hasher: &mut Sha256,
     left: &mut u64,
 ) -> std::io::Result<Bytes> {
     use std::io::Read as _;
@@ -301,9 +294,7 @@ fn next_chunk(
             n => filled += n,
         }
     }
-    if let Some(hasher) = hasher {
-        hasher.update(&buf);
-    }
+    hasher.update(&buf);
     *left -= want as u64;
     Ok(buf.freeze())
 }

@@ -728,22 +728,3 @@ fn a_download_can_be_spawned() {
     // The daemon runs pulls in spawned tasks: the future must be `Send`.
     send(&store.fetch(&src, &desc, &opts));
 }
-
-#[tokio::test]
-async fn a_blob_verified_here_is_noted_for_one_serve_and_a_put_one_is_not() {
-    let (_d, store) = open();
-    let (data, desc) = blob(3 * MIB, 7);
-    let src = Mem::new(data, &[], Act::Serve);
-    let o = Opts::new();
-    store.fetch(&src, &desc, &o.with(&quiet)).await.unwrap();
-    let path = store.blob_path(&desc.digest).unwrap();
-    assert!(Store::take_verified_here(&path), "verified by this fetch");
-    assert!(!Store::take_verified_here(&path), "good for one serve only");
-
-    // Bytes put in whole (or left by an earlier process) are hashed when served.
-    let (bytes, put) = blob(1000, 8);
-    store.put(&put, &bytes).unwrap();
-    assert!(!Store::take_verified_here(
-        &store.blob_path(&put.digest).unwrap()
-    ));
-}
