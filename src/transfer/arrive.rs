@@ -215,9 +215,10 @@ fn holder<'a>(images: &'a [Image], reference: &str) -> Option<&'a str> {
         .map(|i| i.id.as_str())
 }
 
-/// Hand-offs at once: they cross loopback only, so `concurrency` (which
-/// spares the uplink) does not bound them. The engine downloads a shared
-/// base once and extracts the images' own layers side by side.
+/// Hand-offs at once (or `concurrency`, when that is higher): they cross
+/// loopback only, so `concurrency`, which spares the uplink, does not hold
+/// them down. The engine downloads a shared base once and extracts the
+/// images' own layers side by side.
 const HAND_OFFS: usize = 8;
 
 /// Hand every image of `arrivals` that the engine lacks to it from the
