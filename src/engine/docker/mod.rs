@@ -29,7 +29,7 @@ mod transfer;
 
 use std::time::Duration;
 
-use bollard::Docker;
+use bollard::{ClientVersion, Docker};
 
 use super::{
     BoxStream, Container, Credentials, DiskUsage, Engine, EngineError, EngineInfo, EngineKind,
@@ -65,6 +65,21 @@ enum Endpoint {
 }
 
 impl Endpoint {
+    /// A bollard client for this endpoint speaking API `version` (no I/O).
+    fn client(&self, version: &ClientVersion) -> Result<Docker, String> {
+        let secs = CONNECT_TIMEOUT.as_secs();
+        match self {
+            Endpoint::Unix(path) => {
+                Docker::connect_with_unix(path, secs, version).map_err(|e| one_line(&chain(&e)))
+            }
+            Endpoint::Tcp(host) => {
+                Docker::connect_with_http(&format!("tcp://{host}"), secs, version)
+                    .map_err(|e| one_line(&chain(&e)))
+            }
+            Endpoint::Tls(host, client) => client.docker(host, CONNECT_TIMEOUT, version),
+        }
+    }
+
     /// Plain text to another host: what registry credentials must not cross.
     fn plaintext_remote(&self) -> bool {
         matches!(self, Endpoint::Tcp(host) if !tls::is_loopback(host))
@@ -91,6 +106,9 @@ pub struct DockerEngine {
     /// Podman's libpod API version (`4.3.1`) for the calls it answers only
     /// there; empty on Docker.
     libpod_api: String,
+    /// `os/arch` from the version asked at connect; `None` on arm, whose
+    /// variant only `/info` tells.
+    platform: Option<String>,
 }
 
 /// [`CALL_TIMEOUT`], or the duration in [`TIMEOUT_VAR`].
@@ -142,35 +160,23 @@ impl DockerEngine {
             error,
         };
 
-        let (docker, endpoint) = match resolved.map_err(unreachable)?.1 {
+        let endpoint = match resolved.map_err(unreachable)?.1 {
             Target::Unix(path) => {
                 // bollard checks that the socket exists; give a plain message.
                 if !std::path::Path::new(&path).exists() {
                     return Err(unreachable(format!("no socket at {path}")));
                 }
-                let docker = Docker::connect_with_unix(
-                    &path,
-                    CONNECT_TIMEOUT.as_secs(),
-                    bollard::API_DEFAULT_VERSION,
-                )
-                .map_err(|e| unreachable(one_line(&chain(&e))))?;
-                (docker, Endpoint::Unix(path))
+                Endpoint::Unix(path)
             }
-            Target::Tcp(host) => {
-                let docker = Docker::connect_with_http(
-                    &format!("tcp://{host}"),
-                    CONNECT_TIMEOUT.as_secs(),
-                    bollard::API_DEFAULT_VERSION,
-                )
-                .map_err(|e| unreachable(one_line(&chain(&e))))?;
-                (docker, Endpoint::Tcp(host))
-            }
-            Target::Tls(host, files) => {
-                let client = TlsClient::new(&host, &files).map_err(tls_error)?;
-                let docker = client.docker(&host, CONNECT_TIMEOUT).map_err(unreachable)?;
-                (docker, Endpoint::Tls(host, client))
-            }
+            Target::Tcp(host) => Endpoint::Tcp(host),
+            Target::Tls(host, files) => Endpoint::Tls(
+                host.clone(),
+                TlsClient::new(&host, &files).map_err(tls_error)?,
+            ),
         };
+        let docker = endpoint
+            .client(bollard::API_DEFAULT_VERSION)
+            .map_err(unreachable)?;
         // A TLS failure says which side refused what; a TLS engine reached
         // in plain text says so.
         let failed = |e: bollard::errors::Error| match &endpoint {
@@ -181,24 +187,32 @@ impl DockerEngine {
             _ => unreachable(root_cause(&e)),
         };
 
-        // bollard speaks the newest API by default; older engines (20.10 is
-        // 1.41) reject that, so settle on the engine's version first.
-        // Bounded whole: an engine that sends headers and then nothing must
-        // not hold a connection attempt (bollard bounds only the headers).
-        let handshake = async {
-            let docker = docker.negotiate_version().await.map_err(failed)?;
-            docker.ping().await.map_err(failed)?;
-            let version = docker.version().await.map_err(failed)?;
-            Ok((docker, podman::kind_of(&version)))
-        };
-        let (docker, (kind, libpod_api)) = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+        // One `/version` (unversioned, so any engine answers it) is the
+        // whole handshake: it proves the engine is there, tells Docker from
+        // Podman, its platform, and its API version, which bollard must
+        // speak (it speaks the newest by default; 20.10 is 1.41). On 20.10
+        // it takes 6-12 ms, so it is asked once, not by negotiate, ping and
+        // version in turn. Bounded whole: an engine that sends headers and
+        // then nothing must not hold a connection attempt (bollard bounds
+        // only the headers).
+        let version = tokio::time::timeout(CONNECT_TIMEOUT, docker.version())
             .await
-            .unwrap_or_else(|_| {
-            Err(unreachable(format!(
-                "no answer to version and ping within {}",
-                humantime::format_duration(CONNECT_TIMEOUT)
-            )))
+            .map_err(|_| {
+                unreachable(format!(
+                    "no answer to version within {}",
+                    humantime::format_duration(CONNECT_TIMEOUT)
+                ))
+            })?
+            .map_err(failed)?;
+        let api = negotiated(&version).ok_or_else(|| {
+            unreachable(format!(
+                "the engine names no usable API version ({:?})",
+                version.api_version
+            ))
         })?;
+        let docker = endpoint.client(&api).map_err(unreachable)?;
+        let (kind, libpod_api) = podman::kind_of(&version);
+        let platform = raw::known_platform(&version);
         let docker = docker.with_timeout(REQUEST_TIMEOUT);
         Ok(DockerEngine {
             docker,
@@ -209,6 +223,7 @@ impl DockerEngine {
             allow_plaintext_credentials: options.allow_plaintext_credentials,
             kind,
             libpod_api,
+            platform,
         })
     }
 
@@ -221,6 +236,18 @@ impl DockerEngine {
     pub fn address(&self) -> &str {
         &self.address
     }
+}
+
+/// The API version to speak to the engine that answered `version`: its
+/// own, or bollard's newest when the engine's is newer still.
+fn negotiated(version: &bollard::models::SystemVersion) -> Option<ClientVersion> {
+    let (major, minor) = version.api_version.as_deref()?.trim().split_once('.')?;
+    let theirs = ClientVersion {
+        major_version: major.parse().ok()?,
+        minor_version: minor.parse().ok()?,
+    };
+    let ours = *bollard::API_DEFAULT_VERSION;
+    Some(if theirs < ours { theirs } else { ours })
 }
 
 /// The answer of a TLS-only engine to plain HTTP (Go's `net/http`).

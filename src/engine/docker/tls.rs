@@ -460,7 +460,12 @@ impl TlsClient {
 
     /// bollard over this client: HTTP/1 on rustls, idle connections kept
     /// briefly. bollard's timeout bounds each answer's headers.
-    pub(super) fn docker(&self, host: &str, timeout: Duration) -> Result<Docker, String> {
+    pub(super) fn docker(
+        &self,
+        host: &str,
+        timeout: Duration,
+        version: &bollard::ClientVersion,
+    ) -> Result<Docker, String> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -482,7 +487,7 @@ impl TlsClient {
             },
             Some(format!("https://{host}")),
             timeout.as_secs(),
-            bollard::API_DEFAULT_VERSION,
+            version,
         )
         .map_err(|e| e.to_string())
     }
