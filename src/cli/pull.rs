@@ -33,10 +33,10 @@ pub(super) async fn cmd_pull(
     let signalled = stop_on_signals(shutdown.clone())?;
     let policy = load_policy(path).await?;
     // Bad input is refused before the engine is asked anything.
-    transfer::cli_intent(&policy, &Observed::default(), reference, platform)
+    let early = transfer::cli_intent(&policy, &Observed::default(), reference, platform)
         .map_err(|e| Fatal::Message(format!("{reference}: {e}; nothing done")))?;
     announce_credentials(&policy);
-    crate::registry::prepare_tls();
+    crate::registry::prepare_tls(early.candidates.iter().map(|c| c.registry.as_str()));
     let engine = connect(engine).await?;
     let observed = observe::observe(&engine).await?;
     let intent = transfer::cli_intent(&policy, &observed, reference, platform)

@@ -12,10 +12,15 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Method, Response, StatusCode, Uri};
-use hyper_rustls::{ConfigBuilderExt as _, HttpsConnector};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::time::Instant;
 
 use super::error::RegistryError;
@@ -198,23 +203,102 @@ pub(super) struct Transport {
     max_redirects: usize,
 }
 
-/// rustls with ring over the host's CA store, loaded once per process.
-pub(super) fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
-    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
-    CONFIG
+/// The host's CA store as a verifier, loaded once per process (some tens
+/// of milliseconds: Debian's bundle and its directory, parsed).
+fn host_verifier() -> Result<Arc<WebPkiServerVerifier>, String> {
+    static VERIFIER: OnceLock<Result<Arc<WebPkiServerVerifier>, String>> = OnceLock::new();
+    VERIFIER
         .get_or_init(|| {
-            builder()?
-                .with_native_roots()
-                .map(|b| Arc::new(b.with_no_client_auth()))
-                .map_err(|e| format!("no trusted CA certificates on this host ({e})"))
+            let found = rustls_native_certs::load_native_certs();
+            let mut roots = rustls::RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why = found
+                    .errors
+                    .first()
+                    .map_or_else(|| "none found".to_owned(), ToString::to_string);
+                return Err(format!("no trusted CA certificates on this host ({why})"));
+            }
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| format!("the host's CA certificates: {e}"))
         })
         .clone()
 }
 
-fn builder() -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>, String> {
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())
+/// Verifies servers against the host's CA store, loaded at the first
+/// certificate it is shown: a client of a plain-http registry (loopback)
+/// never waits for the store, and one of an https registry finds it loaded
+/// by [`super::prepare_tls`] beside the engine's handshake.
+#[derive(Debug)]
+struct HostRoots {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for HostRoots {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        host_verifier()
+            .map_err(rustls::Error::General)?
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Loads the host's CA store now (see [`super::prepare_tls`]).
+pub(super) fn load_host_roots() {
+    let _ = host_verifier();
+}
+
+/// rustls with ring over the host's CA store (see [`HostRoots`]).
+fn tls_config() -> Arc<rustls::ClientConfig> {
+    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = provider();
+            let verifier = HostRoots {
+                algorithms: provider.signature_verification_algorithms,
+            };
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("ring supports rustls's default protocol versions")
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_no_client_auth();
+            Arc::new(config)
+        })
+        .clone()
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 impl Transport {
@@ -225,17 +309,10 @@ impl Transport {
         max_redirects: usize,
         needs_tls: bool,
     ) -> Result<Transport, RegistryError> {
-        let tls = match tls_config() {
-            Ok(config) => config,
-            Err(e) if needs_tls => return Err(RegistryError::Tls(e)),
-            // A loopback registry over http: https (a redirect) fails to verify.
-            Err(_) => Arc::new(
-                builder()
-                    .map_err(RegistryError::Tls)?
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth(),
-            ),
-        };
+        if needs_tls {
+            host_verifier().map_err(RegistryError::Tls)?;
+        }
+        let tls = tls_config();
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(timeout));

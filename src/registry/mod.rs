@@ -42,14 +42,18 @@ use crate::engine::Credentials;
 use crate::refs::{check_digest, check_host, check_path, check_platform, check_tag};
 use crate::store::Descriptor;
 
-/// Loads the host's CA certificates (once per process, some milliseconds
-/// of parsing) on a thread of its own, so that the first registry client
-/// finds them ready: call it before waiting on something else, such as the
-/// engine's handshake.
-pub fn prepare_tls() {
-    std::thread::spawn(|| {
-        let _ = http::tls_config();
-    });
+/// Loads the host's CA certificates (once per process, tens of
+/// milliseconds of parsing) on a thread of its own when one of `hosts` is
+/// reached over https, so that its first handshake finds them ready: call
+/// it before waiting on something else, such as the engine's handshake.
+/// Loopback registries (plain http) never need them.
+pub fn prepare_tls<'a>(hosts: impl IntoIterator<Item = &'a str>) {
+    if hosts
+        .into_iter()
+        .any(|h| !http::is_loopback(http::host_of(h)))
+    {
+        std::thread::spawn(http::load_host_roots);
+    }
 }
 
 /// Where Docker Hub's API answers (`docker.io` names it in references).
