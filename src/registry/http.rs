@@ -573,6 +573,65 @@ mod tests {
         assert_eq!(join("http://user:pw@x/y"), None, "no user info");
     }
 
+    /// An https server with a certificate of the test PKI (`scripts/lib.sh`)
+    /// for 127.0.0.1, which the host's CA store does not trust: the request
+    /// is refused by the verifier that loads that store when first shown a
+    /// certificate, with rustls's reason; with the test CA added to the
+    /// store's place it would pass, which the engine's TLS tests show.
+    #[tokio::test]
+    async fn an_untrusted_certificate_is_refused_by_the_host_store() {
+        let Some(dir) = std::env::var_os("STOWAGE_TEST_TLS_CERTS").filter(|d| !d.is_empty()) else {
+            let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+            assert!(!ci, "STOWAGE_TEST_TLS_CERTS is not set: run scripts/test");
+            eprintln!(
+                "SKIP an_untrusted_certificate_is_refused_by_the_host_store: STOWAGE_TEST_TLS_CERTS is not set"
+            );
+            return;
+        };
+        use rustls::pki_types::PrivateKeyDer;
+        use rustls::pki_types::pem::PemObject;
+        let dir = std::path::PathBuf::from(dir);
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(dir.join("server-cert.pem"))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+        let key = PrivateKeyDer::from_pem_file(dir.join("server-key.pem")).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            // The client gives up during the handshake.
+            acceptor.accept(tcp).await.is_err()
+        });
+        let transport = Transport::new(Duration::from_secs(10), 3, true).unwrap();
+        let err = transport
+            .send(Request {
+                method: Method::GET,
+                url: Url::new(true, &addr.to_string(), "/v2/"),
+                headers: &[],
+                authorization: None,
+                form: None,
+                body: None,
+            })
+            .await
+            .err()
+            .expect("an untrusted certificate must not be accepted");
+        let text = format!("{err}");
+        assert!(
+            text.contains("UnknownIssuer") || text.contains("unknown issuer"),
+            "the reason is rustls's: {text}"
+        );
+        assert!(server.await.unwrap(), "the server saw the handshake fail");
+    }
+
     #[test]
     fn loopback_and_hosts() {
         for h in [
