@@ -17,6 +17,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
+
 use super::downloads::{Download, Journal, Upstream};
 use super::layers::{api_path, diff_ids, split_layers};
 use super::{Candidate, Ctx, PullCounters, PullIntent, PullProgress, TransferError};
@@ -30,6 +32,10 @@ use crate::store::{self, Descriptor, FetchOptions, Store, StoreError};
 
 /// Largest image config read back from the store (its `rootfs.diff_ids`).
 const CONFIG_MAX: u64 = 4 << 20;
+/// Layers of one image downloaded at once, as the engine's own pull does
+/// (dockerd's `max-concurrent-downloads` default): on a link with latency
+/// each blob's request and slow start overlap the others' transfer.
+const LAYER_DOWNLOADS: usize = 3;
 
 /// The content store and registry clients of one transfer phase.
 pub(super) struct Content {
@@ -214,9 +220,8 @@ impl Content {
         let (needed, skipped) = split_layers(layers, &diff_ids, &held);
         self.note(intent, top, manifest, config, &needed).await;
         meter.forget(skipped.iter().map(|l| l.size).sum());
-        for desc in &needed {
-            self.fetch(ctx, &blobs, desc, &meter, counters).await?;
-        }
+        self.fetch_all(ctx, &blobs, &needed, &meter, counters)
+            .await?;
         // The index entry is written beside the hand-off (the endpoint
         // serves blobs by digest, not from the index).
         let indexed = skipped.is_empty().then(|| {
@@ -249,16 +254,63 @@ impl Content {
                 );
                 let all: Vec<Descriptor> = needed.iter().chain(&skipped).cloned().collect();
                 self.note(intent, top, manifest, config, &all).await;
-                for desc in &skipped {
-                    meter.add(desc.size);
-                }
-                for desc in &skipped {
-                    self.fetch(ctx, &blobs, desc, &meter, counters).await?;
-                }
+                meter.add(skipped.iter().map(|l| l.size).sum());
+                self.fetch_all(ctx, &blobs, &skipped, &meter, counters)
+                    .await?;
                 self.hand_off(ctx, src, platform.as_deref()).await
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// The layers `descs` into the store, [`LAYER_DOWNLOADS`] at a time.
+    /// Each runs to its end even when another fails (what arrived stays
+    /// verified or resumable); the first failure is the result.
+    async fn fetch_all<E: Engine>(
+        &self,
+        ctx: &Ctx<'_, E>,
+        blobs: &RepoBlobs,
+        descs: &[Descriptor],
+        meter: &Meter<'_>,
+        counters: &mut PullCounters,
+    ) -> Result<(), TransferError> {
+        let mut seen = HashSet::new();
+        // Futures of a plain `async fn` collected first: closures returning
+        // async blocks trip `Send` inference for the daemon's spawn.
+        let jobs: Vec<_> = descs
+            .iter()
+            .filter(|d| seen.insert(d.digest.as_str()))
+            .map(|desc| self.fetch_counted(ctx, blobs, desc, meter))
+            .collect();
+        let results: Vec<(Result<(), TransferError>, PullCounters)> =
+            futures_util::stream::iter(jobs)
+                .buffer_unordered(LAYER_DOWNLOADS)
+                .collect()
+                .await;
+        let mut first = None;
+        for (r, moved) in results {
+            counters.add(&moved);
+            if let Err(e) = r {
+                // An interruption says why the others stopped too.
+                if first.is_none() || matches!(e, TransferError::Interrupted) {
+                    first = Some(e);
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// [`Self::fetch`] with counters of its own.
+    async fn fetch_counted<E: Engine>(
+        &self,
+        ctx: &Ctx<'_, E>,
+        blobs: &RepoBlobs,
+        desc: &Descriptor,
+        meter: &Meter<'_>,
+    ) -> (Result<(), TransferError>, PullCounters) {
+        let mut moved = PullCounters::default();
+        let r = self.fetch(ctx, blobs, desc, meter, &mut moved).await;
+        (r, moved)
     }
 
     /// One blob into the store (at once when it is there already).
@@ -275,11 +327,10 @@ impl Content {
     ) -> Result<(), TransferError> {
         let (store, digest) = (self.store.clone(), desc.digest.clone());
         let start = off_loop(move || store.partial_len(&digest).unwrap_or(0)).await;
-        let base = meter.base();
         let furthest = AtomicU64::new(start);
         let tell = |p: store::Progress| {
             furthest.fetch_max(p.have, Ordering::Relaxed);
-            meter.show(base + p.have);
+            meter.moved(&desc.digest, p.have);
         };
         let opts = FetchOptions {
             stall: ctx.stall,
@@ -288,7 +339,7 @@ impl Content {
             progress: &tell,
         };
         let got = self.store.fetch(blobs, desc, &opts).await;
-        meter.done(desc.size);
+        meter.done(&desc.digest, desc.size);
         match got {
             Ok(f) => {
                 counters.bytes_received += f.bytes;
@@ -609,51 +660,73 @@ async fn held_chains<E: Engine>(
     held
 }
 
-/// The progress of one image's download: blobs done plus the current one.
+/// The progress of one image's download: blobs done plus those in flight.
 struct Meter<'a> {
     tell: Option<super::OnProgress<'a>>,
-    /// `(bytes of blobs finished, bytes of all blobs known so far)`.
-    sums: Mutex<(u64, u64)>,
+    sums: Mutex<Sums>,
+}
+
+#[derive(Default)]
+struct Sums {
+    /// Bytes of blobs finished.
+    finished: u64,
+    /// Bytes of all blobs known so far.
+    total: u64,
+    /// Bytes held of each blob in flight, by digest.
+    flight: HashMap<String, u64>,
+}
+
+impl Sums {
+    fn done(&self) -> u64 {
+        self.finished + self.flight.values().sum::<u64>()
+    }
 }
 
 impl<'a> Meter<'a> {
     fn new(tell: Option<super::OnProgress<'a>>) -> Self {
         Meter {
             tell,
-            sums: Mutex::new((0, 0)),
+            sums: Mutex::default(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, u64)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Sums> {
         self.sums.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn add(&self, size: u64) {
-        self.lock().1 += size;
+        self.lock().total += size;
     }
 
     /// Bytes that will not come after all (layers the engine has).
     fn forget(&self, size: u64) {
         let mut g = self.lock();
-        g.1 = g.1.saturating_sub(size);
+        g.total = g.total.saturating_sub(size);
     }
 
-    fn base(&self) -> u64 {
-        self.lock().0
-    }
-
-    fn done(&self, size: u64) {
-        let done = {
+    /// `digest` is `have` bytes along.
+    fn moved(&self, digest: &str, have: u64) {
+        let (done, total) = {
             let mut g = self.lock();
-            g.0 += size;
-            g.0
+            g.flight.insert(digest.to_owned(), have);
+            (g.done(), g.total)
         };
-        self.show(done);
+        self.show(done, total);
     }
 
-    fn show(&self, done: u64) {
+    /// `digest` (of `size` bytes) is finished, or given up.
+    fn done(&self, digest: &str, size: u64) {
+        let (done, total) = {
+            let mut g = self.lock();
+            g.flight.remove(digest);
+            g.finished += size;
+            (g.done(), g.total)
+        };
+        self.show(done, total);
+    }
+
+    fn show(&self, done: u64, total: u64) {
         if let Some(tell) = self.tell {
-            let total = self.lock().1;
             tell(PullProgress {
                 done,
                 total: Some(total),

@@ -189,6 +189,55 @@ async fn a_stall_mid_blob_is_abandoned_after_stall_timeout_and_resumed_at_its_of
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_layers_of_an_image_download_at_once_on_a_slow_link() {
+    let Some(p) = Pushed::new("cli-layers", 3 << 20, 2 << 20).await else {
+        return;
+    };
+    let _engine_wide = ENGINE_WIDE.read().await;
+    let proxy = Arc::new(HttpProxy::start(&p.registry, |_, _| Fault::Pass).await);
+    // Each answer at 2 MiB/s: one layer after the other would take 2.5 s,
+    // both at once 1.5 s; the proxy's open connections tell which it was.
+    proxy.set_rate(2 * MIB);
+    let reference = format!("{}/{}:v1", proxy.addr, p.repository);
+    let (addr, dir) = (engine_env_addr(), Dir::new());
+    let policy = dir.policy("");
+    let done = Arc::new(AtomicBool::new(false));
+    let (watched, over) = (proxy.clone(), done.clone());
+    let most = tokio::spawn(async move {
+        let mut most = 0;
+        while !over.load(Ordering::SeqCst) {
+            most = most.max(watched.open());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        most
+    });
+    let out = stowage(&addr, &policy, &["pull", &reference]).await;
+    done.store(true, Ordering::SeqCst);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(holder(&p.engine, &reference).await, Some(p.id.clone()));
+    let most = most.await.unwrap();
+    assert!(
+        most >= 2,
+        "the two layers came one after the other ({most} at once at most)"
+    );
+    for layer in [p.base(), p.own()] {
+        assert_eq!(
+            gets(&proxy, &blob_path(layer)),
+            [None],
+            "each layer once, whole"
+        );
+    }
+    let ok = records(dir.audit(), Action::Pull, Outcome::Ok);
+    let size: u64 = p.blobs().iter().map(|b| b.size).sum();
+    let bytes = ok[0].bytes.unwrap();
+    assert!(
+        (size..size + 8192).contains(&bytes),
+        "{:?}, blobs {size}",
+        ok[0]
+    );
+}
+
 fn engine_env_addr() -> String {
     crate::engine_env::engine_addr().expect("the engine answered above")
 }
