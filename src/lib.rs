@@ -67,5 +67,6 @@ pub mod state;
 pub mod status;
 pub mod storage;
 pub mod store;
+mod tls_check;
 pub mod transfer;
 pub mod trash;

@@ -17,13 +17,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::time::Instant;
 
 use super::error::RegistryError;
+use crate::tls_check::{CertCheck, Checked};
 
 const USER_AGENT: &str = concat!("stowage/", env!("CARGO_PKG_VERSION"));
 /// Most of an error answer read for its message; the rest is dropped unread.
@@ -231,12 +230,10 @@ fn host_verifier() -> Result<Arc<WebPkiServerVerifier>, String> {
 /// never waits for the store, and one of an https registry finds it loaded
 /// by [`super::prepare_tls`] beside the engine's handshake.
 #[derive(Debug)]
-struct HostRoots {
-    algorithms: WebPkiSupportedAlgorithms,
-}
+struct HostRoots;
 
-impl ServerCertVerifier for HostRoots {
-    fn verify_server_cert(
+impl CertCheck for HostRoots {
+    fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
@@ -247,28 +244,6 @@ impl ServerCertVerifier for HostRoots {
         host_verifier()
             .map_err(rustls::Error::General)?
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
     }
 }
 
@@ -283,9 +258,7 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
     CONFIG
         .get_or_init(|| {
             let provider = provider();
-            let verifier = HostRoots {
-                algorithms: provider.signature_verification_algorithms,
-            };
+            let verifier = Checked::new(HostRoots, &provider);
             let config = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .expect("ring supports rustls's default protocol versions")

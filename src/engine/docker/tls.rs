@@ -24,11 +24,12 @@ use hyper_rustls::ConfigBuilderExt as _;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
+use rustls::ClientConfig;
+use rustls::client::danger::ServerCertVerified;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+
+use crate::tls_check::{CertCheck, Checked};
 
 /// The engine's address when nothing names one: the local socket, or with
 /// TLS the docker CLI's `tcp://localhost:2376`.
@@ -367,7 +368,10 @@ impl TlsClient {
             (false, _) => (
                 builder
                     .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider))),
+                    .with_custom_certificate_verifier(Arc::new(Checked::new(
+                        AnyServerCert,
+                        &provider,
+                    ))),
                 "nothing (not verified: --tls without --tlsverify)".to_owned(),
             ),
             (true, Some(ca)) => {
@@ -583,10 +587,10 @@ pub(super) fn is_loopback(hostport: &str) -> bool {
 /// is (the docker CLI's `InsecureSkipVerify`); the handshake's signatures
 /// are still checked, so the session is with whoever holds that key.
 #[derive(Debug)]
-struct AnyServerCert(Arc<CryptoProvider>);
+struct AnyServerCert;
 
-impl ServerCertVerifier for AnyServerCert {
-    fn verify_server_cert(
+impl CertCheck for AnyServerCert {
+    fn check(
         &self,
         _end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
@@ -595,38 +599,6 @@ impl ServerCertVerifier for AnyServerCert {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
