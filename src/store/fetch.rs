@@ -1,8 +1,9 @@
 //! The download loop: one blob from a [`BlobSource`] into the store,
 //! resuming, retrying and verifying.
 //!
-//! - It resumes from the partial's committed offset (its sha256 state read
-//!   back from the bytes on disk) and asks the source for the rest; a server
+//! - It resumes from what the partial keeps (every byte written in this
+//!   boot, else its committed offset; its sha256 state read back from the
+//!   bytes on disk) and asks the source for the rest; a server
 //!   that ignores the range (`start == 0`) has the bytes already held
 //!   skipped (they count as wire bytes).
 //! - No byte for `stall` ends an attempt, as does a cut; retryable errors are
@@ -40,8 +41,9 @@ const FLUSH_EVERY: usize = 1 << 20;
 /// download waits for the disk (bounded memory on a slow disk).
 const GATHER_MAX: usize = 8 << 20;
 /// The offset is committed once this many bytes and [`COMMIT_GAP`] passed
-/// since the last commit: a kill -9 or power cut costs again at most the
-/// larger of 4 MiB and half a second of transfer. On a slow link (under
+/// since the last commit: a power cut costs again at most the larger of
+/// 4 MiB and half a second of transfer (a kill -9 nothing: the bytes are in
+/// the page cache, see `partial`). On a slow link (under
 /// 8 MiB/s) that is every 4 MiB; on a fast one at most two fsyncs a second,
 /// which run beside the download (a write in flight) but share the disk's
 /// bandwidth with it: a 50 MiB blob on loopback gets none, only the one

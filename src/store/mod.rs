@@ -14,8 +14,9 @@
 //! live apart and are never served ([`serve`]). Every file is written like
 //! the state ([`crate::state::write_atomic`]: temp, fsync, rename, fsync of
 //! the folder), and a partial is cut back to its committed offset when next
-//! opened, so a kill -9 or a power cut at any byte leaves a valid partial or
-//! nothing. A partial is `flock`ed while a download writes it: one writer per
+//! opened after a reboot (in the same boot every byte it wrote is kept: see
+//! `partial`), so a kill -9 or a power cut at any byte leaves a valid
+//! partial or nothing. A partial is `flock`ed while a download writes it: one writer per
 //! blob, in this process or another.
 //!
 //! Last use of a complete blob is its file's mtime, set whenever it is stored,
@@ -210,7 +211,8 @@ pub(crate) const INDEX_FILE: &str = "index.json";
 impl Store {
     /// Opens (creating when missing) the store in `cache_dir`: the layout
     /// files, temp files a crash left removed, partials that no download
-    /// holds cut back to their committed offset. A folder whose `oci-layout`
+    /// holds settled (cut back to their committed offset after a reboot).
+    /// A folder whose `oci-layout`
     /// says something else is refused, untouched.
     pub fn open(cache_dir: &Path) -> Result<Store, StoreError> {
         let store = Store {
@@ -290,12 +292,12 @@ impl Store {
         self.blob_path(digest).is_ok_and(|p| p.is_file())
     }
 
-    /// Bytes a partial download of the blob has committed, if there is one.
+    /// Bytes of a partial download of the blob that a resume keeps, if
+    /// there is one: all it wrote in this boot, else what it committed.
     pub fn partial_len(&self, digest: &str) -> Option<u64> {
         let hex = hex_of(digest).ok()?;
         let data = self.partial_dir().join(hex);
-        data.is_file()
-            .then(|| partial::committed(&data).min(fs::metadata(&data).map_or(0, |m| m.len())))
+        data.is_file().then(|| partial::kept(&data))
     }
 
     /// Stores a small blob (a manifest, an index, a config) from memory,

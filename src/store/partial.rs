@@ -1,13 +1,20 @@
 //! One partial download on disk: `partial/sha256/<hex>` (append-only bytes)
-//! and `<hex>.offset` (the committed length, replaced atomically only after
-//! the bytes below it were fsynced). Whatever a crash left past the committed
-//! offset is cut off when the partial is next opened. Blocking I/O: the
-//! download loop runs these through `off_loop`.
+//! and `<hex>.offset` (the committed length and the kernel's boot id,
+//! replaced atomically only after the bytes below it were fsynced).
+//!
+//! When the partial is next opened in the same boot (the download was
+//! killed, the kernel was not), every byte in the file is kept: what a
+//! process wrote is in the page cache whether it fsynced or not, so a
+//! kill -9 costs nothing. After a reboot (a power cut, a kernel crash: a
+//! new boot id) whatever lies past the committed offset is cut off, since
+//! it may be torn. Either way the blob's sha256 is checked before it is
+//! stored. Blocking I/O: the download loop runs these through `off_loop`.
 
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use sha2::{Digest as _, Sha256};
 
@@ -26,6 +33,9 @@ pub(super) struct Partial {
     pub len: u64,
     /// What the sidecar says.
     pub committed: u64,
+    /// The sidecar was written in this boot: the bytes past `committed`
+    /// are as written (see the module's comment).
+    this_boot: bool,
     /// When the offset was last committed (or the partial opened).
     pub last_commit: std::time::Instant,
 }
@@ -60,8 +70,10 @@ impl Partial {
             return Ok(None);
         }
         let sidecar = sidecar_of(&data);
+        let (committed, this_boot) = read_sidecar(&data);
         Ok(Some(Partial {
-            committed: committed(&data),
+            committed,
+            this_boot,
             len: file.metadata()?.len(),
             file,
             data,
@@ -71,11 +83,16 @@ impl Partial {
         }))
     }
 
-    /// Cuts the file back to its committed offset (to nothing when that is
-    /// more than `size`, or more than the file holds), so that only bytes
-    /// that were fsynced before their offset was written remain.
+    /// Keeps what can be trusted (see the module's comment): in the boot
+    /// that wrote it the whole file, else up to the committed offset; to
+    /// nothing when that is more than `size`. What is kept is committed
+    /// with this boot's id.
     pub fn settle(&mut self, size: Option<u64>) -> std::io::Result<()> {
-        let mut keep = self.committed.min(self.len);
+        let mut keep = if self.this_boot {
+            self.len
+        } else {
+            self.committed.min(self.len)
+        };
         if size.is_some_and(|s| keep > s) {
             keep = 0;
         }
@@ -83,8 +100,8 @@ impl Partial {
             self.file.set_len(keep)?;
             self.len = keep;
         }
-        if keep != self.committed {
-            self.commit()?;
+        if keep != self.committed || !self.this_boot {
+            self.commit_now()?;
         }
         Ok(())
     }
@@ -132,9 +149,18 @@ impl Partial {
         if self.committed == self.len && self.sidecar.exists() {
             return Ok(());
         }
+        self.commit_now()
+    }
+
+    fn commit_now(&mut self) -> std::io::Result<()> {
         self.file.sync_data()?;
-        write_atomic(&self.sidecar, format!("{}\n", self.len).as_bytes())?;
+        let line = match boot_id() {
+            Some(boot) => format!("{} {boot}\n", self.len),
+            None => format!("{}\n", self.len),
+        };
+        write_atomic(&self.sidecar, line.as_bytes())?;
         self.committed = self.len;
+        self.this_boot = boot_id().is_some();
         self.last_commit = std::time::Instant::now();
         Ok(())
     }
@@ -222,13 +248,41 @@ fn sidecar_of(data: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// The committed offset of the partial at `data`: 0 without a readable
-/// sidecar (nothing was committed, so nothing is trusted).
-pub(super) fn committed(data: &Path) -> u64 {
-    fs::read_to_string(sidecar_of(data))
-        .ok()
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(0)
+/// The kernel's boot id (`/proc/sys/kernel/random/boot_id`), read once;
+/// `None` where there is none (then only committed bytes are trusted).
+fn boot_id() -> Option<&'static str> {
+    static ID: OnceLock<Option<String>> = OnceLock::new();
+    ID.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty() && !s.contains(char::is_whitespace))
+    })
+    .as_deref()
+}
+
+/// The committed offset of the partial at `data` (0 without a readable
+/// sidecar: nothing was committed, so nothing is trusted), and whether the
+/// sidecar was written in this boot. `N` alone (no boot id) is of an
+/// earlier stowage: committed bytes only.
+fn read_sidecar(data: &Path) -> (u64, bool) {
+    let text = fs::read_to_string(sidecar_of(data)).unwrap_or_default();
+    let mut words = text.split_whitespace();
+    let Some(committed) = words.next().and_then(|n| n.parse().ok()) else {
+        return (0, false);
+    };
+    let this_boot = words.next().is_some_and(|b| Some(b) == boot_id()) && words.next().is_none();
+    (committed, this_boot)
+}
+
+/// The bytes of the partial at `data` that a download would resume from
+/// (see [`Partial::settle`]).
+pub(super) fn kept(data: &Path) -> u64 {
+    let len = fs::metadata(data).map_or(0, |m| m.len());
+    match read_sidecar(data) {
+        (_, true) => len,
+        (committed, false) => committed.min(len),
+    }
 }
 
 /// Whether `name` is a 64-hex blob name.
