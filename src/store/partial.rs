@@ -100,7 +100,9 @@ impl Partial {
             self.file.set_len(keep)?;
             self.len = keep;
         }
-        if keep != self.committed || !self.this_boot {
+        // Kept bytes of an earlier boot are committed again in this one (a
+        // fresh partial has nothing to commit: no fsync for it).
+        if keep != self.committed || (keep > 0 && !self.this_boot) {
             self.commit_now()?;
         }
         Ok(())
