@@ -312,6 +312,17 @@ fn leave_partial_of_boot(
     .unwrap();
 }
 
+/// `desc` fetched from a source serving `data` as asked: what it asked
+/// for and what the fetch took.
+async fn fetch_served(store: &Store, data: &Bytes, desc: &Descriptor) -> (Vec<u64>, Fetched) {
+    let src = Mem::new(data.clone(), &[], Act::Serve);
+    let got = store
+        .fetch(&src, desc, &Opts::new().with(&quiet))
+        .await
+        .unwrap();
+    (src.asked(), got)
+}
+
 #[tokio::test]
 async fn a_partial_killed_in_this_boot_keeps_every_byte_it_wrote() {
     let dir = tempfile::tempdir().unwrap();
@@ -324,13 +335,9 @@ async fn a_partial_killed_in_this_boot_keeps_every_byte_it_wrote() {
     drop(store);
     let store = Store::open(&root).unwrap();
     assert_eq!(store.partial_len(&desc.digest), Some(3 * MIB as u64));
-    let src = Mem::new(data.clone(), &[], Act::Serve);
-    let got = store
-        .fetch(&src, &desc, &Opts::new().with(&quiet))
-        .await
-        .unwrap();
+    let (asked, got) = fetch_served(&store, &data, &desc).await;
     assert_eq!(
-        src.asked(),
+        asked,
         vec![3 * MIB as u64],
         "nothing written is fetched again"
     );
@@ -365,12 +372,8 @@ async fn after_a_reboot_only_the_committed_bytes_of_a_partial_are_kept() {
         format!("{MIB} {}\n", this_boot()),
         "committed again in this boot"
     );
-    let src = Mem::new(data, &[], Act::Serve);
-    let got = store
-        .fetch(&src, &desc, &Opts::new().with(&quiet))
-        .await
-        .unwrap();
-    assert_eq!(src.asked(), vec![MIB as u64]);
+    let (asked, got) = fetch_served(&store, &data, &desc).await;
+    assert_eq!(asked, vec![MIB as u64]);
     assert_eq!(got.resumed, MIB as u64);
 }
 
@@ -381,13 +384,9 @@ async fn a_wrong_tail_kept_in_this_boot_is_caught_by_the_hash_and_fetched_again(
     let mut bad = data[..3 * MIB / 2].to_vec();
     bad[MIB + 77] ^= 1;
     leave_partial_of_boot(&store, &desc, &bad, MIB as u64, &this_boot());
-    let src = Mem::new(data.clone(), &[], Act::Serve);
-    let got = store
-        .fetch(&src, &desc, &Opts::new().with(&quiet))
-        .await
-        .unwrap();
+    let (asked, got) = fetch_served(&store, &data, &desc).await;
     assert_eq!(
-        src.asked(),
+        asked,
         vec![3 * MIB as u64 / 2, 0],
         "resumed, then again from zero"
     );
