@@ -106,9 +106,9 @@ pub struct DockerEngine {
     /// Podman's libpod API version (`4.3.1`) for the calls it answers only
     /// there; empty on Docker.
     libpod_api: String,
-    /// `os/arch` from the version asked at connect; `None` on arm, whose
-    /// variant only `/info` tells.
-    platform: Option<String>,
+    /// `Os` and `Arch` of the version asked at connect (Go's names).
+    os: String,
+    arch: String,
 }
 
 /// [`CALL_TIMEOUT`], or the duration in [`TIMEOUT_VAR`].
@@ -212,7 +212,10 @@ impl DockerEngine {
         })?;
         let docker = endpoint.client(&api).map_err(unreachable)?;
         let (kind, libpod_api) = podman::kind_of(&version);
-        let platform = raw::known_platform(&version);
+        let (os, arch) = (
+            version.os.clone().unwrap_or_default(),
+            version.arch.clone().unwrap_or_default(),
+        );
         let docker = docker.with_timeout(REQUEST_TIMEOUT);
         Ok(DockerEngine {
             docker,
@@ -223,7 +226,8 @@ impl DockerEngine {
             allow_plaintext_credentials: options.allow_plaintext_credentials,
             kind,
             libpod_api,
-            platform,
+            os,
+            arch,
         })
     }
 

@@ -132,17 +132,10 @@ pub(super) async fn info(engine: &DockerEngine) -> EngineResult<EngineInfo> {
     })
 }
 
-/// The engine's default platform: `/version` alone (quick), and `/info`
-/// only on arm, whose variant only the machine name tells.
+/// The engine's default platform: the version asked at connect, and
+/// `/info` only on arm, whose variant only the machine name tells.
 pub(super) async fn platform(engine: &DockerEngine) -> EngineResult<String> {
-    if let Some(known) = &engine.platform {
-        return Ok(known.clone());
-    }
-    let version = engine.raw_json("GET", "/version", engine.timeout).await?;
-    let (os, arch) = (
-        version["Os"].as_str().unwrap_or_default(),
-        version["Arch"].as_str().unwrap_or_default(),
-    );
+    let (os, arch) = (engine.os.as_str(), engine.arch.as_str());
     let machine = if arch == "arm" {
         let info = engine.raw_json("GET", "/info", engine.timeout).await?;
         info["Architecture"].as_str().unwrap_or_default().to_owned()
@@ -150,13 +143,6 @@ pub(super) async fn platform(engine: &DockerEngine) -> EngineResult<String> {
         String::new()
     };
     Ok(platform_of(os, arch, &machine))
-}
-
-/// The platform the version asked at connect names, unless it is arm's
-/// (whose variant only `/info` tells).
-pub(super) fn known_platform(version: &bollard::models::SystemVersion) -> Option<String> {
-    let arch = version.arch.as_deref().unwrap_or_default();
-    (arch != "arm").then(|| platform_of(version.os.as_deref().unwrap_or_default(), arch, ""))
 }
 
 /// `os/arch[/variant]` from the engine's `Os` and `Arch` (Go's names) and
