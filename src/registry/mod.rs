@@ -48,12 +48,15 @@ use crate::store::Descriptor;
 /// it before waiting on something else, such as the engine's handshake.
 /// Loopback registries (plain http) never need them.
 pub fn prepare_tls<'a>(hosts: impl IntoIterator<Item = &'a str>) {
-    if hosts
-        .into_iter()
-        .any(|h| !http::is_loopback(http::host_of(h)))
-    {
+    if hosts.into_iter().any(over_https) {
         std::thread::spawn(http::load_host_roots);
     }
+}
+
+/// Whether a registry at `host` (`host[:port]`) is reached over https:
+/// every host but loopback, which plain http serves (as the engine allows).
+fn over_https(host: &str) -> bool {
+    !http::is_loopback(http::host_of(host))
 }
 
 /// Where Docker Hub's API answers (`docker.io` names it in references).
@@ -140,7 +143,7 @@ impl Registry {
         } else {
             &name
         };
-        let https = !http::is_loopback(http::host_of(api));
+        let https = over_https(api);
         let transport = Transport::new(options.timeout, options.max_redirects, https)?;
         Ok(Registry {
             inner: Arc::new(Inner {
