@@ -88,11 +88,7 @@ impl Partial {
     /// nothing when that is more than `size`. What is kept is committed
     /// with this boot's id.
     pub fn settle(&mut self, size: Option<u64>) -> std::io::Result<()> {
-        let mut keep = if self.this_boot {
-            self.len
-        } else {
-            self.committed.min(self.len)
-        };
+        let mut keep = trusted(self.len, self.committed, self.this_boot);
         if size.is_some_and(|s| keep > s) {
             keep = 0;
         }
@@ -280,11 +276,18 @@ fn read_sidecar(data: &Path) -> (u64, bool) {
 /// The bytes of the partial at `data` that a download would resume from
 /// (see [`Partial::settle`]).
 pub(super) fn kept(data: &Path) -> u64 {
-    let len = fs::metadata(data).map_or(0, |m| m.len());
-    match read_sidecar(data) {
-        (_, true) => len,
-        (committed, false) => committed.min(len),
-    }
+    let (committed, this_boot) = read_sidecar(data);
+    trusted(
+        fs::metadata(data).map_or(0, |m| m.len()),
+        committed,
+        this_boot,
+    )
+}
+
+/// Of `len` bytes on disk, those to keep: all of them when the sidecar
+/// (`committed`) was written in this boot, else only the committed ones.
+fn trusted(len: u64, committed: u64, this_boot: bool) -> u64 {
+    if this_boot { len } else { committed.min(len) }
 }
 
 /// Whether `name` is a 64-hex blob name.
