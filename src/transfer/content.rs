@@ -214,7 +214,8 @@ impl Content {
         let meter = Meter::new(ctx.progress);
         // The config first: its diff ids say which layers the engine has.
         meter.add(config.size + layers.iter().map(|l| l.size).sum::<u64>());
-        self.fetch(ctx, &blobs, config, &meter, counters).await?;
+        self.fetch_all(ctx, &blobs, std::slice::from_ref(config), &meter, counters)
+            .await?;
         let held = held_chains(ctx, observed, intent).await;
         let diff_ids = self.diff_ids(&config.digest).await?;
         let (needed, skipped) = split_layers(layers, &diff_ids, &held);
@@ -263,7 +264,7 @@ impl Content {
         }
     }
 
-    /// The layers `descs` into the store, [`LAYER_DOWNLOADS`] at a time.
+    /// The blobs `descs` into the store, [`LAYER_DOWNLOADS`] at a time.
     /// Each runs to its end even when another fails (what arrived stays
     /// verified or resumable); the first failure is the result.
     async fn fetch_all<E: Engine>(
@@ -280,7 +281,7 @@ impl Content {
         let jobs: Vec<_> = descs
             .iter()
             .filter(|d| seen.insert(d.digest.as_str()))
-            .map(|desc| self.fetch_counted(ctx, blobs, desc, meter))
+            .map(|desc| self.fetch(ctx, blobs, desc, meter))
             .collect();
         let results: Vec<(Result<(), TransferError>, PullCounters)> =
             futures_util::stream::iter(jobs)
@@ -300,31 +301,18 @@ impl Content {
         first.map_or(Ok(()), Err)
     }
 
-    /// [`Self::fetch`] with counters of its own.
-    async fn fetch_counted<E: Engine>(
-        &self,
-        ctx: &Ctx<'_, E>,
-        blobs: &RepoBlobs,
-        desc: &Descriptor,
-        meter: &Meter<'_>,
-    ) -> (Result<(), TransferError>, PullCounters) {
-        let mut moved = PullCounters::default();
-        let r = self.fetch(ctx, blobs, desc, meter, &mut moved).await;
-        (r, moved)
-    }
-
-    /// One blob into the store (at once when it is there already).
-    /// Its bytes go into `counters`, a failed download's too (as far as
-    /// its progress showed them); a blob that failed verification counts
-    /// as such.
+    /// One blob into the store (at once when it is there already), with
+    /// what it moved: its bytes, a failed download's too (as far as its
+    /// progress showed them); a blob that failed verification counts as
+    /// such.
     async fn fetch<E: Engine>(
         &self,
         ctx: &Ctx<'_, E>,
         blobs: &RepoBlobs,
         desc: &Descriptor,
         meter: &Meter<'_>,
-        counters: &mut PullCounters,
-    ) -> Result<(), TransferError> {
+    ) -> (Result<(), TransferError>, PullCounters) {
+        let mut counters = PullCounters::default();
         let (store, digest) = (self.store.clone(), desc.digest.clone());
         let start = off_loop(move || store.partial_len(&digest).unwrap_or(0)).await;
         let furthest = AtomicU64::new(start);
@@ -340,7 +328,7 @@ impl Content {
         };
         let got = self.store.fetch(blobs, desc, &opts).await;
         meter.done(&desc.digest, desc.size);
-        match got {
+        let r = match got {
             Ok(f) => {
                 counters.bytes_received += f.bytes;
                 counters.resumed_bytes += f.resumed;
@@ -359,7 +347,8 @@ impl Content {
                     }
                 }
             }
-        }
+        };
+        (r, counters)
     }
 
     /// Note the download in the journal before its blobs arrive, so that
